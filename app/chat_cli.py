@@ -1,0 +1,153 @@
+"""`covey chat`: a terminal chat with a model, one question or an interactive session.
+
+Tokens stream to stdout as they come; status and errors go to stderr, so `--json` output
+stays one clean object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from backends.engine import Done, Engine, EngineConfig, EngineError, GenerateRequest, Loaded
+from backends.errors import ModelStoreError
+from backends.model_store import ModelStore
+
+JSON_VERSION = 1
+
+
+def status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_model(store: ModelStore, model: str | None) -> Path:
+    if model:
+        return store.resolve(model)
+    if not store.list():
+        status("Preparing the bundled model (first run only)...")
+    return store.ensure_default().path
+
+
+def reply_summary(model: Path, loaded: Loaded, done: Done) -> dict[str, Any]:
+    """The `--json` object: what was said, with the figures a user or script checks."""
+    return {
+        "version": JSON_VERSION,
+        "model": model.stem,
+        "text": done.text,
+        "tokens": list(done.tokens),
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "timings": {**asdict(done.timings), "load_s": loaded.load_s},
+        "devices": [asdict(d) for d in loaded.devices],
+    }
+
+
+def _describe(loaded: Loaded) -> str:
+    parts = [
+        f"{d.endpoint or d.name}: {d.layers} layers" for d in loaded.devices if d.layers
+    ] or ["CPU"]
+    return f"loaded in {loaded.load_s:.1f} s ({'; '.join(parts)})"
+
+
+def _request(args: argparse.Namespace, messages: list[dict[str, str]]) -> GenerateRequest:
+    return GenerateRequest(
+        id="",
+        messages=tuple(messages),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def _stream(engine: Engine, request: GenerateRequest, echo: bool) -> Done:
+    """Print the reply as it comes; Ctrl-C ends the reply, not the program."""
+    request_id = request.id
+    events = engine.generate(request)
+    while True:
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    return event
+                request_id = event.id
+                if echo:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            engine.stop(request_id)
+            continue
+
+
+def _interactive(engine: Engine, args: argparse.Namespace) -> None:
+    status("Type a message and press Enter. /reset starts over, /exit or Ctrl-D quits.")
+    history: list[dict[str, str]] = []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history.clear()
+            status("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("covey> ")
+        done = _stream(engine, _request(args, system + history), echo=True)
+        print()
+        history.append({"role": "assistant", "content": done.text})
+
+
+def run(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.tensor_split and len(args.tensor_split) != len(args.rpc):
+        status("covey: error: --tensor-split needs one value per --rpc endpoint")
+        return 2
+    if args.max_tokens < 0:
+        status("covey: error: --max-tokens must be 0 or more")
+        return 2
+    try:
+        model = resolve_model(ModelStore(data_dir / "models"), args.model)
+    except ModelStoreError as exc:
+        status(f"covey: error: {exc}")
+        return 1
+    config = EngineConfig(
+        model_path=str(model),
+        rpc_endpoints=args.rpc,
+        tensor_split=args.tensor_split,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        deterministic=args.deterministic,
+    )
+    if not args.json:
+        status(f"Loading {model.stem}...")
+    try:
+        with Engine(config) as engine:
+            loaded = engine.wait_loaded()
+            if not args.json:
+                status(_describe(loaded))
+            if args.prompt is None:
+                _interactive(engine, args)
+                return 0
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            messages.append({"role": "user", "content": args.prompt})
+            done = _stream(engine, _request(args, messages), echo=not args.json)
+    except EngineError as exc:
+        status(f"covey: error: {exc}")
+        return 1
+    if args.json:
+        print(json.dumps(reply_summary(model, loaded, done), ensure_ascii=False))
+    else:
+        print()
+        t = done.timings
+        status(f"[{len(done.tokens)} tokens, prompt {t.prompt_tokens_per_s:.1f} tok/s, "
+               f"generation {t.generation_tokens_per_s:.1f} tok/s]")
+    return 0

