@@ -145,7 +145,7 @@ def decode(line: str | bytes) -> Any:
         raise ProtocolError(f"unknown message type in {line[:80]!r}")
     try:
         return _build(cls, raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ProtocolError(f"bad {cls.__name__}: {exc}") from exc
 
 

