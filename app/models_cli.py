@@ -40,7 +40,8 @@ class _Progress:
 def _list(store: ModelStore, as_json: bool) -> None:
     entries = store.list()
     if as_json:
-        print(json.dumps([{"name": e.name, **e.info.to_dict()} for e in entries]))
+        print(json.dumps([{"name": e.name, "path": str(e.path), "info": e.info.to_dict()}
+                          for e in entries]))
         return
     if not entries:
         print("No models yet: `covey chat` sets up the bundled one, or use `covey models "

@@ -131,7 +131,10 @@ class FaultServer:
     def __init__(self) -> None:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.state = ServerState()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll interval makes shutdown() (once per test) quick.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def state(self) -> ServerState:
