@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list, import, download or remove models")
     msub = models.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("list", help="the models in the store").add_argument("--json", action="store_true")
+    ls = msub.add_parser("list", help="the models in the store")
+    ls.add_argument("--json", action="store_true")
     imp = msub.add_parser("import", help="copy a GGUF file into the store")
     imp.add_argument("path", type=Path)
     imp.add_argument("--name")

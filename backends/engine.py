@@ -10,6 +10,7 @@ where it can.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -196,10 +197,8 @@ class Engine:
     def _fail(self, error: EngineError | None, hung: bool = False) -> None:
         """Make sure the process is gone, record why, and raise it."""
         if hung or self._proc.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=0 if hung else self.watchdog.close_s)
-            except subprocess.TimeoutExpired:
-                pass
             self._kill()
         time.sleep(0.05)  # let the stderr reader catch the last lines
         endpoints = self.config.rpc_endpoints
@@ -277,20 +276,16 @@ class Engine:
     def close(self) -> None:
         """Stop the engine. Never hangs: past the close deadline, it is killed."""
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(EngineError):
                 self._send(proto.Shutdown())
-            except EngineError:
-                pass
             try:
                 self._proc.wait(timeout=self.watchdog.close_s)
             except subprocess.TimeoutExpired:
                 self._kill()
         for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
     def __enter__(self) -> Engine:
         return self

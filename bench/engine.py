@@ -34,6 +34,10 @@ PROMPT = (
 )
 
 
+# A runner generates n greedy tokens: (the reply, generation tok/s, prompt tok/s).
+Runner = Callable[[int], tuple[Done, float, float]]
+
+
 @dataclass
 class Run:
     gen_tps: list[float] = field(default_factory=list)
@@ -42,7 +46,7 @@ class Run:
     tokens: tuple[int, ...] = ()
 
 
-def plain_runner(model: str, threads: int, ctx: int) -> Callable[[int], tuple[Done, float]]:
+def plain_runner(model: str, threads: int, ctx: int) -> tuple[Runner, float]:
     """llama-cpp-python in this process, timed exactly as the engine times itself."""
     import llama_cpp
 
@@ -52,7 +56,7 @@ def plain_runner(model: str, threads: int, ctx: int) -> Callable[[int], tuple[Do
     load_s = time.perf_counter() - started
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
 
-    def run(n: int) -> tuple[Done, float]:
+    def run(n: int) -> tuple[Done, float, float]:
         out: list[int] = []
         t0 = time.perf_counter()
         first = last = t0
@@ -72,11 +76,11 @@ def plain_runner(model: str, threads: int, ctx: int) -> Callable[[int], tuple[Do
     return run, load_s
 
 
-def engine_runner(config: EngineConfig) -> tuple[Callable[[int], tuple], float, Engine]:
+def engine_runner(config: EngineConfig) -> tuple[Runner, float, Engine]:
     engine = Engine(config)
     loaded = engine.wait_loaded()
 
-    def run(n: int) -> tuple:
+    def run(n: int) -> tuple[Done, float, float]:
         done = list(engine.generate(GenerateRequest(id="b", prompt=PROMPT, max_tokens=n,
                                                     temperature=0.0)))[-1]
         return done, done.timings.generation_tokens_per_s, done.timings.prompt_tokens_per_s
@@ -113,7 +117,7 @@ def main() -> None:
     results: dict[str, Run] = {"plain llama-cpp-python": Run()}
     plain, load_s = plain_runner(model, args.threads, ctx)
     results["plain llama-cpp-python"].load_s.append(load_s)
-    runners: dict[str, Callable] = {"plain llama-cpp-python": plain}
+    runners: dict[str, Runner] = {"plain llama-cpp-python": plain}
     engines = []
     try:
         for name, config in configs.items():
@@ -121,7 +125,7 @@ def main() -> None:
             engines.append(engine)
             runners[name] = run
             results[name] = Run(load_s=[load_s])
-        for name, run in runners.items():  # warm-up, not counted
+        for run in runners.values():  # warm-up, not counted
             run(8)
         for _ in range(args.rounds):
             for name, run in runners.items():

@@ -90,12 +90,10 @@ def test_same_seed_same_sample_and_engine_is_reusable(tiny_model: Path) -> None:
 def test_stop_ends_a_long_generation(long_model: Path) -> None:
     with Engine(EngineConfig(model_path=str(long_model), n_ctx=8192)) as engine:
         events = engine.generate(ask(6000, id="long"))
-        seen = 0
-        for event in events:
+        for seen, event in enumerate(events):
             if isinstance(event, Done):
                 break
-            seen += 1
-            if seen == 5:
+            if seen == 4:
                 engine.stop("long")
         assert isinstance(event, Done)
         assert event.finish_reason == "cancelled"

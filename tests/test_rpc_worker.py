@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.rpc_worker import check_bind, resolve_share, BindRefused
+from backends.rpc_worker import BindRefused, check_bind, resolve_share
 from tests.conftest import Worker
 
 

@@ -10,6 +10,8 @@ from backends.chat_template import FALLBACK_STOPS, ChatTemplateError, render_cha
 from backends.layer_split import layer_devices, layers_per_device
 from backends.stop_strings import StopMatcher
 
+USER_X = {"role": "user", "content": "x"}
+
 
 def stream(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
     m = StopMatcher(stops)
@@ -63,12 +65,12 @@ def test_malformed_messages_are_refused(messages: list) -> None:
 
 def test_template_raise_exception_becomes_a_clear_error() -> None:
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
-        render_chat([{"role": "user", "content": "x"}], "{{ raise_exception('roles must alternate') }}")
+        render_chat([USER_X], "{{ raise_exception('roles must alternate') }}")
 
 
 def test_template_cannot_escape_the_sandbox() -> None:
     with pytest.raises(ChatTemplateError):
-        render_chat([{"role": "user", "content": "x"}], "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+        render_chat([USER_X], "{{ ''.__class__.__mro__[1].__subclasses__() }}")
 
 
 def test_protocol_round_trips_every_message() -> None:
