@@ -73,7 +73,10 @@ def sidecar_path(partial_path: Path) -> Path:
 
 
 def _check_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:
+        raise DownloadError(f"cannot download {url!r}: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise DownloadError(f"cannot download {url!r}: only http:// and https:// URLs work")
 
@@ -158,7 +161,7 @@ def _copy_body(
     """Stream the body into the partial file; raises _Retryable if it stops short."""
     done = offset if answer.append else 0
     total = answer.total
-    last_report = 0.0
+    last_report = float("-inf")  # the first chunk always reports
     # Unbuffered, so what is on disk is exactly what we counted, even after ENOSPC.
     with partial_path.open("ab" if answer.append else "wb", buffering=0) as f:
         received = 0
@@ -232,6 +235,8 @@ def _attempt(
             f"The server answered {e.code} {e.reason} for {url}. Check the URL "
             "(and that the file is public)."
         ) from e
+    except (http.client.InvalidURL, ValueError) as e:
+        raise DownloadError(f"cannot download {url!r}: {e}") from None
     except (OSError, http.client.HTTPException) as e:
         # URLError, refused or reset connections, timeouts and DNS failures all land here.
         raise _Retryable(f"cannot reach the server: {getattr(e, 'reason', e)}") from e

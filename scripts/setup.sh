@@ -26,10 +26,9 @@ check_python() {
 
 missing_debian_packages() {
     local missing=()
+    # Debian ships ensurepip (which venv needs) in python3-venv, not with python3 itself.
     "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-    "$PY" -c 'import os, sys, sysconfig
-sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
-        || missing+=(python3-dev)
+    # llama.cpp is C++ built with cmake (cmake and ninja come from PyPI); no Python headers.
     { command -v cc && command -v c++ && command -v make; } >/dev/null || missing+=(build-essential)
     echo "${missing[@]:-}"
 }
@@ -100,7 +99,9 @@ install_covey() {
     key="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
     [ "$(cat "$VENV/.covey-project-key" 2>/dev/null)" = "$key" ] && [ -x "$VENV/bin/covey" ] && return 0
     say "installing Covey and its Python dependencies into .venv"
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    mkdir -p "$CACHE"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >"$CACHE/install.log" 2>&1 \
+        || { tail -n 30 "$CACHE/install.log" >&2; die "installing Covey failed (log: $CACHE/install.log)"; }
     echo "$key" >"$VENV/.covey-project-key"
 }
 
