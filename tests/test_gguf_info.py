@@ -147,11 +147,14 @@ def test_truncated_in_tensor_data(tiny: Path, tmp_path: Path, short_by: int) -> 
     )
 
 
-def test_trailing_padding_is_not_data(tiny: Path, tmp_path: Path) -> None:
-    # The writer pads the last tensor to the alignment; llama.cpp does not need the padding.
-    data_end = max(t.data_offset + int(t.n_bytes) for t in gguf.GGUFReader(tiny).tensors)
-    info = read_gguf_info(cut(tiny, tmp_path / "exact.gguf", data_end))
-    assert info.file_size == data_end
+def test_trailing_padding_is_not_data(tmp_path: Path) -> None:
+    # The writer pads the last tensor to the alignment; llama.cpp loads the file without it.
+    path = write_custom(tmp_path / "odd.gguf", file_type=None, block_count=1, odd_tail=True)
+    data_end = max(t.data_offset + int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    assert data_end < path.stat().st_size
+    assert read_gguf_info(cut(path, tmp_path / "exact.gguf", data_end)).file_size == data_end
+    with pytest.raises(InvalidModelFile, match=rf"ends at {data_end} bytes"):
+        read_gguf_info(cut(path, tmp_path / "short.gguf", data_end - 1))
 
 
 @pytest.mark.parametrize("version", [1, 4, 99])
@@ -173,8 +176,10 @@ def test_big_endian_file(tiny: Path, tmp_path: Path) -> None:
         read_gguf_info(path)
 
 
-def write_custom(path: Path, *, file_type: int | None, block_count: int | None) -> Path:
-    """A small GGUF with mostly-F16 tensors and optional keys left out."""
+def write_custom(
+    path: Path, *, file_type: int | None, block_count: int | None, odd_tail: bool = False
+) -> Path:
+    """A small GGUF with mostly-F16 tensors, optional keys left out, maybe an odd-sized tail."""
     writer = gguf.GGUFWriter(path, "llama")
     if file_type is not None:
         writer.add_file_type(file_type)
@@ -186,6 +191,8 @@ def write_custom(path: Path, *, file_type: int | None, block_count: int | None) 
     writer.add_tensor("token_embd.weight", np.zeros((10, 32), dtype=np.float16))
     writer.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    if odd_tail:
+        writer.add_tensor("rope_freqs.weight", np.ones(5, dtype=np.float32))  # 20 bytes
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
