@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,18 @@ def reply_summary(model: Path, loaded: Loaded, done: Done) -> dict[str, Any]:
         "timings": {**asdict(done.timings), "load_s": loaded.load_s},
         "devices": [asdict(d) for d in loaded.devices],
     }
+
+
+def _show_progress(name: str) -> Callable[[float], None] | None:
+    """A load percentage on one terminal line; nothing when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(fraction: float) -> None:
+        sys.stderr.write(f"\rLoading {name}... {100 * fraction:3.0f}%")
+        sys.stderr.flush()
+
+    return show
 
 
 def _describe(loaded: Loaded) -> str:
@@ -131,9 +144,9 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
         status(f"Loading {model.stem}...")
     try:
         with Engine(config) as engine:
-            loaded = engine.wait_loaded()
+            loaded = engine.wait_loaded(None if args.json else _show_progress(model.stem))
             if not args.json:
-                status(_describe(loaded))
+                status(("\r" if sys.stderr.isatty() else "") + _describe(loaded))
             if args.prompt is None:
                 _interactive(engine, args)
                 return 0

@@ -20,8 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -77,7 +76,8 @@ class WorkerUnreachable(WorkerLost):
 class Watchdog:
     """How long the engine may stay silent before the supervisor kills it."""
 
-    load_s: float = 300.0
+    connect_s: float = 30.0
+    load_s: float = 300.0  # between two load progress steps, not for the whole load
     first_token_s: float = 300.0
     token_s: float = 60.0
     close_s: float = 5.0
@@ -144,6 +144,7 @@ class Engine:
         self._stderr: collections.deque[str] = collections.deque(maxlen=200)
         self._connecting: str | None = None
         self._dead: EngineError | None = None
+        self._send_lock = threading.Lock()
         child_env = {**os.environ, "GGML_NO_BACKTRACE": "1", **(env or {})}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "backends.engine_process", proto.encode(config)],
@@ -154,7 +155,8 @@ class Engine:
             start_new_session=True,  # a Ctrl-C in the terminal is the parent's to handle
         )
         threading.Thread(target=self._read_events, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     @property
     def pid(self) -> int:
@@ -182,17 +184,29 @@ class Engine:
         if self._dead is not None:
             raise self._dead
         while True:
+            wait = self.watchdog.connect_s if self._connecting else deadline_s
             try:
-                event = self._events.get(timeout=deadline_s)
+                event = self._events.get(timeout=wait)
             except queue.Empty:
-                self._fail(EngineHung(f"the engine was silent for {deadline_s:.0f} s while "
-                                      f"{doing}; it was stopped"), hung=True)
+                self._fail(self._silence(wait, doing), hung=True)
             if event is _EOF:
                 self._fail(None)
             if isinstance(event, proto.Connecting):
                 self._connecting = event.endpoint
-                continue
-            return event
+            elif isinstance(event, proto.Connected):
+                self._connecting = None
+            else:
+                return event
+
+    def _silence(self, waited: float, doing: str) -> EngineError:
+        if self._connecting:
+            return WorkerUnreachable(
+                f"the RPC worker at {self._connecting} accepted the connection but did not "
+                f"answer within {waited:.0f} s",
+                (self._connecting,),
+            )
+        return EngineHung(f"the engine was silent for {waited:.0f} s while {doing}; "
+                          "it was stopped")
 
     def _fail(self, error: EngineError | None, hung: bool = False) -> None:
         """Make sure the process is gone, record why, and raise it."""
@@ -200,10 +214,10 @@ class Engine:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=0 if hung else self.watchdog.close_s)
             self._kill()
-        time.sleep(0.05)  # let the stderr reader catch the last lines
+        self._stderr_reader.join(timeout=2)  # its last lines often say what went wrong
         endpoints = self.config.rpc_endpoints
         answering = {e: _endpoint_answers(e) for e in endpoints}
-        if error is None or (hung and not all(answering.values())):
+        if error is None or (isinstance(error, EngineHung) and not all(answering.values())):
             error = diagnose(
                 self._proc.returncode, self.stderr_tail, endpoints, self._connecting, answering
             )
@@ -215,11 +229,16 @@ class Engine:
             self._proc.kill()
         self._proc.wait()
 
-    def wait_loaded(self) -> Loaded:
-        """Block until the model is loaded; raises a typed EngineError otherwise."""
+    def wait_loaded(self, progress: Callable[[float], None] | None = None) -> Loaded:
+        """Block until the model is loaded, telling `progress` the fraction done; raises a
+        typed EngineError otherwise."""
         if self.loaded is not None:
             return self.loaded
         event = self._next_event(self.watchdog.load_s, "loading the model")
+        while isinstance(event, proto.LoadProgress):
+            if progress:
+                progress(event.fraction)
+            event = self._next_event(self.watchdog.load_s, "loading the model")
         if isinstance(event, proto.Failed):
             self._fail(EngineLoadFailed(f"could not load {self.config.model_path}: "
                                         f"{event.message}"))
@@ -230,11 +249,13 @@ class Engine:
         return event
 
     def _send(self, message: Any) -> None:
+        """Write one command; `stop()` may come from another thread than `generate()`."""
         try:
             assert self._proc.stdin is not None
-            self._proc.stdin.write(proto.encode(message).encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError):
+            with self._send_lock:
+                self._proc.stdin.write(proto.encode(message).encode())
+                self._proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
             self._fail(None)
 
     def generate(self, request: GenerateRequest) -> Iterator[Token | Done]:

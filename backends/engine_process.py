@@ -86,16 +86,20 @@ def _device_layers(
 
 
 @contextlib.contextmanager
-def _without_weight_repacking() -> Iterator[None]:
-    """llama-cpp-python does not expose `use_extra_bufts`; set it through the defaults it
-    reads. Without repacking, greedy output is identical however the layers are split."""
+def _model_params(deterministic: bool, progress: Any) -> Iterator[None]:
+    """Set model parameters llama-cpp-python's constructor does not expose, through the
+    defaults it reads: `use_extra_bufts` (off in deterministic mode: without weight
+    repacking, greedy output is identical however the layers are split) and a load progress
+    callback."""
     import llama_cpp.llama_cpp as lc
 
     original = lc.llama_model_default_params
 
     def patched() -> Any:
         params = original()
-        params.use_extra_bufts = False
+        if deterministic:
+            params.use_extra_bufts = False
+        params.progress_callback = progress
         return params
 
     lc.llama_model_default_params = patched
@@ -119,6 +123,7 @@ class Engine:
         for endpoint in self.config.rpc_endpoints:
             self.channel.send(proto.Connecting(endpoint=endpoint))
             ggml.rpc_add_server(endpoint)
+            self.channel.send(proto.Connected(endpoint=endpoint))
         use_rpc = bool(self.config.rpc_endpoints)
         kwargs: dict[str, Any] = dict(
             model_path=self.config.model_path,
@@ -132,10 +137,16 @@ class Engine:
         kwargs.update(n_threads=threads, n_threads_batch=threads)
         if use_rpc and self.config.tensor_split:
             kwargs["tensor_split"] = list(self.config.tensor_split)
-        repacking = (
-            _without_weight_repacking() if self.config.deterministic else contextlib.nullcontext()
-        )
-        with repacking:
+        sent = [0.0]
+
+        def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+            if fraction - sent[0] >= 0.02 or (fraction >= 1.0 > sent[0]):
+                sent[0] = fraction
+                self.channel.send(proto.LoadProgress(fraction=round(fraction, 3)))
+            return True
+
+        callback = llama_cpp.llama_progress_callback(on_progress)  # referenced while loading
+        with _model_params(self.config.deterministic, callback):
             self.llm = llama_cpp.Llama(**kwargs)
         load_s = time.perf_counter() - started
         n_layers = int(self.llm.metadata.get(f"{self._arch()}.block_count", 0))

@@ -99,6 +99,20 @@ class Connecting:
 
 
 @dataclass(frozen=True)
+class Connected:
+    """The RPC endpoint answered the handshake and is now a device."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """How much of the model is loaded, 0.0 to 1.0 (sent in steps of a few percent)."""
+
+    fraction: float
+
+
+@dataclass(frozen=True)
 class Failed:
     """The engine could not do what was asked; `kind` is "load" or "generate"."""
 
@@ -119,8 +133,8 @@ class Shutdown:
 
 _TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Failed, Stop,
-                Shutdown)
+    for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Connected,
+                LoadProgress, Failed, Stop, Shutdown)
 }
 
 

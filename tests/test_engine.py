@@ -159,6 +159,29 @@ def test_unreachable_endpoint_is_named_quickly(tiny_model: Path) -> None:
     assert time.monotonic() - started < 15
 
 
+def test_silent_endpoint_is_named_after_the_connect_deadline(tiny_model: Path) -> None:
+    """Something accepts connections at the endpoint but never speaks RPC."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        config = EngineConfig(model_path=str(tiny_model), rpc_endpoints=(endpoint,))
+        with pytest.raises(WorkerUnreachable, match="did not answer") as caught, Engine(
+            config, Watchdog(connect_s=2)
+        ) as engine:
+            engine.wait_loaded()
+    assert caught.value.endpoints == (endpoint,)
+    assert time.monotonic() - started < 10
+
+
+def test_load_reports_progress(tiny_model: Path) -> None:
+    seen: list[float] = []
+    with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
+        engine.wait_loaded(seen.append)
+    assert seen and seen == sorted(seen) and seen[-1] == 1.0
+
+
 def test_worker_killed_mid_generation_is_named(
     long_model: Path, rpc_workers: Callable[..., Worker]
 ) -> None:

@@ -84,6 +84,9 @@ def test_protocol_round_trips_every_message() -> None:
         proto.Done(id="a", finish_reason="stop", text="x", prompt_tokens=3, tokens=(1, 2),
                    timings=proto.Timings(load_s=1.0)),
         proto.Failed(kind="load", message="no"),
+        proto.Connecting(endpoint="127.0.0.1:5"),
+        proto.Connected(endpoint="127.0.0.1:5"),
+        proto.LoadProgress(fraction=0.5),
         proto.Stop(id="a"),
         proto.Shutdown(),
     ]
