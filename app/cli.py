@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from app import chat_cli
 
     if args.command is None:  # until the desktop app exists, plain `covey` is a chat
-        args = build_parser().parse_args(["chat", *argv])
+        args = build_parser().parse_args([*argv, "chat"])
     return chat_cli.run(args, data_dir)
 
 

@@ -221,6 +221,8 @@ class Engine:
             error = diagnose(
                 self._proc.returncode, self.stderr_tail, endpoints, self._connecting, answering
             )
+        if self.loaded is None and isinstance(error, (EngineCrashed, EngineHung)):
+            error = EngineLoadFailed(f"could not load {self.config.model_path}: {error}")
         self._dead = error
         raise error
 

@@ -125,3 +125,32 @@ def test_bundled_model_answers_the_readme_question(tmp_path: Path) -> None:
     reply = json.loads(out.stdout)
     assert "Paris" in reply["text"]
     assert reply["devices"][0]["layers"] == 18
+
+
+def test_models_download_shows_progress_and_lands_in_the_store(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from backends.download import sha256_file
+    from tests.fault_server import FaultServer
+
+    with FaultServer() as server:
+        url = server.add("/files/tiny.gguf", tiny_model.read_bytes())
+        out = covey(tmp_path, "models", "download", url, "--sha256", sha256_file(tiny_model))
+        wrong = covey(tmp_path, "models", "download", url, "--name", "other",
+                      "--sha256", "0" * 64)
+    assert out.returncode == 0, out.stderr
+    assert "100.0%" in out.stderr
+    assert wrong.returncode == 1 and "sha256" in wrong.stderr
+    listed = json.loads(covey(tmp_path, "models", "list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["tiny"]
+
+
+@pytest.mark.gemma
+def test_plain_covey_with_a_data_dir_is_a_chat(tiny_model: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [COVEY, "--data-dir", str(tmp_path)], input="/exit\n",
+        capture_output=True, text=True, timeout=120,
+    )
+    # No model in this data dir: the bundled one gets registered, then the chat starts.
+    assert out.returncode == 0, out.stderr
+    assert "Type a message" in out.stderr

@@ -276,3 +276,11 @@ def test_gemma_answers_and_rpc_split_is_token_identical(
         remote = list(engine.generate(question))[-1]
     assert remote.tokens == local.tokens
     assert [d.layers for d in loaded.devices] == layers_per_device(18, (1.0, 2.0))
+
+
+def test_engine_dying_while_loading_is_a_failed_load(tiny_model: Path) -> None:
+    engine = Engine(EngineConfig(model_path=str(tiny_model)))
+    os.kill(engine.pid, signal.SIGKILL)  # before it could even import llama.cpp
+    with pytest.raises(EngineLoadFailed, match="SIGKILL"):
+        engine.wait_loaded()
+    engine.close()
