@@ -113,7 +113,29 @@ class Engine:
     def __init__(self, config: proto.EngineConfig, channel: _Channel) -> None:
         self.config = config
         self.channel = channel
-        self.stop_requested: set[str] = set()
+        # A stop counts only for a request queued or running: one arriving after its
+        # request finished must not cancel a later request that reuses the id.
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._stopping: set[str] = set()
+
+    def accept(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.add(request_id)
+
+    def request_stop(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._pending:
+                self._stopping.add(request_id)
+
+    def _stop_requested(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._stopping
+
+    def finish(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.discard(request_id)
+            self._stopping.discard(request_id)
 
     def load(self) -> proto.Loaded:
         import llama_cpp
@@ -220,14 +242,13 @@ class Engine:
             if stops.stopped:
                 finish = "stop"
                 break
-            if request.id in self.stop_requested:
+            if self._stop_requested(request.id):
                 finish = "cancelled"
                 break
             if len(produced) >= request.max_tokens:
                 break
         tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         pieces.append(tail)
-        self.stop_requested.discard(request.id)
         prompt_s = first_at - started
         gen_s = last_at - first_at
         return proto.Done(
@@ -245,7 +266,7 @@ class Engine:
         )
 
 
-def _read_commands(engine: Engine, commands: queue.Queue[Any]) -> None:
+def _read_commands(engine: Engine, commands: queue.Queue[proto.GenerateRequest]) -> None:
     """Reads stdin in its own thread so a stop arrives while a generation runs."""
     for line in sys.stdin:
         try:
@@ -254,10 +275,11 @@ def _read_commands(engine: Engine, commands: queue.Queue[Any]) -> None:
             engine.channel.send(proto.Failed(kind="protocol", message=str(exc)))
             continue
         if isinstance(message, proto.Stop):
-            engine.stop_requested.add(message.id)
+            engine.request_stop(message.id)
         elif isinstance(message, proto.Shutdown):
             break
-        else:
+        elif isinstance(message, proto.GenerateRequest):
+            engine.accept(message.id)
             commands.put(message)
     # The parent is gone or asked us to go. Exit without llama_free: it can hang when a
     # worker vanished, and the OS frees everything anyway.
@@ -279,16 +301,16 @@ def main(argv: list[str]) -> None:
     except Exception as exc:  # anything llama.cpp raises is a failed load for the parent
         channel.send(proto.Failed(kind="load", message=str(exc) or type(exc).__name__))
         os._exit(1)
-    commands: queue.Queue[Any] = queue.Queue()
+    commands: queue.Queue[proto.GenerateRequest] = queue.Queue()
     threading.Thread(target=_read_commands, args=(engine, commands), daemon=True).start()
     while True:
         request = commands.get()
-        if not isinstance(request, proto.GenerateRequest):
-            continue
         try:
             channel.send(engine.generate(request))
         except (ChatTemplateError, ValueError, RuntimeError) as exc:
             channel.send(proto.Failed(kind="generate", message=str(exc), id=request.id))
+        finally:
+            engine.finish(request.id)
 
 
 if __name__ == "__main__":

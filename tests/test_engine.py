@@ -112,6 +112,14 @@ def test_abandoned_reply_does_not_leak_into_the_next(tiny_model: Path) -> None:
     assert again[-1].tokens == fresh.tokens
 
 
+def test_a_late_stop_does_not_cancel_the_next_request_with_that_id(tiny_model: Path) -> None:
+    with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
+        list(engine.generate(ask(3, id="same")))
+        engine.stop("same")  # arrives after that reply finished
+        done = list(engine.generate(ask(10, id="same")))[-1]
+    assert done.finish_reason == "length" and len(done.tokens) == 10
+
+
 def test_prompt_too_long_is_refused_and_engine_survives(tiny_model: Path) -> None:
     with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
         with pytest.raises(GenerationFailed, match="does not fit the context"):
