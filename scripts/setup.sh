@@ -66,8 +66,10 @@ build_llama_wheel() {
         "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1 &
     local pid=$! start=$SECONDS
     while kill -0 "$pid" 2>/dev/null; do
-        sleep 30
-        kill -0 "$pid" 2>/dev/null && say "  still building... $(( (SECONDS - start) / 60 )) min"
+        sleep 1
+        if (( (SECONDS - start) % 60 == 0 )) && kill -0 "$pid" 2>/dev/null; then
+            say "  still building... $(( (SECONDS - start) / 60 )) min"
+        fi
     done
     wait "$pid" || { tail -n 30 "$log" >&2; die "building llama-cpp-python failed (log: $log)"; }
     rm -rf "$dir" && mv "$tmp" "$dir"
