@@ -64,11 +64,12 @@ build_llama_wheel() {
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 "$VENV/bin/python" -m pip wheel -q \
         --no-cache-dir --no-binary llama-cpp-python --no-deps -w "$tmp" \
         "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1 &
-    local pid=$! start=$SECONDS
+    local pid=$! start=$SECONDS next=60
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
-        if (( (SECONDS - start) % 60 == 0 )) && kill -0 "$pid" 2>/dev/null; then
-            say "  still building... $(( (SECONDS - start) / 60 )) min"
+        if (( SECONDS - start >= next )) && kill -0 "$pid" 2>/dev/null; then
+            say "  still building... $(( next / 60 )) min"
+            next=$(( next + 60 ))
         fi
     done
     wait "$pid" || { tail -n 30 "$log" >&2; die "building llama-cpp-python failed (log: $log)"; }
