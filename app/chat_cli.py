@@ -53,7 +53,7 @@ def _show_progress(name: str) -> Callable[[float], None] | None:
         return None
 
     def show(fraction: float) -> None:
-        sys.stderr.write(f"\rLoading {name}... {100 * fraction:3.0f}%")
+        sys.stderr.write(f"\r\x1b[KLoading {name}... {100 * fraction:3.0f}%")
         sys.stderr.flush()
 
     return show
@@ -73,6 +73,7 @@ def _request(args: argparse.Namespace, messages: list[dict[str, str]]) -> Genera
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        repeat_penalty=args.repeat_penalty,
         seed=args.seed,
     )
 
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
         with Engine(config) as engine:
             loaded = engine.wait_loaded(None if args.json else _show_progress(model.stem))
             if not args.json:
-                status(("\r" if sys.stderr.isatty() else "") + _describe(loaded))
+                status(("\r\x1b[K" if sys.stderr.isatty() else "") + _describe(loaded))
             if args.prompt is None:
                 _interactive(engine, args)
                 return 0

@@ -19,7 +19,7 @@ FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-FALLBACK_STOPS = ("\nUser:", "\nSystem:")
+FALLBACK_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
 ROLES = ("system", "user", "assistant")
 
 

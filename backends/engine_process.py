@@ -222,7 +222,7 @@ class Engine:
             top_p=request.top_p,
             min_p=0.0,
             temp=request.temperature,
-            repeat_penalty=1.0,
+            repeat_penalty=request.repeat_penalty,
             reset=True,
         )
         for token in tokens if request.max_tokens > 0 else ():

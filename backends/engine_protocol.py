@@ -43,6 +43,7 @@ class GenerateRequest:
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
+    repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
