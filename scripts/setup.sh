@@ -12,7 +12,8 @@ VENV="$ROOT/.venv"
 PY="${COVEY_PYTHON:-python3}"
 LLAMA_VERSION="0.3.36"
 # GGML_NATIVE=off: the native build used AMX instructions and died with SIGILL on these CPUs.
-LLAMA_CMAKE_ARGS="-DGGML_RPC=on -DGGML_NATIVE=off"
+# LLAVA_BUILD=off: Covey never loads the multimodal library; skipping it shortens the build.
+LLAMA_CMAKE_ARGS="-DGGML_RPC=on -DGGML_NATIVE=off -DLLAVA_BUILD=off"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/covey"
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -39,12 +40,15 @@ install_debian_packages() {
     [ -z "$missing" ] && return 0
     if [ "$(id -u)" = 0 ]; then
         say "installing Debian packages: $missing"
-        apt-get update -qq
+        mkdir -p "$CACHE"
         # shellcheck disable=SC2086
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends $missing; } >"$CACHE/apt.log" 2>&1 \
+            || { tail -n 20 "$CACHE/apt.log" >&2; die "installing $missing failed (log: $CACHE/apt.log)"; }
     else
         die "Covey needs these Debian packages: $missing
-        Install them, then run this command again:  sudo apt-get install $missing"
+Install them as root, then run this command again:
+    apt-get install $missing      (or: sudo apt-get install $missing)"
     fi
 }
 
@@ -59,7 +63,7 @@ llama_key() {
 build_llama_wheel() {
     local dir="$1" log="$1.log" tmp="$1.tmp"
     rm -rf "$tmp" && mkdir -p "$tmp"
-    say "building llama-cpp-python $LLAMA_VERSION with RPC (first time only: 10-15 minutes on 2 cores)"
+    say "building llama-cpp-python $LLAMA_VERSION with RPC (first time only: 10-20 minutes on 2 cores)"
     say "build log: $log"
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 "$VENV/bin/python" -m pip wheel -q \
         --no-cache-dir --no-binary llama-cpp-python --no-deps -w "$tmp" \
@@ -113,8 +117,9 @@ main() {
     install_debian_packages
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating the virtual environment at .venv"
-        "$PY" -m venv "$VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip
+        # A half-made environment would be taken for a finished one next time: remove it.
+        { "$PY" -m venv "$VENV" && "$VENV/bin/python" -m pip install -q --upgrade pip; } \
+            || { rm -rf "$VENV"; die "could not create .venv (see the messages above)"; }
     fi
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     # Build tools first: llama-cpp-python must never be built by pip as a side effect of
