@@ -195,6 +195,8 @@ class Engine:
                 self._connecting = event.endpoint
             elif isinstance(event, proto.Connected):
                 self._connecting = None
+            elif isinstance(event, proto.Failed) and event.kind == "protocol":
+                self._stderr.append(f"[covey] the engine could not read: {event.message}\n")
             else:
                 return event
 

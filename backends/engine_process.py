@@ -268,7 +268,7 @@ class Engine:
 
 def _read_commands(engine: Engine, commands: queue.Queue[proto.GenerateRequest]) -> None:
     """Reads stdin in its own thread so a stop arrives while a generation runs."""
-    for line in sys.stdin:
+    for line in sys.stdin.buffer:  # bytes: undecodable garbage must not end the reader
         try:
             message = proto.decode(line)
         except proto.ProtocolError as exc:

@@ -292,3 +292,14 @@ def test_engine_dying_while_loading_is_a_failed_load(tiny_model: Path) -> None:
     with pytest.raises(EngineLoadFailed, match="SIGKILL"):
         engine.wait_loaded()
     engine.close()
+
+
+def test_garbage_on_the_engine_input_is_refused_and_it_carries_on(tiny_model: Path) -> None:
+    with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
+        engine.wait_loaded()
+        assert engine._proc.stdin is not None
+        engine._proc.stdin.write(b"\x00\xffnot json\n{\"v\": 1, \"type\": \"Rm\"}\n")
+        engine._proc.stdin.flush()
+        done = list(engine.generate(ask(5)))[-1]
+        assert len(done.tokens) == 5
+        assert "could not read" in engine.stderr_tail
