@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from backends import engine_protocol as proto
@@ -65,6 +66,18 @@ class _LlamaLog:
             self.layer_devices[int(match.group(1))] = match.group(2)
         elif self._last_level in (_LOG_WARN, _LOG_ERROR):
             sys.stderr.write(line)
+
+
+def physical_cores() -> int:
+    """Cores, not hyperthreads: a second thread per core slows llama.cpp down."""
+    cores = set()
+    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((cpu / "physical_package_id").read_text(), (cpu / "core_id").read_text()))
+        except OSError:
+            continue
+    usable = len(os.sched_getaffinity(0))  # what this process may run on
+    return min(len(cores), usable) if cores else usable
 
 
 def _device_layers(
@@ -154,8 +167,8 @@ class Engine:
             n_gpu_layers=-1 if use_rpc else 0,
             verbose=True,  # False would send fds 1 and 2 to /dev/null during load
         )
-        # llama-cpp-python defaults to half the cores; a 2-core machine then runs 1 thread.
-        threads = self.config.n_threads or os.cpu_count() or 1
+        # llama-cpp-python defaults to half the logical CPUs: 1 thread on a 2-core machine.
+        threads = self.config.n_threads or physical_cores()
         kwargs.update(n_threads=threads, n_threads_batch=threads)
         if use_rpc and self.config.tensor_split:
             kwargs["tensor_split"] = list(self.config.tensor_split)
