@@ -21,12 +21,17 @@ def _size(n: float) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.drawn = 0.0
 
     def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.drawn < 0.1 and done != total:
+            return
+        self.drawn = now
         rate = done / max(time.monotonic() - self.started, 1e-6)
         if total:
             bar = "#" * int(30 * done / total)
@@ -62,7 +67,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
         if args.models_command == "list":
             _list(store, args.json)
         elif args.models_command == "import":
-            entry = store.import_file(args.path, name=args.name)
+            try:
+                entry = store.import_file(args.path, name=args.name, progress=_Progress())
+            finally:
+                sys.stderr.write("\n")
             print(f"imported {entry.name}")
         elif args.models_command == "download":
             try:

@@ -145,6 +145,7 @@ class Engine:
         self._connecting: str | None = None
         self._dead: EngineError | None = None
         self._send_lock = threading.Lock()
+        self._closed = False
         child_env = {**os.environ, "GGML_NO_BACKTRACE": "1", **(env or {})}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "backends.engine_process", proto.encode(config)],
@@ -282,8 +283,10 @@ class Engine:
                 if finished:
                     return
         finally:
-            if not finished and self._dead is None:
-                self._abandon(request.id)
+            if not finished and self._dead is None and not self._closed:
+                # Best effort: if the engine died meanwhile, the next call reports it.
+                with contextlib.suppress(EngineError):
+                    self._abandon(request.id)
 
     def _abandon(self, request_id: str) -> None:
         """The caller stopped reading mid-reply: end that generation so its leftover
@@ -300,6 +303,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the engine. Never hangs: past the close deadline, it is killed."""
+        self._closed = True
         if self._proc.poll() is None:
             with contextlib.suppress(EngineError):
                 self._send(proto.Shutdown())

@@ -176,14 +176,18 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _copy_hashing(src: Path, dst: Path) -> str:
+def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str:
     """Copy src to dst and return the sha256 of what was copied, in one pass."""
     digest = hashlib.sha256()
+    total, done = src.stat().st_size, 0
     try:
         with src.open("rb") as fin, dst.open("wb") as fout:
             while block := fin.read(COPY_CHUNK):
                 digest.update(block)
                 fout.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
@@ -379,7 +383,9 @@ class ModelStore:
 
         return Manifest.new(DEFAULT_MODEL, size, bundled.EXPECTED_SHA256, "bundled")
 
-    def import_file(self, path: Path | str, name: str | None = None) -> ModelEntry:
+    def import_file(
+        self, path: Path | str, name: str | None = None, progress: Progress | None = None
+    ) -> ModelEntry:
         """Copy a GGUF file into the store (validated first; the store is unchanged on error)."""
         src = Path(path).expanduser()
         if not src.is_file():
@@ -390,7 +396,7 @@ class ModelStore:
         try:
             self._prepare()
             staged = self.partial_dir / f"{name}.gguf.import"
-            sha256 = _copy_hashing(src, staged)
+            sha256 = _copy_hashing(src, staged, progress)
             try:
                 read_gguf_info(staged)  # the copy, not just the source, must be whole
             except InvalidModelFile:

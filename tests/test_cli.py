@@ -154,3 +154,21 @@ def test_plain_covey_with_a_data_dir_is_a_chat(tiny_model: Path, tmp_path: Path)
     # No model in this data dir: the bundled one gets registered, then the chat starts.
     assert out.returncode == 0, out.stderr
     assert "Type a message" in out.stderr
+
+
+def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [COVEY, "--data-dir", str(tmp_path), "chat", "hello", "--model", str(tiny_model),
+         "--max-tokens", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)  # like `| head -c 1`
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_import_shows_progress(tiny_model: Path, tmp_path: Path) -> None:
+    out = covey(tmp_path, "models", "import", str(tiny_model))
+    assert out.returncode == 0 and "100.0%" in out.stderr
