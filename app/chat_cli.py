@@ -66,6 +66,10 @@ def _describe(loaded: Loaded) -> str:
     return f"loaded in {loaded.load_s:.1f} s ({'; '.join(parts)})"
 
 
+def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
 def _request(args: argparse.Namespace, messages: list[dict[str, str]]) -> GenerateRequest:
     return GenerateRequest(
         id="",
@@ -99,7 +103,7 @@ def _stream(engine: Engine, request: GenerateRequest, echo: bool) -> Done:
 def _interactive(engine: Engine, args: argparse.Namespace) -> None:
     status("Type a message and press Enter. /reset starts over, /exit or Ctrl-D quits.")
     history: list[dict[str, str]] = []
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = _system(args)
     while True:
         try:
             line = input("\nyou> ").strip()
@@ -151,8 +155,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
             if args.prompt is None:
                 _interactive(engine, args)
                 return 0
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            messages.append({"role": "user", "content": args.prompt})
+            messages = [*_system(args), {"role": "user", "content": args.prompt}]
             done = _stream(engine, _request(args, messages), echo=not args.json)
     except EngineError as exc:
         status(f"covey: error: {exc}")
