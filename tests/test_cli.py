@@ -172,3 +172,13 @@ def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model: Path, tmp_pat
 def test_import_shows_progress(tiny_model: Path, tmp_path: Path) -> None:
     out = covey(tmp_path, "models", "import", str(tiny_model))
     assert out.returncode == 0 and "100.0%" in out.stderr
+
+
+def test_system_message_reaches_the_prompt(tiny_model: Path, tmp_path: Path) -> None:
+    def prompt_tokens(*extra: str) -> int:
+        out = covey(tmp_path, "chat", "hello", "--model", str(tiny_model), "--max-tokens", "1",
+                    "--json", *extra)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["prompt_tokens"]
+
+    assert prompt_tokens("--system", "be brief") > prompt_tokens()
