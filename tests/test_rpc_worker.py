@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.engine import Done, Engine, EngineConfig, GenerateRequest
 from backends.rpc_worker import BindRefused, check_bind, resolve_share
 from tests.conftest import Worker
 
@@ -96,3 +99,22 @@ def test_share_bigger_than_ram_is_a_clear_error() -> None:
     )
     assert proc.returncode == 2 and "--share-mib must be between" in proc.stderr
     assert json.loads(proc.stdout or "null") is None
+
+
+def test_garbage_on_the_rpc_port_is_dropped_and_the_worker_still_serves(
+    rpc_workers: Callable[..., Worker], tiny_model: Path
+) -> None:
+    worker = rpc_workers()
+    host, port = worker.endpoint.rsplit(":", 1)
+    for payload in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096), b"\xff" * 64):
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.sendall(payload)
+            s.settimeout(2)
+            with contextlib.suppress(ConnectionResetError):  # a reset is a refusal too
+                assert s.recv(100) == b""  # closed without an answer
+    assert worker.proc.poll() is None
+    config = EngineConfig(model_path=str(tiny_model), n_ctx=256,
+                          rpc_endpoints=(worker.endpoint,))
+    with Engine(config) as engine:
+        done = list(engine.generate(GenerateRequest(id="a", prompt="hi", max_tokens=4)))[-1]
+    assert isinstance(done, Done) and len(done.tokens) == 4
