@@ -227,6 +227,7 @@ class Engine:
         produced: list[int] = []
         pieces: list[str] = []
         finish = "length"
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         started = time.perf_counter()
         first_at = last_at = started
         tokens = llm.generate(
@@ -264,6 +265,8 @@ class Engine:
         pieces.append(tail)
         prompt_s = first_at - started
         gen_s = last_at - first_at
+        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+        prompt_eval_s = perf.t_p_eval_ms / 1000
         return proto.Done(
             id=request.id,
             finish_reason=finish,
@@ -272,7 +275,8 @@ class Engine:
             tokens=tuple(produced),
             timings=proto.Timings(
                 prompt_s=prompt_s,
-                prompt_tokens_per_s=len(prompt) / prompt_s if prompt_s > 0 else 0.0,
+                prompt_eval_tokens=perf.n_p_eval,
+                prompt_tokens_per_s=perf.n_p_eval / prompt_eval_s if prompt_eval_s > 0 else 0.0,
                 generation_s=gen_s,
                 generation_tokens_per_s=(len(produced) - 1) / gen_s if gen_s > 0 else 0.0,
             ),

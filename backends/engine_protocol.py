@@ -60,8 +60,13 @@ class DeviceLayers:
 
 @dataclass(frozen=True)
 class Timings:
+    """`prompt_s` is the wall time to the first token. The prompt rate counts only the
+    `prompt_eval_tokens` llama.cpp computed: a prefix kept in the KV cache from the previous
+    request (the earlier turns of a chat) costs nothing."""
+
     load_s: float = 0.0
     prompt_s: float = 0.0
+    prompt_eval_tokens: int = 0
     prompt_tokens_per_s: float = 0.0
     generation_s: float = 0.0
     generation_tokens_per_s: float = 0.0
