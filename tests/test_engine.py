@@ -77,6 +77,18 @@ def test_loaded_reports_layers_on_cpu(tiny_model: Path) -> None:
     assert [(d.name, d.layers, d.holds_output) for d in loaded.devices] == [("CPU", 4, True)]
 
 
+def test_second_turn_reuses_the_cached_prefix(tiny_model: Path) -> None:
+    with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
+        first = list(engine.generate(ask(4)))[-1]
+        turns = (*HELLO, {"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "the cat"})
+        second = list(engine.generate(
+            GenerateRequest(id="t2", messages=turns, max_tokens=4, temperature=0)))[-1]
+    assert first.timings.prompt_eval_tokens == first.prompt_tokens
+    assert 0 < second.timings.prompt_eval_tokens <= second.prompt_tokens - first.prompt_tokens
+    assert second.timings.prompt_tokens_per_s > 0
+
+
 def test_same_seed_same_sample_and_engine_is_reusable(tiny_model: Path) -> None:
     sampled = GenerateRequest(id="s", messages=HELLO, max_tokens=20, temperature=1.0, seed=7)
     with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
