@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from backends import ggml
 from backends.engine import Done, Engine, EngineConfig, EngineError, GenerateRequest, Loaded
 from backends.errors import ModelStoreError
 from backends.model_store import ModelStore
@@ -133,8 +134,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
         status("covey: error: --max-tokens must be 0 or more")
         return 2
     try:
+        if args.rpc:
+            ggml.check_rpc_support()
         model = resolve_model(ModelStore(data_dir / "models"), args.model)
-    except ModelStoreError as exc:
+    except (ModelStoreError, ggml.GgmlUnavailable) as exc:
         status(f"covey: error: {exc}")
         return 1
     config = EngineConfig(

@@ -85,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    if argv[:1] == ["worker-rpc"]:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "worker-rpc":  # its options are its own module's to parse
         from backends import rpc_worker
 
-        return rpc_worker.main(argv[1:])
-    args = build_parser().parse_args(argv)
+        return rpc_worker.main(rest)
+    args = parser.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
     if args.command == "models":
         from app import models_cli

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from backends import ggml
 
 
@@ -29,16 +31,22 @@ def test_rpc_library_is_the_soname_copy() -> None:
     assert lib.name == "libggml-rpc.so.0" and lib.exists()
 
 
-def test_llama_cpp_without_rpc_gets_a_clear_error(tmp_path: Path) -> None:
-    """A llama_cpp built without -DGGML_RPC=on: the worker refuses to start and says why."""
+@pytest.mark.parametrize(
+    "command, code",
+    [(["worker-rpc"], 2), (["chat", "hi", "--rpc", "127.0.0.1:5"], 1)],
+)
+def test_llama_cpp_without_rpc_gets_a_clear_error(
+    tmp_path: Path, command: list[str], code: int
+) -> None:
+    """A llama_cpp built without -DGGML_RPC=on: Covey refuses to use RPC and says why."""
     fake = tmp_path / "llama_cpp"
     (fake / "lib").mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "backends.rpc_worker"],
+        [sys.executable, "-m", "app.cli", "--data-dir", str(tmp_path / "data"), *command],
         capture_output=True, text=True, timeout=30,
         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path.cwd()}"},
     )
-    assert out.returncode == 2
+    assert out.returncode == code
     assert "no RPC backend" in out.stderr and "GGML_RPC=on" in out.stderr
     assert out.stdout == ""
