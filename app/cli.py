@@ -100,7 +100,7 @@ def _run(argv: list[str]) -> int:
     from app import chat_cli
 
     if args.command is None:  # until the desktop app exists, plain `covey` is a chat
-        args = build_parser().parse_args([*argv, "chat"])
+        args = parser.parse_args([*argv, "chat"])
     return chat_cli.run(args, data_dir)
 
 

@@ -32,7 +32,7 @@ class _Progress:
         if now - self.drawn < 0.1 and done != total:
             return
         self.drawn = now
-        rate = done / max(time.monotonic() - self.started, 1e-6)
+        rate = done / max(now - self.started, 1e-6)
         if total:
             bar = "#" * int(30 * done / total)
             line = f"[{bar:<30}] {100 * done / total:5.1f}% {_size(done)} of {_size(total)}"

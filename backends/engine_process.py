@@ -122,7 +122,9 @@ def _model_params(deterministic: bool, progress: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
-class Engine:
+class ModelRunner:
+    """The loaded model in this process, and the requests it is serving."""
+
     def __init__(self, config: proto.EngineConfig, channel: _Channel) -> None:
         self.config = config
         self.channel = channel
@@ -283,20 +285,22 @@ class Engine:
         )
 
 
-def _read_commands(engine: Engine, commands: queue.Queue[proto.GenerateRequest]) -> None:
+def _read_commands(
+    runner: ModelRunner, commands: queue.Queue[proto.GenerateRequest]
+) -> None:
     """Reads stdin in its own thread so a stop arrives while a generation runs."""
     for line in sys.stdin.buffer:  # bytes: undecodable garbage must not end the reader
         try:
             message = proto.decode(line)
         except proto.ProtocolError as exc:
-            engine.channel.send(proto.Failed(kind="protocol", message=str(exc)))
+            runner.channel.send(proto.Failed(kind="protocol", message=str(exc)))
             continue
         if isinstance(message, proto.Stop):
-            engine.request_stop(message.id)
+            runner.request_stop(message.id)
         elif isinstance(message, proto.Shutdown):
             break
         elif isinstance(message, proto.GenerateRequest):
-            engine.accept(message.id)
+            runner.accept(message.id)
             commands.put(message)
     # The parent is gone or asked us to go. Exit without llama_free: it can hang when a
     # worker vanished, and the OS frees everything anyway.
@@ -312,22 +316,22 @@ def main(argv: list[str]) -> None:
     except (IndexError, proto.ProtocolError) as exc:
         channel.send(proto.Failed(kind="load", message=f"bad engine configuration: {exc}"))
         os._exit(2)
-    engine = Engine(config, channel)
+    runner = ModelRunner(config, channel)
     try:
-        channel.send(engine.load())
+        channel.send(runner.load())
     except Exception as exc:  # anything llama.cpp raises is a failed load for the parent
         channel.send(proto.Failed(kind="load", message=str(exc) or type(exc).__name__))
         os._exit(1)
     commands: queue.Queue[proto.GenerateRequest] = queue.Queue()
-    threading.Thread(target=_read_commands, args=(engine, commands), daemon=True).start()
+    threading.Thread(target=_read_commands, args=(runner, commands), daemon=True).start()
     while True:
         request = commands.get()
         try:
-            channel.send(engine.generate(request))
+            channel.send(runner.generate(request))
         except (ChatTemplateError, ValueError, RuntimeError) as exc:
             channel.send(proto.Failed(kind="generate", message=str(exc), id=request.id))
         finally:
-            engine.finish(request.id)
+            runner.finish(request.id)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ class LoadProgress:
 
 @dataclass(frozen=True)
 class Failed:
-    """The engine could not do what was asked; `kind` is "load" or "generate"."""
+    """The engine could not do what was asked; `kind` is "load", "generate", or "protocol"
+    (a line it could not read, which it then ignores)."""
 
     kind: str
     message: str
