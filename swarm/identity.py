@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-log = logging.getLogger(__name__)
+from swarm.private_file import narrow_mode, write_private
 
 KEY_FILE = "node-key.json"
 KEY_FILE_VERSION = 1
@@ -62,23 +59,13 @@ def verify(peer_id: str, data: bytes, signature: bytes) -> bool:
 
 def load_or_create_identity(data_dir: Path) -> Identity:
     path = data_dir / KEY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         identity = Identity(Ed25519PrivateKey.new().to_bytes())
         body = {"version": KEY_FILE_VERSION, "type": "ed25519",
                 "seed": base64.b64encode(identity.seed).decode()}
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private(path, json.dumps(body).encode())
         return identity
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("%s was readable by others (mode %o); narrowing it to 0600", path, mode)
-        path.chmod(0o600)
+    narrow_mode(path)
     try:
         body = json.loads(path.read_text())
         if body.get("version") != KEY_FILE_VERSION or body.get("type") != "ed25519":
