@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from app import swarm_cli
 from backends.paths import default_data_dir
 
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
 
     sub.add_parser("worker-rpc", help="run a bare RPC worker on loopback", add_help=False)
+    swarm_cli.add_parsers(sub)
     return parser
 
 
@@ -93,6 +95,12 @@ def _run(argv: list[str]) -> int:
         return rpc_worker.main(rest)
     args = parser.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
+    if args.command == "token":
+        return swarm_cli.run_token(args)
+    if args.command == "node":
+        return swarm_cli.run_node(args, data_dir)
+    if args.command == "peers":
+        return swarm_cli.run_peers(args, data_dir)
     if args.command == "models":
         from app import models_cli
 

@@ -1,0 +1,109 @@
+"""`covey token`, `covey node` and `covey peers`: the swarm from the command line.
+
+`covey node` runs the node daemon in this process; `covey peers` is a client of a running
+node's local API, found through the data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swarm.token import TokenError, new_token
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    data_dir = dict(type=Path, default=argparse.SUPPRESS, help="this node's data directory")
+
+    token = sub.add_parser("token", help="create a swarm token")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    tnew = tsub.add_parser("new", help="print a new swarm token (one line)")
+    tnew.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a reachable node of this swarm, /ip4/…/tcp/…/p2p/…; repeatable")
+
+    node = sub.add_parser("node", help="run this machine's swarm node")
+    node.add_argument("--token", help="the swarm token (remembered after the first time)")
+    node.add_argument("--name", help="the name other machines see (default: host name)")
+    node.add_argument("--data-dir", **data_dir)
+    node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
+                      help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
+    node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
+    node.add_argument("--lan-only", action="store_true", help="no DHT: find peers by mDNS only")
+    node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a reachable node of this swarm; repeatable")
+
+    peers = sub.add_parser("peers", help="list the machines in this node's swarm")
+    peers.add_argument("--data-dir", **data_dir)
+    peers.add_argument("--json", action="store_true", help="a machine-readable list")
+
+
+def run_token(args: argparse.Namespace) -> int:
+    try:
+        token = new_token(args.bootstrap)
+    except TokenError as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 2
+    print(token.encode())
+    if sys.stderr.isatty():
+        print("Join other machines with: covey node --token <the line above>", file=sys.stderr)
+    return 0
+
+
+def run_node(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.node_main import main as node_main
+
+    return node_main(args, data_dir)
+
+
+def run_peers(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.api_client import ApiError, NodeClient, NodeNotRunning
+
+    try:
+        body = NodeClient.from_data_dir(data_dir).get_json("/api/peers")
+    except (NodeNotRunning, ApiError) as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body["peers"], indent=2))
+    else:
+        print(format_peers(body["peers"], time.time()))
+    return 0
+
+
+def format_peers(peers: list[dict[str, Any]], now: float) -> str:
+    """The `covey peers` table: this node first, then online peers, then offline ones."""
+    header = ("NAME", "PEER", "STATUS", "LINK", "OS", "CORES", "RAM FREE/TOTAL", "ROLES", "SEEN")
+    order = sorted(peers, key=lambda p: (not p.get("self"), not p.get("online"), p["name"]))
+    rows = [header] + [_row(p, now) for p in order]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    if len(peers) <= 1:
+        lines.append("(no other machines yet: start `covey node` with the same token on them)")
+    return "\n".join(lines)
+
+
+def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
+    status = "this node" if p.get("self") else ("online" if p.get("online") else "offline")
+    link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
+    seen = "now" if p.get("self") else _ago(now - p.get("last_seen", now))
+    ram = f"{_gib(p.get('ram_free', 0))}/{_gib(p.get('ram_total', 0))} GiB"
+    return (p.get("name", "?"), p["peer_id"][-8:], status, link, p.get("os", "?"),
+            str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", seen)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"

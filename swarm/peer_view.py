@@ -1,0 +1,38 @@
+"""What the API and `covey peers` show about each peer, computed from the ledger (pure)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from swarm.ledger import Ledger, is_live
+from swarm.node_info import NODE_KEY, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+def peers_view(
+    ledger: Ledger, self_id: str, connected: Collection[str], now: float
+) -> list[dict[str, Any]]:
+    """One dict per peer with a valid "node" entry, this node included and flagged "self"."""
+    rows = []
+    for record in ledger.by_key(NODE_KEY):
+        entry = record.entry
+        try:
+            info = NodeInfo.from_value(entry.value)
+        except ValueError as exc:
+            log.debug("ignoring node entry of %s: %s", entry.owner, exc)
+            continue
+        rows.append(
+            {
+                "peer_id": entry.owner,
+                **info.to_value(),
+                "self": entry.owner == self_id,
+                "online": entry.owner == self_id or is_live(record, now),
+                "connected": entry.owner in connected,
+                "last_seen": round(record.received_at, 3),
+            }
+        )
+    rows.sort(key=lambda r: (not r["self"], r["name"], r["peer_id"]))
+    return rows
