@@ -1,0 +1,243 @@
+"""The node daemon: one libp2p host, its gatekeeper, ledger, discovery and local HTTP API.
+
+`Node.run` is the whole lifetime of a node under trio: listen, admit peers, publish this
+machine's info as a heartbeat, keep the ledger in sync, find other nodes, serve the API on
+127.0.0.1, and on stop say goodbye (an entry that expires at once) so peers show it offline
+immediately rather than after the heartbeat's ttl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.tools.anyio_service import background_trio_service
+
+from swarm import mdns
+from swarm.discovery import Discovery
+from swarm.gatekeeper import Gatekeeper
+from swarm.identity import load_or_create_identity
+from swarm.keys import SwarmKeys
+from swarm.ledger import is_live
+from swarm.ledger_sync import SYNC_PROTOCOL, LedgerSync
+from swarm.local_api import (
+    HttpError,
+    LocalApi,
+    Request,
+    Response,
+    load_or_create_secret,
+    remove_api_info,
+    write_api_info,
+)
+from swarm.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
+from swarm.p2p_host import build_host, parse_multiaddrs
+from swarm.peer_view import peers_view
+from swarm.token import SwarmToken
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+STATUS_VERSION = 1
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    token: SwarmToken
+    name: str
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    api_port: int = 0
+    lan_only: bool = False
+    bootstrap: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    heartbeat_s: float = 10.0
+    entry_ttl_s: float = 30.0
+    sync_every_s: float = 10.0
+    ban_s: float = 60.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def listen_ips(listen: tuple[str, ...]) -> list[str]:
+    return [multiaddr.Multiaddr(a).value_for_protocol("ip4") for a in listen]
+
+
+def expand_wildcards(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Advertise concrete addresses: a peer cannot dial 0.0.0.0."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        if "/ip4/0.0.0.0/" not in text:
+            out.append(addr)
+            continue
+        for ip in mdns.expand_listen_ip("0.0.0.0"):
+            out.append(multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1)))
+    return out
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.roles = config.roles
+        self.keys = SwarmKeys.derive(config.token)
+        self.identity = load_or_create_identity(config.data_dir)
+        self.peer_id = self.identity.peer_id
+        self.host = build_host(self.identity, expand_wildcards)
+        self.gatekeeper = Gatekeeper(self.host, self.keys.admission_key, self._on_admitted,
+                                     ban_s=config.ban_s)
+        self.sync = LedgerSync(self.host, self.identity, self.keys.ledger_key,
+                               self.keys.gossip_topic, lambda p: p in self.gatekeeper.admitted)
+        self.discovery = Discovery(
+            self.host, self.keys, listen_ips(config.listen),
+            [*config.token.bootstrap, *config.bootstrap], config.lan_only,
+            self.gatekeeper.is_banned,
+        )
+        self.api = LocalApi(load_or_create_secret(config.data_dir))
+        self.api_port: int | None = None
+        self._stop = trio.Event()
+        self._info_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._add_routes()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                self.host.run(listen_addrs=parse_multiaddrs(self.config.listen))
+            )
+            stack.push_async_callback(self._close_host)
+            self.gatekeeper.install()
+            sync_handler = self.gatekeeper.guard("ledger-sync", self.sync.handle_sync)
+            self.host.set_stream_handler(TProtocol(SYNC_PROTOCOL), sync_handler)
+            await stack.enter_async_context(background_trio_service(self.sync.pubsub))
+            await stack.enter_async_context(background_trio_service(self.sync.router))
+            if self.discovery.dht is not None:
+                await stack.enter_async_context(background_trio_service(self.discovery.dht))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            nursery.start_soon(self.gatekeeper.run)
+            nursery.start_soon(self.sync.run_gossip)
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self.discovery.run_dialer)
+            if not self.config.lan_only:
+                nursery.start_soon(self.discovery.run_dht)
+            stack.push_async_callback(self.discovery.stop_mdns)
+            await self.discovery.start_mdns(self.addresses())
+            self.api_port = await nursery.start(self.api.serve, self.config.api_port)
+            write_api_info(self.config.data_dir, self.api_port, os.getpid())
+            stack.callback(remove_api_info, self.config.data_dir, os.getpid())
+            log.info("node %s (%s) in swarm %s, listening on %s; API on 127.0.0.1:%s",
+                     self.peer_id, self.name, self.keys.swarm_id, ", ".join(self.addresses()),
+                     self.api_port)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._say_goodbye()
+            nursery.cancel_scope.cancel()
+
+    async def _close_host(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.host.close()
+
+    # -- swarm tasks --------------------------------------------------------------------------
+
+    async def _on_admitted(self, peer: ID) -> None:
+        await self.discovery.add_to_dht(peer)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._pull, peer)
+
+    async def _pull(self, peer: ID) -> None:
+        try:
+            await self.sync.pull(peer)
+        except Exception as exc:  # noqa: BLE001 - the peer left or misbehaved; next round
+            log.debug("ledger sync with %s failed: %r", peer, exc)
+
+    def node_value(self) -> dict[str, Any]:
+        return collect_node_info(self.name, self.roles).to_value()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.sync.publish(NODE_KEY, self.node_value(), self.config.entry_ttl_s)
+            with trio.move_on_after(self.config.heartbeat_s):
+                await self._info_changed.wait()
+            self._info_changed = trio.Event()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.sync_every_s)
+            self.sync.drop_old()
+            async with trio.open_nursery() as nursery:
+                for peer in list(self.gatekeeper.admitted):
+                    nursery.start_soon(self._pull, peer)
+
+    async def _say_goodbye(self) -> None:
+        with trio.move_on_after(1):
+            await self.sync.publish(NODE_KEY, self.node_value(), 0)
+            await trio.sleep(0.2)  # let gossip carry it before the connections close
+
+    # -- local API ----------------------------------------------------------------------------
+
+    def _add_routes(self) -> None:
+        self.api.add_route("GET", "/api/status", self._api_status)
+        self.api.add_route("GET", "/api/peers", self._api_peers)
+        self.api.add_route("GET", "/api/ledger", self._api_ledger)
+        self.api.add_route("POST", "/api/node", self._api_update_node)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": STATUS_VERSION,
+            "peer_id": self.peer_id.to_base58(),
+            "name": self.name,
+            "addresses": self.addresses(),
+            "swarm_id": self.keys.swarm_id,
+            "roles": list(self.roles),
+            "lan_only": self.config.lan_only,
+            "connected_peers": sorted(p.to_base58() for p in self.gatekeeper.admitted),
+        }
+
+    async def _api_status(self, request: Request) -> Response:
+        return Response.json(self.status())
+
+    async def _api_peers(self, request: Request) -> Response:
+        connected = {p.to_base58() for p in self.gatekeeper.admitted}
+        peers = peers_view(self.sync.ledger, self.peer_id.to_base58(), connected, time.time())
+        return Response.json({"version": STATUS_VERSION, "peers": peers})
+
+    async def _api_ledger(self, request: Request) -> Response:
+        now = time.time()
+        entries = [
+            {"owner": owner, "key": key, "seq": r.entry.seq, "live": is_live(r, now)}
+            for (owner, key), r in sorted(self.sync.ledger.records.items())
+        ]
+        return Response.json({"version": STATUS_VERSION, "entries": entries})
+
+    async def _api_update_node(self, request: Request) -> Response:
+        body = request.json()
+        if not isinstance(body, dict) or not set(body) <= {"name", "roles"}:
+            raise HttpError(400, 'send a JSON object with "name" and/or "roles"')
+        if "name" in body:
+            name = body["name"]
+            if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
+                raise HttpError(400, f"name must be 1 to {MAX_NAME_CHARS} characters")
+            self.name = name.strip()
+        if "roles" in body:
+            roles = body["roles"]
+            if not isinstance(roles, list) or not set(roles) <= set(ROLES):
+                raise HttpError(400, f"roles must be a list drawn from {', '.join(ROLES)}")
+            self.roles = tuple(dict.fromkeys(roles))
+        self._info_changed.set()
+        return Response.json(self.status())

@@ -1,0 +1,91 @@
+"""`covey node`: turn command-line options and remembered settings into a running Node.
+
+A token given once is remembered (0600) in the data directory, so later starts need no
+options. SIGTERM and Ctrl-C stop the node cleanly: goodbye to peers, API file removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from swarm.identity import IdentityError
+from swarm.settings import Settings, SettingsError, load_settings, save_settings
+from swarm.token import TokenError, check_bootstrap_address, parse_token
+
+log = logging.getLogger("covey.node")
+
+
+def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
+    """The settings to run with: options override what is remembered; raises on bad input."""
+    saved = load_settings(data_dir)
+    token_text = args.token or (saved.token if saved else None)
+    if not token_text:
+        raise TokenError(
+            "This node has no swarm token yet. Create one with `covey token new`, or paste the "
+            "one from another machine: covey node --token TOKEN"
+        )
+    parse_token(token_text)
+    for i, addr in enumerate(args.bootstrap, 1):
+        check_bootstrap_address(addr, i)
+    return Settings(
+        token=token_text.strip(),
+        name=args.name or (saved.name if saved else None),
+        bootstrap=list(args.bootstrap) or (saved.bootstrap if saved else []),
+    )
+
+
+def main(args: argparse.Namespace, data_dir: Path) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # py-libp2p logs routine network churn as warnings; keep our own log readable.
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
+    try:
+        settings = resolve_settings(args, data_dir)
+        save_settings(data_dir, settings)
+        node = _make_node(args, data_dir, settings)
+    except (TokenError, SettingsError, IdentityError, ValueError) as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_serve, node)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"covey: could not start the node: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
+    from swarm.node import DEFAULT_LISTEN, Node, NodeConfig
+    from swarm.node_info import default_node_name
+    from swarm.p2p_host import parse_multiaddrs
+
+    listen = tuple(args.listen) or DEFAULT_LISTEN
+    parse_multiaddrs(listen)  # raises ValueError with the bad address
+    config = NodeConfig(
+        data_dir=data_dir,
+        token=parse_token(settings.token),
+        name=settings.name or default_node_name(),
+        listen=listen,
+        api_port=args.api_port,
+        lan_only=args.lan_only,
+        bootstrap=tuple(settings.bootstrap),
+    )
+    return Node(config)
+
+
+async def _serve(node) -> None:  # node: swarm.node.Node
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("stopping")
+                node.stop()
+                break
