@@ -45,6 +45,11 @@ class Entry:
     value: dict[str, Any]
     version: int = ENTRY_VERSION
 
+    def __post_init__(self) -> None:
+        # 0 and 0.0 serialise differently; the signature must not depend on which was passed.
+        object.__setattr__(self, "issued_at", float(self.issued_at))
+        object.__setattr__(self, "ttl_s", float(self.ttl_s))
+
     def signing_bytes(self) -> bytes:
         return b"covey-ledger-entry-v1\n" + _canonical(asdict(self))
 

@@ -28,6 +28,7 @@ from swarm.ledger import (
     Entry,
     Ledger,
     Rejected,
+    SignedEntry,
     open_entry,
     seal_entry,
     sign_entry,
@@ -37,6 +38,8 @@ from swarm.p2p_host import read_frame, reset_quietly, write_frame
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = "/covey/ledger-sync/1.0.0"
+PUSH_PROTOCOL = "/covey/ledger-push/1.0.0"
+MAX_PUSH_ENTRIES = 16
 SYNC_VERSION = 1
 SYNC_TIMEOUT_S = 15.0
 MAX_SYNC_ENTRIES = 10_000
@@ -62,7 +65,7 @@ def digest(ledger: Ledger) -> dict[str, int]:
     return {f"{owner} {key}": r.entry.seq for (owner, key), r in ledger.records.items()}
 
 
-def newer_than(ledger: Ledger, have: dict[str, int]) -> list[Any]:
+def newer_than(ledger: Ledger, have: dict[str, int]) -> list[SignedEntry]:
     """The entries a peer with `have` lacks (pure)."""
     return [
         r.signed for (owner, key), r in ledger.records.items()
@@ -98,7 +101,7 @@ class LedgerSync:
         self._last_seq = max(self._last_seq + 1, int(self._clock() * 1000))
         return self._last_seq
 
-    async def publish(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
+    async def publish(self, key: str, value: dict[str, Any], ttl_s: float) -> SignedEntry:
         entry = Entry(self.identity.peer_id.to_base58(), key, self.next_seq(), self._clock(),
                       ttl_s, value)
         signed = sign_entry(entry, self.identity.sign)
@@ -107,6 +110,7 @@ class LedgerSync:
             await self.pubsub.publish(self._topic, seal_entry(self._key, signed))
         except Exception as exc:  # noqa: BLE001 - peers still get it by pull sync
             log.debug("gossip publish failed: %r", exc)
+        return signed
 
     # -- gossip ------------------------------------------------------------------------------
 
@@ -136,7 +140,7 @@ class LedgerSync:
             return "rejected"
         return self._apply(signed)
 
-    def _apply(self, signed: Any) -> str:
+    def _apply(self, signed: SignedEntry) -> str:
         verdict = self.ledger.apply(signed, self._clock())
         if verdict == "accepted":
             self.changed.set()
@@ -181,6 +185,25 @@ class LedgerSync:
         finally:
             await reset_quietly(stream)
         return accepted
+
+    # -- direct push (for what must arrive now, e.g. a goodbye) --------------------------------
+
+    async def push(self, peer: ID, signed: SignedEntry) -> None:
+        stream = await self.host.new_stream(peer, [TProtocol(PUSH_PROTOCOL)])
+        try:
+            await write_frame(stream, seal_entry(self._key, signed))
+            await stream.close()
+        finally:
+            await reset_quietly(stream)
+
+    async def handle_push(self, stream: INetStream) -> None:
+        with trio.fail_after(SYNC_TIMEOUT_S):
+            for _ in range(MAX_PUSH_ENTRIES):
+                try:
+                    message = await read_frame(stream, MAX_MESSAGE_BYTES)
+                except Exception:  # noqa: BLE001 - EOF ends the push; garbage ends it too
+                    break
+                self._receive(message, f"push from {stream.muxed_conn.peer_id}")
 
     def drop_old(self) -> None:
         self.ledger.drop_old(self._clock())

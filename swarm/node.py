@@ -27,8 +27,8 @@ from swarm.discovery import Discovery
 from swarm.gatekeeper import Gatekeeper
 from swarm.identity import load_or_create_identity
 from swarm.keys import SwarmKeys
-from swarm.ledger import is_live
-from swarm.ledger_sync import SYNC_PROTOCOL, LedgerSync
+from swarm.ledger import SignedEntry, is_live
+from swarm.ledger_sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
 from swarm.local_api import (
     HttpError,
     LocalApi,
@@ -121,8 +121,13 @@ class Node:
             )
             stack.push_async_callback(self._close_host)
             self.gatekeeper.install()
-            sync_handler = self.gatekeeper.guard("ledger-sync", self.sync.handle_sync)
-            self.host.set_stream_handler(TProtocol(SYNC_PROTOCOL), sync_handler)
+            for protocol, name, handler in (
+                (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
+                (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
+            ):
+                self.host.set_stream_handler(
+                    TProtocol(protocol), self.gatekeeper.guard(name, handler)
+                )
             await stack.enter_async_context(background_trio_service(self.sync.pubsub))
             await stack.enter_async_context(background_trio_service(self.sync.router))
             if self.discovery.dht is not None:
@@ -185,9 +190,18 @@ class Node:
                     nursery.start_soon(self._pull, peer)
 
     async def _say_goodbye(self) -> None:
-        with trio.move_on_after(1):
-            await self.sync.publish(NODE_KEY, self.node_value(), 0)
-            await trio.sleep(0.2)  # let gossip carry it before the connections close
+        """Tell every connected peer directly (gossip may not have a mesh yet)."""
+        with trio.move_on_after(2):
+            goodbye = await self.sync.publish(NODE_KEY, self.node_value(), 0)
+            async with trio.open_nursery() as nursery:
+                for peer in list(self.gatekeeper.admitted):
+                    nursery.start_soon(self._push_quietly, peer, goodbye)
+
+    async def _push_quietly(self, peer: ID, signed: SignedEntry) -> None:
+        try:
+            await self.sync.push(peer, signed)
+        except Exception as exc:  # noqa: BLE001 - it will expire there anyway
+            log.debug("goodbye to %s failed: %r", peer, exc)
 
     # -- local API ----------------------------------------------------------------------------
 

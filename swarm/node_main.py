@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,8 +42,9 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
 
 
 def main(args: argparse.Namespace, data_dir: Path) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    level = os.environ.get("COVEY_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     # py-libp2p logs routine network churn as warnings; keep our own log readable.
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     try:

@@ -42,6 +42,12 @@ def test_sealed_signed_entry_round_trip() -> None:
     assert open_entry(KEY, seal_entry(KEY, signed)) == signed
 
 
+def test_whole_number_times_survive_the_wire() -> None:
+    who = identity(1)
+    signed = sign_entry(Entry(who.peer_id.to_base58(), "node", 1, int(NOW), 0, {}), who.sign)
+    assert open_entry(KEY, seal_entry(KEY, signed)) == signed
+
+
 def test_other_swarm_tampering_and_garbage_are_rejected() -> None:
     message = seal_entry(KEY, entry(identity(1)))
     with pytest.raises(Rejected):
