@@ -144,8 +144,9 @@ class Discovery:
 
     # -- DHT and bootstrap -------------------------------------------------------------------
 
-    async def run_dht(self) -> None:
-        """Keep bootstrap peers connected; provide ourselves and look for the others."""
+    async def run_wide_area(self) -> None:
+        """Keep bootstrap peers connected; unless LAN-only, provide ourselves in the DHT and
+        look for the others there."""
         last_provided: dict[int, float] = {}
         while True:
             await self._connect_bootstrap()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 STATUS_VERSION = 1
+COALESCE_S = 0.1
 
 
 @dataclass
@@ -139,8 +140,7 @@ class Node:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._sync_loop)
             nursery.start_soon(self.discovery.run_dialer)
-            if not self.config.lan_only:
-                nursery.start_soon(self.discovery.run_dht)
+            nursery.start_soon(self.discovery.run_wide_area)
             stack.push_async_callback(self.discovery.stop_mdns)
             await self.discovery.start_mdns(self.addresses())
             self.api_port = await nursery.start(self.api.serve, self.config.api_port)
@@ -175,11 +175,23 @@ class Node:
         return collect_node_info(self.name, self.roles).to_value()
 
     async def _heartbeat(self) -> None:
+        """Publish this node's info every `heartbeat_s`, and soon after any change.
+
+        Changes within `COALESCE_S` go out as one entry. Each entry goes to every directly
+        connected peer at once as well as onto gossip (which may drop it in a burst)."""
         while True:
-            await self.sync.publish(NODE_KEY, self.node_value(), self.config.entry_ttl_s)
+            signed = await self.sync.publish(NODE_KEY, self.node_value(), self.config.entry_ttl_s)
+            self._push_to_all(signed)
             with trio.move_on_after(self.config.heartbeat_s):
                 await self._info_changed.wait()
+                await trio.sleep(COALESCE_S)
             self._info_changed = trio.Event()
+
+    def _push_to_all(self, signed: SignedEntry) -> None:
+        if self._nursery is None:
+            return
+        for peer in list(self.gatekeeper.admitted):
+            self._nursery.start_soon(self._push_quietly, peer, signed)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -200,8 +212,8 @@ class Node:
     async def _push_quietly(self, peer: ID, signed: SignedEntry) -> None:
         try:
             await self.sync.push(peer, signed)
-        except Exception as exc:  # noqa: BLE001 - it will expire there anyway
-            log.debug("goodbye to %s failed: %r", peer, exc)
+        except Exception as exc:  # noqa: BLE001 - gossip or the next pull sync covers it
+            log.debug("push to %s failed: %r", peer, exc)
 
     # -- local API ----------------------------------------------------------------------------
 

@@ -121,3 +121,24 @@ def lan(netns: Netns, count: int, subnet: str = "10.77.0") -> list[tuple[str, st
         netns.attach(bridge, ns, ip)
         hosts.append((ns, ip))
     return hosts
+
+
+_BURST_SNIPPET = """
+import sys
+from pathlib import Path
+from swarm.api_client import NodeClient
+client = NodeClient.from_data_dir(Path(sys.argv[1]), timeout=10)
+for i in range(int(sys.argv[3])):
+    client.post_json("/api/node", {"name": f"{sys.argv[2]}-v{i}"})
+"""
+
+
+def rename_burst(node: RunningNode, count: int) -> str:
+    """Rename `node` `count` times as fast as its API allows; returns the final name."""
+    node.netns.run(node.ns, [sys.executable, "-c", _BURST_SNIPPET, str(node.data_dir),
+                             node.name, str(count)], cwd=REPO, timeout=60)
+    return f"{node.name}-v{count - 1}"
+
+
+def ledger_view(node: RunningNode) -> dict[tuple[str, str], int]:
+    return {(e["owner"], e["key"]): e["seq"] for e in node.api("/api/ledger")["entries"]}
