@@ -31,6 +31,14 @@ missing_debian_packages() {
     "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     # llama.cpp is C++ built with cmake (cmake and ninja come from PyPI); no Python headers.
     { command -v cc && command -v c++ && command -v make; } >/dev/null || missing+=(build-essential)
+    # py-libp2p needs fastecdsa 2.3.2, which PyPI has only as source: a C extension over GMP.
+    "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing+=(python3-dev)
+    compgen -G "/usr/include/gmp.h" >/dev/null || compgen -G "/usr/include/*/gmp.h" >/dev/null \
+        || missing+=(libgmp-dev)
+    # The swarm's multi-node tests build network namespaces with `ip`.
+    command -v ip >/dev/null || missing+=(iproute2)
     echo "${missing[@]:-}"
 }
 
