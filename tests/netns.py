@@ -1,0 +1,200 @@
+"""Throwaway Linux network namespaces for tests that need real multicast or several hosts.
+
+`Netns` owns every namespace and process a test creates and removes them all on `close()`
+(or leaving its `with` block), even when the test fails. Links are made inside namespaces
+(`ip -n A link add ... peer ... netns B`), so nothing is ever created in, or sent on, the
+host's own network namespace. Names are `covey-t-<random>-<label>`, so parallel runs don't clash.
+Needs root and iproute2; tests call `netns_skip_reason()` and skip when it says why not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+PREFIX = "covey-t-"
+_KILL_WAIT_S = 5.0
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+@functools.cache
+def netns_skip_reason() -> str | None:
+    """Why namespaces cannot be used here (for pytest.skip), or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "network namespaces need iproute2's `ip`"
+    probe = f"{PREFIX}{secrets.token_hex(3)}-probe"
+    try:
+        _ip("netns", "add", probe)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        return f"`ip netns add` does not work here: {e}"
+    with contextlib.suppress(RuntimeError):
+        _ip("netns", "delete", probe)
+    return None
+
+
+def netns_available() -> bool:
+    return netns_skip_reason() is None
+
+
+def host_address(network: str, host: int) -> str:
+    """The `host`-th address of `network`: host_address("10.1.0.0/24", 1) == "10.1.0.1"."""
+    return str(ipaddress.ip_network(network)[host])
+
+
+@dataclass(frozen=True)
+class Router:
+    """A namespace forwarding between two subnets; `ip_a`/`ip_b` are the leaves' addresses."""
+
+    ns: str
+    ip_a: str
+    ip_b: str
+    gateway_a: str
+    gateway_b: str
+
+
+class Netns:
+    """Creates namespaces, links and processes; `close()` undoes all of it."""
+
+    def __init__(self) -> None:
+        self.prefix = f"{PREFIX}{secrets.token_hex(3)}"
+        self.namespaces: list[str] = []
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._links: dict[str, int] = {}
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def add(self, label: str, lo_up: bool = True) -> str:
+        """A new namespace, `lo` up (127.0.0.1 usable, multicast included) unless told not."""
+        name = f"{self.prefix}-{label}"
+        _ip("netns", "add", name)
+        self.namespaces.append(name)
+        if lo_up:
+            _ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def veth_pair(
+        self, ns_a: str, ns_b: str, ip_a: str, ip_b: str, prefix: int = 24
+    ) -> tuple[str, str]:
+        """Join two namespaces with a veth cable; returns the interface names (a, b)."""
+        dev_a, dev_b = self._link_name(ns_a), self._link_name(ns_b)
+        _ip("-n", ns_a, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+        self._configure(ns_a, dev_a, ip_a, prefix)
+        self._configure(ns_b, dev_b, ip_b, prefix)
+        return dev_a, dev_b
+
+    def bridge(self, label: str = "lan") -> str:
+        """A namespace holding bridge `br0`, a switch for `attach` (3+ hosts on one LAN)."""
+        ns = self.add(label)
+        # Snooping off: flood all multicast, like a dumb switch.
+        _ip("-n", ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", ns, "link", "set", "br0", "up")
+        return ns
+
+    def attach(self, bridge_ns: str, ns: str, ip: str, prefix: int = 24) -> str:
+        """Plug `ns` into the bridge in `bridge_ns` with address `ip`; returns its interface."""
+        port, dev = self._link_name(bridge_ns), self._link_name(ns)
+        _ip("-n", bridge_ns, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns)
+        _ip("-n", bridge_ns, "link", "set", port, "master", "br0", "up")
+        self._configure(ns, dev, ip, prefix)
+        return dev
+
+    def router(self, ns_a: str, ns_b: str, net_a: str, net_b: str, label: str = "rtr") -> Router:
+        """Route between `ns_a` (on net_a) and `ns_b` (on net_b) through a new namespace.
+
+        The router takes .1 of each subnet and forwards; each leaf takes .2 and a route to the
+        other subnet via the router. Link-local multicast (mDNS) is not forwarded, as on a LAN.
+        """
+        ns = self.add(label)
+        gw_a, gw_b = host_address(net_a, 1), host_address(net_b, 1)
+        ip_a, ip_b = host_address(net_a, 2), host_address(net_b, 2)
+        plen_a, plen_b = (
+            ipaddress.ip_network(net_a).prefixlen,
+            ipaddress.ip_network(net_b).prefixlen,
+        )
+        self.veth_pair(ns, ns_a, gw_a, ip_a, plen_a)
+        self.veth_pair(ns, ns_b, gw_b, ip_b, plen_b)
+        self.run(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        _ip("-n", ns_a, "route", "add", net_b, "via", gw_a)
+        _ip("-n", ns_b, "route", "add", net_a, "via", gw_b)
+        return Router(ns=ns, ip_a=ip_a, ip_b=ip_b, gateway_a=gw_a, gateway_b=gw_b)
+
+    def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start `argv` inside `ns` in its own process group; killed by `close()`."""
+        kw["start_new_session"] = True  # so close() can kill the whole group by its id
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+        """Run `argv` inside `ns` to completion; raises on a non-zero exit."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 30)
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, **kw)
+
+    def close(self) -> None:
+        """Kill our processes, then delete our namespaces (their links go with them)."""
+        for proc in self._procs:
+            _kill(proc)
+        self._procs.clear()
+        for ns in reversed(self.namespaces):
+            # Already gone is fine; keep deleting the rest.
+            with contextlib.suppress(RuntimeError):
+                _ip("netns", "delete", ns)
+        self.namespaces.clear()
+
+    def _link_name(self, ns: str) -> str:
+        # Unique within its namespace and under the 15-character interface name limit.
+        n = self._links.get(ns, 0)
+        self._links[ns] = n + 1
+        return f"veth{n}"
+
+    def _configure(self, ns: str, dev: str, ip: str, prefix: int) -> None:
+        _ip("-n", ns, "addr", "add", f"{ip}/{prefix}", "dev", dev)
+        _ip("-n", ns, "link", "set", dev, "multicast", "on", "up")
+
+
+def _kill(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process group we started, then SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=_KILL_WAIT_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        finally:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
