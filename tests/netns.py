@@ -44,8 +44,15 @@ def netns_skip_reason() -> str | None:
         _ip("netns", "add", probe)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         return f"`ip netns add` does not work here: {e}"
-    with contextlib.suppress(RuntimeError):
-        _ip("netns", "delete", probe)
+    try:
+        # Entering a namespace can fail where adding one works (e.g. in a chroot whose root
+        # is not a mount point: "mount --make-rslave /" fails).
+        _ip("-n", probe, "link", "set", "lo", "up")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        return f"network namespaces cannot be entered here: {e}"
+    finally:
+        with contextlib.suppress(RuntimeError):
+            _ip("netns", "delete", probe)
     return None
 
 
