@@ -146,7 +146,8 @@ class Netns:
         )
         self.veth_pair(ns, ns_a, gw_a, ip_a, plen_a)
         self.veth_pair(ns, ns_b, gw_b, ip_b, plen_b)
-        self.run(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        # /proc/sys/net is per namespace; no dependency on procps' sysctl.
+        self.run(ns, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
         _ip("-n", ns_a, "route", "add", net_b, "via", gw_a)
         _ip("-n", ns_b, "route", "add", net_a, "via", gw_b)
         return Router(ns=ns, ip_a=ip_a, ip_b=ip_b, gateway_a=gw_a, gateway_b=gw_b)
