@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import IO
 
 import trio
 
@@ -20,6 +21,8 @@ from swarm.settings import Settings, SettingsError, load_settings, save_settings
 from swarm.token import TokenError, check_bootstrap_address, parse_token
 
 log = logging.getLogger("covey.node")
+
+LOCK_FILE = "node.lock"
 
 
 def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
@@ -41,6 +44,31 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     )
 
 
+class AlreadyRunning(Exception):
+    pass
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold an exclusive lock for the node's lifetime: two nodes must never share one identity.
+
+    The lock goes with the process, so a crash never leaves a stale one behind."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / LOCK_FILE).open("a+b")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; the API port still tells the story
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(
+            f"A Covey node is already running with data directory {data_dir}. "
+            "Stop it first, or use another --data-dir."
+        ) from None
+    return handle
+
+
 def main(args: argparse.Namespace, data_dir: Path) -> int:
     level = os.environ.get("COVEY_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
@@ -49,8 +77,12 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     try:
         settings = resolve_settings(args, data_dir)
+        lock = lock_data_dir(data_dir)
         save_settings(data_dir, settings)
         node = _make_node(args, data_dir, settings)
+    except AlreadyRunning as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 1
     except (TokenError, SettingsError, IdentityError, ValueError) as exc:
         print(f"covey: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +93,8 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     except OSError as exc:
         print(f"covey: could not start the node: {exc}", file=sys.stderr)
         return 1
+    finally:
+        lock.close()
     return 0
 
 

@@ -74,3 +74,21 @@ def test_peers_table_lists_this_node_first_then_online_then_offline() -> None:
     alone = format_peers(peers[2:], now=1003.0)
     assert "no other machines yet" in alone
     json.dumps(peers)  # what --json prints is this list as is
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    from swarm.node_main import AlreadyRunning, lock_data_dir
+
+    held = lock_data_dir(tmp_path)
+    try:
+        token = covey("token", "new").stdout.strip()
+        out = covey("node", "--data-dir", str(tmp_path), "--token", token)
+        assert out.returncode == 1 and "already running" in out.stderr
+        try:
+            lock_data_dir(tmp_path)
+            raise AssertionError("a second lock was granted")
+        except AlreadyRunning:
+            pass
+    finally:
+        held.close()
+    lock_data_dir(tmp_path).close()  # free again once the first holder is gone
