@@ -49,12 +49,27 @@ def read_mdns_record(keys: SwarmKeys, payload: bytes) -> PeerInfo | None:
         if body.get("version") != MDNS_RECORD_VERSION:
             return None
         peer = ID.from_base58(body["peer_id"])
-        addrs = [multiaddr.Multiaddr(a) for a in body["addrs"] if isinstance(a, str)]
+        addrs = [multiaddr.Multiaddr(a) for a in transport_addrs(body["addrs"], str(peer))]
     except (SealError, ValueError, KeyError, TypeError, AttributeError):
         return None
     except Exception:  # noqa: BLE001 - multiaddr/base58 raise assorted types on garbage
         return None
     return PeerInfo(peer, addrs) if addrs else None
+
+
+def transport_addrs(addrs: object, peer_id: str) -> list[str]:
+    """The dialable part of each advertised address; any naming another peer is dropped."""
+    if not isinstance(addrs, list):
+        return []
+    out = []
+    for addr in addrs[:8]:
+        if not isinstance(addr, str):
+            continue
+        transport, _, owner = addr.partition("/p2p/")
+        if owner and owner != peer_id:
+            continue
+        out.append(transport)
+    return out
 
 
 def dial_candidates(
