@@ -89,7 +89,7 @@ class Gatekeeper:
             with trio.fail_after(ADMISSION_TIMEOUT_S):
                 await self._initiate(peer)
         except (admission.AdmissionFailed, trio.TooSlowError) as exc:
-            await self.refuse(peer, str(exc) or "admission timed out")
+            await self.refuse(peer, _why(exc))
         except Exception as exc:  # noqa: BLE001 - no Covey on the other side, or it vanished
             if self._connected(peer):
                 await self.refuse(peer, f"no Covey admission ({type(exc).__name__})")
@@ -136,7 +136,7 @@ class Gatekeeper:
                 await stream.write(admission.ADMITTED)
         except (admission.AdmissionFailed, trio.TooSlowError, EOFError) as exc:
             await reset_quietly(stream)
-            await self.refuse(peer, str(exc) or "admission timed out")
+            await self.refuse(peer, _why(exc))
             return
         await stream.close()
         await self._mark_admitted(peer)
@@ -173,6 +173,12 @@ class Gatekeeper:
     def connection_closed(self, peer: ID) -> None:
         if not self._connected(peer):
             self.admitted.discard(peer)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"admission took over {ADMISSION_TIMEOUT_S:.0f} s"
+    return str(exc) or f"the admission stream ended early ({type(exc).__name__})"
 
 
 class _Events(INotifee):

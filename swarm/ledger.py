@@ -80,7 +80,7 @@ class SignedEntry:
             signature = base64.b64decode(_typed(body["sig"], str), validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise Rejected(f"malformed entry: {exc}") from None
-        if set(raw) != set(asdict(entry)):
+        if set(raw) != set(asdict(entry)) or set(body) != {"entry", "sig"}:
             raise Rejected("entry has unknown or missing fields")
         return cls(entry, signature)
 

@@ -9,6 +9,7 @@ every newer entry, each one sealed and signed exactly as on the gossip topic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SYNC_PROTOCOL = "/covey/ledger-sync/1.0.0"
 PUSH_PROTOCOL = "/covey/ledger-push/1.0.0"
 MAX_PUSH_ENTRIES = 16
+PUSH_ACK_TIMEOUT_S = 2.0
 SYNC_VERSION = 1
 SYNC_TIMEOUT_S = 15.0
 MAX_SYNC_ENTRIES = 10_000
@@ -193,6 +195,12 @@ class LedgerSync:
         try:
             await write_frame(stream, seal_entry(self._key, signed))
             await stream.close()
+            # Wait for the receiver to close its side, i.e. to have read the entry: Yamux in
+            # py-libp2p 0.8.1 drops data still buffered when the connection closes, which a
+            # goodbye followed at once by shutdown would otherwise hit.
+            with trio.move_on_after(PUSH_ACK_TIMEOUT_S), contextlib.suppress(Exception):
+                while await stream.read(1024):
+                    pass
         finally:
             await reset_quietly(stream)
 

@@ -19,6 +19,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -107,6 +108,7 @@ class Node:
         self._stop = trio.Event()
         self._info_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._pulling: set[ID] = set()
         self._add_routes()
 
     def stop(self) -> None:
@@ -122,10 +124,15 @@ class Node:
             )
             stack.push_async_callback(self._close_host)
             self.gatekeeper.install()
-            for protocol, name, handler in (
+            guarded = [
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
-            ):
+            ]
+            if self.discovery.dht is not None:
+                # KadDHT answers everyone by default: an outsider would learn the members'
+                # peer ids and addresses from its routing table.
+                guarded.append((DHT_PROTOCOL, "dht", self.discovery.dht.handle_stream))
+            for protocol, name, handler in guarded:
                 self.host.set_stream_handler(
                     TProtocol(protocol), self.gatekeeper.guard(name, handler)
                 )
@@ -166,10 +173,16 @@ class Node:
             self._nursery.start_soon(self._pull, peer)
 
     async def _pull(self, peer: ID) -> None:
+        """One pull at a time per peer, each on its own: a hung peer delays no one else."""
+        if peer in self._pulling:
+            return
+        self._pulling.add(peer)
         try:
             await self.sync.pull(peer)
         except Exception as exc:  # noqa: BLE001 - the peer left or misbehaved; next round
             log.debug("ledger sync with %s failed: %r", peer, exc)
+        finally:
+            self._pulling.discard(peer)
 
     def node_value(self) -> dict[str, Any]:
         return collect_node_info(self.name, self.roles).to_value()
@@ -197,9 +210,9 @@ class Node:
         while True:
             await trio.sleep(self.config.sync_every_s)
             self.sync.drop_old()
-            async with trio.open_nursery() as nursery:
-                for peer in list(self.gatekeeper.admitted):
-                    nursery.start_soon(self._pull, peer)
+            for peer in list(self.gatekeeper.admitted):
+                if self._nursery is not None and peer not in self._pulling:
+                    self._nursery.start_soon(self._pull, peer)
 
     async def _say_goodbye(self) -> None:
         """Tell every connected peer directly (gossip may not have a mesh yet)."""

@@ -92,6 +92,10 @@ def test_unknown_fields_and_bad_types_are_rejected() -> None:
     with pytest.raises(Rejected, match="unknown"):
         SignedEntry.from_bytes(json.dumps(body).encode())
     body = json.loads(signed.to_bytes())
+    body["padding"] = "x" * 1000  # unsigned bytes must not ride along
+    with pytest.raises(Rejected, match="unknown"):
+        SignedEntry.from_bytes(json.dumps(body).encode())
+    body = json.loads(signed.to_bytes())
     body["entry"]["seq"] = "7"
     with pytest.raises(Rejected, match="malformed"):
         SignedEntry.from_bytes(json.dumps(body).encode())
