@@ -104,7 +104,12 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
     from swarm.p2p_host import parse_multiaddrs
 
     listen = tuple(args.listen) or DEFAULT_LISTEN
-    parse_multiaddrs(listen)  # raises ValueError with the bad address
+    for addr in parse_multiaddrs(listen):  # raises ValueError naming a malformed address
+        names = [p.name for p in addr.protocols()]
+        if names != ["ip4", "tcp"]:
+            raise ValueError(
+                f"--listen {addr}: Covey listens on IPv4 TCP only, e.g. /ip4/0.0.0.0/tcp/0"
+            )
     config = NodeConfig(
         data_dir=data_dir,
         token=parse_token(settings.token),

@@ -47,6 +47,15 @@ def test_node_with_a_damaged_token_changes_nothing(tmp_path: Path) -> None:
     assert "truncated" in out.stderr
 
 
+def test_node_with_a_listen_address_it_cannot_use(tmp_path: Path) -> None:
+    token = covey("token", "new").stdout.strip()
+    for listen, words in (("garbage", "garbage"), ("/ip6/::1/tcp/0", "IPv4 TCP only"),
+                          ("/ip4/127.0.0.1/udp/5", "IPv4 TCP only")):
+        out = covey("node", "--data-dir", str(tmp_path), "--token", token, "--listen", listen)
+        assert out.returncode == 2 and words in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_peers_without_a_running_node(tmp_path: Path) -> None:
     out = covey("peers", "--data-dir", str(tmp_path))
     assert out.returncode == 1
