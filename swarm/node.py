@@ -51,6 +51,10 @@ STATUS_VERSION = 1
 COALESCE_S = 0.1
 
 
+class ListenFailed(OSError):
+    """None of the listen addresses could be bound."""
+
+
 @dataclass
 class NodeConfig:
     data_dir: Path
@@ -123,6 +127,12 @@ class Node:
                 self.host.run(listen_addrs=parse_multiaddrs(self.config.listen))
             )
             stack.push_async_callback(self._close_host)
+            if not self.host.get_transport_addrs():
+                # py-libp2p only logs a failed listen and carries on listening on nothing.
+                raise ListenFailed(
+                    f"could not listen on {', '.join(self.config.listen)}: the port is in use "
+                    "or the address is not on this machine"
+                )
             self.gatekeeper.install()
             guarded = [
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),

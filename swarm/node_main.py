@@ -90,12 +90,27 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
         trio.run(_serve, node)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        print(f"covey: could not start the node: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _first_os_error(exc)
+        if error is None:
+            raise
+        print(f"covey: could not start the node: {error}", file=sys.stderr)
         return 1
     finally:
         lock.close()
     return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside what trio raised (nurseries wrap errors in exception groups)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node

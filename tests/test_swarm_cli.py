@@ -101,3 +101,19 @@ def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     finally:
         held.close()
     lock_data_dir(tmp_path).close()  # free again once the first holder is gone
+
+
+def test_node_whose_port_is_taken_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        token = covey("token", "new").stdout.strip()
+        out = covey("node", "--data-dir", str(tmp_path), "--token", token, "--lan-only",
+                    "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    assert out.returncode == 1, out.stderr
+    assert "could not listen on" in out.stderr and "in use" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "api.json").exists()
