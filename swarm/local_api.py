@@ -95,11 +95,16 @@ Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
 class HttpError(Exception):
     """Raised by a handler (or the server) to answer with a JSON error instead of a 500."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+    def __init__(self, status: int, message: str, kind: str | None = None, *,
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = kind or error_type(status)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
 
 
 def error_type(status: int) -> str:
@@ -110,14 +115,17 @@ def error_type(status: int) -> str:
         405: "invalid_request_error",
         408: "timeout_error",
         413: "request_too_large",
+        429: "rate_limit_error",
         431: "request_too_large",
     }.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def error_response(status: int, message: str, kind: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> Response:
-    """The OpenAI-style error body every failure uses: {"error": {"message", "type"}}."""
-    body = {"error": {"message": message, "type": kind or error_type(status)}}
+                   headers: Mapping[str, str] | None = None, *, param: str | None = None,
+                   code: str | None = None) -> Response:
+    """OpenAI's error shape, which every failure uses: {"error": {message, type, param, code}}."""
+    body = {"error": {"message": message, "type": kind or error_type(status), "param": param,
+                      "code": code}}
     return Response.json(body, status, headers)
 
 
@@ -376,7 +384,8 @@ class LocalApi:
             if not isinstance(resp, Response | StreamingResponse):
                 raise TypeError(f"handler returned {type(resp).__name__}, not a Response")
         except HttpError as exc:
-            resp = error_response(exc.status, exc.message, exc.type)
+            resp = error_response(exc.status, exc.message, exc.type, exc.headers,
+                                  param=exc.param, code=exc.code)
         except Exception:
             log.exception("Local API handler for %s %s failed", request.method, request.path)
             resp = error_response(500, "Internal error in the node; see its log")

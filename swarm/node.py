@@ -23,6 +23,7 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from backends.model_store import ModelStore
 from swarm import mdns
 from swarm.discovery import Discovery
 from swarm.gatekeeper import Gatekeeper
@@ -40,8 +41,10 @@ from swarm.local_api import (
     write_api_info,
 )
 from swarm.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
+from swarm.openai_api import OpenAiApi
 from swarm.p2p_host import build_host, parse_multiaddrs
 from swarm.peer_view import peers_view
+from swarm.routes import LocalRoute
 from swarm.token import SwarmToken
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,8 @@ class Node:
         )
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
+        self.local_route = LocalRoute(ModelStore(config.data_dir / "models"), self.name)
+        self.openai = OpenAiApi(lambda: [self.local_route])
         self._stop = trio.Event()
         self._info_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -158,6 +163,7 @@ class Node:
             nursery.start_soon(self._sync_loop)
             nursery.start_soon(self.discovery.run_dialer)
             nursery.start_soon(self.discovery.run_wide_area)
+            stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.discovery.stop_mdns)
             await self.discovery.start_mdns(self.addresses())
             self.api_port = await nursery.start(self.api.serve, self.config.api_port)
@@ -245,6 +251,10 @@ class Node:
         self.api.add_route("GET", "/api/peers", self._api_peers)
         self.api.add_route("GET", "/api/ledger", self._api_ledger)
         self.api.add_route("POST", "/api/node", self._api_update_node)
+        self.api.add_route("GET", "/v1/models", self.openai.models)
+        self.api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
+        self.api.add_route("POST", "/v1/completions", self.openai.completions)
+        self.api.add_route("GET", "/openapi.json", self._api_openapi)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -257,6 +267,11 @@ class Node:
             "lan_only": self.config.lan_only,
             "connected_peers": sorted(p.to_base58() for p in self.gatekeeper.admitted),
         }
+
+    async def _api_openapi(self, request: Request) -> Response:
+        from swarm.openapi import openapi_document
+
+        return Response.json(openapi_document())
 
     async def _api_status(self, request: Request) -> Response:
         return Response.json(self.status())
@@ -283,6 +298,7 @@ class Node:
             if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
                 raise HttpError(400, f"name must be 1 to {MAX_NAME_CHARS} characters")
             self.name = name.strip()
+            self.local_route.machine = self.name
         if "roles" in body:
             roles = body["roles"]
             if not isinstance(roles, list) or not set(roles) <= set(ROLES):

@@ -80,7 +80,7 @@ def recv_all(s: socket.socket) -> bytes:
 
 def error_of(body: bytes) -> dict[str, str]:
     error = json.loads(body)["error"]
-    assert set(error) == {"message", "type"}
+    assert set(error) == {"message", "type", "param", "code"}
     return error
 
 
