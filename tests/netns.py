@@ -206,3 +206,37 @@ def _kill(proc: subprocess.Popen[Any]) -> None:
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def call_in(ns: str, fn: Any, *args: Any, timeout: float = 120.0) -> Any:
+    """Run `fn(*args)` on a fresh thread that has joined namespace `ns`, and return its result.
+
+    A network namespace belongs to a thread, so the test process's other threads stay where
+    they are; sockets `fn` opens live in `ns` (a client talking to a node's 127.0.0.1 API).
+    """
+    import ctypes
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{ns}") as handle:
+                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"{fn!r} still running in {ns} after {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
