@@ -33,6 +33,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
     node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
     node.add_argument("--lan-only", action="store_true", help="no DHT: find peers by mDNS only")
+    node.add_argument("--api-listen", metavar="ADDR:PORT",
+                      help="also serve the OpenAI API (/v1) on this network address; "
+                           "needs an API key")
+    node.add_argument("--api-key-file", type=Path, metavar="FILE",
+                      help="the API key for --api-listen (or set $COVEY_API_KEY)")
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm; repeatable")
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import stat
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ def error_response(status: int, message: str, kind: str | None = None,
     body = {"error": {"message": message, "type": kind or error_type(status), "param": param,
                       "code": code}}
     return Response.json(body, status, headers)
+
+
+MIN_NETWORK_KEY_CHARS = 16
 
 
 def check_bind_host(host: str) -> str:
@@ -265,6 +269,25 @@ class LocalApi:
         self.port = listeners[0].socket.getsockname()[1]
         hosts = allowed_hosts(self.port)
         log.info("Local API listening on %s port %d", host, self.port)
+        task_status.started(self.port)
+        await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
+
+    async def serve_network(self, host: str, port: int, *,
+                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Listen on a network address: only for an API whose secret is a deliberate API key.
+
+        The Host header must name this address or this machine's name (DNS rebinding)."""
+        if len(self._secret) < MIN_NETWORK_KEY_CHARS:
+            raise ValueError(
+                f"an API key of at least {MIN_NETWORK_KEY_CHARS} characters is needed to "
+                "listen on a network"
+            )
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        names = {host, socket.gethostname(), f"{socket.gethostname()}.local"}
+        hosts = frozenset({f"{n}:{self.port}" for n in names} | allowed_hosts(self.port))
+        log.info("API listening on %s port %d (API key required)", host, self.port)
         task_status.started(self.port)
         await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,8 @@ class NodeConfig:
     entry_ttl_s: float = 30.0
     sync_every_s: float = 10.0
     ban_s: float = 60.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    api_listen: tuple[str, int] | None = None  # the OpenAI API on a network address
+    api_key: str | None = None
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -114,6 +115,12 @@ class Node:
         self.api_port: int | None = None
         self.local_route = LocalRoute(ModelStore(config.data_dir / "models"), self.name)
         self.openai = OpenAiApi(lambda: [self.local_route])
+        self.network_api: LocalApi | None = None
+        if config.api_listen is not None:
+            if not config.api_key:
+                raise ValueError("--api-listen exposes the API on a network: it needs an API key")
+            self.network_api = LocalApi(config.api_key)
+            self._add_openai_routes(self.network_api)
         self._stop = trio.Event()
         self._info_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -167,6 +174,9 @@ class Node:
             stack.push_async_callback(self.discovery.stop_mdns)
             await self.discovery.start_mdns(self.addresses())
             self.api_port = await nursery.start(self.api.serve, self.config.api_port)
+            if self.network_api is not None and self.config.api_listen is not None:
+                host, port = self.config.api_listen
+                await nursery.start(self.network_api.serve_network, host, port)
             write_api_info(self.config.data_dir, self.api_port, os.getpid())
             stack.callback(remove_api_info, self.config.data_dir, os.getpid())
             log.info("node %s (%s) in swarm %s, listening on %s; API on 127.0.0.1:%s",
@@ -251,10 +261,13 @@ class Node:
         self.api.add_route("GET", "/api/peers", self._api_peers)
         self.api.add_route("GET", "/api/ledger", self._api_ledger)
         self.api.add_route("POST", "/api/node", self._api_update_node)
-        self.api.add_route("GET", "/v1/models", self.openai.models)
-        self.api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
-        self.api.add_route("POST", "/v1/completions", self.openai.completions)
-        self.api.add_route("GET", "/openapi.json", self._api_openapi)
+        self._add_openai_routes(self.api)
+
+    def _add_openai_routes(self, api: LocalApi) -> None:
+        api.add_route("GET", "/v1/models", self.openai.models)
+        api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
+        api.add_route("POST", "/v1/completions", self.openai.completions)
+        api.add_route("GET", "/openapi.json", self._api_openapi)
 
     def status(self) -> dict[str, Any]:
         return {

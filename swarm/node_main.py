@@ -17,6 +17,7 @@ from typing import IO
 import trio
 
 from swarm.identity import IdentityError
+from swarm.local_api import MIN_NETWORK_KEY_CHARS
 from swarm.settings import Settings, SettingsError, load_settings, save_settings
 from swarm.token import TokenError, check_bootstrap_address, parse_token
 
@@ -125,6 +126,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
             raise ValueError(
                 f"--listen {addr}: Covey listens on IPv4 TCP only, e.g. /ip4/0.0.0.0/tcp/0"
             )
+    api_listen, api_key = _network_api(args)
     config = NodeConfig(
         data_dir=data_dir,
         token=parse_token(settings.token),
@@ -133,8 +135,33 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         api_port=args.api_port,
         lan_only=args.lan_only,
         bootstrap=tuple(settings.bootstrap),
+        api_listen=api_listen,
+        api_key=api_key,
     )
     return Node(config)
+
+
+def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:
+    """--api-listen ADDR:PORT, allowed only with an API key (--api-key-file or $COVEY_API_KEY)."""
+    if not args.api_listen:
+        return None, None
+    host, sep, port = args.api_listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--api-listen {args.api_listen!r} is not ADDR:PORT")
+    key = os.environ.get("COVEY_API_KEY", "")
+    if args.api_key_file:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-key-file: {exc}") from None
+    if len(key) < MIN_NETWORK_KEY_CHARS:
+        raise ValueError(
+            "--api-listen exposes the OpenAI API beyond this machine, so it needs an API key "
+            f"of at least {MIN_NETWORK_KEY_CHARS} characters: --api-key-file FILE or "
+            "$COVEY_API_KEY. Clients send it as `Authorization: Bearer KEY`."
+        )
+    return (host, int(port)), key
 
 
 async def _serve(node) -> None:  # node: swarm.node.Node

@@ -245,3 +245,53 @@ def test_beyond_the_queue_requests_get_429_with_retry_after(api: Api) -> None:
     assert 429 in statuses and 200 in statuses
     assert all(r[1] and int(r[1]) >= 1 for r in results if r[0] == 429)
     assert all(r[2] == 1 for r in results if r[0] == 200)  # every accepted one completes
+
+
+def test_api_exposed_on_a_lan_only_with_an_api_key(tiny_model: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "server"
+    ModelStore(data_dir / "models").import_file(tiny_model, "tiny")
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 8 + "-lan-api-key-0123\n")
+    with Netns() as netns:
+        server_ns, client_ns = netns.add("server"), netns.add("client")
+        netns.veth_pair(server_ns, client_ns, "10.61.0.2", "10.61.0.3")
+        token = new_token().encode()
+        node = start_node(netns, server_ns, token, "server", tmp_path, "--lan-only",
+                          "--api-listen", "10.61.0.2:8088", "--api-key-file", str(key_file),
+                          data_dir=data_dir)
+        key = key_file.read_text().strip()
+
+        def from_the_lan() -> tuple[Any, int, int, int]:
+            client = openai.OpenAI(base_url="http://10.61.0.2:8088/v1", api_key=key,
+                                   max_retries=0)
+            reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
+            codes = []
+            for headers in ({"Authorization": "Bearer wrong-key-wrong-key"},
+                            {"Authorization": f"Bearer {key}", "Host": "evil.example:8088"},
+                            {"Authorization": f"Bearer {key}"}):
+                conn = http.client.HTTPConnection("10.61.0.2", 8088, timeout=30)
+                path = "/api/peers" if len(codes) == 2 else "/v1/models"
+                conn.request("GET", path, headers=headers)
+                codes.append(conn.getresponse().status)
+                conn.close()
+            return reply, *codes
+
+        reply, wrong_key, foreign_host, swarm_control = call_in(client_ns, from_the_lan)
+        assert reply.usage.completion_tokens == 4
+        assert (wrong_key, foreign_host) == (401, 403)
+        assert swarm_control == 404  # only the OpenAI API is exposed, not /api/*
+        assert node.proc.poll() is None
+
+
+def test_api_listen_without_a_key_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    token = new_token().encode()
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "node", "--data-dir", str(tmp_path), "--token", token,
+         "--api-listen", "0.0.0.0:8088"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2 and "needs an API key" in out.stderr
+    assert not (tmp_path / "api.json").exists()
