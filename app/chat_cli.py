@@ -101,10 +101,11 @@ def _stream(engine: Engine, request: GenerateRequest, echo: bool) -> Done:
             continue
 
 
-def _interactive(engine: Engine, args: argparse.Namespace) -> None:
+def interactive(reply: Callable[[list[dict[str, str]]], str],
+                system: list[dict[str, str]]) -> None:
+    """The chat loop; `reply` prints the answer to a conversation as it comes and returns it."""
     status("Type a message and press Enter. /reset starts over, /exit or Ctrl-D quits.")
     history: list[dict[str, str]] = []
-    system = _system(args)
     while True:
         try:
             line = input("\nyou> ").strip()
@@ -121,9 +122,9 @@ def _interactive(engine: Engine, args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": line})
         sys.stdout.write("covey> ")
-        done = _stream(engine, _request(args, system + history), echo=True)
+        text = reply(system + history)
         print()
-        history.append({"role": "assistant", "content": done.text})
+        history.append({"role": "assistant", "content": text})
 
 
 def run(args: argparse.Namespace, data_dir: Path) -> int:
@@ -156,7 +157,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
             if not args.json:
                 status(("\r\x1b[K" if sys.stderr.isatty() else "") + _describe(loaded))
             if args.prompt is None:
-                _interactive(engine, args)
+                interactive(
+                    lambda msgs: _stream(engine, _request(args, msgs), echo=True).text,
+                    _system(args),
+                )
                 return 0
             messages = [*_system(args), {"role": "user", "content": args.prompt}]
             done = _stream(engine, _request(args, messages), echo=not args.json)

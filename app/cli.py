@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="no CPU weight repacking: greedy output identical however layers are split",
     )
     chat.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    chat.add_argument(
+        "--route",
+        choices=("auto", "local", "sharded", "federated"),
+        help="chat through this machine's running node and its OpenAI API on this route",
+    )
 
     models = sub.add_parser("models", help="list, import, download or remove models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -109,6 +114,10 @@ def _run(argv: list[str]) -> int:
 
     if args.command is None:  # until the desktop app exists, plain `covey` is a chat
         args = parser.parse_args([*argv, "chat"])
+    if args.route:
+        from app import node_chat
+
+        return node_chat.run(args, data_dir)
     return chat_cli.run(args, data_dir)
 
 

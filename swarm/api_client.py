@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,19 +115,54 @@ class NodeClient:
     def post_json(self, path: str, body: Any) -> Any:
         return self.request("POST", path, json.dumps(body).encode())
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        """One request on a fresh connection; the decoded JSON reply, or None if empty."""
+    def _headers(self, body: bytes | None, accept: str) -> dict[str, str]:
         headers = {
             # Set explicitly: the server accepts only these exact Host values.
             "Host": f"127.0.0.1:{self.port}",
             "Authorization": f"Bearer {self.secret}",
-            "Accept": "application/json",
+            "Accept": accept,
         }
         if body is not None:
             headers["Content-Type"] = "application/json"
+        return headers
+
+    def stream_events(self, path: str, body: Any) -> Iterator[Any]:
+        """POST `body` and yield each server-sent event's JSON until `data: [DONE]`.
+
+        Closing the iterator early hangs up, which makes the node stop the generation."""
+        data = json.dumps(body).encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
-            conn.request(method, path, body=body, headers=headers)
+            try:
+                conn.request("POST", path, body=data,
+                             headers=self._headers(data, "text/event-stream"))
+                resp = conn.getresponse()
+            except ConnectionRefusedError:
+                raise NodeNotRunning(self.data_dir, f"nothing listens on port {self.port}"
+                                     ) from None
+            if resp.status >= 400:
+                raise ApiError(resp.status, error_message(resp.read()))
+            for raw in resp:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: "):]
+                if payload == "[DONE]":
+                    return
+                event = json.loads(payload)
+                if isinstance(event, dict) and "error" in event:
+                    raise ApiError(500, error_message(payload.encode()))
+                yield event
+        except (TimeoutError, OSError, http.client.HTTPException, ValueError) as exc:
+            raise NodeClientError(f"The stream from the Covey node broke off: {exc}") from None
+        finally:
+            conn.close()
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        """One request on a fresh connection; the decoded JSON reply, or None if empty."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        try:
+            conn.request(method, path, body=body, headers=self._headers(body, "application/json"))
             resp = conn.getresponse()
             status, data = resp.status, resp.read()
         except ConnectionRefusedError:

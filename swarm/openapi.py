@@ -32,8 +32,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                         "`invalid_request_error`; `param` names the parameter), or the route "
                         "asked for is not available (code `route_unavailable`)."),
     401: ("Unauthorized", "Missing or wrong API secret (type `authentication_error`)."),
-    403: ("Forbidden", "The Host header is not 127.0.0.1, localhost or [::1] with the API's "
-                       "port (type `permission_error`); a guard against DNS rebinding."),
+    403: ("Forbidden", "The Host header does not name this API's address and port (type "
+                       "`permission_error`); a guard against DNS rebinding."),
     404: ("NotFound", "No such endpoint, or (code `model_not_found`, param `model`) no route "
                       "serves the model (type `not_found_error` / `invalid_request_error`)."),
     405: ("MethodNotAllowed", "The path exists but not with this method; the Allow header lists "
@@ -390,11 +390,16 @@ def _version() -> str:
         return "0+unknown"
 
 
-def openapi_document(server_url: str | None = None) -> dict[str, Any]:
+def openapi_document(server_url: str | None = None, *, node_api: bool = True
+                     ) -> dict[str, Any]:
     """The OpenAPI 3.1 document, a fresh JSON-ready dict on each call.
 
-    Without `server_url` the server is "/", i.e. the node that served the document.
+    Without `server_url` the server is "/", i.e. the node that served the document. With
+    `node_api=False` it leaves out the /api paths, for the API served on a network address.
     """
+    paths = _paths()
+    if not node_api:
+        paths = {path: item for path, item in paths.items() if not path.startswith("/api/")}
     headers = {
         "Retry-After": {"description": "Seconds to wait before retrying.",
                         "schema": {"type": "integer", "minimum": 1}},
@@ -409,9 +414,12 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
             "version": _version(),
             "summary": "A Covey node's local API: OpenAI-compatible /v1 and the node's own /api.",
             "description": (
-                "Served on loopback only. Every request needs `Authorization: Bearer <secret>` "
-                "(the secret is in the node's data directory, file `api-secret`) and a Host "
-                "header of 127.0.0.1, localhost or [::1] with the API's port. Every error is "
+                "Served on 127.0.0.1 and, with `covey node --api-listen ADDR:PORT`, the /v1 "
+                "endpoints and this document also on a network address; the /api endpoints "
+                "are on loopback only. Every request needs `Authorization: Bearer <secret>` "
+                "(on loopback the secret in the node's data directory, file `api-secret`; on "
+                "the network address the API key the node was started with) and a Host header "
+                "naming the address and port it was sent to. Every error is "
                 "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; a path not "
                 "listed here answers 404 and a method not listed 405 with an Allow header. "
                 "Request bodies may carry fields not listed here (they are ignored), except "
@@ -422,7 +430,7 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
         "tags": [{"name": "openai", "description": "OpenAI-compatible endpoints."},
                  {"name": "covey", "description": "Covey's own endpoints."}],
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": paths,
         "components": {
             "schemas": {**_error_schemas(), **_request_schemas(), **_completion_schemas(),
                         **_node_schemas()},
@@ -431,7 +439,8 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
             "headers": headers,
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
-                "description": "The secret in the node's data directory, file `api-secret`.",
+                "description": "On loopback the secret in the node's data directory, file "
+                               "`api-secret`; on a network address the node's API key.",
             }},
         },
     }

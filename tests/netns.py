@@ -160,11 +160,12 @@ class Netns:
         return proc
 
     def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
-        """Run `argv` inside `ns` to completion; raises on a non-zero exit."""
+        """Run `argv` inside `ns` to completion; raises on a non-zero exit unless check=False."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 30)
-        return subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, **kw)
+        kw.setdefault("check", True)
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], **kw)
 
     def close(self) -> None:
         """Kill our processes, then delete our namespaces (their links go with them)."""

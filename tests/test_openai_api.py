@@ -295,3 +295,31 @@ def test_api_listen_without_a_key_is_refused(tmp_path: Path) -> None:
     )
     assert out.returncode == 2 and "needs an API key" in out.stderr
     assert not (tmp_path / "api.json").exists()
+
+
+def test_covey_chat_route_goes_through_the_node(api: Api) -> None:
+    import sys
+
+    def chat(*extra: str, stdin: str | None = None) -> Any:
+        return api.node.netns.run(api.node.ns, [
+            sys.executable, "-m", "app.cli", "--data-dir", str(api.node.data_dir), "chat",
+            "--route", "local", "--model", "tiny", "--max-tokens", "5", "--temperature", "0",
+            *extra], input=stdin, check=False)
+
+    one = chat("hello", "--json")
+    assert one.returncode == 0, one.stderr
+    reply = json.loads(one.stdout)
+    assert reply["covey"] == {"route": "local", "machines": ["api-node"]}
+    assert reply["usage"]["completion_tokens"] == 5 and reply["finish_reason"] == "length"
+    status, _, direct = api.post("/v1/chat/completions", {
+        "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+        "temperature": 0})
+    assert reply["text"] == direct["choices"][0]["message"]["content"]
+
+    talk = chat(stdin="hi\n/reset\nagain\n/exit\n")
+    assert talk.returncode == 0 and talk.stdout.count("covey> ") == 2, talk.stderr
+
+    missing = chat("hello", "--model", "nope")
+    assert missing.returncode == 1 and "not served" in missing.stderr
+    unavailable = chat("hello", "--route", "federated")
+    assert unavailable.returncode == 1 and "not available" in unavailable.stderr
