@@ -267,7 +267,14 @@ class Node:
         api.add_route("GET", "/v1/models", self.openai.models)
         api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
         api.add_route("POST", "/v1/completions", self.openai.completions)
-        api.add_route("GET", "/openapi.json", self._api_openapi)
+        node_api = api is self.api  # the network listener serves /v1 only
+
+        async def openapi(request: Request) -> Response:
+            from swarm.openapi import openapi_document
+
+            return Response.json(openapi_document(node_api=node_api))
+
+        api.add_route("GET", "/openapi.json", openapi)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -280,11 +287,6 @@ class Node:
             "lan_only": self.config.lan_only,
             "connected_peers": sorted(p.to_base58() for p in self.gatekeeper.admitted),
         }
-
-    async def _api_openapi(self, request: Request) -> Response:
-        from swarm.openapi import openapi_document
-
-        return Response.json(openapi_document())
 
     async def _api_status(self, request: Request) -> Response:
         return Response.json(self.status())
