@@ -200,6 +200,14 @@ def test_malformed_json_huge_body_key_and_host(api: Api) -> None:
     with pytest.raises(openai.AuthenticationError):
         api.run(lambda: openai.OpenAI(base_url=f"http://127.0.0.1:{api.port}/v1",
                                       api_key="wrong", max_retries=0).models.list())
+    # No CORS: a web page in a browser gets no permission to read the API.
+    status, headers, _ = api.raw("GET", "/v1/models",
+                                 headers={"Origin": "http://evil.example"})
+    assert status == 200 and not any(h.startswith("access-control-") for h in headers)
+    status, headers, _ = api.raw("OPTIONS", "/v1/chat/completions",
+                                 headers={"Origin": "http://evil.example",
+                                          "Access-Control-Request-Method": "POST"})
+    assert status == 405 and not any(h.startswith("access-control-") for h in headers)
     # The node still answers afterwards.
     assert api.post("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})[0] == 200
 
