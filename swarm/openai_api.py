@@ -251,7 +251,7 @@ class OpenAiApi:
 def _route_error(exc: RouteError) -> HttpError:
     headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, Busy) else None
     kind = "rate_limit_error" if isinstance(exc, Busy) else "invalid_request_error"
-    param = "model" if exc.code == "model_not_found" else None
+    param = {"model_not_found": "model", "context_length_exceeded": "max_tokens"}.get(exc.code)
     return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
 
 
@@ -261,6 +261,8 @@ async def _drain(first: Token | Done, events: AsyncIterator[Token | Done]) -> Do
         while not isinstance(event, Done):
             event = await events.__anext__()
         return event
+    except RouteError as exc:
+        raise _route_error(exc) from None
     except EngineError as exc:
         raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
     finally:
@@ -286,6 +288,9 @@ async def _stream(c: Completion, first: Token | Done, events: AsyncIterator[Toke
                 yield sse(chunk(c, created, covey, text=event.text))
             try:
                 event = await events.__anext__()
+            except RouteError as exc:
+                yield error_event(str(exc), "invalid_request_error")
+                return
             except EngineError as exc:
                 yield error_event(f"the engine failed: {exc}", "server_error")
                 return

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
-from backends.engine import Engine, EngineError
+from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.model_store import DEFAULT_MODEL, ModelNotFound, ModelStore
 
@@ -41,6 +41,13 @@ class RouteError(Exception):
 class ModelUnknown(RouteError):
     status = 404
     code = "model_not_found"
+
+
+class RequestRefused(RouteError):
+    """The engine refused this request (it stays loaded): too long for the context, say."""
+
+    status = 400
+    code = "context_length_exceeded"
 
 
 class Busy(RouteError):
@@ -150,6 +157,9 @@ class LocalRoute:
                     async for _ in run.events:
                         pass
                     await run.finished.wait()
+        except GenerationFailed as exc:
+            # The engine is fine; the request was not (e.g. longer than the context).
+            raise RequestRefused(str(exc)) from None
         except EngineError:
             await self._drop_engine()
             raise

@@ -186,6 +186,17 @@ def test_bad_requests_get_openai_errors(api: Api, body: dict, status: int, param
         assert reply["error"]["code"] == "model_not_found"
 
 
+def test_a_request_longer_than_the_context_is_a_400_and_the_engine_stays(api: Api) -> None:
+    got, _, reply = api.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT,
+                                                     "max_tokens": 5000})
+    assert got == 400, reply
+    assert reply["error"]["code"] == "context_length_exceeded"
+    assert reply["error"]["param"] == "max_tokens" and "context" in reply["error"]["message"]
+    log_before = api.node.log().count("engine loaded")
+    assert api.post("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})[0] == 200
+    assert api.node.log().count("engine loaded") == log_before  # not reloaded
+
+
 def test_malformed_json_huge_body_key_and_host(api: Api) -> None:
     status, _, data = api.raw("POST", "/v1/chat/completions", b'{"model": "tiny", "mess')
     assert status == 400 and b"not valid JSON" in data
