@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--api-listen", metavar="ADDR:PORT",
                       help="also serve the OpenAI API (/v1) on this network address; "
                            "needs an API key")
+    node.add_argument("--federated", action="store_true",
+                      help="serve whole requests for the swarm (with --model, default bundled)")
+    node.add_argument("--model", help="the model --federated serves (a name in the store)")
     node.add_argument("--api-key-file", type=Path, metavar="FILE",
                       help="the API key for --api-listen (or set $COVEY_API_KEY)")
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",

@@ -201,7 +201,8 @@ class ModelRunner:
         """The prompt's tokens, and the stop strings its chat format implies."""
         llm = self.llm
         if request.messages is None:
-            return llm.tokenize((request.prompt or "").encode(), add_bos=True, special=True), ()
+            text = (request.prompt or "") + request.continuation
+            return llm.tokenize(text.encode(), add_bos=True, special=True), ()
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
         chat = render_chat(
@@ -211,7 +212,8 @@ class ModelRunner:
             eos_token=eos,
         )
         add_bos = not (bos and chat.text.startswith(bos))
-        return llm.tokenize(chat.text.encode(), add_bos=add_bos, special=True), chat.stop
+        text = chat.text + request.continuation
+        return llm.tokenize(text.encode(), add_bos=add_bos, special=True), chat.stop
 
     def generate(self, request: proto.GenerateRequest) -> proto.Done:
         import llama_cpp

@@ -46,6 +46,9 @@ class GenerateRequest:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Text the reply already has (from a machine that failed mid-reply): the prompt ends with
+    # it, so generation continues it rather than starting over.
+    continuation: str = ""
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,12 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from backends.model_store import ModelStore
+from backends.model_store import DEFAULT_MODEL, ModelStore
 from swarm import mdns
 from swarm.discovery import Discovery
+from swarm.federated import FEDERATED_KEY, Candidate, FederatedRoute, FederatedService
+from swarm.federated import PROTOCOL as FEDERATED_PROTOCOL
+from swarm.federated import candidates as federated_candidates
 from swarm.gatekeeper import Gatekeeper
 from swarm.identity import load_or_create_identity
 from swarm.keys import SwarmKeys
@@ -74,6 +77,7 @@ class NodeConfig:
     ban_s: float = 60.0
     api_listen: tuple[str, int] | None = None  # the OpenAI API on a network address
     api_key: str | None = None
+    federated_model: str | None = None  # serve this model for the swarm
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -114,7 +118,12 @@ class Node:
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
         self.local_route = LocalRoute(ModelStore(config.data_dir / "models"), self.name)
-        self.openai = OpenAiApi(lambda: [self.local_route])
+        self.federated = FederatedService(self.local_route, self._changed)
+        if config.federated_model:
+            self.federated.models = [config.federated_model]
+        self.federated_route = FederatedRoute(self.host, self.federated,
+                                              self._federated_candidates, self._federated_models)
+        self.openai = OpenAiApi(lambda: [self.local_route, self.federated_route])
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
             if not config.api_key:
@@ -149,6 +158,7 @@ class Node:
             guarded = [
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
+                (FEDERATED_PROTOCOL, "federated", self.federated.handle),
             ]
             if self.discovery.dht is not None:
                 # KadDHT answers everyone by default: an outsider would learn the members'
@@ -218,13 +228,47 @@ class Node:
 
         Changes within `COALESCE_S` go out as one entry. Each entry goes to every directly
         connected peer at once as well as onto gossip (which may drop it in a burst)."""
+        was_federated = False
         while True:
-            signed = await self.sync.publish(NODE_KEY, self.node_value(), self.config.entry_ttl_s)
+            ttl = self.config.entry_ttl_s
+            signed = await self.sync.publish(NODE_KEY, self.node_value(), ttl)
             self._push_to_all(signed)
+            if self.federated.enabled or was_federated:
+                # A node that stops serving says so at once (ttl 0) rather than going stale.
+                value = self.federated.ledger_value()
+                signed = await self.sync.publish(
+                    FEDERATED_KEY, value, ttl if self.federated.enabled else 0
+                )
+                self._push_to_all(signed)
+                was_federated = self.federated.enabled
             with trio.move_on_after(self.config.heartbeat_s):
                 await self._info_changed.wait()
                 await trio.sleep(COALESCE_S)
             self._info_changed = trio.Event()
+
+    def _changed(self) -> None:
+        self._info_changed.set()
+
+    def _names(self) -> dict[str, str]:
+        return {r.entry.owner: str(r.entry.value.get("name", "?"))
+                for r in self.sync.ledger.by_key(NODE_KEY)}
+
+    def _federated_candidates(self, model: str) -> list[Candidate]:
+        admitted = {p.to_base58() for p in self.gatekeeper.admitted}
+        return federated_candidates(self.sync.ledger, model, admitted, self.peer_id.to_base58(),
+                                    time.time(), self._names())
+
+    def _federated_models(self) -> list[str]:
+        admitted = {p.to_base58() for p in self.gatekeeper.admitted}
+        models: set[str] = set()
+        for record in self.sync.ledger.by_key(FEDERATED_KEY):
+            owner = record.entry.owner
+            served = record.entry.value.get("models")
+            if is_live(record, time.time()) and isinstance(served, list) and (
+                owner in admitted or owner == self.peer_id.to_base58()
+            ):
+                models |= {m for m in served if isinstance(m, str)}
+        return sorted(models)
 
     def _push_to_all(self, signed: SignedEntry) -> None:
         if self._nursery is None:
@@ -243,10 +287,14 @@ class Node:
     async def _say_goodbye(self) -> None:
         """Tell every connected peer directly (gossip may not have a mesh yet)."""
         with trio.move_on_after(2):
-            goodbye = await self.sync.publish(NODE_KEY, self.node_value(), 0)
+            goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0)]
+            if self.federated.enabled:
+                goodbyes.append(await self.sync.publish(
+                    FEDERATED_KEY, {**self.federated.ledger_value(), "models": []}, 0))
             async with trio.open_nursery() as nursery:
                 for peer in list(self.gatekeeper.admitted):
-                    nursery.start_soon(self._push_quietly, peer, goodbye)
+                    for goodbye in goodbyes:
+                        nursery.start_soon(self._push_quietly, peer, goodbye)
 
     async def _push_quietly(self, peer: ID, signed: SignedEntry) -> None:
         try:
@@ -261,6 +309,7 @@ class Node:
         self.api.add_route("GET", "/api/peers", self._api_peers)
         self.api.add_route("GET", "/api/ledger", self._api_ledger)
         self.api.add_route("POST", "/api/node", self._api_update_node)
+        self.api.add_route("POST", "/api/federated", self._api_federated)
         self._add_openai_routes(self.api)
 
     def _add_openai_routes(self, api: LocalApi) -> None:
@@ -286,6 +335,7 @@ class Node:
             "roles": list(self.roles),
             "lan_only": self.config.lan_only,
             "connected_peers": sorted(p.to_base58() for p in self.gatekeeper.admitted),
+            "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
         }
 
     async def _api_status(self, request: Request) -> Response:
@@ -303,6 +353,19 @@ class Node:
             for (owner, key), r in sorted(self.sync.ledger.records.items())
         ]
         return Response.json({"version": STATUS_VERSION, "entries": entries})
+
+    async def _api_federated(self, request: Request) -> Response:
+        """{"enabled": bool, "model": NAME}: start or stop serving a model for the swarm."""
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
+            raise HttpError(400, 'send {"enabled": true|false, "model": NAME}')
+        model = body.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or model not in self.local_route.model_ids():
+            raise HttpError(404, f"the model {model!r} is not in this node's store",
+                            code="model_not_found", param="model")
+        self.federated.models = [model] if body["enabled"] else []
+        self._changed()
+        return Response.json(self.status())
 
     async def _api_update_node(self, request: Request) -> Response:
         body = request.json()

@@ -115,6 +115,7 @@ def _first_os_error(exc: BaseException) -> OSError | None:
 
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
+    from backends.model_store import DEFAULT_MODEL
     from swarm.node import DEFAULT_LISTEN, Node, NodeConfig
     from swarm.node_info import default_node_name
     from swarm.p2p_host import parse_multiaddrs
@@ -137,6 +138,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         bootstrap=tuple(settings.bootstrap),
         api_listen=api_listen,
         api_key=api_key,
+        federated_model=(args.model or DEFAULT_MODEL) if args.federated else None,
     )
     return Node(config)
 

@@ -19,7 +19,7 @@ from typing import Any
 from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Token
 from swarm.local_api import HttpError, Request, Response, StreamingResponse
-from swarm.routes import ROUTE_NAMES, Busy, Route, RouteError, choose_route
+from swarm.routes import ROUTE_NAMES, Busy, Route, RouteError, Served, choose_route
 
 MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
@@ -215,7 +215,9 @@ class OpenAiApi:
             for model in route.model_ids():
                 entry = by_model.setdefault(model, {"routes": [], "machines": []})
                 entry["routes"].append(route.name)
-                entry["machines"] += [m for m in route.machines() if m not in entry["machines"]]
+                entry["machines"] += [
+                    m for m in route.machines(model) if m not in entry["machines"]
+                ]
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
                 for m, where in sorted(by_model.items())]
         return Response.json({"object": "list", "data": data})
@@ -232,18 +234,23 @@ class OpenAiApi:
             route = choose_route(c.route, self._routes(), c.model)
         except RouteError as exc:
             raise _route_error(exc) from None
-        covey = {"route": route.name, "machines": route.machines()}
+        covey: dict[str, Any] = {"route": route.name, "machines": []}
         created = int(time.time())
         events = route.generate(c.generate, c.model)
         # Start before answering, so that "busy" and load failures get a proper status.
         try:
             first = await events.__anext__()
+            while isinstance(first, Served):
+                note_served(covey, first)
+                first = await events.__anext__()
+            if not covey["machines"]:  # a route that names no machine per request
+                covey["machines"] = route.machines(c.model)
         except RouteError as exc:
             raise _route_error(exc) from None
         except EngineError as exc:
             raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
         if not c.stream:
-            done = await _drain(first, events)
+            done = await _drain(first, events, covey)
             return Response.json(full_response(c, done, created, covey))
         return StreamingResponse(_stream(c, first, events, created, covey))
 
@@ -255,11 +262,22 @@ def _route_error(exc: RouteError) -> HttpError:
     return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
 
 
-async def _drain(first: Token | Done, events: AsyncIterator[Token | Done]) -> Done:
+def note_served(covey: dict[str, Any], served: Served) -> None:
+    """Record in the reply's `covey` metadata which machine serves, and any failover notice."""
+    if served.machine not in covey["machines"]:
+        covey["machines"].append(served.machine)
+    if served.notice:
+        covey["notice"] = served.notice
+
+
+async def _drain(first: Token | Done, events: AsyncIterator[Token | Done | Served],
+                 covey: dict[str, Any]) -> Done:
     try:
-        event = first
+        event: Token | Done | Served = first
         while not isinstance(event, Done):
             event = await events.__anext__()
+            if isinstance(event, Served):
+                note_served(covey, event)
         return event
     except RouteError as exc:
         raise _route_error(exc) from None
@@ -269,12 +287,13 @@ async def _drain(first: Token | Done, events: AsyncIterator[Token | Done]) -> Do
         await events.aclose()
 
 
-async def _stream(c: Completion, first: Token | Done, events: AsyncIterator[Token | Done],
-                  created: int, covey: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _stream(c: Completion, first: Token | Done,
+                  events: AsyncIterator[Token | Done | Served], created: int,
+                  covey: dict[str, Any]) -> AsyncIterator[bytes]:
     try:
         if c.kind == "chat":
             yield sse(chunk(c, created, covey, first=True))
-        event = first
+        event: Token | Done | Served = first
         while True:
             if isinstance(event, Done):
                 yield sse(chunk(c, created, covey, done=event))
@@ -284,7 +303,11 @@ async def _stream(c: Completion, first: Token | Done, events: AsyncIterator[Toke
                                "usage": usage(event), "covey": covey})
                 yield sse("[DONE]")
                 return
-            if event.text:
+            if isinstance(event, Served):
+                note_served(covey, event)
+                if event.notice:  # tell the client why the reply now comes from elsewhere
+                    yield sse(chunk(c, created, covey))
+            elif event.text:
                 yield sse(chunk(c, created, covey, text=event.text))
             try:
                 event = await events.__anext__()

@@ -179,6 +179,11 @@ def _request_schemas() -> dict[str, Schema]:
             "roles": {"type": "array", "items": {"type": "string", "enum": list(ROLES)},
                       "description": "Replaces the node's roles; duplicates are dropped."},
         }, description="Either field or both; other fields are refused.", extra=False),
+        "FederatedRequest": _object({
+            "enabled": {"type": "boolean", "description": "Serve whole requests for the swarm."},
+            "model": {"type": "string", "minLength": 1,
+                      "description": "A model in this node's store; default the bundled one."},
+        }, ["enabled"]),
     }
 
 
@@ -261,8 +266,15 @@ def _node_schemas() -> dict[str, Schema]:
             "roles": _string_list(f"Drawn from {', '.join(ROLES)}."),
             "lan_only": {"type": "boolean"},
             "connected_peers": _string_list("Peer ids of the admitted peers."),
+            "federated": _object({
+                "enabled": {"type": "boolean"},
+                "version": version,
+                "models": _string_list("The models this node serves for the swarm."),
+                "in_flight": {"type": "integer", "minimum": 0},
+                "max_queue": {"type": "integer", "minimum": 0},
+            }, ["enabled", "models", "in_flight"]),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
-            "connected_peers"]),
+            "connected_peers", "federated"]),
         "Peer": _object({
             "peer_id": string, "name": string, "os": string, "covey_version": string,
             "rpc_protocol": string,
@@ -380,6 +392,12 @@ def _paths() -> dict[str, Any]:
             _responses(_json_ok("The node's status after the change.", "NodeStatus"),
                        COMMON_ERRORS),
             "NodeUpdateRequest", {"name": "study-mac", "roles": ["client", "worker"]})},
+        "/api/federated": {"post": _operation(
+            "setFederated", "covey",
+            "Start or stop serving a model's whole requests for the swarm (federated mode).",
+            _responses(_json_ok("The node's status after the change.", "NodeStatus"),
+                       (*COMMON_ERRORS, 404)),
+            "FederatedRequest", {"enabled": True, "model": "gemma-3-270m-q4_k_m"})},
     }
 
 

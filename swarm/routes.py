@@ -28,7 +28,9 @@ from backends.model_store import DEFAULT_MODEL, ModelNotFound, ModelStore
 log = logging.getLogger(__name__)
 
 ROUTE_NAMES = ("auto", "local", "sharded", "federated")
-AUTO_ORDER = ("local", "sharded", "federated")
+# A federated node with the model first (it holds the whole model and is meant to serve),
+# then workers, then this machine alone.
+AUTO_ORDER = ("federated", "sharded", "local")
 
 
 class RouteError(Exception):
@@ -59,14 +61,25 @@ class Busy(RouteError):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True)
+class Served:
+    """A route's note that `machine` serves what follows (again after a failover, with a
+    `notice` saying so)."""
+
+    machine: str
+    notice: str | None = None
+
+
 class Route(Protocol):
     name: str
 
     def model_ids(self) -> list[str]: ...
 
-    def machines(self) -> list[str]: ...
+    def machines(self, model: str) -> list[str]: ...
 
-    def generate(self, request: GenerateRequest, model: str) -> AsyncIterator[Token | Done]: ...
+    def generate(
+        self, request: GenerateRequest, model: str
+    ) -> AsyncIterator[Token | Done | Served]: ...
 
 
 def choose_route(requested: str, routes: Sequence[Route], model: str) -> Route:
@@ -126,7 +139,7 @@ class LocalRoute:
         # The bundled default is always servable; it is registered on first use.
         return sorted({*self.store.names(), DEFAULT_MODEL})
 
-    def machines(self) -> list[str]:
+    def machines(self, model: str) -> list[str]:
         return [self.machine]
 
     async def generate(self, request: GenerateRequest, model: str) -> AsyncIterator[Token | Done]:

@@ -174,7 +174,7 @@ def test_sse_framing_over_plain_http(api: Api) -> None:
         ({"model": "tiny", "messages": CHAT, "n": 2}, 400, "n"),
         ({"model": "tiny", "messages": CHAT, "covey_route": "moon"}, 400, "covey_route"),
         ({"model": "no-such-model", "messages": CHAT}, 404, "model"),
-        ({"model": "tiny", "messages": CHAT, "covey_route": "federated"}, 400, None),
+        ({"model": "tiny", "messages": CHAT, "covey_route": "sharded"}, 400, None),
     ],
 )
 def test_bad_requests_get_openai_errors(api: Api, body: dict, status: int, param: str) -> None:
@@ -340,5 +340,5 @@ def test_covey_chat_route_goes_through_the_node(api: Api) -> None:
 
     missing = chat("hello", "--model", "nope")
     assert missing.returncode == 1 and "not served" in missing.stderr
-    unavailable = chat("hello", "--route", "federated")
+    unavailable = chat("hello", "--route", "sharded")
     assert unavailable.returncode == 1 and "not available" in unavailable.stderr
