@@ -42,6 +42,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.utils.varint import encode_uvarint, encode_varint_prefixed
 
 from swarm import admission
+from swarm.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.identity import Identity
 from swarm.keys import SwarmKeys
 from swarm.ledger import (
@@ -578,7 +579,8 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         (admission.PROTOCOL_ID, "random"), (admission.PROTOCOL_ID, "varint-huge"),
         (admission.PROTOCOL_ID, "empty"), (SYNC_PROTOCOL, "random"),
         (SYNC_PROTOCOL, "varint-overflow"), (PUSH_PROTOCOL, "random"),
-        (PUSH_PROTOCOL, "varint-huge"),
+        (PUSH_PROTOCOL, "varint-huge"), (FEDERATED_PROTOCOL, "random"),
+        (FEDERATED_PROTOCOL, "not-json"),
     ]
 
     async def outsider(protocol: str, name: str) -> None:
@@ -615,6 +617,9 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         for name in ("random", "varint-overflow", "varint-huge", "truncated-frame", "not-json"):
             obs["as_member"][f"push/{name}"] = await try_protocol(host, node, PUSH_PROTOCOL,
                                                                  payloads[name], 2.0)
+        for name in ("random", "varint-overflow", "varint-huge", "truncated-frame", "not-json"):
+            obs["as_member"][f"federated/{name}"] = await try_protocol(
+                host, node, FEDERATED_PROTOCOL, payloads[name], 2.0)
         writer = Writer(identity, keys.ledger_key)
         junk = [frame(os.urandom(300)) for _ in range(20)]  # more than one push may carry
         obs["as_member"]["push/many-junk"] = await push(host, node, junk)
