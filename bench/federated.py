@@ -38,7 +38,9 @@ def cpu_seconds(pid: int) -> float:
     """CPU time of a process and its children (the engine), from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    # Children are listed per thread, and the engine is started from a worker thread.
+    pids = [pid] + [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
     for p in pids:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / tick
