@@ -50,17 +50,27 @@ class Candidate:
     in_flight: int
 
 
+def _serving(ledger: Ledger, admitted: set[str], self_id: str, now: float
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """(owner, value) of each live federated entry from an admitted peer or this node."""
+    return [(r.entry.owner, r.entry.value) for r in ledger.by_key(FEDERATED_KEY)
+            if is_live(r, now) and (r.entry.owner == self_id or r.entry.owner in admitted)
+            and isinstance(r.entry.value.get("models"), list)]
+
+
+def served_models(ledger: Ledger, admitted: set[str], self_id: str, now: float) -> list[str]:
+    """Every model some federated node serves now."""
+    return sorted({m for _, value in _serving(ledger, admitted, self_id, now)
+                   for m in value["models"] if isinstance(m, str)})
+
+
 def candidates(ledger: Ledger, model: str, admitted: set[str], self_id: str, now: float,
                names: dict[str, str]) -> list[Candidate]:
-    """Federated nodes that serve `model` now: live entry, and admitted (or this node)."""
+    """Federated nodes that serve `model` now, with their reported requests in flight."""
     found = []
-    for record in ledger.by_key(FEDERATED_KEY):
-        owner, value = record.entry.owner, record.entry.value
-        if not is_live(record, now) or (owner != self_id and owner not in admitted):
-            continue
-        models = value.get("models")
+    for owner, value in _serving(ledger, admitted, self_id, now):
         in_flight = value.get("in_flight", 0)
-        if not isinstance(models, list) or model not in models:
+        if model not in value["models"]:
             continue
         if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 0:
             continue

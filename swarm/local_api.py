@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import socket
-import stat
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import trio
 
 # The file names live in the client so the CLI can find a node without importing trio.
 from swarm.api_client import INFO_FILE, INFO_VERSION, SECRET_FILE
+from swarm.private_file import narrow_mode, write_private
 
 log = logging.getLogger(__name__)
 
@@ -483,10 +483,7 @@ def load_or_create_secret(data_dir: Path) -> str:
 
 def _read_secret(path: Path) -> str:
     """The secret in an existing file ("" if empty), narrowing a mode wider than 0600."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("%s was readable by others (mode %o); narrowing it to 0600", path, mode)
-        path.chmod(0o600)
+    narrow_mode(path)
     secret = path.read_text(encoding="ascii", errors="replace").strip()
     if secret and not _TOKEN_RE.fullmatch(secret):
         raise SecretError(f"{path} does not hold a usable API secret. Delete it; the node "
@@ -497,13 +494,7 @@ def _read_secret(path: Path) -> str:
 def write_api_info(data_dir: Path, port: int, pid: int) -> Path:
     """Publish where the running node listens, atomically, so a reader never sees half."""
     path = data_dir / INFO_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{INFO_FILE}.{pid}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"version": INFO_VERSION, "port": port, "pid": pid}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, json.dumps({"version": INFO_VERSION, "port": port, "pid": pid}).encode())
     return path
 
 

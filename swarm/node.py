@@ -26,7 +26,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from backends.model_store import DEFAULT_MODEL, ModelStore
 from swarm import mdns
 from swarm.discovery import Discovery
-from swarm.federated import FEDERATED_KEY, Candidate, FederatedRoute, FederatedService
+from swarm.federated import (
+    FEDERATED_KEY,
+    Candidate,
+    FederatedRoute,
+    FederatedService,
+    served_models,
+)
 from swarm.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.federated import candidates as federated_candidates
 from swarm.gatekeeper import Gatekeeper
@@ -253,22 +259,16 @@ class Node:
         return {r.entry.owner: str(r.entry.value.get("name", "?"))
                 for r in self.sync.ledger.by_key(NODE_KEY)}
 
+    def _admitted_ids(self) -> set[str]:
+        return {p.to_base58() for p in self.gatekeeper.admitted}
+
     def _federated_candidates(self, model: str) -> list[Candidate]:
-        admitted = {p.to_base58() for p in self.gatekeeper.admitted}
-        return federated_candidates(self.sync.ledger, model, admitted, self.peer_id.to_base58(),
-                                    time.time(), self._names())
+        return federated_candidates(self.sync.ledger, model, self._admitted_ids(),
+                                    self.peer_id.to_base58(), time.time(), self._names())
 
     def _federated_models(self) -> list[str]:
-        admitted = {p.to_base58() for p in self.gatekeeper.admitted}
-        models: set[str] = set()
-        for record in self.sync.ledger.by_key(FEDERATED_KEY):
-            owner = record.entry.owner
-            served = record.entry.value.get("models")
-            if is_live(record, time.time()) and isinstance(served, list) and (
-                owner in admitted or owner == self.peer_id.to_base58()
-            ):
-                models |= {m for m in served if isinstance(m, str)}
-        return sorted(models)
+        return served_models(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+                             time.time())
 
     def _push_to_all(self, signed: SignedEntry) -> None:
         if self._nursery is None:
@@ -280,9 +280,9 @@ class Node:
         while True:
             await trio.sleep(self.config.sync_every_s)
             self.sync.drop_old()
+            assert self._nursery is not None  # started from within run()
             for peer in list(self.gatekeeper.admitted):
-                if self._nursery is not None and peer not in self._pulling:
-                    self._nursery.start_soon(self._pull, peer)
+                self._nursery.start_soon(self._pull, peer)  # skips a peer already pulling
 
     async def _say_goodbye(self) -> None:
         """Tell every connected peer directly (gossip may not have a mesh yet)."""
@@ -334,7 +334,7 @@ class Node:
             "swarm_id": self.keys.swarm_id,
             "roles": list(self.roles),
             "lan_only": self.config.lan_only,
-            "connected_peers": sorted(p.to_base58() for p in self.gatekeeper.admitted),
+            "connected_peers": sorted(self._admitted_ids()),
             "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
         }
 
@@ -342,8 +342,8 @@ class Node:
         return Response.json(self.status())
 
     async def _api_peers(self, request: Request) -> Response:
-        connected = {p.to_base58() for p in self.gatekeeper.admitted}
-        peers = peers_view(self.sync.ledger, self.peer_id.to_base58(), connected, time.time())
+        peers = peers_view(self.sync.ledger, self.peer_id.to_base58(), self._admitted_ids(),
+                           time.time())
         return Response.json({"version": STATUS_VERSION, "peers": peers})
 
     async def _api_ledger(self, request: Request) -> Response:

@@ -182,11 +182,10 @@ def chunk(c: Completion, created: int, covey: dict[str, Any], text: str | None =
             delta["content"] = text
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
                                   "finish_reason": reason}
-        obj = "chat.completion.chunk"
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-        obj = "text_completion"
-    body = {"id": c.generate.id, "object": obj, "created": created, "model": c.model,
+    body = {"id": c.generate.id, "object": _chunk_object(c), "created": created,
+            "model": c.model,
             "choices": [choice], "covey": covey}
     if c.include_usage:
         body["usage"] = None

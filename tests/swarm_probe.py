@@ -404,6 +404,24 @@ async def admitted_probe(host: IHost, node: ID, key: bytes) -> Observations:
             "admitted": mine["result"] == "admitted"}
 
 
+async def join_as_member(host: IHost, target: PeerInfo, key: bytes, sync_server: SyncServer,
+                         obs: Observations) -> None:
+    """How every scenario played as a swarm member begins: answer the node's admission and
+    its pull (with `sync_server`), dial, pass admission, wait for the pull. Fills `obs` as it
+    goes (the pull's handler may report it before this returns); `obs["dial"]` is not None
+    when the node could not be reached."""
+    responder = AdmissionResponder(host, key)
+    host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
+                            isolate("admission", responder.handle))
+    host.set_stream_handler(TProtocol(SYNC_PROTOCOL), isolate("sync", sync_server.handle))
+    obs["dial"] = await dial(host, target)
+    if obs["dial"] is not None:
+        return
+    obs.update(await admitted_probe(host, target.peer_id, key))
+    with trio.move_on_after(IO_TIMEOUT_S):
+        await sync_server.pulled.wait()
+
+
 # -- scenarios -------------------------------------------------------------------------------
 
 
@@ -597,29 +615,21 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
     identity = new_identity()
     obs["peer_id"] = identity.peer_id.to_base58()
     async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys.admission_key)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
+        # The node pulls from every peer it admits: answer that pull with garbage too.
         sync_server = SyncServer([frame(os.urandom(200)), encode_uvarint(2**40)])
-        host.set_stream_handler(TProtocol(SYNC_PROTOCOL), isolate("sync", sync_server.handle))
-        obs["dial"] = await dial(host, target)
+        await join_as_member(host, target, keys.admission_key, sync_server, obs)
         if obs["dial"] is not None:
             return obs
         node = target.peer_id
-        obs.update(await admitted_probe(host, node, keys.admission_key))
-        # The node pulls from every peer it admits: answer that pull with garbage too.
-        with trio.move_on_after(IO_TIMEOUT_S):
-            await sync_server.pulled.wait()
         obs["node_pulled_garbage"] = sync_server.pulls
         for name, payload in payloads.items():
             obs["as_member"][f"sync/{name}"] = await try_protocol(host, node, SYNC_PROTOCOL,
                                                                  payload, 2.0)
-        for name in ("random", "varint-overflow", "varint-huge", "truncated-frame", "not-json"):
-            obs["as_member"][f"push/{name}"] = await try_protocol(host, node, PUSH_PROTOCOL,
-                                                                 payloads[name], 2.0)
-        for name in ("random", "varint-overflow", "varint-huge", "truncated-frame", "not-json"):
-            obs["as_member"][f"federated/{name}"] = await try_protocol(
-                host, node, FEDERATED_PROTOCOL, payloads[name], 2.0)
+        for protocol in (PUSH_PROTOCOL, FEDERATED_PROTOCOL):
+            for name in ("random", "varint-overflow", "varint-huge", "truncated-frame",
+                         "not-json"):
+                obs["as_member"][f"{protocol.split('/')[2]}/{name}"] = await try_protocol(
+                    host, node, protocol, payloads[name], 2.0)
         writer = Writer(identity, keys.ledger_key)
         junk = [frame(os.urandom(300)) for _ in range(20)]  # more than one push may carry
         obs["as_member"]["push/many-junk"] = await push(host, node, junk)
@@ -644,19 +654,12 @@ async def scenario_forge(args: argparse.Namespace, target: PeerInfo) -> Observat
     served = writer.hostile_mix("sync", args.victim)
     pushed = writer.hostile_mix("push", args.victim)
     async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys.admission_key)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
+        # The node's pull comes after it has marked us admitted, so our push cannot race it.
         sync_server = SyncServer([data for _, data in served])
-        host.set_stream_handler(TProtocol(SYNC_PROTOCOL), isolate("sync", sync_server.handle))
-        obs["dial"] = await dial(host, target)
+        await join_as_member(host, target, keys.admission_key, sync_server, obs)
         if obs["dial"] is not None:
             return obs
         node = target.peer_id
-        obs.update(await admitted_probe(host, node, keys.admission_key))
-        # The node's pull comes after it has marked us admitted, so our push cannot race it.
-        with trio.move_on_after(IO_TIMEOUT_S):
-            await sync_server.pulled.wait()
         obs["node_pulled"] = sync_server.pulls
         obs["frames_served"] = sync_server.frames_sent
         obs["serve_errors"] = sync_server.errors
@@ -695,16 +698,9 @@ async def scenario_midsync(args: argparse.Namespace, target: PeerInfo) -> Observ
 
     sync_server = SyncServer(frames, after=stop_dead)
     async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys.admission_key)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
-        host.set_stream_handler(TProtocol(SYNC_PROTOCOL), isolate("sync", sync_server.handle))
-        obs["dial"] = await dial(host, target)
+        await join_as_member(host, target, keys.admission_key, sync_server, obs)
         if obs["dial"] is not None:
             return obs
-        obs.update(await admitted_probe(host, target.peer_id, keys.admission_key))
-        with trio.move_on_after(IO_TIMEOUT_S):
-            await sync_server.pulled.wait()
         if not sync_server.pulled.is_set():
             obs["node_pulled"] = 0  # report it; the test fails on it
             return obs

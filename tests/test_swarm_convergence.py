@@ -13,7 +13,13 @@ import pytest
 
 from swarm.token import new_token
 from tests.netns import Netns, netns_skip_reason
-from tests.node_harness import ledger_view, rename_burst, start_node, wait_until
+from tests.node_harness import (
+    RunningNode,
+    ledger_view,
+    rename_burst,
+    start_node,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(netns_skip_reason() is not None, reason=str(netns_skip_reason()))
 
@@ -50,12 +56,17 @@ def test_five_nodes_converge_after_a_burst_and_notice_a_dead_node(tmp_path: Path
         victim = nodes[4]
         victim.proc.send_signal(signal.SIGKILL)  # no goodbye: only the heartbeat expiry tells
         killed = time.monotonic()
+        alive = {n.peer_id for n in nodes[:4]}
+
+        def online_ids(node: RunningNode) -> set[str]:
+            return {p["peer_id"] for p in node.peers() if p["online"]}
+
         for node in nodes[:4]:
-            wait_until(lambda n=node: victim.name + "-v" not in "".join(n.others_online())
-                       and len(n.others_online()) == 3, 35, "the dead node to show offline",
-                       nodes[:4], every=1)
+            wait_until(lambda n=node: online_ids(n) == alive, 35,
+                       "the dead node to show offline", nodes[:4], every=1)
         offline_after = time.monotonic() - killed
         print(f"dead node shown offline on all four after {offline_after:.1f} s")
-        assert offline_after <= 32
+        # 30 s ttl from the last heartbeat before the kill, plus up to ~3 s of polling four nodes.
+        assert offline_after <= 33
         # Still listed (offline), not forgotten at once.
         assert victim.peer_id in {p["peer_id"] for p in nodes[0].peers()}
