@@ -38,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}"
     )
     sub = parser.add_subparsers(dest="command")
+    # `--data-dir` works after the subcommand too (`covey chat --data-dir D ...`).
+    here = argparse.ArgumentParser(add_help=False)
+    here.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                      help="this machine's data directory")
 
-    chat = sub.add_parser("chat", help="chat with a model (interactive without PROMPT)")
+    chat = sub.add_parser("chat", parents=[here],
+                          help="chat with a model (interactive without PROMPT)")
     chat.add_argument("prompt", nargs="?", help="ask one question and exit")
     chat.add_argument("--model", help="a model name from `covey models list`, or a GGUF path")
     chat.add_argument("--rpc", type=_endpoints, default=(), help="RPC workers, HOST:PORT,...")
@@ -64,19 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat through this machine's running node and its OpenAI API on this route",
     )
 
-    models = sub.add_parser("models", help="list, import, download or remove models")
+    models = sub.add_parser("models", help="list, import, download, copy or remove models")
     msub = models.add_subparsers(dest="models_command", required=True)
-    ls = msub.add_parser("list", help="the models in the store")
+    ls = msub.add_parser("list", parents=[here], help="the models in the store")
     ls.add_argument("--json", action="store_true")
-    imp = msub.add_parser("import", help="copy a GGUF file into the store")
+    imp = msub.add_parser("import", parents=[here], help="copy a GGUF file into the store")
     imp.add_argument("path", type=Path)
     imp.add_argument("--name")
-    dl = msub.add_parser("download", help="download a GGUF by URL (resumable)")
+    dl = msub.add_parser("download", parents=[here],
+                         help="download a GGUF by URL (resumable)")
     dl.add_argument("url")
     dl.add_argument("--name")
     dl.add_argument("--sha256", help="expected sha256 of the file")
-    rm = msub.add_parser("remove", help="delete a model from the store")
+    rm = msub.add_parser("remove", parents=[here], help="delete a model from the store")
     rm.add_argument("name")
+    cp = msub.add_parser("copy", parents=[here], help="copy a model from a peer in the swarm "
+                         "(resumable; needs a running node)")
+    cp.add_argument("name", help="the model's name, as peers offer it")
+    cp.add_argument("--sha256", help="the exact file, when peers offer different ones")
 
     sub.add_parser("worker-rpc", help="run a bare RPC worker on loopback", add_help=False)
     swarm_cli.add_parsers(sub)

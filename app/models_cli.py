@@ -1,4 +1,7 @@
-"""`covey models`: list, import, download and remove the models in this machine's store."""
+"""`covey models`: list, import, download, copy and remove the models in this machine's store.
+
+Copying from peers runs in the node (`covey node`); this command starts it and shows progress.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 
 from backends.errors import ModelStoreError
 from backends.model_store import ModelStore
+from swarm.api_client import NodeClient, NodeClientError
 
 
 def _size(n: float) -> str:
@@ -61,6 +65,41 @@ def _list(store: ModelStore, as_json: bool) -> None:
               f"{_size(i.file_size):>10}")
 
 
+def _copy_from_swarm(data_dir: Path, name: str, sha256: str | None) -> int:
+    """Start the node's copy of `name`, draw its progress until it ends; Ctrl-C cancels it."""
+    try:
+        client = NodeClient.from_data_dir(data_dir)
+        job = client.post_json("/api/models/copy", {"model": name, "sha256": sha256})
+    except NodeClientError as exc:
+        print(f"covey: error: {exc}", file=sys.stderr)
+        return 1
+    progress, said = _Progress(), set()
+    try:
+        while job["state"] in ("running", "verifying"):
+            progress(job["done"], job["size"])
+            for line in (f"from {job['source']}" if job["source"] else None, job["notice"]):
+                if line and line not in said:
+                    said.add(line)
+                    sys.stderr.write(f"\n{line}\n")
+            time.sleep(0.2)
+            copies = client.get_json("/api/models")["copies"]
+            job = next(c for c in copies if c["model"] == name)
+        progress(job["done"], job["size"])
+    except KeyboardInterrupt:
+        client.post_json("/api/models/copy", {"model": name, "cancel": True})
+        print("\ncovey: copy cancelled; run the same command again to resume", file=sys.stderr)
+        return 130
+    except NodeClientError as exc:
+        print(f"\ncovey: error: {exc}", file=sys.stderr)
+        return 1
+    sys.stderr.write("\n")
+    if job["state"] != "done":
+        print(f"covey: error: {job['error']}", file=sys.stderr)
+        return 1
+    print(f"copied {name} from {' and '.join(job['sources'])} (sha256 {job['sha256']} verified)")
+    return 0
+
+
 def run(args: argparse.Namespace, data_dir: Path) -> int:
     store = ModelStore(data_dir / "models")
     try:
@@ -79,6 +118,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
             finally:
                 sys.stderr.write("\n")
             print(f"downloaded {entry.name}")
+        elif args.models_command == "copy":
+            return _copy_from_swarm(data_dir, args.name, args.sha256)
         elif args.models_command == "remove":
             store.remove(args.name)
             print(f"removed {args.name}")

@@ -39,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--federated", action="store_true",
                       help="serve whole requests for the swarm (with --model, default bundled)")
     node.add_argument("--model", help="the model --federated serves (a name in the store)")
+    node.add_argument("--upload-limit-mib", type=_positive_mib, metavar="MIB_PER_S",
+                      help="cap on sending model copies to peers, MiB/s (default: no cap)")
     node.add_argument("--api-key-file", type=Path, metavar="FILE",
                       help="the API key for --api-listen (or set $COVEY_API_KEY)")
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
@@ -115,3 +117,13 @@ def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m ago"
     return f"{seconds // 3600}h ago"
+
+
+def _positive_mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
+    return value

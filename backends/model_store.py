@@ -60,7 +60,7 @@ PARTIAL_DIR = ".partial"
 COPY_CHUNK = 1 << 20
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 
-Source = Literal["bundled", "import", "download"]
+Source = Literal["bundled", "import", "download", "copy"]
 
 
 class ModelNotFound(ModelStoreError):
@@ -322,6 +322,14 @@ class ModelStore:
         with self._lock:
             self._busy.discard(name)
 
+    def claim(self, name: str) -> None:
+        """Hold `name` for a model being added elsewhere (a copy from a peer) until
+        `release(name)`; ModelExists if it is taken or busy."""
+        self._claim(check_name(name))
+
+    def release(self, name: str) -> None:
+        self._release(name)
+
     def _commit(self, staged: Path, manifest: Manifest) -> ModelEntry:
         """Move a finished, validated file into the store, then record its manifest."""
         target = self.model_path(manifest.name)
@@ -474,6 +482,59 @@ class ModelStore:
     def _discard_partial(partial: Path) -> None:
         partial.unlink(missing_ok=True)
         sidecar_path(partial).unlink(missing_ok=True)
+
+    # -- copying from a peer (the transfer itself is the swarm's) -------------------------
+
+    def shareable(self) -> list[Manifest]:
+        """Models whose hash is known and whose file is whole: what peers may copy."""
+        found = []
+        for name in self.names():
+            path = self.model_path(name)
+            try:
+                manifest = self._manifest(name, path)
+                if manifest.sha256 and manifest.size == path.stat().st_size:
+                    found.append(manifest)
+            except OSError:
+                continue  # removed while listing
+        return found
+
+    def copy_partial(self, name: str, sha256: str, size: int) -> Path:
+        """The partial file a copy of (`name`, `sha256`) appends to, kept between tries.
+
+        What is there is resumed only if it was a copy of the same file; anything else there
+        is started over."""
+        self._prepare()
+        partial = self.partial_dir / f"{name}.gguf.copy"
+        sidecar = sidecar_path(partial)
+        wanted = {"sha256": sha256, "size": size}
+        previous: Any = None
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(sidecar.read_text(encoding="utf-8"))
+        if previous != wanted or (partial.exists() and partial.stat().st_size > size):
+            partial.unlink(missing_ok=True)
+            _write_atomic(sidecar, json.dumps(wanted))
+        return partial
+
+    def finish_copy(self, name: str, partial: Path, sha256: str, source: str) -> ModelEntry:
+        """Verify a finished copy against the hash its owner published and add it.
+
+        A wrong hash or an invalid file deletes the partial: the store is left unchanged."""
+        actual = sha256_file(partial)
+        if actual != sha256:
+            self._discard_partial(partial)
+            raise HashMismatch(
+                f"The copy of {name!r} from {source} is damaged: its sha256 is {actual}, not "
+                f"the published {sha256}. It was deleted; the store is unchanged."
+            )
+        try:
+            read_gguf_info(partial)
+        except InvalidModelFile as e:
+            self._discard_partial(partial)
+            raise InvalidModelFile(f"The copy of {name!r} from {source} is not usable: {e}") from e
+        entry = self._commit(partial, Manifest.new(name, partial.stat().st_size, sha256, "copy",
+                                                   url=None))
+        sidecar_path(partial).unlink(missing_ok=True)
+        return entry
 
     def remove(self, name: str) -> None:
         """Delete a model's file and manifest; ModelNotFound if there is no such model."""

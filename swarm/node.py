@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from backends.model_store import DEFAULT_MODEL, ModelStore
+from backends.model_store import DEFAULT_MODEL, ModelExists, ModelStore
 from swarm import mdns
 from swarm.discovery import Discovery
 from swarm.federated import (
@@ -49,6 +49,9 @@ from swarm.local_api import (
     remove_api_info,
     write_api_info,
 )
+from swarm.model_copy import MODELS_KEY, Copier, CopyError, CopyServer, Offer, shared_value
+from swarm.model_copy import PROTOCOL as COPY_PROTOCOL
+from swarm.model_copy import offers as copy_offers
 from swarm.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
 from swarm.openai_api import OpenAiApi
 from swarm.p2p_host import build_host, parse_multiaddrs
@@ -84,6 +87,7 @@ class NodeConfig:
     api_listen: tuple[str, int] | None = None  # the OpenAI API on a network address
     api_key: str | None = None
     federated_model: str | None = None  # serve this model for the swarm
+    upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -123,7 +127,10 @@ class Node:
         )
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
-        self.local_route = LocalRoute(ModelStore(config.data_dir / "models"), self.name)
+        self.store = ModelStore(config.data_dir / "models")
+        self.local_route = LocalRoute(self.store, self.name)
+        self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
+        self.copier = Copier(self.host, self.store, self._copy_offers, self._changed)
         self.federated = FederatedService(self.local_route, self._changed)
         if config.federated_model:
             self.federated.models = [config.federated_model]
@@ -165,6 +172,7 @@ class Node:
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
                 (FEDERATED_PROTOCOL, "federated", self.federated.handle),
+                (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
             ]
             if self.discovery.dht is not None:
                 # KadDHT answers everyone by default: an outsider would learn the members'
@@ -237,8 +245,9 @@ class Node:
         was_federated = False
         while True:
             ttl = self.config.entry_ttl_s
-            signed = await self.sync.publish(NODE_KEY, self.node_value(), ttl)
-            self._push_to_all(signed)
+            for key, value in ((NODE_KEY, self.node_value()),
+                               (MODELS_KEY, shared_value(self.store.shareable()))):
+                self._push_to_all(await self.sync.publish(key, value, ttl))
             if self.federated.enabled or was_federated:
                 # A node that stops serving says so at once (ttl 0) rather than going stale.
                 value = self.federated.ledger_value()
@@ -270,6 +279,10 @@ class Node:
         return served_models(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
                              time.time())
 
+    def _copy_offers(self) -> list[Offer]:
+        return copy_offers(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+                           time.time(), self._names())
+
     def _push_to_all(self, signed: SignedEntry) -> None:
         if self._nursery is None:
             return
@@ -287,7 +300,8 @@ class Node:
     async def _say_goodbye(self) -> None:
         """Tell every connected peer directly (gossip may not have a mesh yet)."""
         with trio.move_on_after(2):
-            goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0)]
+            goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0),
+                         await self.sync.publish(MODELS_KEY, shared_value([]), 0)]
             if self.federated.enabled:
                 goodbyes.append(await self.sync.publish(
                     FEDERATED_KEY, {**self.federated.ledger_value(), "models": []}, 0))
@@ -310,6 +324,8 @@ class Node:
         self.api.add_route("GET", "/api/ledger", self._api_ledger)
         self.api.add_route("POST", "/api/node", self._api_update_node)
         self.api.add_route("POST", "/api/federated", self._api_federated)
+        self.api.add_route("GET", "/api/models", self._api_models)
+        self.api.add_route("POST", "/api/models/copy", self._api_copy)
         self._add_openai_routes(self.api)
 
     def _add_openai_routes(self, api: LocalApi) -> None:
@@ -384,3 +400,40 @@ class Node:
             self.roles = tuple(dict.fromkeys(roles))
         self._info_changed.set()
         return Response.json(self.status())
+
+    async def _api_models(self, request: Request) -> Response:
+        """This node's models, the ones peers offer, and the copies under way or finished."""
+        swarm: dict[tuple[str, str], dict[str, Any]] = {}
+        for offer in self._copy_offers():
+            row = swarm.setdefault((offer.model.name, offer.model.sha256),
+                                   {**asdict(offer.model), "machines": []})
+            row["machines"].append(offer.machine)
+        local = [asdict(m) for m in self.store.shareable()]
+        return Response.json({"version": STATUS_VERSION, "local": local,
+                              "swarm": [swarm[k] for k in sorted(swarm)],
+                              "copies": [j.to_dict() for j in self.copier.jobs.values()]})
+
+    async def _api_copy(self, request: Request) -> Response:
+        """{"model": NAME, "sha256"?: HEX, "cancel"?: bool}: start (or cancel) copying a model
+        from the peers that offer it; poll GET /api/models for progress."""
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not set(
+                body) <= {"model", "sha256", "cancel"}:
+            raise HttpError(400, 'send {"model": NAME} (optionally "sha256", or "cancel": true)')
+        name, sha256 = body["model"], body.get("sha256")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise HttpError(400, "sha256 must be a hex string", param="sha256")
+        if body.get("cancel") is True:
+            job = self.copier.cancel(name)
+            if job is None:
+                raise HttpError(404, f"no copy of {name!r} to cancel", param="model")
+            return Response.json(job.to_dict())
+        assert self._nursery is not None  # the API runs inside run()
+        try:
+            job = self.copier.start(self._nursery, name, sha256)
+        except ModelExists as exc:
+            raise HttpError(409, str(exc), code="model_exists", param="model") from None
+        except CopyError as exc:
+            raise HttpError(404, str(exc), code="model_not_found", param="model") from None
+        return Response.json(job.to_dict())
+

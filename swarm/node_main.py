@@ -139,6 +139,8 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         api_listen=api_listen,
         api_key=api_key,
         federated_model=(args.model or DEFAULT_MODEL) if args.federated else None,
+        upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
+                              if args.upload_limit_mib else None),
     )
     return Node(config)
 

@@ -44,6 +44,7 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                             "`request_too_large`)."),
     429: ("TooManyRequests", "The engine is busy with too many requests waiting (type "
                              "`rate_limit_error`, code `busy`); retry after Retry-After seconds."),
+    409: ("Conflict", "The model is already in this node's store (code `model_exists`)."),
     431: ("HeadersTooLarge", "The request head is over 16 KiB (type `request_too_large`)."),
     500: ("InternalError", "An unexpected failure in the node (type `server_error`); see its "
                            "log."),
@@ -184,6 +185,14 @@ def _request_schemas() -> dict[str, Schema]:
             "model": {"type": "string", "minLength": 1,
                       "description": "A model in this node's store; default the bundled one."},
         }, ["enabled"]),
+        "ModelCopyRequest": _object({
+            "model": {"type": "string", "minLength": 1,
+                      "description": "The name a peer offers the model under."},
+            "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{64}$",
+                       "description": "The exact file, when peers offer different ones."},
+            "cancel": {"type": "boolean",
+                       "description": "Cancel the copy running; its part is kept to resume."},
+        }, ["model"], extra=False),
     }
 
 
@@ -290,6 +299,35 @@ def _node_schemas() -> dict[str, Schema]:
             "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
         }, ["peer_id", "name", "os", "covey_version", "rpc_protocol", "cores", "ram_total",
             "ram_free", "roles", "version", "self", "online", "connected", "last_seen"]),
+        "ModelFile": _object({
+            "name": string, "size": {"type": "integer", "minimum": 1, "description": "Bytes."},
+            "sha256": string,
+        }, ["name", "size", "sha256"]),
+        "CopyJob": _object({
+            "version": {"const": 1}, "model": string, "sha256": string,
+            "size": {"type": "integer", "minimum": 1},
+            "state": {"type": "string",
+                      "enum": ["running", "verifying", "done", "failed", "cancelled"]},
+            "done": {"type": "integer", "minimum": 0, "description": "Bytes copied so far."},
+            "resumed_from": {"type": "integer", "minimum": 0,
+                             "description": "Bytes an earlier try had copied."},
+            "source": or_null(string), "sources": _string_list("Machines that sent bytes."),
+            "notice": or_null(string), "error": or_null(string),
+            "started_at": {"type": "number"}, "finished_at": or_null({"type": "number"}),
+            "bytes_per_s": {"type": "integer", "minimum": 0},
+        }, ["version", "model", "sha256", "size", "state", "done", "resumed_from", "source",
+            "sources", "error"]),
+        "Models": _object({
+            "version": version,
+            "local": {"type": "array", "description": "Models this node can share (hash known).",
+                      "items": _object({"name": string, "size": integer,
+                                        "sha256": string, "source": string},
+                                       ["name", "size", "sha256", "source"])},
+            "swarm": {"type": "array", "description": "Models online peers offer for copying.",
+                      "items": {"allOf": [schema_ref("ModelFile"), _object(
+                          {"machines": _string_list()}, ["machines"])]}},
+            "copies": {"type": "array", "items": schema_ref("CopyJob")},
+        }, ["version", "local", "swarm", "copies"]),
         "PeerList": _object({"version": version,
                              "peers": {"type": "array", "items": schema_ref("Peer")}},
                             ["version", "peers"], "This node first, then by name."),
@@ -398,6 +436,16 @@ def _paths() -> dict[str, Any]:
             _responses(_json_ok("The node's status after the change.", "NodeStatus"),
                        (*COMMON_ERRORS, 404)),
             "FederatedRequest", {"enabled": True, "model": "gemma-3-270m-q4_k_m"})},
+        "/api/models": {"get": _operation(
+            "listModelFiles", "covey",
+            "This node's shareable models, the models peers offer, and copies from peers.",
+            _responses(_json_ok("Models and copies.", "Models"), COMMON_ERRORS))},
+        "/api/models/copy": {"post": _operation(
+            "copyModel", "covey",
+            "Start copying a model from the peers that offer it (resuming an earlier try), or "
+            "cancel it; poll /api/models for progress.",
+            _responses(_json_ok("The copy job.", "CopyJob"), (*COMMON_ERRORS, 404, 409)),
+            "ModelCopyRequest", {"model": "gemma-3-270m-q4_k_m"})},
     }
 
 

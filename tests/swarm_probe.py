@@ -56,6 +56,7 @@ from swarm.ledger import (
     sign_entry,
 )
 from swarm.ledger_sync import MAX_DIGEST_BYTES, PUSH_PROTOCOL, SYNC_PROTOCOL, SYNC_VERSION
+from swarm.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node_info import NodeInfo
 from swarm.p2p_host import build_host, isolate, read_exactly, read_frame, reset_quietly
 from swarm.seal import seal
@@ -582,7 +583,16 @@ def garbage_payloads(node: ID) -> dict[str, bytes]:
             # A slot the node does hold, so the comparison with its seq really happens.
             {"version": SYNC_VERSION, "have": {f"{node.to_base58()} node": "x"}}).encode()),
         "empty": b"",
+        # Model copy requests that must never send file bytes back.
+        "copy-traversal": copy_request("../node-key.json", 0, 100),
+        "copy-negative": copy_request("tiny", -100, 100),
+        "copy-huge": copy_request("tiny", 0, 2**40),
     }
+
+
+def copy_request(model: str, offset: int, length: int) -> bytes:
+    return frame(json.dumps({"version": 1, "model": model, "sha256": "0" * 64,
+                             "offset": offset, "length": length}).encode())
 
 
 async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observations:
@@ -598,7 +608,8 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         (admission.PROTOCOL_ID, "empty"), (SYNC_PROTOCOL, "random"),
         (SYNC_PROTOCOL, "varint-overflow"), (PUSH_PROTOCOL, "random"),
         (PUSH_PROTOCOL, "varint-huge"), (FEDERATED_PROTOCOL, "random"),
-        (FEDERATED_PROTOCOL, "not-json"),
+        (FEDERATED_PROTOCOL, "not-json"), (COPY_PROTOCOL, "random"),
+        (COPY_PROTOCOL, "copy-traversal"),
     ]
 
     async def outsider(protocol: str, name: str) -> None:
@@ -622,10 +633,13 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
             return obs
         node = target.peer_id
         obs["node_pulled_garbage"] = sync_server.pulls
+        for name in ("copy-traversal", "copy-negative", "copy-huge"):
+            obs["as_member"][f"model-copy/{name}"] = await try_protocol(
+                host, node, COPY_PROTOCOL, payloads[name], 2.0)
         for name, payload in payloads.items():
             obs["as_member"][f"sync/{name}"] = await try_protocol(host, node, SYNC_PROTOCOL,
                                                                  payload, 2.0)
-        for protocol in (PUSH_PROTOCOL, FEDERATED_PROTOCOL):
+        for protocol in (PUSH_PROTOCOL, FEDERATED_PROTOCOL, COPY_PROTOCOL):
             for name in ("random", "varint-overflow", "varint-huge", "truncated-frame",
                          "not-json"):
                 obs["as_member"][f"{protocol.split('/')[2]}/{name}"] = await try_protocol(

@@ -216,9 +216,12 @@ def test_garbage_on_every_protocol_leaves_the_node_serving(swarm: Swarm) -> None
                                       for r in obs["as_outsider"].values()), obs
     assert obs["admitted"] is True, obs
     assert len(obs["as_member"]) >= 20, obs
-    # Garbage on the federated serving protocol gets no reply, only a reset.
+    # Garbage on the federated serving and model copy protocols gets no reply, only a reset;
+    # a copy request for a file outside the store gets a short refusal, never file bytes.
     assert all(r["bytes_received"] == 0 for k, r in obs["as_member"].items()
-               if k.startswith("federated/")), obs
+               if k.startswith(("federated/", "model-copy/"))
+               and k != "model-copy/copy-traversal"), obs
+    assert 0 < obs["as_member"]["model-copy/copy-traversal"]["bytes_received"] < 200, obs
     # After a pull answered with garbage and some twenty garbage streams, the same peer's valid
     # push is still taken in.
     assert "garbage-after" in swarm.owned_by(obs["peer_id"]), obs
