@@ -29,6 +29,8 @@ def request_body(args: argparse.Namespace, messages: list[dict[str, str]]) -> di
     }
     if args.seed is not None:
         body["seed"] = args.seed
+    if args.deterministic:
+        body["covey_deterministic"] = True
     return body
 
 

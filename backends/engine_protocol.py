@@ -49,6 +49,9 @@ class GenerateRequest:
     # Text the reply already has (from a machine that failed mid-reply): the prompt ends with
     # it, so generation continues it rather than starting over.
     continuation: str = ""
+    # Run on an engine without CPU weight repacking, so greedy output is the same however the
+    # layers are split (the engine itself ignores it; routes pick the engine by it).
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ class FederatedService:
 
     def ledger_value(self) -> dict[str, Any]:
         return {"version": WIRE_VERSION, "models": list(self.models),
-                "in_flight": self.in_flight, "max_queue": self.local.max_waiting}
+                "in_flight": self.in_flight, "max_queue": self.local.gate.max_waiting}
 
     async def run_local(self, request: GenerateRequest, model: str
                         ) -> AsyncIterator[Token | Done]:

@@ -77,9 +77,10 @@ def parse_completion(body: Any, kind: str) -> Completion:
     route = _field(body, "covey_route", str, default="auto")
     if route not in ROUTE_NAMES:
         raise BadRequest(f"covey_route must be one of {', '.join(ROUTE_NAMES)}", "covey_route")
+    deterministic = _field(body, "covey_deterministic", bool, default=False)
     request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
     common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=stop, repeat_penalty=1.0)
+                  seed=seed, stop=stop, repeat_penalty=1.0, deterministic=bool(deterministic))
     if kind == "chat":
         generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
     else:

@@ -119,6 +119,10 @@ def _generation_parameters() -> dict[str, Schema]:
         "user": or_null({"type": "string",
                          "description": "Accepted for compatibility and ignored."}),
         "covey_route": or_null(schema_ref("CoveyRoute")),
+        "covey_deterministic": or_null({
+            "type": "boolean", "default": False,
+            "description": "Covey's extension: an engine without CPU weight repacking, so greedy "
+                           "output is the same on every route and split (a little slower)."}),
     }
 
 

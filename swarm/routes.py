@@ -16,14 +16,13 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
-from backends.model_store import DEFAULT_MODEL, ModelNotFound, ModelStore
+from backends.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +110,103 @@ class _Run:
     finished: trio.Event
 
 
+class EngineGate:
+    """One generation at a time on an engine, at most `max_waiting` waiting, Busy beyond."""
+
+    def __init__(self, max_waiting: int, what: str) -> None:
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._what = what
+        self._lock = trio.Lock()
+        self._recent_s = 10.0  # a rough duration of one generation, for Retry-After
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_waiting:
+            retry = max(1, int(self._recent_s * (self.waiting + 1) / 2))
+            raise Busy(f"{self._what} is busy ({self.waiting} requests waiting); "
+                       f"retry in {retry} s", retry)
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        started = trio.current_time()
+        try:
+            yield
+        finally:
+            self._recent_s = 0.7 * self._recent_s + 0.3 * (trio.current_time() - started)
+            self._lock.release()
+
+
+async def engine_events(engine: Engine, request: GenerateRequest
+                        ) -> AsyncIterator[Token | Done]:
+    """The events of one generation on `engine` (its API blocks, so it runs on a thread).
+
+    A consumer that stops reading (the client disconnected) stops the generation, and this
+    waits until the engine is free before the next request may use it."""
+    run = _start(engine, request)
+    try:
+        async for event in run.events:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        with trio.CancelScope(shield=True):
+            if not run.finished.is_set():
+                engine.stop(run.request_id)
+            async for _ in run.events:
+                pass
+            await run.finished.wait()
+
+
+def _start(engine: Engine, request: GenerateRequest) -> _Run:
+    send, receive = trio.open_memory_channel[Any](256)
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def pump() -> None:
+        try:
+            for event in engine.generate(request):
+                trio.from_thread.run(send.send, event, trio_token=token)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer to raise
+            with contextlib.suppress(Exception):  # the consumer may be gone already
+                trio.from_thread.run(send.send, exc, trio_token=token)
+        finally:
+            try:
+                trio.from_thread.run_sync(send.close, trio_token=token)
+                trio.from_thread.run_sync(finished.set, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+    threading.Thread(target=pump, name=f"engine-{request.id}", daemon=True).start()
+    return _Run(request.id, receive, finished)
+
+
+async def model_entry(store: ModelStore, model: str) -> ModelEntry:
+    """The store's model (the bundled default is registered on first use); ModelUnknown if
+    there is none."""
+    try:
+        if model == DEFAULT_MODEL:
+            return await trio.to_thread.run_sync(store.ensure_default)
+        return store.get(model)
+    except ModelNotFound:
+        raise ModelUnknown(f"the model {model!r} is not in this node's store") from None
+
+
+async def start_engine(factory: Callable[[EngineConfig], Engine], config: EngineConfig
+                       ) -> Engine:
+    """A started engine with its model loaded; closed again if loading fails."""
+    engine = await trio.to_thread.run_sync(factory, config)
+    try:
+        await trio.to_thread.run_sync(engine.wait_loaded)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(engine.close)
+        raise
+    return engine
+
+
 class LocalRoute:
     """This machine's engine, started on first use with the requested model."""
 
@@ -126,14 +222,11 @@ class LocalRoute:
     ) -> None:
         self.store = store
         self.machine = machine
-        self.max_waiting = max_waiting
         self._engine_factory = engine_factory
         self._n_ctx = n_ctx
         self._engine: Engine | None = None
-        self._engine_model: str | None = None
-        self._lock = trio.Lock()
-        self._waiting = 0
-        self._recent_s = 10.0  # a rough duration of one generation, for Retry-After
+        self._engine_model: tuple[str, bool] | None = None
+        self.gate = EngineGate(max_waiting, "this node's engine")
 
     def model_ids(self) -> list[str]:
         # The bundled default is always servable; it is registered on first use.
@@ -143,85 +236,27 @@ class LocalRoute:
         return [self.machine]
 
     async def generate(self, request: GenerateRequest, model: str) -> AsyncIterator[Token | Done]:
-        if self._waiting >= self.max_waiting:
-            retry = max(1, int(self._recent_s * (self._waiting + 1) / 2))
-            raise Busy(f"this node's engine is busy ({self._waiting} requests waiting); "
-                       f"retry in {retry} s", retry)
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
-        started = trio.current_time()
-        try:
-            engine = await self._engine_for(model)
-            run = self._start(engine, request)
+        async with self.gate.turn():
             try:
-                async for event in run.events:
-                    if isinstance(event, BaseException):
-                        raise event
+                engine = await self._engine_for(model, request.deterministic)
+                async for event in engine_events(engine, request):
                     yield event
-            finally:
-                # The consumer may be gone (client disconnected): end the generation and wait
-                # until the engine is free before the next request may use it.
-                with trio.CancelScope(shield=True):
-                    if not run.finished.is_set():
-                        engine.stop(run.request_id)
-                    async for _ in run.events:
-                        pass
-                    await run.finished.wait()
-        except GenerationFailed as exc:
-            # The engine is fine; the request was not (e.g. longer than the context).
-            raise RequestRefused(str(exc)) from None
-        except EngineError:
-            await self._drop_engine()
-            raise
-        finally:
-            self._recent_s = 0.7 * self._recent_s + 0.3 * (trio.current_time() - started)
-            self._lock.release()
+            except GenerationFailed as exc:
+                # The engine is fine; the request was not (e.g. longer than the context).
+                raise RequestRefused(str(exc)) from None
+            except EngineError:
+                await self._drop_engine()
+                raise
 
-    def _start(self, engine: Engine, request: GenerateRequest) -> _Run:
-        send, receive = trio.open_memory_channel[Any](256)
-        finished = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def pump() -> None:  # the engine's API blocks: it runs on its own thread
-            try:
-                for event in engine.generate(request):
-                    trio.from_thread.run(send.send, event, trio_token=token)
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer to raise
-                with contextlib.suppress(Exception):  # the consumer may be gone already
-                    trio.from_thread.run(send.send, exc, trio_token=token)
-            finally:
-                try:
-                    trio.from_thread.run_sync(send.close, trio_token=token)
-                    trio.from_thread.run_sync(finished.set, trio_token=token)
-                except trio.RunFinishedError:
-                    pass
-
-        threading.Thread(target=pump, name=f"engine-{request.id}", daemon=True).start()
-        return _Run(request.id, receive, finished)
-
-    async def _engine_for(self, model: str) -> Engine:
-        if self._engine is not None and self._engine_model == model:
+    async def _engine_for(self, model: str, deterministic: bool) -> Engine:
+        if self._engine is not None and self._engine_model == (model, deterministic):
             return self._engine
         await self._drop_engine()
-        try:
-            if model == DEFAULT_MODEL:
-                path: Path = (await trio.to_thread.run_sync(self.store.ensure_default)).path
-            else:
-                path = self.store.get(model).path
-        except ModelNotFound:
-            raise ModelUnknown(f"the model {model!r} is not in this node's store") from None
-        engine = await trio.to_thread.run_sync(
-            self._engine_factory, EngineConfig(model_path=str(path), n_ctx=self._n_ctx)
-        )
-        try:
-            await trio.to_thread.run_sync(engine.wait_loaded)
-        except BaseException:
-            await trio.to_thread.run_sync(engine.close)
-            raise
-        self._engine, self._engine_model = engine, model
+        entry = await model_entry(self.store, model)
+        config = EngineConfig(model_path=str(entry.path), n_ctx=self._n_ctx,
+                              deterministic=deterministic)
+        engine = await start_engine(self._engine_factory, config)
+        self._engine, self._engine_model = engine, (model, deterministic)
         log.info("engine loaded %s", model)
         return engine
 
