@@ -39,6 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--federated", action="store_true",
                       help="serve whole requests for the swarm (with --model, default bundled)")
     node.add_argument("--model", help="the model --federated serves (a name in the store)")
+    node.add_argument("--worker", action="store_true",
+                      help="donate memory: hold a share of other machines' models (RPC worker)")
+    share = node.add_mutually_exclusive_group()
+    share.add_argument("--share-mib", type=int, help="memory donated in worker mode, MiB")
+    share.add_argument("--share-percent", type=float,
+                       help="memory donated in worker mode, percent of RAM (default 50)")
     node.add_argument("--upload-limit-mib", type=_positive_mib, metavar="MIB_PER_S",
                       help="cap on sending model copies to peers, MiB/s (default: no cap)")
     node.add_argument("--api-key-file", type=Path, metavar="FILE",

@@ -38,6 +38,7 @@ from swarm.federated import candidates as federated_candidates
 from swarm.gatekeeper import Gatekeeper
 from swarm.identity import load_or_create_identity
 from swarm.keys import SwarmKeys
+from swarm.lease import PROTOCOL as LEASE_PROTOCOL
 from swarm.ledger import SignedEntry, is_live
 from swarm.ledger_sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
 from swarm.local_api import (
@@ -56,8 +57,12 @@ from swarm.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
 from swarm.openai_api import OpenAiApi
 from swarm.p2p_host import build_host, parse_multiaddrs
 from swarm.peer_view import peers_view
+from swarm.placement import WORKER_KEY, WorkerOffer
 from swarm.routes import LocalRoute
+from swarm.sharded import ShardedRoute
 from swarm.token import SwarmToken
+from swarm.tunnel import TUNNEL_PROTOCOL, TunnelServer
+from swarm.worker import WorkerService, share_bytes
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,7 @@ class NodeConfig:
     api_key: str | None = None
     federated_model: str | None = None  # serve this model for the swarm
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
+    worker_share_bytes: int | None = None  # start in worker mode, donating this much
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -136,7 +142,12 @@ class Node:
             self.federated.models = [config.federated_model]
         self.federated_route = FederatedRoute(self.host, self.federated,
                                               self._federated_candidates, self._federated_models)
-        self.openai = OpenAiApi(lambda: [self.local_route, self.federated_route])
+        self.worker = WorkerService(config.data_dir, self._changed, self._lease_ended)
+        self.tunnels = TunnelServer(self.worker.tunnel_target)
+        self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
+                                          self._names, self.local_route)
+        self.openai = OpenAiApi(
+            lambda: [self.local_route, self.federated_route, self.sharded_route])
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
             if not config.api_key:
@@ -173,6 +184,8 @@ class Node:
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
                 (FEDERATED_PROTOCOL, "federated", self.federated.handle),
                 (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
+                (LEASE_PROTOCOL, "worker-lease", self.worker.desk.handle),
+                (TUNNEL_PROTOCOL, "rpc-tunnel", self.tunnels.handle),
             ]
             if self.discovery.dht is not None:
                 # KadDHT answers everyone by default: an outsider would learn the members'
@@ -188,6 +201,7 @@ class Node:
                 await stack.enter_async_context(background_trio_service(self.discovery.dht))
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
+            self.sharded_route.nursery = nursery
             nursery.start_soon(self.gatekeeper.run)
             nursery.start_soon(self.sync.run_gossip)
             nursery.start_soon(self._heartbeat)
@@ -195,6 +209,10 @@ class Node:
             nursery.start_soon(self.discovery.run_dialer)
             nursery.start_soon(self.discovery.run_wide_area)
             stack.push_async_callback(self.local_route.close)
+            stack.push_async_callback(self.worker.close)
+            stack.push_async_callback(self.sharded_route.close)
+            if self.config.worker_share_bytes is not None:
+                await self.worker.enable(self.config.worker_share_bytes)
             stack.push_async_callback(self.discovery.stop_mdns)
             await self.discovery.start_mdns(self.addresses())
             self.api_port = await nursery.start(self.api.serve, self.config.api_port)
@@ -235,27 +253,33 @@ class Node:
             self._pulling.discard(peer)
 
     def node_value(self) -> dict[str, Any]:
-        return collect_node_info(self.name, self.roles).to_value()
+        active = (("worker", self.worker.enabled), ("federated", self.federated.enabled))
+        roles = (*self.roles, *(r for r, on in active if on and r not in self.roles))
+        return collect_node_info(self.name, roles).to_value()
+
+    def _role_entries(self) -> list[tuple[str, bool, dict[str, Any]]]:
+        """(ledger key, on, value) of each role this node can take for the swarm."""
+        info = collect_node_info(self.name, ())
+        return [(FEDERATED_KEY, self.federated.enabled, self.federated.ledger_value()),
+                (WORKER_KEY, self.worker.enabled,
+                 self.worker.ledger_value(info.ram_free, info.cores))]
 
     async def _heartbeat(self) -> None:
         """Publish this node's info every `heartbeat_s`, and soon after any change.
 
         Changes within `COALESCE_S` go out as one entry. Each entry goes to every directly
         connected peer at once as well as onto gossip (which may drop it in a burst)."""
-        was_federated = False
+        was_on: set[str] = set()
         while True:
             ttl = self.config.entry_ttl_s
             for key, value in ((NODE_KEY, self.node_value()),
                                (MODELS_KEY, shared_value(self.store.shareable()))):
                 self._push_to_all(await self.sync.publish(key, value, ttl))
-            if self.federated.enabled or was_federated:
-                # A node that stops serving says so at once (ttl 0) rather than going stale.
-                value = self.federated.ledger_value()
-                signed = await self.sync.publish(
-                    FEDERATED_KEY, value, ttl if self.federated.enabled else 0
-                )
-                self._push_to_all(signed)
-                was_federated = self.federated.enabled
+            for key, on, value in self._role_entries():
+                if on or key in was_on:
+                    # A role turned off says so at once (ttl 0) rather than going stale.
+                    self._push_to_all(await self.sync.publish(key, value, ttl if on else 0))
+                was_on = (was_on | {key}) if on else (was_on - {key})
             with trio.move_on_after(self.config.heartbeat_s):
                 await self._info_changed.wait()
                 await trio.sleep(COALESCE_S)
@@ -278,6 +302,22 @@ class Node:
     def _federated_models(self) -> list[str]:
         return served_models(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
                              time.time())
+
+    def _worker_offers(self) -> list[WorkerOffer]:
+        """Live worker entries of admitted peers (this node cannot lease itself)."""
+        now, admitted, names = time.time(), self._admitted_ids(), self._names()
+        offers = []
+        for record in self.sync.ledger.by_key(WORKER_KEY):
+            owner = record.entry.owner
+            if owner in admitted and is_live(record, now):
+                offer = WorkerOffer.from_ledger(owner, names.get(owner, owner[-8:]),
+                                                record.entry.value)
+                if offer is not None:
+                    offers.append(offer)
+        return offers
+
+    def _lease_ended(self, peer_id: str) -> None:
+        self.tunnels.revoke(peer_id)
 
     def _copy_offers(self) -> list[Offer]:
         return copy_offers(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
@@ -302,9 +342,9 @@ class Node:
         with trio.move_on_after(2):
             goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0),
                          await self.sync.publish(MODELS_KEY, shared_value([]), 0)]
-            if self.federated.enabled:
-                goodbyes.append(await self.sync.publish(
-                    FEDERATED_KEY, {**self.federated.ledger_value(), "models": []}, 0))
+            for key, on, value in self._role_entries():
+                if on:
+                    goodbyes.append(await self.sync.publish(key, value, 0))
             async with trio.open_nursery() as nursery:
                 for peer in list(self.gatekeeper.admitted):
                     for goodbye in goodbyes:
@@ -324,6 +364,7 @@ class Node:
         self.api.add_route("GET", "/api/ledger", self._api_ledger)
         self.api.add_route("POST", "/api/node", self._api_update_node)
         self.api.add_route("POST", "/api/federated", self._api_federated)
+        self.api.add_route("POST", "/api/worker", self._api_worker)
         self.api.add_route("GET", "/api/models", self._api_models)
         self.api.add_route("POST", "/api/models/copy", self._api_copy)
         self._add_openai_routes(self.api)
@@ -352,6 +393,7 @@ class Node:
             "lan_only": self.config.lan_only,
             "connected_peers": sorted(self._admitted_ids()),
             "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
+            "worker": self.worker.status(),
         }
 
     async def _api_status(self, request: Request) -> Response:
@@ -381,6 +423,34 @@ class Node:
                             code="model_not_found", param="model")
         self.federated.models = [model] if body["enabled"] else []
         self._changed()
+        return Response.json(self.status())
+
+    async def _api_worker(self, request: Request) -> Response:
+        """{"enabled": bool, "share_mib"?: int, "share_percent"?: number}: worker mode on or
+        off. Off lets the lease holder finish its reply (up to 20 s) in the background."""
+        body = request.json()
+        if (not isinstance(body, dict) or not isinstance(body.get("enabled"), bool)
+                or not set(body) <= {"enabled", "share_mib", "share_percent"}):
+            raise HttpError(400, 'send {"enabled": true|false} and optionally "share_mib" or '
+                                 '"share_percent"')
+        if not body["enabled"]:
+            self.worker.desk.accepting = False
+            assert self._nursery is not None
+            self._nursery.start_soon(self.worker.disable)
+            return Response.json(self.status())
+        mib, percent = body.get("share_mib"), body.get("share_percent")
+        if (mib is not None and (isinstance(mib, bool) or not isinstance(mib, int))) or (
+                percent is not None and (isinstance(percent, bool)
+                                         or not isinstance(percent, (int, float)))):
+            raise HttpError(400, "share_mib must be an integer, share_percent a number")
+        try:
+            share = share_bytes(mib, percent, collect_node_info(self.name, ()).ram_total)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        try:
+            await self.worker.enable(share)
+        except OSError as exc:
+            raise HttpError(500, str(exc)) from None
         return Response.json(self.status())
 
     async def _api_update_node(self, request: Request) -> Response:

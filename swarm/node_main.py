@@ -117,8 +117,9 @@ def _first_os_error(exc: BaseException) -> OSError | None:
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
     from backends.model_store import DEFAULT_MODEL
     from swarm.node import DEFAULT_LISTEN, Node, NodeConfig
-    from swarm.node_info import default_node_name
+    from swarm.node_info import default_node_name, memory_bytes
     from swarm.p2p_host import parse_multiaddrs
+    from swarm.worker import share_bytes
 
     listen = tuple(args.listen) or DEFAULT_LISTEN
     for addr in parse_multiaddrs(listen):  # raises ValueError naming a malformed address
@@ -141,6 +142,8 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         federated_model=(args.model or DEFAULT_MODEL) if args.federated else None,
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
+        worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
+                                        memory_bytes()[0]) if args.worker else None),
     )
     return Node(config)
 

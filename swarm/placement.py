@@ -8,7 +8,7 @@ Pure functions: no network, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, permutations
 from typing import Any
@@ -98,11 +98,13 @@ def _major_minor(version: str) -> tuple[int, int] | None:
 
 
 def usable_workers(
-    offers: Sequence[WorkerOffer], rpc_protocol: str, me: str, unusable: Collection[str]
+    offers: Sequence[WorkerOffer], rpc_protocol: str, me: str, unusable: Collection[str],
+    names: Mapping[str, str] | None = None,
 ) -> tuple[list[WorkerOffer], list[Excluded]]:
     """Split offers into those this node (peer id `me`) can use now and those it cannot.
 
-    `unusable` holds peer ids that failed recently. RPC compatibility follows ggml-rpc, where
+    `unusable` holds peer ids that failed recently; `names` (peer id -> machine name) makes
+    a lease holder readable in the reason. RPC compatibility follows ggml-rpc, where
     the patch number does not change the wire format.
     """
     ours = _major_minor(rpc_protocol)
@@ -113,7 +115,8 @@ def usable_workers(
         if theirs is None or theirs != ours:
             reason = f"RPC protocol {offer.rpc_protocol}, this node speaks {rpc_protocol}"
         elif offer.state == "leased" and offer.leased_by != me:
-            reason = f"leased by {offer.leased_by}"
+            holder = offer.leased_by or "?"
+            reason = f"leased by {(names or {}).get(holder, holder)}"
         elif offer.peer_id in unusable:
             reason = "failed recently"
         elif offer.donated_bytes <= 0:

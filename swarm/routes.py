@@ -92,6 +92,9 @@ def choose_route(requested: str, routes: Sequence[Route], model: str) -> Route:
         if route is None:
             raise RouteError(f"the {requested} route is not available on this node")
         if model not in route.model_ids():
+            why = getattr(route, "why_not", lambda _: None)(model)
+            if why:  # the route knows the model but cannot serve it now (no free workers)
+                raise RouteError(why)
             raise ModelUnknown(f"model {model!r} is not served by the {requested} route")
         return route
     for name in AUTO_ORDER:
@@ -119,6 +122,11 @@ class EngineGate:
         self._what = what
         self._lock = trio.Lock()
         self._recent_s = 10.0  # a rough duration of one generation, for Retry-After
+
+    @property
+    def busy(self) -> bool:
+        """A generation is running or waiting."""
+        return self._lock.locked() or self.waiting > 0
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:

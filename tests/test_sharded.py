@@ -1,0 +1,239 @@
+"""Sharded chat with real nodes: two workers with different shares and a client, in a network
+namespace. Greedy output over the workers equals local output; the layers follow the shares;
+the reply survives a worker killed or turned off mid-reply; a second client gets a clear
+refusal; a model too big for the swarm says how much memory is missing."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.layer_split import layers_per_device
+from backends.model_store import ModelStore
+from swarm.token import new_token
+from tests.netns import Netns, call_in, netns_skip_reason
+from tests.node_harness import RunningNode, start_node, wait_until
+from tests.tiny_gguf import write_tiny_gguf
+
+CHAT = [{"role": "user", "content": "Tell me a story"}]
+N_LAYERS = 8
+
+
+@dataclass
+class ShardSwarm:
+    netns: Netns
+    ns: str
+    token: str
+    workdir: Path
+    nodes: dict[str, RunningNode]
+
+    def start(self, name: str, *extra: str, model: Path | None = None) -> RunningNode:
+        data_dir = self.workdir / name
+        if model is not None:
+            ModelStore(data_dir / "models").import_file(model, model.stem)
+        node = start_node(self.netns, self.ns, self.token, name, self.workdir, "--lan-only",
+                          "--listen", "/ip4/127.0.0.1/tcp/0", *extra, data_dir=data_dir)
+        self.nodes[name] = node
+        return node
+
+    def wait_workers(self, client: RunningNode, names: set[str]) -> None:
+        def seen() -> bool:
+            models = {m["id"]: m for m in client.api("/v1/models")["data"]}
+            machines = models.get("tiny", {}).get("covey", {}).get("machines", [])
+            return names <= set(machines)
+        wait_until(seen, 30, f"workers {names}", list(self.nodes.values()))
+
+    def chat(self, client: RunningNode, route: str, max_tokens: int = 24,
+             model: str = "tiny") -> tuple[int, Any]:
+        port = json.loads((client.data_dir / "api.json").read_text())["port"]
+        key = (client.data_dir / "api-secret").read_text().strip()
+
+        def go() -> tuple[int, Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps({
+                "model": model, "messages": CHAT, "max_tokens": max_tokens,
+                "temperature": 0, "covey_route": route, "covey_deterministic": True}),
+                headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            conn.close()
+            return resp.status, data
+
+        return call_in(client.ns, go)
+
+    def stream(self, client: RunningNode, max_tokens: int, on_chunk: Any) -> list[Any]:
+        """A streamed sharded chat; `on_chunk(chunks)` runs after each chunk with text."""
+        port = json.loads((client.data_dir / "api.json").read_text())["port"]
+        key = (client.data_dir / "api-secret").read_text().strip()
+
+        def go() -> list[Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps({
+                "model": "tiny", "messages": CHAT, "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "covey_route": "sharded",
+                "covey_deterministic": True}),
+                headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            chunks: list[Any] = []
+            for raw in resp:
+                line = raw.decode().strip()
+                if line == "data: [DONE]":
+                    chunks.append({"done": True})
+                    break
+                if line.startswith("data: "):
+                    chunks.append(json.loads(line[len("data: "):]))
+                    if chunks[-1].get("choices") and chunks[-1]["choices"][0]["delta"].get(
+                            "content"):
+                        on_chunk(chunks)
+            conn.close()
+            return chunks
+
+        return call_in(client.ns, go)
+
+
+def text_of(chunks: list[Any]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c.get("choices"))
+
+
+def layer_counts(machines: list[str]) -> dict[str, int]:
+    found = (re.fullmatch(r"(\S+) \((\d+) layers\)", m) for m in machines)
+    return {m.group(1): int(m.group(2)) for m in found if m}
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """35 MiB with its KV cache: more than w1's share alone, less than both shares."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny8") / "tiny.gguf", n_layers=N_LAYERS,
+                           n_embd=256, n_ff=512)
+
+
+@pytest.fixture
+def shards(tiny8: Path, tmp_path: Path) -> Iterator[ShardSwarm]:
+    if netns_skip_reason() is not None:
+        pytest.skip(str(netns_skip_reason()))
+    with Netns() as netns:
+        swarm = ShardSwarm(netns, netns.add("shard"), new_token().encode(), tmp_path, {})
+        swarm.start("w1", "--worker", "--share-mib", "30")
+        swarm.start("w2", "--worker", "--share-mib", "10")
+        client = swarm.start("client", model=tiny8)
+        swarm.wait_workers(client, {"w1", "w2"})
+        try:
+            yield swarm
+        finally:
+            for node in swarm.nodes.values():
+                if node.proc.poll() is None:
+                    node.proc.kill()
+                    node.proc.wait()
+
+
+def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardSwarm) -> None:
+    client = shards.nodes["client"]
+    status, sharded = shards.chat(client, "sharded")
+    assert status == 200, sharded
+    status, local = shards.chat(client, "local")
+    assert status == 200, local
+    assert sharded["covey"]["route"] == "sharded"
+    text = sharded["choices"][0]["message"]["content"]
+    assert text and text == local["choices"][0]["message"]["content"]
+    counts = layer_counts(sharded["covey"]["machines"])
+    assert counts == dict(zip(("w1", "w2"), layers_per_device(N_LAYERS, (3, 1)), strict=True))
+    assert counts["w1"] > counts["w2"] > 0
+    # Both workers show as leased by the client, in their own status and the swarm's ledger.
+    for name in ("w1", "w2"):
+        worker = shards.nodes[name].api("/api/status")["worker"]
+        assert worker["enabled"] and worker["leased_by"] == client.peer_id, worker
+
+
+def test_a_second_client_gets_a_clear_refusal(shards: ShardSwarm, tiny8: Path) -> None:
+    client = shards.nodes["client"]
+    assert shards.chat(client, "sharded")[0] == 200  # the client now holds both leases
+    other = shards.start("other", model=tiny8)
+    wait_until(lambda: len(other.others_online()) == 3, 30, "the other client joining",
+               list(shards.nodes.values()))
+
+    def leased_view() -> bool:
+        status, reply = shards.chat(other, "sharded")
+        return status != 200 and "leased by" in reply["error"]["message"]
+    wait_until(leased_view, 20, "a refusal naming the lease", list(shards.nodes.values()))
+    status, reply = shards.chat(other, "sharded")
+    assert status == 400, reply
+    for name in ("w1", "w2"):
+        assert f"{name} (leased by client)" in reply["error"]["message"], reply
+    assert shards.chat(other, "local")[0] == 200  # its own engine still answers
+
+
+def test_a_worker_killed_mid_reply_the_reply_completes(shards: ShardSwarm) -> None:
+    """With a third worker like w2, the reply goes on over w1 and the one left."""
+    client = shards.nodes["client"]
+    shards.start("w3", "--worker", "--share-mib", "10")
+    shards.wait_workers(client, {"w1", "w2", "w3"})
+    status, whole = shards.chat(client, "sharded", max_tokens=300)
+    assert status == 200, whole
+    first = sorted(layer_counts(whole["covey"]["machines"]))
+    assert len(first) == 2 and "w1" in first, first
+    victim = next(m for m in first if m != "w1")
+    spare = ({"w2", "w3"} - {victim}).pop()
+    killed: list[str] = []
+
+    def kill_after_some(chunks: list[Any]) -> None:
+        if not killed and len(text_of(chunks)) > 20:
+            killed.append(victim)
+            shards.nodes[victim].proc.send_signal(signal.SIGKILL)
+
+    chunks = shards.stream(client, 300, kill_after_some)
+    assert killed and chunks[-1] == {"done": True}, chunks[-3:]
+    chunks = chunks[:-1]
+    notices = {c["covey"].get("notice") for c in chunks} - {None}
+    assert notices == {f"{victim} left mid-reply; continuing on w1, {spare}"}, notices
+    assert sorted(layer_counts(chunks[-1]["covey"]["machines"])) == sorted({"w1", victim, spare})
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    switch = next(i for i, c in enumerate(chunks) if c["covey"].get("notice"))
+    before = text_of(chunks[:switch])
+    assert before and whole["choices"][0]["message"]["content"].startswith(before)
+    assert len(text_of(chunks[switch:])) > 0
+
+
+def test_worker_mode_turned_off_mid_reply_the_reply_completes(shards: ShardSwarm) -> None:
+    """w1 alone cannot hold the model: after w2 goes, the next reply runs on the client."""
+    client = shards.nodes["client"]
+    turned_off: list[bool] = []
+
+    def off_after_some(chunks: list[Any]) -> None:
+        if not turned_off and len(text_of(chunks)) > 20:
+            turned_off.append(True)
+            shards.nodes["w2"].api("/api/worker", "POST", {"enabled": False})
+
+    chunks = shards.stream(client, 300, off_after_some)
+    assert turned_off and chunks[-1] == {"done": True}, chunks[-3:]
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    # The client gives the lease back once its reply is done, and w2 stops.
+    wait_until(lambda: not shards.nodes["w2"].api("/api/status")["worker"]["enabled"], 30,
+               "w2 to stop", list(shards.nodes.values()))
+    status, reply = shards.chat(client, "sharded")
+    assert status == 400 and "not used" not in reply["error"]["message"], reply
+    assert "the swarm's usable workers donate 30.0 MiB" in reply["error"]["message"], reply
+    status, reply = shards.chat(client, "auto")
+    assert status == 200 and reply["covey"]["route"] == "local", reply
+
+
+def test_a_model_too_big_for_the_swarm_says_what_is_missing(shards: ShardSwarm,
+                                                             tmp_path: Path) -> None:
+    big = write_tiny_gguf(tmp_path / "huge.gguf", n_layers=4, n_embd=512, n_ff=2048)
+    client = shards.nodes["client"]
+    ModelStore(client.data_dir / "models").import_file(big, "huge")
+    models = {m["id"]: m["covey"]["routes"] for m in client.api("/v1/models")["data"]}
+    assert models["huge"] == ["local"] and "sharded" in models["tiny"], models
+    status, reply = shards.chat(client, "sharded", model="huge")
+    assert status == 400, reply
+    assert re.fullmatch(r"cannot shard 'huge': the model needs [\d.]+ MiB across workers, the "
+                        r"swarm's usable workers donate 40.0 MiB: [\d.]+ MiB missing",
+                        reply["error"]["message"]), reply
