@@ -189,6 +189,14 @@ def _request_schemas() -> dict[str, Schema]:
             "model": {"type": "string", "minLength": 1,
                       "description": "A model in this node's store; default the bundled one."},
         }, ["enabled"]),
+        "WorkerRequest": _object({
+            "enabled": {"type": "boolean", "description": "Donate memory to the swarm."},
+            "share_mib": {"type": "integer", "minimum": 1,
+                          "description": "Memory donated, MiB (default: half of RAM)."},
+            "share_percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100,
+                              "description": "Memory donated, percent of RAM."},
+        }, ["enabled"], "Turning it off lets the lease holder finish its reply first.",
+            extra=False),
         "ModelCopyRequest": _object({
             "model": {"type": "string", "minLength": 1,
                       "description": "The name a peer offers the model under."},
@@ -286,8 +294,15 @@ def _node_schemas() -> dict[str, Schema]:
                 "in_flight": {"type": "integer", "minimum": 0},
                 "max_queue": {"type": "integer", "minimum": 0},
             }, ["enabled", "models", "in_flight"]),
+            "worker": _object({
+                "enabled": {"type": "boolean"},
+                "share_bytes": {"type": "integer", "minimum": 0},
+                "state": {"type": "string", "enum": ["idle", "leased"]},
+                "leased_by": or_null({"type": "string",
+                                      "description": "Peer id of the lease holder."}),
+            }, ["enabled", "share_bytes", "state", "leased_by"]),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
-            "connected_peers", "federated"]),
+            "connected_peers", "federated", "worker"]),
         "Peer": _object({
             "peer_id": string, "name": string, "os": string, "covey_version": string,
             "rpc_protocol": string,
@@ -440,6 +455,12 @@ def _paths() -> dict[str, Any]:
             _responses(_json_ok("The node's status after the change.", "NodeStatus"),
                        (*COMMON_ERRORS, 404)),
             "FederatedRequest", {"enabled": True, "model": "gemma-3-270m-q4_k_m"})},
+        "/api/worker": {"post": _operation(
+            "setWorker", "covey",
+            "Turn worker mode on (donating a share of this machine's memory) or off.",
+            _responses(_json_ok("The node's status after the change.", "NodeStatus"),
+                       COMMON_ERRORS),
+            "WorkerRequest", {"enabled": True, "share_mib": 4096})},
         "/api/models": {"get": _operation(
             "listModelFiles", "covey",
             "This node's shareable models, the models peers offer, and copies from peers.",

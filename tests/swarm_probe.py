@@ -45,6 +45,7 @@ from swarm import admission
 from swarm.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.identity import Identity
 from swarm.keys import SwarmKeys
+from swarm.lease import PROTOCOL as LEASE_PROTOCOL
 from swarm.ledger import (
     MAX_MESSAGE_BYTES,
     SEAL_CONTEXT,
@@ -61,6 +62,7 @@ from swarm.node_info import NodeInfo
 from swarm.p2p_host import build_host, isolate, read_exactly, read_frame, reset_quietly
 from swarm.seal import seal
 from swarm.token import new_token, parse_token
+from swarm.tunnel import TUNNEL_PROTOCOL
 
 log = logging.getLogger("swarm_probe")
 
@@ -587,6 +589,9 @@ def garbage_payloads(node: ID) -> dict[str, bytes]:
         "copy-traversal": copy_request("../node-key.json", 0, 100),
         "copy-negative": copy_request("tiny", -100, 100),
         "copy-huge": copy_request("tiny", 0, 2**40),
+        "lease-acquire": frame(json.dumps({"version": 1, "op": "acquire"}).encode()),
+        # What llama.cpp's RPC client sends first (a HELLO command), without holding a lease.
+        "rpc-hello": bytes([14]) + (0).to_bytes(8, "little"),
     }
 
 
@@ -609,7 +614,8 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         (SYNC_PROTOCOL, "varint-overflow"), (PUSH_PROTOCOL, "random"),
         (PUSH_PROTOCOL, "varint-huge"), (FEDERATED_PROTOCOL, "random"),
         (FEDERATED_PROTOCOL, "not-json"), (COPY_PROTOCOL, "random"),
-        (COPY_PROTOCOL, "copy-traversal"),
+        (COPY_PROTOCOL, "copy-traversal"), (LEASE_PROTOCOL, "lease-acquire"),
+        (TUNNEL_PROTOCOL, "rpc-hello"),
     ]
 
     async def outsider(protocol: str, name: str) -> None:
@@ -636,10 +642,13 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         for name in ("copy-traversal", "copy-negative", "copy-huge"):
             obs["as_member"][f"model-copy/{name}"] = await try_protocol(
                 host, node, COPY_PROTOCOL, payloads[name], 2.0)
+        obs["as_member"]["rpc-tunnel/rpc-hello"] = await try_protocol(
+            host, node, TUNNEL_PROTOCOL, payloads["rpc-hello"], 2.0)
         for name, payload in payloads.items():
             obs["as_member"][f"sync/{name}"] = await try_protocol(host, node, SYNC_PROTOCOL,
                                                                  payload, 2.0)
-        for protocol in (PUSH_PROTOCOL, FEDERATED_PROTOCOL, COPY_PROTOCOL):
+        for protocol in (PUSH_PROTOCOL, FEDERATED_PROTOCOL, COPY_PROTOCOL, LEASE_PROTOCOL,
+                         TUNNEL_PROTOCOL):
             for name in ("random", "varint-overflow", "varint-huge", "truncated-frame",
                          "not-json"):
                 obs["as_member"][f"{protocol.split('/')[2]}/{name}"] = await try_protocol(

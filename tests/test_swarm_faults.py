@@ -219,8 +219,11 @@ def test_garbage_on_every_protocol_leaves_the_node_serving(swarm: Swarm) -> None
     # Garbage on the federated serving and model copy protocols gets no reply, only a reset;
     # a copy request for a file outside the store gets a short refusal, never file bytes.
     assert all(r["bytes_received"] == 0 for k, r in obs["as_member"].items()
-               if k.startswith(("federated/", "model-copy/"))
+               if k.startswith(("federated/", "model-copy/", "worker-lease/", "rpc-tunnel/"))
                and k != "model-copy/copy-traversal"), obs
+    # Without a lease, an admitted member gets nothing through the RPC tunnel either.
+    for name in ("random", "not-json"):
+        assert obs["as_member"][f"rpc-tunnel/{name}"]["bytes_received"] == 0, obs
     assert 0 < obs["as_member"]["model-copy/copy-traversal"]["bytes_received"] < 200, obs
     # After a pull answered with garbage and some twenty garbage streams, the same peer's valid
     # push is still taken in.
@@ -256,7 +259,7 @@ def test_forged_tampered_replayed_foreign_and_oversized_entries_are_refused(
     assert obs["peer_id"] not in shown  # it never published a node entry of its own
     # The victim's entries: nothing added, its node entry not overwritten by the forgery.
     after = swarm.owned_by(victim)
-    assert set(after) == set(before) == {"node"}, after
+    assert set(after) == set(before) == {"node", "models"}, after
     assert after["node"] < base + 10**9, after
     # The probe's own entries: exactly the valid ones, pushed or served to the node's pull; of
     # the replayed slot, the newer entry (offset 6), not the older one sent after it (5).
