@@ -9,6 +9,7 @@ import http.client
 import json
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from backends.layer_split import layers_per_device
 from backends.model_store import ModelStore
 from swarm.token import new_token
 from tests.netns import Netns, call_in, netns_skip_reason
-from tests.node_harness import RunningNode, start_node, wait_until
+from tests.node_harness import REPO, RunningNode, start_node, wait_until
 from tests.tiny_gguf import write_tiny_gguf
 
 CHAT = [{"role": "user", "content": "Tell me a story"}]
@@ -147,7 +148,15 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     counts = layer_counts(sharded["covey"]["machines"])
     assert counts == dict(zip(("w1", "w2"), layers_per_device(N_LAYERS, (3, 1)), strict=True))
     assert counts["w1"] > counts["w2"] > 0
-    # Both workers show as leased by the client, in their own status and the swarm's ledger.
+    # The same through `covey chat --route sharded`, as a user would run it.
+    result = shards.netns.run(shards.ns, [
+        sys.executable, "-m", "app.cli", "chat", "Tell me a story", "--route", "sharded",
+        "--model", "tiny", "--deterministic", "--temperature", "0", "--max-tokens", "24",
+        "--json", "--data-dir", str(client.data_dir)], cwd=REPO, timeout=120)
+    cli = json.loads(result.stdout)
+    assert cli["text"] == text and cli["covey"]["route"] == "sharded", cli
+    assert layer_counts(cli["covey"]["machines"]) == counts
+    # Both workers show as leased by the client, in their own status.
     for name in ("w1", "w2"):
         worker = shards.nodes[name].api("/api/status")["worker"]
         assert worker["enabled"] and worker["leased_by"] == client.peer_id, worker
