@@ -92,7 +92,8 @@ def run_peers(args: argparse.Namespace, data_dir: Path) -> int:
 
 def format_peers(peers: list[dict[str, Any]], now: float) -> str:
     """The `covey peers` table: this node first, then online peers, then offline ones."""
-    header = ("NAME", "PEER", "STATUS", "LINK", "OS", "CORES", "RAM FREE/TOTAL", "ROLES", "SEEN")
+    header = ("NAME", "PEER", "STATUS", "LINK", "OS", "CORES", "RAM FREE/TOTAL", "ROLES",
+              "DONATES", "MODELS", "SEEN")
     order = sorted(peers, key=lambda p: (not p.get("self"), not p.get("online"), p["name"]))
     rows = [header] + [_row(p, now) for p in order]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -108,8 +109,13 @@ def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
     link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
     seen = "now" if p.get("self") else _ago(now - p.get("last_seen", now))
     ram = f"{_gib(p.get('ram_free', 0))}/{_gib(p.get('ram_total', 0))} GiB"
+    worker = p.get("worker")
+    donates = "-" if not worker else (
+        f"{_gib(worker['donated_bytes'])} GiB" + (" (leased)" if worker["state"] == "leased"
+                                                   else ""))
     return (p.get("name", "?"), p["peer_id"][-8:], status, link, p.get("os", "?"),
-            str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", seen)
+            str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", donates,
+            ",".join(p.get("shares_models", [])) or "-", seen)
 
 
 def _gib(n: int) -> str:

@@ -316,6 +316,12 @@ def _node_schemas() -> dict[str, Schema]:
             "online": {"type": "boolean"},
             "connected": {"type": "boolean"},
             "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
+            "worker": or_null(_object({
+                "donated_bytes": {"type": "integer", "minimum": 0},
+                "state": {"type": "string", "enum": ["idle", "leased"]},
+                "leased_by": or_null(string),
+            }, ["donated_bytes", "state", "leased_by"], "Null unless worker mode is on.")),
+            "shares_models": _string_list("Models it offers for copying."),
         }, ["peer_id", "name", "os", "covey_version", "rpc_protocol", "cores", "ram_total",
             "ram_free", "roles", "version", "self", "online", "connected", "last_seen"]),
         "ModelFile": _object({

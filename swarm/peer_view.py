@@ -7,7 +7,9 @@ from collections.abc import Collection
 from typing import Any
 
 from swarm.ledger import Ledger, is_live
+from swarm.model_copy import MODELS_KEY, SharedModel, parse_shared
 from swarm.node_info import NODE_KEY, NodeInfo
+from swarm.placement import WORKER_KEY, WorkerOffer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,28 @@ def peers_view(
                 "online": entry.owner == self_id or is_live(record, now),
                 "connected": entry.owner in connected,
                 "last_seen": round(record.received_at, 3),
+                "worker": _worker(ledger, entry.owner, now),
+                "shares_models": [m.name for m in _shared(ledger, entry.owner, now)],
             }
         )
     rows.sort(key=lambda r: (not r["self"], r["name"], r["peer_id"]))
     return rows
+
+
+def _worker(ledger: Ledger, owner: str, now: float) -> dict[str, Any] | None:
+    """What the peer donates as a worker, while worker mode is on there."""
+    record = ledger.get(owner, WORKER_KEY)
+    if record is None or not is_live(record, now):
+        return None
+    offer = WorkerOffer.from_ledger(owner, "", record.entry.value)
+    if offer is None:
+        return None
+    return {"donated_bytes": offer.donated_bytes, "state": offer.state,
+            "leased_by": offer.leased_by}
+
+
+def _shared(ledger: Ledger, owner: str, now: float) -> list[SharedModel]:
+    record = ledger.get(owner, MODELS_KEY)
+    if record is None or not is_live(record, now):
+        return []
+    return parse_shared(record.entry.value)

@@ -156,6 +156,8 @@ def test_copy_from_a_peer_with_the_cli_matches_the_source(copy_swarm: CopySwarm)
     wait_until(lambda: source.api("/api/models")["swarm"] == [
         {"name": MODEL, "size": copy_swarm.model.stat().st_size, "sha256": copy_swarm.sha256,
          "machines": ["client"]}], 30, "the client offering its copy", [source, client])
+    shares = {p["name"]: p["shares_models"] for p in source.peers()}
+    assert shares == {"source": [MODEL], "client": [MODEL]}, shares
     # Copying a model the store has already, or one nobody offers, says so.
     again = copy_swarm.netns.run(
         copy_swarm.ns, [sys.executable, "-m", "app.cli", "models", "copy", MODEL,

@@ -160,6 +160,13 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     for name in ("w1", "w2"):
         worker = shards.nodes[name].api("/api/status")["worker"]
         assert worker["enabled"] and worker["leased_by"] == client.peer_id, worker
+    # ... and in the swarm's peer list, with what each donates.
+    def donated() -> dict[str, Any]:
+        return {p["name"]: p["worker"] for p in client.peers() if p["worker"]}
+    wait_until(lambda: donated() == {
+        "w1": {"donated_bytes": 30 << 20, "state": "leased", "leased_by": client.peer_id},
+        "w2": {"donated_bytes": 10 << 20, "state": "leased", "leased_by": client.peer_id}},
+        20, "the leases in the ledger", list(shards.nodes.values()))
 
 
 def test_a_second_client_gets_a_clear_refusal(shards: ShardSwarm, tiny8: Path) -> None:
