@@ -104,6 +104,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="tensor cache folder (speeds up reloading big models)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--unsafe-bind", action="store_true", help="allow a non-loopback address")
+    p.add_argument("--parent-pid", type=int,
+                   help="exit when this process (the node that started it) is gone")
     return p.parse_args(argv)
 
 
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write(json.dumps(asdict(ready)) + "\n")
     out.flush()
     while not stopping.wait(0.5):
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            print("covey worker-rpc: the node that started it is gone; stopping",
+                  file=sys.stderr)
+            break
         if not server.is_alive():
             print("covey worker-rpc: error: the RPC server stopped", file=sys.stderr)
             return 1

@@ -29,7 +29,7 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.model_store import DEFAULT_MODEL, ModelStore
-from swarm.lease import Lease, LeaseRefused, hold
+from swarm.lease import Lease, hold
 from swarm.placement import (
     Placement,
     PlacementError,
@@ -51,14 +51,23 @@ from swarm.tunnel import TunnelClient
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 4
 UNUSABLE_S = 60.0  # a worker that failed is left out of plans this long
+REFUSED_S = 10.0  # ... and one that refused its lease (the ledger will catch up)
 LOST_WAIT_S = 3.0  # after the engine dies, how long to wait for the lease that broke
 IDLE_RELEASE_S = 300.0
 
 
 class NoWorkers(RouteError):
     """No placement over the swarm's workers holds the model (the message says why)."""
+
+
+class _WorkerFailed(Exception):
+    """A worker refused its lease or could not be reached while a session was opening."""
+
+    def __init__(self, peer_id: str, why: BaseException) -> None:
+        super().__init__(f"{peer_id}: {why!r}")
+        self.peer_id = peer_id
 
 
 @dataclass
@@ -153,6 +162,13 @@ class ShardedRoute:
                 except EngineError as exc:  # it did not load on these workers: plan again
                     lost = lost or f"the sharded engine did not start ({exc})"
                     continue
+                except _WorkerFailed as failed:
+                    # The ledger was behind (someone else leased it, or worker mode went off
+                    # there): plan without that worker for a little while.
+                    log.info("worker %s could not be leased (%s); planning without it",
+                             failed.peer_id, failed.__cause__ or failed)
+                    self._unusable[failed.peer_id] = time.monotonic() + REFUSED_S
+                    continue
                 except NoWorkers:
                     if lost is None:
                         raise
@@ -234,9 +250,8 @@ class ShardedRoute:
         try:
             session: Session = await self.nursery.start(self._keep, model, deterministic,
                                                         placement)
-        except LeaseRefused as exc:
-            # Someone leased a worker between the ledger's view and ours: plan without it.
-            raise NoWorkers(f"a worker refused its lease: {exc}") from None
+        except BaseExceptionGroup as group:  # trio wraps what _keep raised
+            raise _first(group) from None
         entry = await model_entry(self.store, model)
         config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
                               tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
@@ -259,15 +274,15 @@ class ShardedRoute:
         session = Session(model, deterministic, placement, {})
         with session.scope:
             async with trio.open_nursery() as nursery:
-                try:
-                    for worker in placement.workers:
+                for worker in placement.workers:
+                    try:
                         session.leases[worker.peer_id] = await nursery.start(
                             hold, self.host, worker.peer_id)
-                    for worker in placement.workers:
-                        tunnel = TunnelClient(self.host, worker.peer_id)
-                        session.endpoints.append(await nursery.start(tunnel.open))
-                except BaseExceptionGroup as group:  # the first refusal, unwrapped
-                    raise _first(group) from None
+                    except Exception as exc:  # noqa: BLE001 - refused, gone, or not a worker
+                        raise _WorkerFailed(worker.peer_id, exc) from None
+                for worker in placement.workers:
+                    tunnel = TunnelClient(self.host, worker.peer_id)
+                    session.endpoints.append(await nursery.start(tunnel.open))
                 task_status.started(session)
                 nursery.start_soon(self._release_when_done, session)
 

@@ -105,7 +105,8 @@ class WorkerService:
     async def _start_process(self, share: int) -> tuple[trio.Process, str]:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "backends.rpc_worker", "--host", "127.0.0.1",
-                "--share-mib", str(max(share >> 20, 1)), "--cache-dir", str(self.cache_dir)]
+                "--share-mib", str(max(share >> 20, 1)), "--cache-dir", str(self.cache_dir),
+                "--parent-pid", str(os.getpid())]  # a node killed outright takes it along
         env = {**os.environ, "GGML_NO_BACKTRACE": "1", "OMP_WAIT_POLICY": "passive"}
         process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, env=env,
                                                    start_new_session=True)

@@ -1,0 +1,342 @@
+"""RPC tunnels: ggml RPC bytes between a client node and a worker node, over libp2p streams.
+
+Owns the `/covey/rpc-tunnel/1.0.0` protocol. On the client, a `TunnelClient` listens on a
+loopback port for one leased worker; llama.cpp's RPC client (in the engine process) connects
+there, and each accepted connection becomes one stream to the worker's node. On the worker, a
+`TunnelServer` turns each stream from a peer that its `allowed` callback lets in (the lease
+holder) into one TCP connection to the worker's loopback RPC endpoint. Between a socket and a
+stream, bytes are pumped both ways; an EOF travels as a half-close, and a reset or a failure
+on either side resets the other, so llama.cpp never hangs on a tunnel whose far end is gone.
+
+Also owns `tune_yamux`, the frame-size change the tunnel's throughput depends on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF
+from libp2p.stream_muxer.yamux import yamux
+
+log = logging.getLogger(__name__)
+
+TUNNEL_PROTOCOL = "/covey/rpc-tunnel/1.0.0"
+
+# One read from a local socket. Large reads mean fewer trips through yamux and Noise, which
+# cost far more per call than per byte in py-libp2p; 256 KiB is also the initial yamux window.
+TCP_READ_BYTES = 256 * 1024
+# One read from a stream: it returns whatever yamux has buffered, up to this.
+STREAM_READ_BYTES = 1024 * 1024
+# py-libp2p's yamux sends at most 64 KiB per DATA frame, header included, and Noise carries at
+# most 65,519 plaintext bytes per message: every full frame went out as two Noise messages (the
+# second of 17 bytes), and the per-frame cost in Python bounds throughput. Sending bigger
+# frames (Noise splits them into full messages) roughly doubles bulk throughput; see
+# `tune_yamux` and bench/tunnel.py.
+YAMUX_FRAME_BYTES = 256 * 1024
+
+CONNECT_TIMEOUT_S = 10.0  # opening a stream to the worker node, or the worker's local socket
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def tune_yamux(frame_bytes: int = YAMUX_FRAME_BYTES) -> None:
+    """Let this process's yamux send DATA frames of up to `frame_bytes` (py-libp2p: 64 KiB).
+
+    Only the sender's framing changes, so it is safe with any peer: yamux limits a frame by
+    the receive window alone (py-libp2p's receiver accepts up to 16 MiB, go-yamux up to the
+    window), and a frame never exceeds the sender's window. Idempotent; never lowers it.
+    Call once per process, before traffic matters (the tunnel classes call it).
+    """
+    yamux.MAX_MESSAGE_SIZE = max(yamux.MAX_MESSAGE_SIZE, frame_bytes + yamux.HEADER_SIZE)
+
+
+@dataclass
+class TunnelStats:
+    """Counters for diagnostics. "Up" is toward the worker, "down" toward the client."""
+
+    connections: int = 0  # tunnelled connections begun
+    active: int = 0  # tunnelled connections now open
+    refused: int = 0  # server: streams refused; client: connections no stream could carry
+    failed: int = 0  # connections that ended by a reset or an error rather than by closing
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def parse_loopback_endpoint(endpoint: str) -> tuple[str, int]:
+    """("127.0.0.1", port) from "127.0.0.1:port"; ValueError unless the host is loopback."""
+    host, _, port_text = endpoint.rpartition(":")
+    host = host.strip("[]")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{endpoint}: no port")
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"{endpoint}: not a loopback address")
+    return host, port
+
+
+def _nodelay(sock: trio.SocketStream) -> None:
+    # trio sets TCP_NODELAY on every SocketStream already; RPC latency depends on it, so say it.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+
+
+class _Splice:
+    """Pumps one socket and one stream into each other until both directions end.
+
+    py-libp2p's writes are not cancel-safe: Noise encrypts (spending a nonce) before the
+    bytes go out, so a cancel landing inside a write desyncs Noise or cuts a frame in half,
+    and the whole connection to that peer is broken for every protocol. So every libp2p write
+    here runs shielded, and stream reads go through `_read_some`, whose only cancel points are
+    waits; cancelling a pump (to end a tunnel) then only ever lands where it is safe.
+    """
+
+    def __init__(
+        self, sock: trio.SocketStream, stream: INetStream, stats: TunnelStats, *, client: bool
+    ) -> None:
+        self.sock = sock
+        self.stream = stream
+        self.stats = stats
+        self.client = client  # on the client the socket is llama.cpp's; up = socket -> stream
+        self.broken = False
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._socket_to_stream)
+                    nursery.start_soon(self._stream_to_socket)
+        except BaseException:  # cancelled from outside (the tunnel closes or is revoked)
+            await self._abort()
+            raise
+        if self.broken:
+            self.stats.failed += 1
+            await self._abort()
+        else:
+            await self._finish()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._scope.cancel()
+
+    def _count(self, n: int, from_socket: bool) -> None:
+        if from_socket == self.client:
+            self.stats.bytes_up += n
+        else:
+            self.stats.bytes_down += n
+
+    async def _socket_to_stream(self) -> None:
+        while True:
+            try:
+                data = await self.sock.receive_some(TCP_READ_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._break()  # reset by the local end
+                return
+            try:
+                with trio.CancelScope(shield=True):
+                    if not data:
+                        await self.stream.close_write()  # yamux FIN: the far socket sees EOF
+                        return
+                    await self.stream.write(data)
+            except Exception as exc:  # noqa: BLE001 - libp2p raises assorted errors
+                log.debug("tunnel stream write failed: %r", exc)
+                self._break()
+                return
+            self._count(len(data), from_socket=True)
+
+    async def _stream_to_socket(self) -> None:
+        while True:
+            try:
+                data = await _read_some(self.stream, STREAM_READ_BYTES)
+            except Exception as exc:  # noqa: BLE001 - reset, or the connection died
+                log.debug("tunnel stream read failed: %r", exc)
+                self._break()
+                return
+            try:
+                if not data:
+                    if _connection_gone(self.stream):
+                        self._break()  # yamux reports a dead connection as a plain EOF
+                        return
+                    await self.sock.send_eof()
+                    return
+                await self.sock.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._break()
+                return
+            self._count(len(data), from_socket=False)
+
+    async def _finish(self) -> None:
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await self.stream.close()  # the FIN went out already: this only forgets it
+            with contextlib.suppress(Exception):
+                await self.sock.aclose()
+
+    async def _abort(self) -> None:
+        """Reset both: the stream with a yamux RST, the socket with a TCP RST."""
+        await _reset_stream(self.stream)
+        await _reset_socket(self.sock)
+
+
+async def _read_some(stream: INetStream, max_bytes: int) -> bytes:
+    """Up to `max_bytes` from `stream`, b"" at EOF; raises when it was reset.
+
+    `INetStream.read` would do, but py-libp2p's yamux sends its window update inside it,
+    after taking the data: a cancel there would desync Noise (see `_Splice`). Here the wait
+    is the only cancel point, and the window update is shielded.
+    """
+    muxed = stream.muxed_stream
+    if not isinstance(muxed, yamux.YamuxStream):
+        try:
+            return await stream.read(max_bytes)
+        except StreamEOF:
+            return b""
+    try:
+        data = await muxed.conn.read_stream(muxed.stream_id, max_bytes)
+    except MuxedStreamEOF:
+        return b""
+    with trio.CancelScope(shield=True):
+        await muxed._auto_tune_and_send_window_update(bytes_read=len(data))
+    return data
+
+
+def _connection_gone(stream: INetStream) -> bool:
+    muxed: Any = stream.muxed_conn
+    shutting = getattr(muxed, "event_shutting_down", None)
+    return bool(getattr(muxed, "is_closed", False)) or (
+        shutting is not None and shutting.is_set()
+    )
+
+
+async def _reset_stream(stream: INetStream) -> None:
+    # No timeout: one landing inside the RST's write would break the connection (see _Splice).
+    with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await stream.reset()
+
+
+async def _reset_socket(sock: trio.SocketStream) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await sock.aclose()
+
+
+class TunnelServer:
+    """The worker side: serves `TUNNEL_PROTOCOL` streams.
+
+    `allowed(peer_id)` is asked once per stream: it returns the worker's loopback RPC
+    endpoint ("127.0.0.1:port") for the peer holding the lease, or None to refuse, and a
+    refused stream is reset without a byte. When a lease ends, `revoke(peer_id)` cuts that
+    peer's open tunnels (the callback alone only stops new ones).
+    """
+
+    def __init__(self, allowed: Callable[[str], str | None]) -> None:
+        tune_yamux()
+        self._allowed = allowed
+        self.stats = TunnelStats()
+        self._open: dict[str, set[trio.CancelScope]] = {}
+
+    async def handle(self, stream: INetStream) -> None:
+        """The stream handler to register (the node wraps it in its gatekeeper guard)."""
+        peer = stream.muxed_conn.peer_id.to_base58()
+        endpoint = self._allowed(peer)
+        if endpoint is None:
+            self.stats.refused += 1
+            log.info("refused an RPC tunnel from %s: it holds no lease here", peer)
+            await _reset_stream(stream)
+            return
+        try:
+            host, port = parse_loopback_endpoint(endpoint)
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                sock = await trio.open_tcp_stream(host, port)
+        except (OSError, ValueError, trio.TooSlowError) as exc:
+            self.stats.failed += 1
+            log.warning("RPC tunnel from %s: cannot reach the worker at %s (%s)",
+                        peer, endpoint, exc)
+            await _reset_stream(stream)
+            return
+        _nodelay(sock)
+        self.stats.connections += 1
+        self.stats.active += 1
+        scopes = self._open.setdefault(peer, set())
+        with trio.CancelScope() as scope:
+            scopes.add(scope)
+            try:
+                await _Splice(sock, stream, self.stats, client=False).run()
+            finally:
+                self.stats.active -= 1
+                scopes.discard(scope)
+                if not scopes:
+                    self._open.pop(peer, None)
+
+    def revoke(self, peer_id: str) -> int:
+        """Reset every open tunnel of `peer_id`; returns how many there were."""
+        scopes = self._open.pop(peer_id, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
+
+class TunnelClient:
+    """The client side of the tunnel to one worker node.
+
+    `endpoint = await nursery.start(client.open)` listens on 127.0.0.1 and returns
+    "127.0.0.1:port" for the engine's `rpc_endpoints`. Each connection accepted there becomes
+    one stream to `peer_id`; if the stream cannot be opened (or the worker refuses it), the
+    connection is reset. `close()` or cancelling the task stops listening and resets every
+    tunnelled connection.
+    """
+
+    def __init__(self, host: IHost, peer_id: str) -> None:
+        tune_yamux()
+        self.host = host
+        self.peer_id = peer_id
+        self.endpoint: str | None = None
+        self.stats = TunnelStats()
+        self._scope = trio.CancelScope()
+
+    async def open(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        peer = ID.from_base58(self.peer_id)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        self.endpoint = f"127.0.0.1:{port}"
+        log.info("RPC tunnel to %s listening on %s", self.peer_id, self.endpoint)
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+
+                async def serve(sock: trio.SocketStream) -> None:
+                    await self._serve(peer, sock)
+
+                await nursery.start(trio.serve_listeners, serve, listeners)
+                task_status.started(self.endpoint)
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    async def _serve(self, peer: ID, sock: trio.SocketStream) -> None:
+        _nodelay(sock)
+        self.stats.connections += 1
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                stream = await self.host.new_stream(peer, [TProtocol(TUNNEL_PROTOCOL)])
+        except Exception as exc:  # noqa: BLE001 - unreachable peer, refused protocol, timeout
+            self.stats.refused += 1
+            log.warning("RPC tunnel to %s: cannot open a stream (%r)", self.peer_id, exc)
+            await _reset_socket(sock)
+            return
+        self.stats.active += 1
+        try:
+            await _Splice(sock, stream, self.stats, client=True).run()
+        finally:
+            self.stats.active -= 1
