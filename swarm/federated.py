@@ -17,6 +17,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -139,8 +140,9 @@ class FederatedService:
         self.in_flight += 1
         self._on_change()
         try:
-            async for event in self.local.generate(request, model):
-                yield event
+            async with aclosing(self.local.generate(request, model)) as events:
+                async for event in events:
+                    yield event
         finally:
             self.in_flight -= 1
             self._on_change()
@@ -225,15 +227,16 @@ class FederatedRoute:
             yield Served(target.name, notice)
             self._dispatched[target.peer_id] = self._dispatched.get(target.peer_id, 0) + 1
             try:
-                async for event in self._events(target, attempt, model):
-                    if isinstance(event, Token):
-                        produced.append(event.text)
-                        yield event
-                    else:
-                        prompt_tokens = prompt_tokens or event.prompt_tokens
-                        yield Done(request.id, event.finish_reason, "".join(produced),
-                                   prompt_tokens, tuple(range(len(produced))), Timings())
-                        return
+                async with aclosing(self._events(target, attempt, model)) as events:
+                    async for event in events:
+                        if isinstance(event, Token):
+                            produced.append(event.text)
+                            yield event
+                        else:
+                            prompt_tokens = prompt_tokens or event.prompt_tokens
+                            yield Done(request.id, event.finish_reason, "".join(produced),
+                                       prompt_tokens, tuple(range(len(produced))), Timings())
+                            return
                 raise _Failed("the reply ended without finishing")
             except Exception as exc:  # noqa: BLE001 - a vanished node fails in many ways
                 busy_seen = busy_seen or (isinstance(exc, _Failed) and exc.busy)
@@ -251,8 +254,9 @@ class FederatedRoute:
                       ) -> AsyncIterator[Token | Done]:
         if target.peer_id == self.host.get_id().to_base58():
             try:
-                async for event in self.service.run_local(request, model):
-                    yield event
+                async with aclosing(self.service.run_local(request, model)) as events:
+                    async for event in events:
+                        yield event
             except Busy as exc:
                 raise _Failed(str(exc), busy=True) from None
             return

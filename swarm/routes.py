@@ -247,8 +247,11 @@ class LocalRoute:
         async with self.gate.turn():
             try:
                 engine = await self._engine_for(model, request.deterministic)
-                async for event in engine_events(engine, request):
-                    yield event
+                # aclosing: a consumer that leaves must stop the generation before the gate
+                # lets the next request onto the engine.
+                async with contextlib.aclosing(engine_events(engine, request)) as events:
+                    async for event in events:
+                        yield event
             except GenerationFailed as exc:
                 # The engine is fine; the request was not (e.g. longer than the context).
                 raise RequestRefused(str(exc)) from None

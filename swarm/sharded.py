@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -174,12 +175,13 @@ class ShardedRoute:
                         raise
                     # Nothing left to shard on: this machine alone, if the model fits here.
                     yield Served(self.fallback.machine, f"{lost}; continuing on this machine")
-                    async for event in self.fallback.generate(attempt, model):
-                        if isinstance(event, Done):
-                            yield _whole(request, event, produced)
-                            return
-                        produced.append(event.text)
-                        yield event
+                    async with aclosing(self.fallback.generate(attempt, model)) as events:
+                        async for event in events:
+                            if isinstance(event, Done):
+                                yield _whole(request, event, produced)
+                                return
+                            produced.append(event.text)
+                            yield event
                     return
                 others = ", ".join(w.name for w in session.placement.workers)
                 for i, machine in enumerate(session.served()):
@@ -187,12 +189,13 @@ class ShardedRoute:
                     yield Served(machine, notice)
                 assert session.engine is not None
                 try:
-                    async for event in engine_events(session.engine, attempt):
-                        if isinstance(event, Done):
-                            yield _whole(request, event, produced) if lost else event
-                            return
-                        produced.append(event.text)
-                        yield event
+                    async with aclosing(engine_events(session.engine, attempt)) as events:
+                        async for event in events:
+                            if isinstance(event, Done):
+                                yield _whole(request, event, produced) if lost else event
+                                return
+                            produced.append(event.text)
+                            yield event
                 except GenerationFailed as exc:
                     raise RequestRefused(str(exc)) from None
                 except EngineError as exc:
