@@ -37,18 +37,19 @@ from swarm.token import new_token  # noqa: E402
 from tests.netns import Netns, call_in  # noqa: E402
 from tests.node_harness import RunningNode, start_node, wait_until  # noqa: E402
 
-CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+# A text completion: the bundled model is a base model and goes on for as long as asked.
+PROMPT = "Once upon a time, in a lighthouse on a rocky northern coast, there lived"
 SHARE_MIB = "200"  # Gemma 3 270M with its KV cache needs both of two such workers
 
 
 def stream_chat(node: RunningNode, tokens: int, on_token: Any = None) -> dict[str, Any]:
-    """One streamed sharded chat through the node's API, timed at the reader."""
+    """One streamed sharded completion through the node's API, timed at the reader."""
     port = json.loads((node.data_dir / "api.json").read_text())["port"]
     key = (node.data_dir / "api-secret").read_text().strip()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     started = time.monotonic()
-    conn.request("POST", "/v1/chat/completions", body=json.dumps({
-        "model": DEFAULT_MODEL, "messages": CHAT, "max_tokens": tokens, "temperature": 0,
+    conn.request("POST", "/v1/completions", body=json.dumps({
+        "model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
         "stream": True, "covey_route": "sharded", "covey_deterministic": True,
         "stream_options": {"include_usage": True}}),
         headers={"Authorization": f"Bearer {key}"})
@@ -62,7 +63,7 @@ def stream_chat(node: RunningNode, tokens: int, on_token: Any = None) -> dict[st
             continue
         chunk = json.loads(line[len("data: "):])
         covey, usage = chunk.get("covey", covey), chunk.get("usage") or usage
-        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
             times.append(time.monotonic())
             if on_token is not None:
                 on_token(len(times))
@@ -76,7 +77,7 @@ def stream_chat(node: RunningNode, tokens: int, on_token: Any = None) -> dict[st
 
 
 def raw_generate(engine: Engine, tokens: int) -> float:
-    request = GenerateRequest(id=f"raw-{time.monotonic_ns()}", messages=tuple(CHAT),
+    request = GenerateRequest(id=f"raw-{time.monotonic_ns()}", prompt=PROMPT,
                               max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
     times = []
     for event in engine.generate(request):

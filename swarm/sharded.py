@@ -241,7 +241,8 @@ class ShardedRoute:
         current = self.session
         if current is not None:
             same = (current.model == model and current.deterministic == deterministic
-                    and current.placement == placement and not current.broken())
+                    and _layout(current.placement) == _layout(placement)
+                    and not current.broken())
             if same:
                 return current
             await self.close_session()
@@ -318,6 +319,12 @@ class ShardedRoute:
 
     async def close(self) -> None:
         await self.close_session()
+
+
+def _layout(placement: Placement) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """What a loaded engine depends on: which workers, in order, and the split (a worker's
+    ledger entry changes when we lease it, and that must not count as a new plan)."""
+    return tuple(w.peer_id for w in placement.workers), placement.tensor_split
 
 
 def _whole(request: GenerateRequest, done: Done, produced: list[str]) -> Done:

@@ -156,6 +156,8 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     cli = json.loads(result.stdout)
     assert cli["text"] == text and cli["covey"]["route"] == "sharded", cli
     assert layer_counts(cli["covey"]["machines"]) == counts
+    # Two sharded replies on one plan: the engine loaded over the workers once, not per reply.
+    assert client.log().count("sharded engine loaded") == 1, client.log()
     # Both workers show as leased by the client, in their own status.
     for name in ("w1", "w2"):
         worker = shards.nodes[name].api("/api/status")["worker"]
