@@ -32,6 +32,7 @@ TTL_S = 15.0
 RENEW_EVERY_S = 4.0
 MAX_FRAME_BYTES = 1024
 CONNECT_TIMEOUT_S = 10.0
+CHECK_TIMEOUT_S = 3.0  # a renewal unanswered this long: the worker or the link is gone
 
 
 class LeaseRefused(Exception):
@@ -143,9 +144,15 @@ class Lease:
     revoked: trio.Event = field(default_factory=trio.Event)  # worker mode turned off there
     why: str = ""
     _release: trio.Event = field(default_factory=trio.Event)
+    _check: trio.Event = field(default_factory=trio.Event)
 
     def release(self) -> None:
         self._release.set()
+
+    def check_now(self) -> None:
+        """Renew at once rather than at the next beat: a worker that died shows as lost in
+        about a round trip (the engine just died; which worker went with it?)."""
+        self._check.set()
 
 
 async def hold(host: IHost, peer_id: str, *,
@@ -173,12 +180,15 @@ async def _keep(stream: INetStream, lease: Lease) -> None:
     try:
         while True:
             with trio.move_on_after(RENEW_EVERY_S):
-                await lease._release.wait()
+                async with trio.open_nursery() as nursery:
+                    for event in (lease._release, lease._check):
+                        nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+            lease._check = trio.Event()
             if lease._release.is_set():
                 with trio.move_on_after(2):
                     await _op(stream, "release")
                 return
-            with trio.fail_after(TTL_S / 2):
+            with trio.fail_after(CHECK_TIMEOUT_S):
                 await _op(stream, "renew")
                 reply = json.loads(await read_frame(stream, MAX_FRAME_BYTES))
             if isinstance(reply, dict) and reply.get("code") == "revoked":
@@ -193,6 +203,11 @@ async def _keep(stream: INetStream, lease: Lease) -> None:
         log.info("lease of %s lost: %r", lease.peer_id, exc)
     finally:
         lease.lost.set()
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _op(stream: INetStream, op: str) -> None:

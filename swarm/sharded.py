@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
 UNUSABLE_S = 60.0  # a worker that failed is left out of plans this long
 REFUSED_S = 10.0  # ... and one that refused its lease (the ledger will catch up)
-LOST_WAIT_S = 3.0  # after the engine dies, how long to wait for the lease that broke
+LOST_WAIT_S = 4.0  # after the engine dies, how long to wait for the lease that broke
 IDLE_RELEASE_S = 300.0
 
 
@@ -208,6 +208,8 @@ class ShardedRoute:
     async def _forget(self, session: Session, exc: EngineError) -> list[str]:
         """The engine died: find the workers that left, keep them out of plans for a while,
         and close the session. Returns the lost workers' names."""
+        for lease in session.leases.values():
+            lease.check_now()
         with trio.move_on_after(LOST_WAIT_S):
             while not session.broken():
                 await trio.sleep(0.05)
