@@ -34,17 +34,16 @@ log = logging.getLogger(__name__)
 
 TUNNEL_PROTOCOL = "/covey/rpc-tunnel/1.0.0"
 
-# One read from a local socket. Large reads mean fewer trips through yamux and Noise, which
-# cost far more per call than per byte in py-libp2p; 256 KiB is also the initial yamux window.
-TCP_READ_BYTES = 256 * 1024
-# One read from a stream: it returns whatever yamux has buffered, up to this.
+# py-libp2p costs far more per call than per byte (each yamux frame and Noise message passes
+# through several trio locks and checkpoints), so the tunnel moves data in big pieces. One read
+# from a local socket, and one from a stream (which returns whatever yamux has buffered):
+TCP_READ_BYTES = 1024 * 1024
 STREAM_READ_BYTES = 1024 * 1024
 # py-libp2p's yamux sends at most 64 KiB per DATA frame, header included, and Noise carries at
-# most 65,519 plaintext bytes per message: every full frame went out as two Noise messages (the
-# second of 17 bytes), and the per-frame cost in Python bounds throughput. Sending bigger
-# frames (Noise splits them into full messages) roughly doubles bulk throughput; see
-# `tune_yamux` and bench/tunnel.py.
-YAMUX_FRAME_BYTES = 256 * 1024
+# most 65,519 plaintext bytes per message, so every full frame went out as two Noise messages
+# (the second of 17 bytes). Frames of up to 1 MiB (Noise splits them into full messages) give
+# about twice the bulk throughput of stock frames; see `tune_yamux` and bench/tunnel.py.
+YAMUX_FRAME_BYTES = 1024 * 1024
 
 CONNECT_TIMEOUT_S = 10.0  # opening a stream to the worker node, or the worker's local socket
 
@@ -56,8 +55,10 @@ def tune_yamux(frame_bytes: int = YAMUX_FRAME_BYTES) -> None:
 
     Only the sender's framing changes, so it is safe with any peer: yamux limits a frame by
     the receive window alone (py-libp2p's receiver accepts up to 16 MiB, go-yamux up to the
-    window), and a frame never exceeds the sender's window. Idempotent; never lowers it.
-    Call once per process, before traffic matters (the tunnel classes call it).
+    window), and a frame never exceeds the sender's window. A 1 MiB frame holds the
+    connection's writer for a few milliseconds; ggml RPC is request-reply, so only other
+    protocols' small messages can wait behind it. Idempotent; never lowers the size. Call once
+    per process, before traffic matters (the tunnel classes call it).
     """
     yamux.MAX_MESSAGE_SIZE = max(yamux.MAX_MESSAGE_SIZE, frame_bytes + yamux.HEADER_SIZE)
 
@@ -175,6 +176,12 @@ class _Splice:
                 self._break()
                 return
             self._count(len(data), from_socket=False)
+            try:
+                await _credit(self.stream, len(data))
+            except Exception as exc:  # noqa: BLE001 - the connection died
+                log.debug("tunnel window update failed: %r", exc)
+                self._break()
+                return
 
     async def _finish(self) -> None:
         with trio.CancelScope(shield=True):
@@ -190,11 +197,13 @@ class _Splice:
 
 
 async def _read_some(stream: INetStream, max_bytes: int) -> bytes:
-    """Up to `max_bytes` from `stream`, b"" at EOF; raises when it was reset.
+    """Up to `max_bytes` from `stream`, b"" at EOF; raises when it was reset. The caller must
+    pass the count to `_credit` once it has delivered the bytes.
 
     `INetStream.read` would do, but py-libp2p's yamux sends its window update inside it,
-    after taking the data: a cancel there would desync Noise (see `_Splice`). Here the wait
-    is the only cancel point, and the window update is shielded.
+    after taking the data and before returning it: that costs a frame's write on the way of
+    every reply, and a cancel landing in that write would desync Noise (see `_Splice`). Here
+    the wait is the only cancel point, and the window update comes after the delivery.
     """
     muxed = stream.muxed_stream
     if not isinstance(muxed, yamux.YamuxStream):
@@ -203,12 +212,17 @@ async def _read_some(stream: INetStream, max_bytes: int) -> bytes:
         except StreamEOF:
             return b""
     try:
-        data = await muxed.conn.read_stream(muxed.stream_id, max_bytes)
+        return await muxed.conn.read_stream(muxed.stream_id, max_bytes)
     except MuxedStreamEOF:
         return b""
-    with trio.CancelScope(shield=True):
-        await muxed._auto_tune_and_send_window_update(bytes_read=len(data))
-    return data
+
+
+async def _credit(stream: INetStream, n: int) -> None:
+    """Give the sender `n` bytes of yamux window back (shielded: it writes a frame)."""
+    muxed = stream.muxed_stream
+    if isinstance(muxed, yamux.YamuxStream):
+        with trio.CancelScope(shield=True):
+            await muxed._auto_tune_and_send_window_update(bytes_read=n)
 
 
 def _connection_gone(stream: INetStream) -> bool:
@@ -277,8 +291,8 @@ class TunnelServer:
             finally:
                 self.stats.active -= 1
                 scopes.discard(scope)
-                if not scopes:
-                    self._open.pop(peer, None)
+                if not scopes and self._open.get(peer) is scopes:
+                    del self._open[peer]
 
     def revoke(self, peer_id: str) -> int:
         """Reset every open tunnel of `peer_id`; returns how many there were."""
@@ -338,5 +352,7 @@ class TunnelClient:
         self.stats.active += 1
         try:
             await _Splice(sock, stream, self.stats, client=True).run()
+        except Exception:  # noqa: BLE001 - a bug here must not stop the listener
+            log.exception("RPC tunnel to %s failed", self.peer_id)
         finally:
             self.stats.active -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
-from backends.engine import Done, Engine, EngineConfig, GenerateRequest
+from backends.engine import (
+    Done,
+    Engine,
+    EngineConfig,
+    EngineError,
+    GenerateRequest,
+    Token,
+    Watchdog,
+)
 from swarm.identity import Identity
 from swarm.p2p_host import build_host, isolate
 from swarm.tunnel import (
@@ -143,6 +152,15 @@ async def read_all(sock: trio.SocketStream) -> bytes:
     return bytes(out)
 
 
+async def receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = await sock.receive_some(n - len(out))
+        assert data, "EOF too early"
+        out += data
+    return bytes(out)
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
@@ -158,19 +176,20 @@ def test_bytes_round_trip_unchanged_small_and_multi_megabyte() -> None:
             await sock.send_all(b"ping")
             assert await sock.receive_some(100) == b"ping"
 
+            # Request-reply, as ggml RPC talks: py-libp2p's yamux can deadlock when both
+            # directions of a connection are saturated at once (its reader loop answers pings
+            # under the writer's lock), which RPC never does.
             payload = os.urandom(24 * 1024 * 1024 + 12345)
             got = bytearray(b"ping")
-
-            async def send() -> None:
-                view = memoryview(payload)
-                for i in range(0, len(payload), 1 << 20):  # uneven writes too
-                    await sock.send_all(view[i:i + (1 << 20) - 7])
-                    await sock.send_all(view[i + (1 << 20) - 7:i + (1 << 20)])
-                await sock.send_eof()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send)
-                got += await read_all(sock)
+            sizes = [3 * 1024 * 1024, 7, (1 << 20) - 7, 100_000, 1]
+            offset = 0
+            while offset < len(payload):
+                piece = payload[offset:offset + sizes[offset % len(sizes)]]
+                offset += len(piece)
+                await sock.send_all(piece)
+                got += await receive_exactly(sock, len(piece))
+            await sock.send_eof()
+            got += await read_all(sock)
             await sock.aclose()
             assert bytes(got) == b"ping" + payload  # echoed byte for byte, then EOF
             assert bytes(t.far.received) == b"ping" + payload
@@ -432,5 +451,39 @@ def test_llama_cpp_rpc_through_the_tunnel_matches_loopback(
             assert len(tunnelled.tokens) == 24
             stats = t.client.stats
             assert stats.connections >= 1 and stats.bytes_up > 0 and stats.bytes_down > 0
+
+    run(main)
+
+
+def test_worker_dying_mid_generation_fails_the_engine_promptly(
+    tiny_model: Path, rpc_workers: Callable[..., Worker]
+) -> None:
+    """llama.cpp must see the far end go (EOF or reset) through the tunnel, not hang until a
+    watchdog fires."""
+    worker = rpc_workers()
+    request = GenerateRequest(id="k", prompt="Once upon a time", max_tokens=200, temperature=0)
+
+    def generate_until_killed(endpoint: str) -> tuple[str, float]:
+        config = EngineConfig(model_path=str(tiny_model), n_ctx=256, rpc_endpoints=(endpoint,))
+        with Engine(config, watchdog=Watchdog(token_s=60.0)) as engine:
+            engine.wait_loaded()
+            try:
+                for event in engine.generate(request):
+                    if isinstance(event, Token) and worker.proc.poll() is None:
+                        killed_at = time.monotonic()
+                        worker.kill()
+            except EngineError as exc:
+                return type(exc).__name__, time.monotonic() - killed_at
+        return "finished", 0.0
+
+    async def main() -> None:
+        async with tunnel() as t:
+            t.far.endpoint = worker.endpoint
+            assert t.client.endpoint is not None
+            outcome, after_s = await trio.to_thread.run_sync(generate_until_killed,
+                                                             t.client.endpoint)
+            assert outcome != "finished"
+            assert after_s < 10, f"the engine took {after_s:.1f} s to notice ({outcome})"
+            await wait_for(lambda: t.client.stats.active == 0 and t.server.stats.active == 0)
 
     run(main)
