@@ -124,15 +124,8 @@ def copy_swarm(big_model: Path, tmp_path: Path) -> Iterator[CopySwarm]:
         pytest.skip(str(netns_skip_reason()))
     sha256 = hashlib.sha256(big_model.read_bytes()).hexdigest()
     with Netns() as netns:
-        swarm = CopySwarm(netns, netns.add("copy"), new_token().encode(), tmp_path, big_model,
-                          sha256, {})
-        try:
-            yield swarm
-        finally:
-            for node in swarm.nodes.values():
-                if node.proc.poll() is None:
-                    node.proc.kill()
-                    node.proc.wait()
+        yield CopySwarm(netns, netns.add("copy"), new_token().encode(), tmp_path, big_model,
+                        sha256, {})  # closing the namespaces kills the nodes
 
 
 def test_copy_from_a_peer_with_the_cli_matches_the_source(copy_swarm: CopySwarm) -> None:
