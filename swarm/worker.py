@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from backends import ggml
+from backends.rpc_worker import resolve_share
 from swarm.lease import LeaseDesk
 from swarm.placement import WORKER_VALUE_VERSION
 
@@ -43,11 +44,7 @@ def share_bytes(share_mib: int | None, share_percent: float | None, total: int) 
         if not 0 < share_percent <= 100:
             raise ValueError("the share must be between 1 and 100 percent of RAM")
         return int(total * share_percent / 100)
-    if share_mib is not None:
-        if not 0 < share_mib * (1 << 20) <= total:
-            raise ValueError(f"the share must be between 1 and {total >> 20} MiB")
-        return share_mib << 20
-    return total // 2
+    return resolve_share(share_mib, total)
 
 
 class WorkerService:
