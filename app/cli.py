@@ -120,10 +120,12 @@ def _run(argv: list[str]) -> int:
         from app import models_cli
 
         return models_cli.run(args, data_dir)
+    if args.command is None:
+        from app import gui
+
+        return gui.run(data_dir)
     from app import chat_cli
 
-    if args.command is None:  # until the desktop app exists, plain `covey` is a chat
-        args = parser.parse_args([*argv, "chat"])
     if args.route:
         from app import node_chat
 

@@ -32,6 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
                       help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
     node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
+    node.add_argument("--threads", type=_positive_int, metavar="N",
+                      help="CPU threads for the engine (default: the physical cores)")
     node.add_argument("--lan-only", action="store_true", help="no DHT: find peers by mDNS only")
     node.add_argument("--api-listen", metavar="ADDR:PORT",
                       help="also serve the OpenAI API (/v1) on this network address; "
@@ -139,3 +141,9 @@ def _positive_mib(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
     return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)

@@ -39,6 +39,29 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
         || missing+=(libgmp-dev)
     # The swarm's multi-node tests build network namespaces with `ip`.
     command -v ip >/dev/null || missing+=(iproute2)
+    # The desktop app: Qt's own libraries come from PyPI, these from the system (the xcb ones
+    # only matter for a real window on X11; the tests run Qt offscreen).
+    local lib pkg
+    while read -r lib pkg; do
+        ldconfig -p 2>/dev/null | grep -q "[[:space:]]$lib (" || missing+=("$pkg")
+    done <<'LIBS'
+libEGL.so.1 libegl1
+libGL.so.1 libgl1
+libxkbcommon.so.0 libxkbcommon0
+libfontconfig.so.1 libfontconfig1
+libdbus-1.so.3 libdbus-1-3
+libglib-2.0.so.0 libglib2.0-0
+libxkbcommon-x11.so.0 libxkbcommon-x11-0
+libxcb-cursor.so.0 libxcb-cursor0
+libxcb-icccm.so.4 libxcb-icccm4
+libxcb-image.so.0 libxcb-image0
+libxcb-keysyms.so.1 libxcb-keysyms1
+libxcb-randr.so.0 libxcb-randr0
+libxcb-render-util.so.0 libxcb-render-util0
+libxcb-shape.so.0 libxcb-shape0
+libxcb-xfixes.so.0 libxcb-xfixes0
+libxcb-xkb.so.1 libxcb-xkb1
+LIBS
     echo "${missing[@]:-}"
 }
 

@@ -6,7 +6,9 @@ holder releases it or hangs up, or when worker mode is turned off, in which case
 says "revoked" so the holder can finish its reply and move elsewhere.
 
 Frames (JSON): holder {"version": 1, "op": "acquire" | "renew" | "release"}; worker
-{"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked", "message"}.
+{"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked", "message"}. The
+reply to acquire may carry more: "direct_secret" (hex) admits the holder to the worker's direct
+TLS path (swarm/direct_tls.py); a holder that does not know a field ignores it.
 """
 
 from __future__ import annotations
@@ -65,12 +67,14 @@ class LeaseDesk:
     """The worker's side: who holds the lease, and the protocol handler that grants it."""
 
     def __init__(self, on_change: Callable[[], None], on_end: Callable[[str], None],
-                 ttl_s: float = TTL_S) -> None:
+                 ttl_s: float = TTL_S,
+                 on_grant: Callable[[str], dict[str, Any]] = lambda peer: {}) -> None:
         self.accepting = False
         self.ttl_s = ttl_s
         self._held: _Held | None = None
         self._on_change = on_change
         self._on_end = on_end  # e.g. cut the old holder's tunnels
+        self._on_grant = on_grant  # extra fields for the holder, e.g. its direct-path secret
 
     @property
     def holder(self) -> str | None:
@@ -97,7 +101,7 @@ class LeaseDesk:
         self._held = held
         self._on_change()
         try:
-            await _send(stream, {"ok": True, "ttl_s": self.ttl_s})
+            await _send(stream, {**self._on_grant(peer), "ok": True, "ttl_s": self.ttl_s})
             with held.scope:
                 while True:
                     with trio.fail_after(self.ttl_s):
@@ -140,6 +144,7 @@ class Lease:
     """The holder's side of one lease, kept alive by `hold` until released."""
 
     peer_id: str
+    granted: dict[str, Any] = field(default_factory=dict)  # the worker's acquire reply
     lost: trio.Event = field(default_factory=trio.Event)  # the worker or the link is gone
     revoked: trio.Event = field(default_factory=trio.Event)  # worker mode turned off there
     why: str = ""
@@ -170,6 +175,7 @@ async def hold(host: IHost, peer_id: str, *,
             code = reply.get("code", "refused") if isinstance(reply, dict) else "refused"
             message = reply.get("message", "") if isinstance(reply, dict) else ""
             raise LeaseRefused(str(code), str(message))
+        lease.granted = reply
         task_status.started(lease)
         await _keep(stream, lease)
     finally:

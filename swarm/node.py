@@ -94,6 +94,7 @@ class NodeConfig:
     federated_model: str | None = None  # serve this model for the swarm
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
+    threads: int | None = None  # engine threads; None: the physical cores
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -134,7 +135,7 @@ class Node:
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
         self.store = ModelStore(config.data_dir / "models")
-        self.local_route = LocalRoute(self.store, self.name)
+        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
         self.copier = Copier(self.host, self.store, self._copy_offers, self._changed)
         self.federated = FederatedService(self.local_route, self._changed)

@@ -142,6 +142,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         federated_model=(args.model or DEFAULT_MODEL) if args.federated else None,
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
+        threads=args.threads,
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes()[0]) if args.worker else None),
     )

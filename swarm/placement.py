@@ -44,6 +44,10 @@ class WorkerOffer:
     rpc_protocol: str
     state: str
     leased_by: str | None = None
+    # The direct TLS fast path (swarm/direct_tls.py): its port on the worker's address, and
+    # the SHA-256 of the certificate the client pins. None when the worker offers none.
+    direct_port: int | None = None
+    direct_sha256: str | None = None
 
     @classmethod
     def from_ledger(cls, owner: str, name: str, value: dict[str, Any]) -> WorkerOffer | None:
@@ -78,7 +82,21 @@ class WorkerOffer:
             return None
         if leased_by is not None and text("leased_by") is None:
             return None
-        return cls(owner, name, donated, free, cores, protocol, state, leased_by)
+        port, sha256 = _direct(value.get("direct"))
+        return cls(owner, name, donated, free, cores, protocol, state, leased_by, port, sha256)
+
+
+def _direct(value: Any) -> tuple[int | None, str | None]:
+    """(port, certificate sha256) of a well-formed direct offer; (None, None) otherwise: a
+    worker with a bad direct entry is still usable through the libp2p tunnel."""
+    if not isinstance(value, dict):
+        return None, None
+    port, sha256 = value.get("port"), value.get("cert_sha256")
+    if (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+            or not isinstance(sha256, str) or len(sha256) != 64
+            or any(c not in "0123456789abcdef" for c in sha256)):
+        return None, None
+    return port, sha256
 
 
 @dataclass(frozen=True)

@@ -227,11 +227,13 @@ class LocalRoute:
         max_waiting: int = 4,
         engine_factory: Callable[[EngineConfig], Engine] = Engine,
         n_ctx: int = 4096,
+        n_threads: int | None = None,
     ) -> None:
         self.store = store
         self.machine = machine
         self._engine_factory = engine_factory
         self._n_ctx = n_ctx
+        self.n_threads = n_threads  # None: the engine's choice (the physical cores)
         self._engine: Engine | None = None
         self._engine_model: tuple[str, bool] | None = None
         self.gate = EngineGate(max_waiting, "this node's engine")
@@ -265,7 +267,7 @@ class LocalRoute:
         await self._drop_engine()
         entry = await model_entry(self.store, model)
         config = EngineConfig(model_path=str(entry.path), n_ctx=self._n_ctx,
-                              deterministic=deterministic)
+                              n_threads=self.n_threads, deterministic=deterministic)
         engine = await start_engine(self._engine_factory, config)
         self._engine, self._engine_model = engine, (model, deterministic)
         log.info("engine loaded %s", model)

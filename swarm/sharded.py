@@ -261,7 +261,7 @@ class ShardedRoute:
         entry = await model_entry(self.store, model)
         config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
                               tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
-                              deterministic=deterministic)
+                              n_threads=self.fallback.n_threads, deterministic=deterministic)
         try:
             session.engine = await start_engine(self._engine_factory, config)
         except EngineError as exc:

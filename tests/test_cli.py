@@ -145,17 +145,6 @@ def test_models_download_shows_progress_and_lands_in_the_store(
     assert [m["name"] for m in listed] == ["tiny"]
 
 
-@pytest.mark.gemma
-def test_plain_covey_with_a_data_dir_is_a_chat(tiny_model: Path, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [COVEY, "--data-dir", str(tmp_path)], input="/exit\n",
-        capture_output=True, text=True, timeout=120,
-    )
-    # No model in this data dir: the bundled one gets registered, then the chat starts.
-    assert out.returncode == 0, out.stderr
-    assert "Type a message" in out.stderr
-
-
 def test_reader_closing_the_pipe_early_is_not_an_error(tiny_model: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [COVEY, "--data-dir", str(tmp_path), "chat", "hello", "--model", str(tiny_model),

@@ -378,3 +378,16 @@ def test_no_worker_ever_exceeds_its_donation(swarm: tuple) -> None:
         assert list(p.workers) == top
         total = sum(split)
         assert p.tensor_split == pytest.approx([s / total for s in split])
+
+
+def test_direct_offer_is_read_when_well_formed_and_ignored_otherwise() -> None:
+    base = {"version": 1, "donated_bytes": 1 << 30, "free_bytes": 2 << 30, "cores": 4,
+            "rpc_protocol": "3.0.0", "state": "idle", "leased_by": None}
+    good = WorkerOffer.from_ledger("p", "w", {**base, "direct": {"port": 4433,
+                                                                 "cert_sha256": "ab" * 32}})
+    assert good is not None and (good.direct_port, good.direct_sha256) == (4433, "ab" * 32)
+    for bad in ({"port": 0, "cert_sha256": "ab" * 32}, {"port": True, "cert_sha256": "ab" * 32},
+                {"port": 4433, "cert_sha256": "AB" * 32}, {"port": 4433, "cert_sha256": "ab"},
+                {"port": "4433", "cert_sha256": "ab" * 32}, "4433", None):
+        offer = WorkerOffer.from_ledger("p", "w", {**base, "direct": bad})
+        assert offer is not None and offer.direct_port is None and offer.direct_sha256 is None

@@ -1,0 +1,159 @@
+"""Chat conversations, kept in SQLite (`conversations.db` in the data directory).
+
+Qt-free so it is tested on its own. Every change commits at once: a crash loses at most the
+part of a reply that was still streaming since its last save.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DB_FILE = "conversations.db"
+SCHEMA_VERSION = 1
+DEFAULT_TITLE = "New chat"
+TITLE_CHARS = 48
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    model TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+"""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    title: str
+    model: str | None
+    updated: float
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    role: str
+    content: str
+    meta: dict[str, Any] = field(default_factory=dict)  # route, machines, tokens/s, notice
+
+
+def title_from(text: str) -> str:
+    """A conversation's title from its first question: one line, cut at a word."""
+    line = " ".join(text.split())
+    if len(line) <= TITLE_CHARS:
+        return line or DEFAULT_TITLE
+    cut = line[:TITLE_CHARS].rsplit(" ", 1)[0] or line[:TITLE_CHARS]
+    return cut + "…"
+
+
+class ConversationStore:
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(data_dir / DB_FILE)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{data_dir / DB_FILE} was written by a newer Covey (schema {version})")
+        with self._db:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, model: str | None = None, title: str = DEFAULT_TITLE) -> Conversation:
+        now = time.time()
+        with self._db:
+            cur = self._db.execute(
+                "INSERT INTO conversations (title, model, created, updated) VALUES (?,?,?,?)",
+                (title, model, now, now))
+        return Conversation(int(cur.lastrowid or 0), title, model, now)
+
+    def list(self) -> list[Conversation]:
+        """Newest activity first."""
+        rows = self._db.execute(
+            "SELECT id, title, model, updated FROM conversations ORDER BY updated DESC, id DESC")
+        return [Conversation(*row) for row in rows]
+
+    def get(self, conversation_id: int) -> Conversation | None:
+        row = self._db.execute("SELECT id, title, model, updated FROM conversations WHERE id=?",
+                               (conversation_id,)).fetchone()
+        return Conversation(*row) if row else None
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        title = " ".join(title.split()) or DEFAULT_TITLE
+        with self._db:
+            self._db.execute("UPDATE conversations SET title=? WHERE id=?",
+                             (title, conversation_id))
+
+    def set_model(self, conversation_id: int, model: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE conversations SET model=? WHERE id=?",
+                             (model, conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        rows = self._db.execute(
+            "SELECT id, role, content, meta FROM messages WHERE conversation_id=? ORDER BY id",
+            (conversation_id,))
+        return [Message(i, role, content, _meta(meta)) for i, role, content, meta in rows]
+
+    def add(self, conversation_id: int, role: str, content: str,
+            meta: dict[str, Any] | None = None) -> Message:
+        """Append a message; the first question also names a conversation still untitled."""
+        now = time.time()
+        with self._db:
+            cur = self._db.execute(
+                "INSERT INTO messages (conversation_id, role, content, meta, created) "
+                "VALUES (?,?,?,?,?)",
+                (conversation_id, role, content, json.dumps(meta or {}), now))
+            self._db.execute("UPDATE conversations SET updated=? WHERE id=?",
+                             (now, conversation_id))
+            if role == "user":
+                self._db.execute(
+                    "UPDATE conversations SET title=? WHERE id=? AND title=?",
+                    (title_from(content), conversation_id, DEFAULT_TITLE))
+        return Message(int(cur.lastrowid or 0), role, content, meta or {})
+
+    def update(self, message_id: int, content: str, meta: dict[str, Any] | None = None) -> None:
+        with self._db:
+            if meta is None:
+                self._db.execute("UPDATE messages SET content=? WHERE id=?",
+                                 (content, message_id))
+            else:
+                self._db.execute("UPDATE messages SET content=?, meta=? WHERE id=?",
+                                 (content, json.dumps(meta), message_id))
+
+    def delete_message(self, message_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM messages WHERE id=?", (message_id,))
+
+
+def _meta(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
