@@ -56,6 +56,7 @@ class Controller(QObject):
         task = asyncio.get_event_loop().create_task(self._guard(coro, what))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: coro.close() if t.cancelled() else None)
         return task
 
     async def _guard(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
@@ -84,8 +85,10 @@ class Controller(QObject):
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.supervisor.stop(keep_node=False)
         self.conversations.close()
 

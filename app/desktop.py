@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtWidgets import QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from app.controller import Controller
 from app.main_window import MainWindow
@@ -21,6 +21,7 @@ INFO = QSystemTrayIcon.MessageIcon.Information
 
 class CoveyApp:
     def __init__(self, data_dir: Path, node_command: list[str] | None = None) -> None:
+        QApplication.setQuitOnLastWindowClosed(False)  # the tray decides when Covey quits
         self.controller = Controller(data_dir, node_command)
         self.window = MainWindow(self.controller)
         self.tray = Tray(self.controller, self.window.raise_window, self.quit)
@@ -58,6 +59,6 @@ class CoveyApp:
 
     async def shutdown(self) -> None:
         self.tray.hide()
+        await self.controller.stop()
         self.window.force_quit = True
         self.window.close()
-        await self.controller.stop()

@@ -45,7 +45,6 @@ def run(data_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     qt_app = QApplication.instance() or QApplication(sys.argv[:1])
     qt_app.setApplicationName("Covey")
-    qt_app.setQuitOnLastWindowClosed(False)  # the tray decides when Covey quits
     loop = qasync.QEventLoop(qt_app)
     asyncio.set_event_loop(loop)
 

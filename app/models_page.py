@@ -175,6 +175,7 @@ class ModelsPage(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Import a GGUF model", str(Path.home()),
                                               "GGUF models (*.gguf)")
         if path:
+            self._begin()
             self.controller.spawn(self.import_file(Path(path)))
 
     async def import_file(self, path: Path) -> None:
@@ -185,11 +186,17 @@ class ModelsPage(QWidget):
     def download(self) -> None:
         url = self.url.text().strip()
         if url:
+            self._begin()
             self.controller.spawn(self.download_url(url))
 
     async def download_url(self, url: str) -> None:
         await self._store_job("Downloading", lambda progress, cancel: self.store.download(
             url, progress=progress, cancel=cancel), cancellable=True)
+
+    def _begin(self) -> None:
+        """Busy from the click on, before the job's task first runs."""
+        self._busy = True
+        self._update_buttons()
 
     def cancel(self) -> None:
         if self._cancel is not None:

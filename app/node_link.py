@@ -162,6 +162,8 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
                 data = await reader.read(READ_BYTES)
         except TimeoutError:
             raise NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
+        if not data and conn.their_state is h11.SEND_RESPONSE:
+            raise NodeClientError("The Covey node closed the connection without answering")
         conn.receive_data(data)
 
 

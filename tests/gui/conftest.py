@@ -26,11 +26,20 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TEST_TIMEOUT_S = 120
 
 
-@pytest.fixture
-def run_async(qapp: QApplication) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
-    """Run a test's coroutine on a qasync loop over pytest-qt's QApplication."""
-    loop = qasync.QEventLoop(qapp, already_running=False)
+@pytest.fixture(scope="session")
+def qt_loop(qapp: QApplication) -> Iterator[qasync.QEventLoop]:
+    """One qasync loop over pytest-qt's QApplication for the whole run (qasync loops do not
+    take turns well on one application)."""
+    loop = qasync.QEventLoop(qapp)
     asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def run_async(qt_loop: qasync.QEventLoop) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
+    """Run a test's coroutine on the qasync loop."""
+    loop = qt_loop
 
     def run(coro: Coroutine[Any, Any, Any]) -> Any:
         async def bounded() -> Any:
@@ -39,7 +48,6 @@ def run_async(qapp: QApplication) -> Iterator[Callable[[Coroutine[Any, Any, Any]
         return loop.run_until_complete(bounded())
 
     yield run
-    asyncio.set_event_loop(None)
 
 
 def app_data_dir(root: Path, name: str, tiny_model: Path | None = None) -> Path:
