@@ -37,6 +37,8 @@ from backends.model_store import DEFAULT_MODEL
 REDRAW_EVERY_MS = 50
 SAVE_EVERY_S = 1.0
 MAX_TOKENS = 1024
+TEMPERATURE = 0.5  # what `covey chat` uses: small models ramble at OpenAI's 1.0
+TOP_P = 0.95
 
 
 def served_line(meta: dict[str, Any]) -> str:
@@ -102,6 +104,8 @@ class ChatPage(QWidget):
 
         self.sidebar = QListWidget()
         self.sidebar.setObjectName("conversations")
+        self.sidebar.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.sidebar.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.sidebar.currentItemChanged.connect(self._picked)
         new_button = QPushButton("New chat")
         new_button.clicked.connect(self.new_conversation)
@@ -122,6 +126,7 @@ class ChatPage(QWidget):
         self.model_picker = QComboBox()
         self.model_picker.setMinimumContentsLength(28)
         self.transcript = QTextBrowser()
+        self.transcript.setObjectName("transcript")
         self.transcript.setOpenExternalLinks(True)
         self.transcript.setPlaceholderText("Ask anything. Replies run on your own machines.")
         self.input = QPlainTextEdit()
@@ -313,6 +318,7 @@ class ChatPage(QWidget):
         tokens = 0
         saved_at = time.monotonic()
         body = {"model": model, "messages": history, "max_tokens": MAX_TOKENS, "stream": True,
+                "temperature": TEMPERATURE, "top_p": TOP_P,
                 "stream_options": {"include_usage": True}}
         try:
             link = self.controller.link

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from app.controller import Controller
 from app.main_window import MainWindow
+from app.style import STYLE_SHEET
 from app.tray import Tray
 
 INFO = QSystemTrayIcon.MessageIcon.Information
@@ -22,6 +23,9 @@ INFO = QSystemTrayIcon.MessageIcon.Information
 class CoveyApp:
     def __init__(self, data_dir: Path, node_command: list[str] | None = None) -> None:
         QApplication.setQuitOnLastWindowClosed(False)  # the tray decides when Covey quits
+        qt = QApplication.instance()
+        if isinstance(qt, QApplication):
+            qt.setStyleSheet(STYLE_SHEET)
         self.controller = Controller(data_dir, node_command)
         self.window = MainWindow(self.controller)
         self.tray = Tray(self.controller, self.window.raise_window, self.quit)

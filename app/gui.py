@@ -61,4 +61,8 @@ def run(data_dir: Path) -> int:
 
     with loop:
         loop.run_until_complete(main())
-    return 0
+    # Everything is saved and the node is stopped. Skip the interpreter's teardown: PySide6
+    # can crash while Python frees Qt objects in an arbitrary order at exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

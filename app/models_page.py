@@ -17,6 +17,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QMessageBox,
@@ -33,9 +34,13 @@ from backends.model_store import ModelStore, ModelStoreError
 
 COLUMNS = ("Model", "Size", "On this machine", "Offered by", "Runs")
 PROGRESS_EVERY_S = 0.1
+ROUTE_WORDS = {"local": "this machine", "sharded": "spread over workers",
+               "federated": "served by a peer"}
 
 
 def size_text(n: int) -> str:
+    if not n:
+        return "—"
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
@@ -50,9 +55,13 @@ def model_rows(local: list[dict[str, Any]], models: dict[str, Any]) -> list[dict
                                           "local": False, "peers": []})
         row["peers"] += [p for p in m.get("machines", []) if p not in row["peers"]]
     runnable = {m["id"]: m.get("covey", {}) for m in models.get("runnable", [])}
+    for model_id, where in runnable.items():  # the bundled model, before its first use
+        if model_id not in rows and "local" in where.get("routes", []):
+            rows[model_id] = {"name": model_id, "size": 0, "local": True, "peers": []}
     for row in rows.values():
         where = runnable.get(row["name"])
-        row["runs"] = ", ".join(where.get("routes", [])) if where else (
+        row["runs"] = ", ".join(ROUTE_WORDS.get(r, r) for r in where.get("routes", [])
+                                ) if where else (
             "copy it here first" if not row["local"] else "does not fit")
     return sorted(rows.values(), key=lambda r: (not r["local"], r["name"]))
 
@@ -65,13 +74,16 @@ class ModelsPage(QWidget):
         self._local: list[dict[str, Any]] = []
         self._cancel: threading.Event | None = None
         self._busy = False
-        self._loaded = False
+        self._reloading = False
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("models")
         self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.setAlternatingRowColors(True)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
@@ -121,13 +133,19 @@ class ModelsPage(QWidget):
         def read() -> list[dict[str, Any]]:
             return [{"name": e.name, "size": e.manifest.size} for e in self.store.list()]
 
-        self._local = await asyncio.to_thread(read)
-        self._models_changed(self.controller.last_models)
+        try:
+            self._local = await asyncio.to_thread(read)
+        finally:
+            self._reloading = False
+        self._draw(self.controller.last_models)
 
     def _models_changed(self, models: dict[str, Any]) -> None:
-        if not self._loaded:
-            self._loaded = True
+        if not self._reloading:  # the store changes behind our back too (copies, the node)
+            self._reloading = True
             self.controller.spawn(self.reload_local())
+        self._draw(models)
+
+    def _draw(self, models: dict[str, Any]) -> None:
         rows = model_rows(self._local, models)
         selected = self.selected()
         self.table.setRowCount(len(rows))
@@ -140,7 +158,6 @@ class ModelsPage(QWidget):
                 self.table.setItem(r, c, item)
             if selected and row["name"] == selected["name"]:
                 self.table.selectRow(r)
-        self.table.resizeColumnsToContents()
         self._show_copies(models.get("copies", []))
         self._update_buttons()
 

@@ -16,6 +16,7 @@ from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
 from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QMessageBox,
@@ -194,8 +195,11 @@ class SwarmPage(QWidget):
         self.table = QTableWidget(0, len(PEER_COLUMNS))
         self.table.setObjectName("peers")
         self.table.setHorizontalHeaderLabels(PEER_COLUMNS)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.setAlternatingRowColors(True)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.topology = Topology()
@@ -268,7 +272,6 @@ class SwarmPage(QWidget):
                 if not peer.get("online"):
                     item.setForeground(grey)
                 self.table.setItem(r, c, item)
-        self.table.resizeColumnsToContents()
         online = sum(1 for p in peers if p.get("online"))
         self.summary.setText(f"{online} machine{'s' if online != 1 else ''} online"
                              + (f", {len(peers) - online} offline" if len(peers) > online

@@ -110,7 +110,8 @@ def main() -> int:
     print(f"streaming reply:      longest stall {r['streaming']:6.1f} ms "
           f"over {r['streaming_s']:.1f} s at {r['tokens_per_s']:.1f} tokens/s  "
           f"({r['streaming'] / TARGET_MS:.2f}x of budget)")
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # PySide6 can crash in the interpreter's teardown
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def main() -> int:
         asyncio.set_event_loop(loop)
         with loop:
             loop.run_until_complete(shoot(args.out))
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # PySide6 can crash in the interpreter's teardown; everything is saved
 
 
 if __name__ == "__main__":
