@@ -17,6 +17,7 @@ import pytest
 from tests.tiny_gguf import write_tiny_gguf
 
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no screen needed
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,10 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.fixture(scope="module")
-def qt() -> object:
-    qtgui = pytest.importorskip("PySide6.QtGui", reason="PySide6 is not installed")
-    pytest.importorskip("PySide6.QtSvg", reason="PySide6 has no QtSvg")
-    return qtgui.QGuiApplication.instance() or qtgui.QGuiApplication([])
+def qt(qapp: object) -> object:
+    """pytest-qt's one QApplication: the GUI tests need a QApplication, not a bare
+    QGuiApplication, and Qt allows one per process."""
+    return qapp
 
 
 def _render(name: str, size: int) -> list[tuple[int, int, int, int]]:
