@@ -39,6 +39,7 @@ SAVE_EVERY_S = 1.0
 MAX_TOKENS = 1024
 TEMPERATURE = 0.5  # what `covey chat` uses: small models ramble at OpenAI's 1.0
 TOP_P = 0.95
+REPEAT_PENALTY = 1.1
 
 
 def served_line(meta: dict[str, Any]) -> str:
@@ -318,7 +319,7 @@ class ChatPage(QWidget):
         tokens = 0
         saved_at = time.monotonic()
         body = {"model": model, "messages": history, "max_tokens": MAX_TOKENS, "stream": True,
-                "temperature": TEMPERATURE, "top_p": TOP_P,
+                "temperature": TEMPERATURE, "top_p": TOP_P, "repeat_penalty": REPEAT_PENALTY,
                 "stream_options": {"include_usage": True}}
         try:
             link = self.controller.link

@@ -69,6 +69,9 @@ class ConversationStore:
         self._db = sqlite3.connect(data_dir / DB_FILE)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
+        # With WAL, NORMAL survives an app crash (not a power cut) without an fsync per save,
+        # which would stall the window while a reply streams.
+        self._db.execute("PRAGMA synchronous = NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(

@@ -1,8 +1,10 @@
 """The models page: this machine's models and the swarm's, with sizes and where each runs;
 import a GGUF, download by URL (progress, cancel, resume), copy from a peer, delete.
 
-Store work (hashing a multi-GB import, a download) runs in a thread, so the window stays live;
-copies from peers run in the node, and this page shows their progress from `GET /api/models`.
+The list comes from the node (`GET /api/models`), which reads the store in its own process:
+reading GGUF headers here would hold the GIL and stall the window. Imports and downloads run in
+a thread (their hashing and I/O release the GIL); copies from peers run in the node, and this
+page shows their progress.
 """
 
 from __future__ import annotations
@@ -71,10 +73,8 @@ class ModelsPage(QWidget):
         super().__init__()
         self.controller = controller
         self.store = ModelStore(controller.data_dir / "models")
-        self._local: list[dict[str, Any]] = []
         self._cancel: threading.Event | None = None
         self._busy = False
-        self._reloading = False
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("models")
@@ -129,24 +129,11 @@ class ModelsPage(QWidget):
 
     # -- the list --------------------------------------------------------------------------
 
-    async def reload_local(self) -> None:
-        def read() -> list[dict[str, Any]]:
-            return [{"name": e.name, "size": e.manifest.size} for e in self.store.list()]
-
-        try:
-            self._local = await asyncio.to_thread(read)
-        finally:
-            self._reloading = False
-        self._draw(self.controller.last_models)
-
     def _models_changed(self, models: dict[str, Any]) -> None:
-        if not self._reloading:  # the store changes behind our back too (copies, the node)
-            self._reloading = True
-            self.controller.spawn(self.reload_local())
         self._draw(models)
 
     def _draw(self, models: dict[str, Any]) -> None:
-        rows = model_rows(self._local, models)
+        rows = model_rows(models.get("local", []), models)
         selected = self.selected()
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -247,7 +234,6 @@ class ModelsPage(QWidget):
             self._cancel = None
             self.progress.setVisible(False)
             self._update_buttons()
-        await self.reload_local()
         await self.controller.refresh()
 
     def _show_progress(self, what: str, done: int, total: int | None) -> None:
@@ -280,4 +266,4 @@ class ModelsPage(QWidget):
             self.message.setText(f"{name} was deleted.")
         except ModelStoreError as exc:
             self.message.setText(str(exc))
-        await self.reload_local()
+        await self.controller.refresh()

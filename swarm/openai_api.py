@@ -69,6 +69,10 @@ def parse_completion(body: Any, kind: str) -> Completion:
     top_p = float(_field(body, "top_p", (int, float), default=1.0))
     if not 0 < top_p <= 1:
         raise BadRequest("top_p must be greater than 0 and at most 1", "top_p")
+    # llama.cpp's server takes repeat_penalty too; small models loop without it.
+    repeat_penalty = float(_field(body, "repeat_penalty", (int, float), default=1.0))
+    if not 0.5 <= repeat_penalty <= 2:
+        raise BadRequest("repeat_penalty must be between 0.5 and 2", "repeat_penalty")
     seed = _field(body, "seed", int, default=None)
     stop = _stops(body.get("stop"))
     stream = _field(body, "stream", bool, default=False)
@@ -80,7 +84,7 @@ def parse_completion(body: Any, kind: str) -> Completion:
     deterministic = _field(body, "covey_deterministic", bool, default=False)
     request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
     common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=stop, repeat_penalty=1.0, deterministic=bool(deterministic))
+                  seed=seed, stop=stop, repeat_penalty=repeat_penalty, deterministic=bool(deterministic))
     if kind == "chat":
         generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
     else:

@@ -109,6 +109,9 @@ def _generation_parameters() -> dict[str, Schema]:
         "temperature": or_null({"type": "number", "minimum": 0, "maximum": 2, "default": 1}),
         "top_p": or_null({"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                           "default": 1}),
+        "repeat_penalty": or_null({
+            "type": "number", "minimum": 0.5, "maximum": 2, "default": 1, "description":
+            "As in llama.cpp's server: above 1 discourages repeating recent tokens."}),
         "seed": or_null({"type": "integer", "description": "Makes sampling repeatable."}),
         "stop": or_null(schema_ref("StopSequences")),
         "stream": or_null({"type": "boolean", "default": False, "description":
