@@ -34,6 +34,7 @@ def qt_loop(qapp: QApplication) -> Iterator[qasync.QEventLoop]:
     asyncio.set_event_loop(loop)
     yield loop
     asyncio.set_event_loop(None)
+    loop.close()  # now, while its Qt objects still exist
 
 
 @pytest.fixture
