@@ -191,6 +191,7 @@ class SwarmPage(QWidget):
         jbox = QVBoxLayout(join)
         jbox.addLayout(jrow)
         jbox.addWidget(self.join_error)
+        self.join_error.setVisible(False)
 
         self.table = QTableWidget(0, len(PEER_COLUMNS))
         self.table.setObjectName("peers")
@@ -226,6 +227,7 @@ class SwarmPage(QWidget):
     def _validate(self, text: str) -> None:
         problem = check_token(text, self.controller.token())
         self.join_error.setText(problem or "")
+        self.join_error.setVisible(bool(problem))
         self.join_button.setEnabled(problem is None)
 
     def _join(self) -> None:
@@ -234,6 +236,7 @@ class SwarmPage(QWidget):
             return
         self.join_button.setEnabled(False)
         self.join_error.setText("Joining…")
+        self.join_error.setVisible(True)
 
         async def join() -> None:
             await self.controller.join(text)

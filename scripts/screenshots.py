@@ -55,8 +55,16 @@ async def shoot(out: Path) -> None:
     app_settings.save(data_dir, app_settings.AppSettings(
         lan_only=True, listen=("/ip4/127.0.0.1/tcp/0",)))
     app = CoveyApp(data_dir)
+    peer = None
     try:
         await app.start()
+        # A second machine in the swarm, donating memory, so the swarm page has someone on it.
+        peer_dir = data_dir / "peer"
+        peer = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "node", "--data-dir", str(peer_dir),
+             "--name", "study-laptop", "--token", app.controller.token(), "--lan-only",
+             "--listen", "/ip4/127.0.0.1/tcp/0", "--worker", "--share-mib", "3072"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         window = app.window
         window.resize(1180, 760)
         chat = window.chat
@@ -66,6 +74,11 @@ async def shoot(out: Path) -> None:
         while chat._reply is not None:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                p.get("name") == "study-laptop" and p.get("worker")
+                for p in app.controller.last_peers):
+            await asyncio.sleep(0.5)
         out.mkdir(parents=True, exist_ok=True)
         for page in ("Chat", "Swarm", "Models", "Settings"):
             window.show_page(page)
@@ -75,6 +88,9 @@ async def shoot(out: Path) -> None:
             window.grab().save(str(path))
             print(f"saved {path}")
     finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(15)
         await app.shutdown()
         shutil.rmtree(data_dir, ignore_errors=True)
 
