@@ -84,7 +84,8 @@ def parse_completion(body: Any, kind: str) -> Completion:
     deterministic = _field(body, "covey_deterministic", bool, default=False)
     request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
     common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=stop, repeat_penalty=repeat_penalty, deterministic=bool(deterministic))
+                  seed=seed, stop=stop, repeat_penalty=repeat_penalty,
+                  deterministic=bool(deterministic))
     if kind == "chat":
         generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
     else:
