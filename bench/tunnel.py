@@ -1,18 +1,20 @@
-"""RPC tunnel benchmark: Covey's libp2p tunnel vs raw loopback TCP, side by side in one run.
+"""RPC link benchmark: Covey's direct TLS path and libp2p tunnel vs raw loopback TCP, side by
+side in one run.
 
 Every node is its own process, as on real machines (a client node, and one node per worker),
 all on 127.0.0.1. Rounds are interleaved and alternate their order so the noise of a shared
 machine hits every configuration alike; medians and ratios are printed.
 
 1. Bulk throughput, MB/s, of a transfer each way (client -> worker as when llama.cpp loads
-   weights, worker -> client as when it reads tensors back): raw TCP, the tunnel, and the
-   tunnel with py-libp2p's stock 64 KiB yamux frames (what `tune_yamux` changes).
+   weights, worker -> client as when it reads tensors back): raw TCP, the direct TLS path
+   (swarm/direct_tls.py: what Covey uses when the worker is reachable), the libp2p tunnel
+   (the fallback), and the tunnel with py-libp2p's stock 64 KiB yamux frames.
 2. Round-trip time of 100-byte ping-pongs (ggml RPC is chatty: one round trip per command),
    and of a 100-byte request answered with 1 MiB (llama.cpp fetches the logits of Gemma's
    262k-token vocabulary from the worker holding the output layer, 1 MiB every token).
 3. Generation tokens/s with the bundled Gemma 3 270M split over two RPC workers, reached
-   raw or through tunnels (each configuration has its own two workers: a ggml RPC server
-   serves one client at a time).
+   raw, through direct TLS links or through tunnels (each configuration has its own two
+   workers: a ggml RPC server serves one client at a time).
 
     .venv/bin/python bench/tunnel.py [--mb 256] [--rounds 3] [--gen-rounds 9] [--tokens 64]
                                      [--skip-transport] [--skip-generation]
@@ -63,7 +65,10 @@ def _sink_conn(conn: socket.socket) -> None:
     block = os.urandom(CHUNK)
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _recv_exactly(conn, HEADER.size, buf)
+        try:
+            _recv_exactly(conn, HEADER.size, buf)
+        except EOFError:
+            return  # the direct path's probe: connected, admitted, hung up
         op, n = HEADER.unpack(bytes(buf[: HEADER.size]))
         conn.sendall(b"r")  # ready: the tunnel is fully open before the clock starts
         if op == b"U":
@@ -94,6 +99,53 @@ def run_sink() -> None:
 
 
 # -- the nodes -------------------------------------------------------------------------------
+
+def run_direct_worker(endpoints: list[str]) -> None:
+    """A worker's direct TLS ends, one per endpoint: prints ports, certificate and secret."""
+    import tempfile
+
+    from swarm.direct_tls import DirectServer, load_or_create_certificate, new_secret
+
+    cert = load_or_create_certificate(Path(tempfile.mkdtemp()))
+    secret = new_secret()
+    servers = [DirectServer(cert, e, bind="127.0.0.1") for e in endpoints]
+    for server in servers:
+        server.start()
+        server.allow(secret)
+    print(json.dumps({"ports": [s.port for s in servers], "sha256": cert.sha256,
+                      "secret": secret.hex()}), flush=True)
+    sys.stdin.read()
+    for server in servers:
+        server.close()
+
+
+def run_direct_client(worker: dict[str, Any]) -> None:
+    """The client's direct TLS ends for llama.cpp, one per worker port."""
+    from swarm.direct_tls import DirectClient
+
+    clients = [DirectClient(("127.0.0.1", port), worker["sha256"],
+                            bytes.fromhex(worker["secret"])) for port in worker["ports"]]
+    for client in clients:
+        client.probe()
+    print(json.dumps({"endpoints": [c.start() for c in clients]}), flush=True)
+    sys.stdin.read()
+    for client in clients:
+        client.close()
+
+
+@contextmanager
+def direct_links(endpoints: list[str]) -> Iterator[list[str]]:
+    """Direct TLS links to `endpoints`, worker and client ends in their own processes."""
+    worker = Child("--role", "direct-worker", "--endpoints", json.dumps(endpoints))
+    client = None
+    try:
+        client = Child("--role", "direct-client", "--peers", json.dumps(worker.info))
+        yield client.info["endpoints"]
+    finally:
+        for child in ([client] if client else []) + [worker]:
+            if child.proc.poll() is None:
+                child.stop()
+
 
 def _untune() -> None:
     """Back to py-libp2p's stock 64 KiB yamux frames, for comparison."""
@@ -288,8 +340,9 @@ def bench_transport(args: argparse.Namespace) -> None:
     sink = Child("--role", "sink")
     far = sink.info["endpoint"]
     try:
-        with tunnels([far]) as (tuned, _), tunnels([far], stock=True) as (stock, _):
-            endpoints = {"raw loopback TCP": far, "tunnel": tuned[0],
+        with tunnels([far]) as (tuned, _), tunnels([far], stock=True) as (stock, _), \
+                direct_links([far]) as direct:
+            endpoints = {"raw loopback TCP": far, "direct TLS": direct[0], "tunnel": tuned[0],
                          "tunnel, stock 64 KiB frames": stock[0]}
             names = list(endpoints)
             for name in names:  # warm-up: connections, yamux windows, allocators
@@ -313,9 +366,12 @@ def bench_transport(args: argparse.Namespace) -> None:
             print(f"tunnel / stock frames: up "
                   f"{ratio_line(up, 'tunnel', 'tunnel, stock 64 KiB frames')}, down "
                   f"{ratio_line(down, 'tunnel', 'tunnel, stock 64 KiB frames')}")
-            verdict = "PASS" if min(tuned_up, tuned_down) >= 200 else "FAIL"
-            print(f"tunnel bulk throughput (target >= 200 MB/s): up {tuned_up:.0f}, "
-                  f"down {tuned_down:.0f}: {verdict}")
+            direct_up = statistics.median(up["direct TLS"])
+            direct_down = statistics.median(down["direct TLS"])
+            verdict = "PASS" if min(direct_up, direct_down) >= 200 else "FAIL"
+            print(f"direct TLS bulk throughput (target >= 200 MB/s): up {direct_up:.0f}, "
+                  f"down {direct_down:.0f}: {verdict}; libp2p tunnel (the fallback): up "
+                  f"{tuned_up:.0f}, down {tuned_down:.0f}")
 
             print(f"\nround trip of a {PING_BYTES}-byte message, {args.pings} per round, "
                   f"{args.rounds} rounds, medians")
@@ -346,14 +402,16 @@ def bench_generation(args: argparse.Namespace) -> None:
     threads = os.cpu_count() or 1
     print(f"\ngeneration: {Path(model).name}, 2 RPC workers, {args.gen_rounds} rounds of "
           f"{args.tokens} greedy tokens, {threads} threads, {os.cpu_count()} cores")
-    workers: list[Worker] = [start_worker("--threads", str(threads)) for _ in range(4)]
+    workers: list[Worker] = [start_worker("--threads", str(threads)) for _ in range(6)]
     engines: dict[str, Engine] = {}
     env = {"OMP_WAIT_POLICY": "passive"}
     stats: dict[str, Any] | None = None
     try:
-        with tunnels([w.endpoint for w in workers[2:]]) as (ends, client):
+        with tunnels([w.endpoint for w in workers[2:4]]) as (ends, client), \
+                direct_links([w.endpoint for w in workers[4:]]) as direct:
             configs = {
                 "raw loopback": (workers[0].endpoint, workers[1].endpoint),
+                "direct TLS": tuple(direct),
                 "tunnel": tuple(ends),
             }
             for name, endpoints in configs.items():
@@ -397,15 +455,18 @@ def bench_generation(args: argparse.Namespace) -> None:
               f"{ratio_line(gen, name, 'raw loopback'):>8}")
     print(f"tunnel gen tok/s by round: {' '.join(f'{x:.1f}' for x in gen['tunnel'])}")
     print(f"raw gen tok/s by round:    {' '.join(f'{x:.1f}' for x in gen['raw loopback'])}")
-    print(f"same greedy tokens: {tokens['tunnel'] == tokens['raw loopback']}")
+    print(f"direct gen tok/s by round: {' '.join(f'{x:.1f}' for x in gen['direct TLS'])}")
+    print(f"same greedy tokens: tunnel {tokens['tunnel'] == tokens['raw loopback']}, "
+          f"direct {tokens['direct TLS'] == tokens['raw loopback']}")
     if stats:
         for i, s in enumerate(stats["stats"]):
             print(f"tunnel {i + 1}: {s['connections']} connection(s), {s['bytes_up'] / 1e6:.1f} MB "
                   f"up, {s['bytes_down'] / 1e6:.1f} MB down, {s['failed']} failed")
-    ratio = statistics.median(
-        t / r for t, r in zip(gen["tunnel"], gen["raw loopback"], strict=True))
-    print(f"tunnel / raw generation tok/s, median of per-round ratios = {ratio:.3f} "
-          f"(target >= 0.90): {'PASS' if ratio >= 0.90 else 'FAIL'}")
+    for name in ("direct TLS", "tunnel"):
+        ratio = statistics.median(
+            t / r for t, r in zip(gen[name], gen["raw loopback"], strict=True))
+        print(f"{name} / raw generation tok/s, median of per-round ratios = {ratio:.3f} "
+              f"(target >= 0.90): {'PASS' if ratio >= 0.90 else 'FAIL'}")
 
 
 def main() -> None:
@@ -418,8 +479,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--skip-transport", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
-    p.add_argument("--role", choices=["sink", "worker-node", "client-node"],
-                   help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["sink", "worker-node", "client-node", "direct-worker",
+                                      "direct-client"], help=argparse.SUPPRESS)
+    p.add_argument("--endpoints", help=argparse.SUPPRESS)
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--peers", help=argparse.SUPPRESS)
     p.add_argument("--stock-frames", action="store_true", help=argparse.SUPPRESS)
@@ -430,6 +492,10 @@ def main() -> None:
         run_worker_node(args.endpoint, args.stock_frames)
     elif args.role == "client-node":
         run_client_node(json.loads(args.peers), args.stock_frames)
+    elif args.role == "direct-worker":
+        run_direct_worker(json.loads(args.endpoints))
+    elif args.role == "direct-client":
+        run_direct_client(json.loads(args.peers))
     else:
         print(f"{os.cpu_count()} cores; every node is its own process on 127.0.0.1")
         if not args.skip_transport:

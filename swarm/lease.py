@@ -145,6 +145,7 @@ class Lease:
 
     peer_id: str
     granted: dict[str, Any] = field(default_factory=dict)  # the worker's acquire reply
+    remote_ip: str | None = None  # where the lease's own connection reaches the worker
     lost: trio.Event = field(default_factory=trio.Event)  # the worker or the link is gone
     revoked: trio.Event = field(default_factory=trio.Event)  # worker mode turned off there
     why: str = ""
@@ -176,6 +177,8 @@ async def hold(host: IHost, peer_id: str, *,
             message = reply.get("message", "") if isinstance(reply, dict) else ""
             raise LeaseRefused(str(code), str(message))
         lease.granted = reply
+        address = stream.get_remote_address()
+        lease.remote_ip = address[0] if address else None
         task_status.started(lease)
         await _keep(stream, lease)
     finally:

@@ -143,7 +143,8 @@ class Node:
             self.federated.models = [config.federated_model]
         self.federated_route = FederatedRoute(self.host, self.federated,
                                               self._federated_candidates, self._federated_models)
-        self.worker = WorkerService(config.data_dir, self._changed, self._lease_ended)
+        self.worker = WorkerService(config.data_dir, self._changed, self._lease_ended,
+                                    direct_bind=listen_ips(config.listen)[0])
         self.tunnels = TunnelServer(self.worker.tunnel_target)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route)
@@ -395,6 +396,7 @@ class Node:
             "connected_peers": sorted(self._admitted_ids()),
             "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
             "worker": self.worker.status(),
+            "sharded_links": self.sharded_route.links(),
         }
 
     async def _api_status(self, request: Request) -> Response:

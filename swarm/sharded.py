@@ -48,7 +48,7 @@ from swarm.routes import (
     model_entry,
     start_engine,
 )
-from swarm.tunnel import TunnelClient
+from swarm.rpc_link import open_link
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class Session:
     deterministic: bool
     placement: Placement
     leases: dict[str, Lease]
-    endpoints: list[str] = field(default_factory=list)  # the tunnels' local ends
+    endpoints: list[str] = field(default_factory=list)  # the links' local ends
+    paths: dict[str, str] = field(default_factory=dict)  # worker name -> direct TLS or tunnel
     engine: Engine | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_used: float = field(default_factory=time.monotonic)
@@ -271,7 +272,8 @@ class ShardedRoute:
             session.scope.cancel()
             raise
         self.session = session
-        log.info("sharded engine loaded %s on %s", model, placement.describe())
+        log.info("sharded engine loaded %s on %s via %s", model, placement.describe(),
+                 session.paths)
         return session
 
     async def _keep(self, model: str, deterministic: bool, placement: Placement, *,
@@ -287,8 +289,10 @@ class ShardedRoute:
                     except Exception as exc:  # noqa: BLE001 - refused, gone, or not a worker
                         raise _WorkerFailed(worker.peer_id, exc) from None
                 for worker in placement.workers:
-                    tunnel = TunnelClient(self.host, worker.peer_id)
-                    session.endpoints.append(await nursery.start(tunnel.open))
+                    endpoint, path = await nursery.start(
+                        open_link, self.host, worker, session.leases[worker.peer_id])
+                    session.endpoints.append(endpoint)
+                    session.paths[worker.name] = path
                 task_status.started(session)
                 nursery.start_soon(self._release_when_done, session)
 
@@ -305,6 +309,10 @@ class ShardedRoute:
         else:
             session.scope.cancel()
 
+
+    def links(self) -> dict[str, str]:
+        """How this node reaches each worker of the loaded session (for /api/status)."""
+        return dict(self.session.paths) if self.session is not None else {}
 
     async def close_session(self) -> None:
         session, self.session = self.session, None

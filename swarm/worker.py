@@ -1,9 +1,11 @@
 """Worker mode: this machine donates memory to the swarm through a ggml RPC worker process.
 
 On: start `backends.rpc_worker` on 127.0.0.1 with a tensor cache in the data directory, grant
-one lease at a time (`swarm/lease.py`), and let only the lease holder through the RPC tunnel.
-Off: stop granting leases, let the holder finish (it re-plans), then stop the process.
-The ledger's "worker" entry says what this worker donates and who holds it.
+one lease at a time (`swarm/lease.py`), and let only the lease holder through: over the libp2p
+RPC tunnel, or over the direct TLS path (`swarm/direct_tls.py`) with the secret its lease
+carries. Off: stop granting leases, let the holder finish (it re-plans), then stop the process.
+The ledger's "worker" entry says what this worker donates, who holds it, and where the direct
+path listens with which certificate (the ledger is signed, so clients can pin it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import trio
 
 from backends import ggml
 from backends.rpc_worker import resolve_share
+from swarm.direct_tls import DirectServer, load_or_create_certificate
 from swarm.lease import LeaseDesk
 from swarm.placement import WORKER_VALUE_VERSION
 
@@ -49,14 +53,38 @@ def share_bytes(share_mib: int | None, share_percent: float | None, total: int) 
 
 class WorkerService:
     def __init__(self, data_dir: Path, on_change: Callable[[], None],
-                 on_lease_end: Callable[[str], None]) -> None:
+                 on_lease_end: Callable[[str], None], direct_bind: str | None = None) -> None:
+        """`direct_bind`: the address the direct TLS path listens on (the node's libp2p listen
+        address, so it is reachable exactly where the node is); None turns the path off."""
+        self.data_dir = data_dir
         self.cache_dir = data_dir / "tensor-cache"
         self.share_bytes = 0
         self.endpoint: str | None = None
-        self.desk = LeaseDesk(on_change, on_lease_end)
+        self.desk = LeaseDesk(on_change, self._lease_ended, on_grant=self._granted)
+        self.direct: DirectServer | None = None
+        self._direct_bind = direct_bind
+        self._direct_sha256 = ""
+        self._secrets: dict[str, bytes] = {}  # lease holder -> its direct-path secret
+        self._on_lease_end = on_lease_end
         self._process: trio.Process | None = None
         self._on_change = on_change
         self._lock = trio.Lock()
+
+    def _granted(self, peer_id: str) -> dict[str, Any]:
+        """A fresh secret per lease: only the holder (told over the Noise-authenticated lease
+        stream) can open the direct path, and only while it holds the lease."""
+        if self.direct is None:
+            return {}
+        secret = secrets.token_bytes(32)
+        self._secrets[peer_id] = secret
+        self.direct.allow(secret)
+        return {"direct_secret": secret.hex()}
+
+    def _lease_ended(self, peer_id: str) -> None:
+        secret = self._secrets.pop(peer_id, None)
+        if secret is not None and self.direct is not None:
+            self.direct.revoke(secret)  # its open connections are cut at once
+        self._on_lease_end(peer_id)
 
     @property
     def enabled(self) -> bool:
@@ -64,15 +92,19 @@ class WorkerService:
 
     def ledger_value(self, free_bytes: int, cores: int) -> dict[str, Any]:
         holder = self.desk.holder
-        return {"version": WORKER_VALUE_VERSION, "donated_bytes": self.share_bytes,
-                "free_bytes": free_bytes, "cores": cores,
-                "rpc_protocol": ggml.RPC_PROTOCOL_VERSION,
-                "state": "leased" if holder else "idle", "leased_by": holder}
+        value = {"version": WORKER_VALUE_VERSION, "donated_bytes": self.share_bytes,
+                 "free_bytes": free_bytes, "cores": cores,
+                 "rpc_protocol": ggml.RPC_PROTOCOL_VERSION,
+                 "state": "leased" if holder else "idle", "leased_by": holder}
+        if self.direct is not None:
+            value["direct"] = {"port": self.direct.port, "cert_sha256": self._direct_sha256}
+        return value
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,
                 "state": "leased" if self.desk.holder else "idle",
-                "leased_by": self.desk.holder}
+                "leased_by": self.desk.holder,
+                "direct_port": self.direct.port if self.direct is not None else None}
 
     def tunnel_target(self, peer_id: str) -> str | None:
         """The RPC endpoint for the lease holder; nobody else gets through."""
@@ -88,6 +120,7 @@ class WorkerService:
             await self._stop_process()
             self.share_bytes = share
             self._process, self.endpoint = await self._start_process(share)
+            await self._start_direct(self.endpoint)
             self.desk.accepting = True
             self._on_change()
             log.info("worker mode on: donating %d MiB on %s", share >> 20, self.endpoint)
@@ -125,7 +158,25 @@ class WorkerService:
                 f"the RPC worker did not start (exit status {process.returncode}); see the "
                 "node's log") from None
 
+    async def _start_direct(self, target: str) -> None:
+        """The direct TLS path to `target`; without it, clients use the libp2p tunnel."""
+        if self._direct_bind is None:
+            return
+        try:
+            cert = await trio.to_thread.run_sync(load_or_create_certificate, self.data_dir)
+            server = DirectServer(cert, target, bind=self._direct_bind)
+            await trio.to_thread.run_sync(server.start)
+        except OSError as exc:
+            log.warning("direct TLS path unavailable (%s); peers use the libp2p tunnel", exc)
+            return
+        self.direct, self._direct_sha256 = server, cert.sha256
+        log.info("direct TLS path on %s:%d", self._direct_bind, server.port)
+
     async def _stop_process(self) -> None:
+        direct, self.direct = self.direct, None
+        self._secrets.clear()
+        if direct is not None:
+            await trio.to_thread.run_sync(direct.close)
         process, self._process, self.endpoint = self._process, None, None
         if process is None:
             return

@@ -152,6 +152,9 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     assert layer_counts(cli["covey"]["machines"]) == counts
     # Two sharded replies on one plan: the engine loaded over the workers once, not per reply.
     assert client.log().count("sharded engine loaded") == 1, client.log()
+    # The workers are reachable directly on this LAN, so the fast path carried the RPC bytes.
+    links = client.api("/api/status")["sharded_links"]
+    assert links == {"w1": "direct TLS", "w2": "direct TLS"}, links
     # Both workers show as leased by the client, in their own status.
     for name in ("w1", "w2"):
         worker = shards.nodes[name].api("/api/status")["worker"]
@@ -163,6 +166,43 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
         "w1": {"donated_bytes": 30 << 20, "state": "leased", "leased_by": client.peer_id},
         "w2": {"donated_bytes": 10 << 20, "state": "leased", "leased_by": client.peer_id}},
         20, "the leases in the ledger", list(shards.nodes.values()))
+
+
+_OUTSIDER = """
+import os, socket, sys
+from swarm.direct_tls import DirectClient, DirectUnavailable
+port, sha = int(sys.argv[1]), sys.argv[2]
+try:
+    DirectClient(("127.0.0.1", port), sha, os.urandom(32)).probe(5)
+    print("admitted")
+except DirectUnavailable as exc:
+    print("refused:", exc)
+with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    s.sendall(b"\\x00" * 64 + b"GET / HTTP/1.1\\r\\n\\r\\n")
+    try:
+        print("plain:", len(s.recv(100)))
+    except OSError as exc:
+        print("plain: reset")
+"""
+
+
+def test_the_direct_path_admits_only_the_lease_holder(shards: ShardSwarm) -> None:
+    """Someone who knows the port and the certificate but holds no lease gets nothing."""
+    shards.chat(shards.nodes["client"], "sharded")
+    worker = shards.nodes["w1"].api("/api/status")["worker"]
+    sha = json.loads(shards.netns.run(shards.ns, [
+        sys.executable, "-c", "import json,sys; from pathlib import Path; "
+        "from swarm.direct_tls import load_or_create_certificate as c; "
+        "print(json.dumps(c(Path(sys.argv[1])).sha256))", str(shards.nodes["w1"].data_dir)],
+        cwd=REPO, timeout=30).stdout)
+    out = shards.netns.run(shards.ns, [sys.executable, "-c", _OUTSIDER,
+                                       str(worker["direct_port"]), sha],
+                           cwd=REPO, timeout=60).stdout
+    assert "refused:" in out and "admitted" not in out, out
+    assert "plain: 0" in out or "plain: reset" in out, out
+    # The lease holder's own link still works afterwards.
+    status, again = shards.chat(shards.nodes["client"], "sharded")
+    assert status == 200 and again["covey"]["route"] == "sharded", again
 
 
 def test_a_second_client_gets_a_clear_refusal(shards: ShardSwarm, tiny8: Path) -> None:
