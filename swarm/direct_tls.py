@@ -332,6 +332,10 @@ class _Tls:
         """Under `_lock`: every whole record fed so far into `_plain`; returns the bytes."""
         n = 0
         while n < _PLAIN_BYTES:
+            if not (self._in.pending or self._ssl.pending() or self._in.eof):
+                # Nothing fed is left (OpenSSL reads one record at a time, read-ahead off):
+                # asking would only raise SSLWantReadError, which costs more than a read.
+                break
             try:
                 k = self._ssl.read(_PLAIN_BYTES - n, self._plain[n:])
             except ssl.SSLWantReadError:
@@ -525,8 +529,8 @@ class _Endpoint:
                 self._conns.add(conn)
         if not admit:
             self.stats.add("refused")
-            log.warning("direct TLS: %d connections open already; refusing one more",
-                        self._max_connections)
+            log.info("direct TLS: %d connections open already; refusing one more",
+                     self._max_connections)
             conn.cut()
             conn.close()
             return
@@ -693,8 +697,11 @@ class DirectClient(_Endpoint):
         super().__init__(max_connections)
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"a secret is {SECRET_BYTES} bytes")
+        pinned = pinned_sha256.lower().replace(":", "")
+        if len(pinned) != 64 or not all(c in "0123456789abcdef" for c in pinned):
+            raise ValueError(f"not a SHA-256 fingerprint: {pinned_sha256!r}")
         self.address = address
-        self.pinned_sha256 = pinned_sha256.lower().replace(":", "")
+        self.pinned_sha256 = pinned
         self.connect_timeout = connect_timeout
         self.endpoint: str | None = None
         self._secret = bytes(secret)

@@ -305,12 +305,42 @@ def test_wrong_secret_is_refused_and_the_target_never_dialled(
     assert p.target.accepted == 0
 
 
-def test_unreachable_worker_is_reported() -> None:
+def test_unreachable_worker_is_reported_and_bad_pins_rejected() -> None:
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
     client = DirectClient(("127.0.0.1", port), "00" * 32, new_secret())
     with pytest.raises(DirectUnavailable, match="cannot reach"):
         client.probe()
+    for pin in ("00" * 31, "zz" * 32, "\u00e9" * 64):
+        with pytest.raises(ValueError):
+            DirectClient(("127.0.0.1", port), pin, new_secret())
+    with pytest.raises(ValueError):
+        DirectClient(("127.0.0.1", port), "00" * 32, b"short")
+
+
+def test_many_connections_at_once(make_path: Callable[..., Path_]) -> None:
+    p = make_path()
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            message = f"hello {i} ".encode() * 20_000
+            with p.connect() as sock:
+                sock.sendall(message)
+                sock.shutdown(socket.SHUT_WR)
+                assert read_all(sock) == message
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert p.target.accepted == 8
+    wait_for(lambda: p.client.stats.active == 0 and p.server.stats.active == 0)
+    assert p.client.stats.failed == 0 and p.server.stats.failed == 0
 
 
 def test_junk_and_silent_peers_are_dropped_in_time(make_path: Callable[..., Path_]) -> None:
