@@ -64,6 +64,9 @@ class Controller(QObject):
             return await coro
         except (NodeClientError, OSError, ValueError) as exc:
             self.error.emit(f"{what}: {exc}" if what else str(exc))
+        except Exception as exc:  # a bug: say so in the window rather than lose it
+            log.exception("%s failed", what or "a background task")
+            self.error.emit(f"{what or 'Something'} failed unexpectedly: {exc!r}")
         return None
 
     # -- the node ------------------------------------------------------------------------------

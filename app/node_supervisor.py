@@ -82,6 +82,9 @@ class NodeSupervisor:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._log_start = 0
+        # One start or restart at a time: the watcher must not "rescue" a node that a
+        # restart (joining a swarm, new settings) stopped on purpose.
+        self._changing = asyncio.Lock()
 
     @property
     def owned(self) -> bool:
@@ -143,24 +146,33 @@ class NodeSupervisor:
         failures = 0
         while not self._stopping:
             await asyncio.sleep(WATCH_EVERY_S)
-            if self._stopping:
-                return
+            if self._stopping or self._changing.locked():
+                continue
             if await self._alive():
                 failures = 0
                 continue
-            if failures >= len(RESTART_PAUSES_S):
-                self._set("failed", "Covey's node keeps stopping; see "
-                          f"{self.data_dir / STDERR_FILE}")
-                return
-            why = (_last_error(self.data_dir / STDERR_FILE, self._log_start)
-                   if self._process else "")
-            self._process = None
-            self._set("restarting", "Covey's node stopped" + (f" ({why})" if why else "")
-                      + "; starting it again…")
-            await asyncio.sleep(RESTART_PAUSES_S[failures])
-            failures += 1
-            with contextlib.suppress(NodeStartFailed, NodeClientError, OSError):
-                await self._attach_or_start()
+            async with self._changing:
+                if self._stopping or await self._alive():
+                    continue
+                failures = await self._revive(failures)
+                if failures < 0:
+                    return
+
+    async def _revive(self, failures: int) -> int:
+        """Start a node that died; the new failure count, or -1 when the app gives up."""
+        if failures >= len(RESTART_PAUSES_S):
+            self._set("failed", "Covey's node keeps stopping; see "
+                      f"{self.data_dir / STDERR_FILE}")
+            return -1
+        why = (_last_error(self.data_dir / STDERR_FILE, self._log_start)
+               if self._process else "")
+        self._process = None
+        self._set("restarting", "Covey's node stopped" + (f" ({why})" if why else "")
+                  + "; starting it again…")
+        await asyncio.sleep(RESTART_PAUSES_S[failures])
+        with contextlib.suppress(NodeStartFailed, NodeClientError, OSError):
+            await self._attach_or_start()
+        return failures + 1
 
     async def _alive(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
@@ -177,8 +189,9 @@ class NodeSupervisor:
 
     async def restart(self) -> NodeLink:
         """Stop the node (ours or not) and start our own: after a new token or settings."""
-        await self._stop_node()
-        return await self._attach_or_start()
+        async with self._changing:
+            await self._stop_node()
+            return await self._attach_or_start()
 
     async def join(self, token_text: str) -> NodeLink:
         save_token(self.data_dir, token_text)

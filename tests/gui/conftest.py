@@ -7,6 +7,7 @@ loopback interface), which keeps all traffic on this machine.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -17,6 +18,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest  # noqa: E402
 import qasync  # noqa: E402
+from PySide6.QtCore import QEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app import app_settings  # noqa: E402
@@ -35,6 +37,10 @@ def qt_loop(qapp: QApplication) -> Iterator[qasync.QEventLoop]:
     yield loop
     asyncio.set_event_loop(None)
     loop.close()  # now, while its Qt objects still exist
+    # Free the tests' widgets while Qt is whole: left to the interpreter's exit, PySide6 6.12
+    # can crash freeing them in an arbitrary order ("bool_dealloc").
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
 
 
 @pytest.fixture

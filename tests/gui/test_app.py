@@ -107,6 +107,19 @@ def test_create_join_and_worker_toggle_from_tray(run_async, tmp_path: Path,
                 await until(lambda: not app.controller.last_status["worker"]["enabled"], 60,
                             "worker mode off")
 
+            # Now join another swarm by pasting its token, as a user would.
+            other = new_token().encode()
+            with second_node(tmp_path / "c", other, "third"):
+                page.paste.setText(other)
+                assert page.join_button.isEnabled()
+                page.join_button.click()
+                await until(lambda: page.token_field.text() == other, 60, "the new token")
+                await until(lambda: any(row[0] == "third" and "online" in row[5]
+                                        for row in table_text(page.table)),
+                            60, "the third machine in the new swarm")
+                assert not any(row[0] == "second" for row in table_text(page.table))
+                assert page.paste.text() == ""
+
     run_async(body())
 
 
