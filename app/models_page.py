@@ -19,7 +19,6 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QMessageBox,
@@ -32,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.controller import Controller
+from app.widgets import read_only_table
 from backends.model_store import ModelStore, ModelStoreError
 
 COLUMNS = ("Model", "Size", "On this machine", "Offered by", "Runs")
@@ -76,15 +76,7 @@ class ModelsPage(QWidget):
         self._cancel: threading.Event | None = None
         self._busy = False
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setObjectName("models")
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setAlternatingRowColors(True)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table = read_only_table("models", COLUMNS)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self._update_buttons)

@@ -23,6 +23,7 @@ from swarm.api_client import (
     ApiError,
     NodeClientError,
     NodeNotRunning,
+    decode_reply,
     error_message,
     read_api_info,
 )
@@ -68,15 +69,7 @@ class NodeLink:
         except TimeoutError:
             raise NodeClientError(
                 f"The Covey node did not answer within {timeout:g} s") from None
-        if status >= 400:
-            raise ApiError(status, error_message(data))
-        if not data:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise NodeClientError(f"The Covey node sent a reply that is not JSON: {exc}"
-                                  ) from None
+        return decode_reply(status, data)
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST `body` and yield each server-sent event until `[DONE]`.

@@ -16,7 +16,6 @@ from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
 from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QMessageBox,
@@ -28,6 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.controller import Controller
+from app.widgets import read_only_table
 from swarm.token import TokenError, parse_token
 
 PEER_COLUMNS = ("Name", "OS", "RAM", "Donated", "Role", "State", "Last seen")
@@ -193,15 +193,7 @@ class SwarmPage(QWidget):
         jbox.addWidget(self.join_error)
         self.join_error.setVisible(False)
 
-        self.table = QTableWidget(0, len(PEER_COLUMNS))
-        self.table.setObjectName("peers")
-        self.table.setHorizontalHeaderLabels(PEER_COLUMNS)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setAlternatingRowColors(True)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table = read_only_table("peers", PEER_COLUMNS)
         self.table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.topology = Topology()
         self.summary = QLabel()

@@ -88,6 +88,18 @@ def error_message(body: bytes) -> str:
     return body.decode("utf-8", "replace").strip() or "(no message)"
 
 
+def decode_reply(status: int, data: bytes) -> Any:
+    """The JSON of a whole answer (None when empty); ApiError for an error status."""
+    if status >= 400:
+        raise ApiError(status, error_message(data))
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise NodeClientError(f"The Covey node sent a reply that is not JSON: {exc}") from None
+
+
 @dataclass(frozen=True)
 class NodeClient:
     data_dir: Path
@@ -175,12 +187,4 @@ class NodeClient:
                                   f"{exc}") from None
         finally:
             conn.close()
-        if status >= 400:
-            raise ApiError(status, error_message(data))
-        if not data:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise NodeClientError(f"The Covey node sent a reply that is not JSON: {exc}"
-                                  ) from None
+        return decode_reply(status, data)

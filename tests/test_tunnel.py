@@ -37,7 +37,7 @@ from swarm.tunnel import (
     TunnelServer,
     parse_loopback_endpoint,
 )
-from tests.conftest import Worker
+from tests.conftest import Worker, greedy_on_worker
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 TIMEOUT_S = 30
@@ -425,17 +425,9 @@ def test_llama_cpp_rpc_through_the_tunnel_matches_loopback(
     tiny_model: Path, rpc_workers: Callable[..., Worker]
 ) -> None:
     worker = rpc_workers()
-    request = GenerateRequest(id="t", prompt="Once upon a time", max_tokens=24, temperature=0)
 
     def generate(endpoint: str) -> Done:
-        config = EngineConfig(model_path=str(tiny_model), n_ctx=256, deterministic=True,
-                              rpc_endpoints=(endpoint,))
-        with Engine(config) as engine:
-            loaded = engine.wait_loaded()
-            assert [d.endpoint for d in loaded.devices if d.layers] == [endpoint]
-            done = list(engine.generate(request))[-1]
-        assert isinstance(done, Done)
-        return done
+        return greedy_on_worker(tiny_model, endpoint)
 
     direct = generate(worker.endpoint)
 
