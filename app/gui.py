@@ -34,6 +34,12 @@ def run(data_dir: Path) -> int:
     if not has_display():
         print(NO_DISPLAY, file=sys.stderr)
         return 2
+    from app.startup_check import check
+
+    problem = check()  # a missing system library gets its name, not a Qt crash dump
+    if problem:
+        print(f"covey: {problem}", file=sys.stderr)
+        return 2
     try:
         import qasync
         from PySide6.QtWidgets import QApplication
