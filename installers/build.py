@@ -223,6 +223,22 @@ def briefcase_pyproject(config: Mapping[str, Any], target: Target, wheelhouse: P
     return data
 
 
+# What building the .deb needs from Debian besides briefcase.toml's lists: the tools
+# venv, Briefcase's own checks (python3-dev, build-essential, dpkg-dev) and the library
+# check (binutils' readelf, which build-essential brings).
+DEBIAN_BUILD_PACKAGES = ("python3-venv", "python3-dev", "build-essential", "dpkg-dev")
+
+
+def debian_packages(config: Mapping[str, Any]) -> list[str]:
+    """Every Debian package a Linux build needs installed. Briefcase checks the runtime
+    Depends on the build machine too (`dpkg -s`), so they are in the list."""
+    _, app = the_app(config)
+    debian = app["linux"]["system"].get("debian", {})
+    wanted = [*DEBIAN_BUILD_PACKAGES, *debian.get("system_requires", []),
+              *debian.get("system_runtime_requires", [])]
+    return list(dict.fromkeys(wanted))
+
+
 def top_level_entries(config: Mapping[str, Any]) -> list[str]:
     """The repository entries the generated project links to: the first component of every
     source and of the Linux template, and the license files."""
@@ -631,8 +647,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where the installer goes (default: {DIST_DIR})")
     parser.add_argument("--print-pyproject", action="store_true",
                         help="print the pyproject.toml Briefcase would get, and stop")
+    parser.add_argument("--print-debian-packages", action="store_true",
+                        help="print the Debian packages a linux build needs, and stop")
     args = parser.parse_args(argv)
     target = TARGETS[args.target]
+    if args.print_debian_packages:
+        print(" ".join(debian_packages(load_config())))
+        return 0
     if args.print_pyproject:
         wheelhouse = BUILD_ROOT / target.name / "wheelhouse"
         print(toml_dumps(briefcase_pyproject(load_config(), target, wheelhouse)), end="")

@@ -270,6 +270,9 @@ def test_worker_mode_turned_off_mid_reply_the_reply_completes(shards: ShardSwarm
     # The client gives the lease back once its reply is done, and w2 stops.
     wait_until(lambda: not shards.nodes["w2"].api("/api/status")["worker"]["enabled"], 30,
                "w2 to stop", list(shards.nodes.values()))
+    # ... and the client's ledger learns it (until then a plan may still try w2 and be refused).
+    wait_until(lambda: not any(p["name"] == "w2" and p["worker"] for p in client.peers()), 30,
+               "w2's worker entry to go", list(shards.nodes.values()))
     status, reply = shards.chat(client, "sharded")
     assert status == 400 and "not used" not in reply["error"]["message"], reply
     assert "the swarm's usable workers donate 30.0 MiB" in reply["error"]["message"], reply
