@@ -299,7 +299,7 @@ def main() -> int:
 
     before = user_data_hashes(root)
     newer_deb, newer = repack_as_next_version(deb, root.parent)
-    shutil.copy2(newer_deb, root / "var" / "cache" / newer_deb.name)
+    shutil.move(newer_deb, root / "var" / "cache" / newer_deb.name)
     say(f"upgrade to {newer}, offline")
     checked(in_root(root, "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
                     f"/var/cache/{newer_deb.name} >/dev/null", network=False), "upgrading")
