@@ -141,16 +141,16 @@ class ModelsPage(QWidget):
         self._update_buttons()
 
     def _show_copies(self, copies: list[dict[str, Any]]) -> None:
-        running = [c for c in copies if c.get("state") in ("running", "verifying")]
-        if self._busy:
+        if self._busy:  # an import or download owns the progress bar
             return
+        running = [c for c in copies if c.get("state") in ("running", "verifying")]
         if running:
             job = running[0]
             self.progress.setVisible(True)
             self.progress.setMaximum(max(int(job.get("size") or 0) >> 20, 1))
             self.progress.setValue(int(job.get("done") or 0) >> 20)
             self.message.setText(f"Copying {job.get('model')} from {job.get('source') or '…'}")
-        elif self.progress.isVisible() and not self._busy:
+        elif self.progress.isVisible():
             self.progress.setVisible(False)
 
     def selected(self) -> dict[str, Any] | None:

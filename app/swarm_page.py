@@ -239,18 +239,17 @@ class SwarmPage(QWidget):
         self.controller.spawn(join(), "Joining the swarm failed")
 
     def _create(self) -> None:
-        answer = QMessageBox.question(
-            self, "Create a new swarm",
-            "This machine leaves its current swarm and starts a new one. Continue?")
-        if answer == QMessageBox.StandardButton.Yes:
-            self.controller.spawn(self.controller.create_swarm(), "Creating a swarm failed")
+        self._new_swarm("Create a new swarm",
+                        "This machine leaves its current swarm and starts a new one. Continue?")
 
     def _leave(self) -> None:
-        answer = QMessageBox.question(
-            self, "Leave swarm",
-            "This machine leaves the swarm and carries on alone, in a new swarm of its own.")
-        if answer == QMessageBox.StandardButton.Yes:
-            self.controller.spawn(self.controller.create_swarm(), "Leaving the swarm failed")
+        # Leaving is a new swarm of one: the node always belongs to some swarm.
+        self._new_swarm("Leave swarm", "This machine leaves the swarm and carries on alone, "
+                                       "in a new swarm of its own.")
+
+    def _new_swarm(self, title: str, question: str) -> None:
+        if QMessageBox.question(self, title, question) == QMessageBox.StandardButton.Yes:
+            self.controller.spawn(self.controller.create_swarm(), f"{title} failed")
 
     def show_peers(self, peers: list[dict[str, Any]]) -> None:
         now = time.time()
