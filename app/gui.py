@@ -38,7 +38,7 @@ def run(data_dir: Path) -> int:
 
     problem = check()  # a missing system library gets its name, not a Qt crash dump
     if problem:
-        print(f"covey: {problem}", file=sys.stderr)
+        print(problem, file=sys.stderr)
         return 2
     try:
         import qasync
@@ -51,19 +51,26 @@ def run(data_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     qt_app = QApplication.instance() or QApplication(sys.argv[:1])
     qt_app.setApplicationName("Covey")
+    # Names the installed .desktop file, so Wayland docks show Covey's icon and name.
+    qt_app.setDesktopFileName("org.covey.covey")
     loop = qasync.QEventLoop(qt_app)
     asyncio.set_event_loop(loop)
 
     from app.desktop import CoveyApp
+    from app.quit_signals import quit_on_signals
 
     async def main() -> None:
         app = CoveyApp(data_dir)
+        # Logout or `kill`: stop the node we started, then exit (the undo also keeps the
+        # signal watcher alive until then).
+        restore_signals = quit_on_signals(app.quit)
         try:
             await app.start()
         except Exception as exc:  # the node would not start: say why in the window
             app.window.node_label.setText(f"Covey's node did not start: {exc}")
         await app.quitting
         await app.shutdown()
+        restore_signals()
 
     with loop:
         loop.run_until_complete(main())

@@ -14,7 +14,8 @@ missing) and the Debian mirror /etc/apt/sources.list names. In order:
 4. with NO network (a new network namespace with only loopback, up): runs as alice
    `covey token new`, starts `covey node`, asks `covey chat "What is 2+2?"` through the
    node and then on its own, stops the node, opens the desktop app offscreen through
-   installers/app_smoke.py and quits it, then runs plain `covey` for 20 s offscreen;
+   installers/app_smoke.py and quits it, then runs plain `covey` for 20 s offscreen and
+   stops it with SIGTERM (as a logout does), checking it stopped the node it started;
 5. checks the install tree was not written to and the user's data is under
    ~/.local/share/covey;
 6. upgrades to a newer version (the same package repacked as the next version, with no
@@ -230,6 +231,9 @@ status=$?
 set -e
 echo "PROOF gui_20s_status=$status"
 if grep -q Traceback /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
+# timeout's SIGTERM is what a logout sends: the app must stop the node it started.
+if [ -f {DATA}/api.json ]; then echo "PROOF gui_node_after_sigterm=left running"
+else echo "PROOF gui_node_after_sigterm=stopped"; fi
 
 # Nothing wrote into the install tree; the user's data is in the home directory.
 marker=/var/tmp/covey-installed.marker
@@ -285,11 +289,14 @@ def main() -> int:
                           "using Covey offline"))
     used["node_api_after_s"] = f"{float(used['node_api_at']) - float(used['node_started']):.1f}"
     for key in ("interfaces", "network", "node_api_after_s", "node_chat", "plain_chat",
-                "node_stop", "app_smoke", "gui_20s_status", "written_in_install_tree",
+                "node_stop", "app_smoke", "gui_20s_status", "gui_node_after_sigterm",
+                "written_in_install_tree",
                 "user_data"):
         say(f"  {key}: {used.get(key)}")
     if used.get("gui_20s_status") != "124":  # 124: still running when timeout stopped it
         raise SystemExit("[prove] FAILED: `covey` did not keep its window open for 20 s")
+    if used.get("gui_node_after_sigterm") != "stopped":
+        raise SystemExit("[prove] FAILED: `covey` stopped by SIGTERM left its node running")
     if used.get("written_in_install_tree") != "0":
         raise SystemExit("[prove] FAILED: running Covey wrote into the install tree")
     if "4" not in used.get("node_chat", "") or "4" not in used.get("plain_chat", ""):
