@@ -1,8 +1,9 @@
 """Open the installed desktop app offscreen, wait until it shows its window and talks to
 its node, then quit it the way the tray's Quit does. Run by installers/prove_deb.py inside
 the test system as ``covey -c "$(cat app_smoke.py)"`` (the installed launcher runs ``-c``
-like python), with QT_QPA_PLATFORM=offscreen. Prints one ``APP ...`` line; exit status 0
-when the app opened and shut down cleanly.
+like python), offscreen and then on an X server. Prints one ``APP ...`` line; exit status 0
+when the app opened and shut down cleanly. With $COVEY_SMOKE_SCREENSHOT set, it saves a
+picture of the whole screen there once the window is up.
 
 It follows app/gui.py's run(): a QApplication on a qasync loop, then CoveyApp.
 """
@@ -13,6 +14,7 @@ import sys
 import time
 
 import qasync
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QApplication
 
 from app.desktop import CoveyApp
@@ -33,7 +35,13 @@ async def open_and_quit() -> str:
         opened = time.monotonic() - started
         assert app.window.isVisible(), "the main window is not shown"
         models = [m.get("id") for m in app.controller.last_models.get("runnable", [])]
-        return f"window shown and node answering in {opened:.1f} s; models {models}"
+        screenshot = os.environ.get("COVEY_SMOKE_SCREENSHOT")
+        if screenshot:
+            await asyncio.sleep(2)  # the pages fill in from the node's first answers
+            if not QGuiApplication.primaryScreen().grabWindow(0).save(screenshot):
+                raise RuntimeError(f"could not save the screenshot to {screenshot}")
+        return (f"window shown on Qt's {QGuiApplication.platformName()} platform and node "
+                f"answering in {opened:.1f} s; models {models}")
     finally:
         app.quit()
         await app.shutdown()  # stops the node it started, closes the window

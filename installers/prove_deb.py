@@ -18,9 +18,12 @@ missing) and the Debian mirror /etc/apt/sources.list names. In order:
    stops it with SIGTERM (as a logout does), checking it stopped the node it started;
 5. checks the install tree was not written to and the user's data is under
    ~/.local/share/covey;
-6. upgrades to a newer version (the same package repacked as the next version, with no
+6. starts Xvfb on this machine and, still offline, opens the app on it (Qt's xcb
+   platform with only the package's Depends), saves a screenshot to
+   build/installers/x11-window.png, and stops plain `covey` with SIGTERM again;
+7. upgrades to a newer version (the same package repacked as the next version, with no
    network) and checks the user's data is byte-for-byte unchanged and chat still works;
-7. removes, then purges the package and checks the user's data stays.
+8. removes, then purges the package and checks the user's data stays.
 
 It prints the package size, the install size, the time from `apt-get install` to the
 first answered chat, and how long the whole proof took. The test root stays in
@@ -42,7 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-DEFAULT_ROOT = REPO / "build" / "installers" / "prove-root"
+BUILD_DIR = REPO / "build" / "installers"
+DEFAULT_ROOT = BUILD_DIR / "prove-root"
 USER = "alice"
 DATA = f"/home/{USER}/.local/share/covey"
 USER_DATA_FILES = ("swarm.json", "node-key.json", "conversations.db")
@@ -97,15 +101,20 @@ def fresh_root(root: Path, mirror: str) -> float:
     return time.monotonic() - started
 
 
-def in_root(root: Path, script: str, network: bool) -> subprocess.CompletedProcess[str]:
+def in_root(root: Path, script: str, network: bool, x11: bool = False
+            ) -> subprocess.CompletedProcess[str]:
     """Run a bash script as root inside the test system, in its own mount and PID
     namespaces (so /proc and the processes it starts vanish with it) and, unless
-    `network`, in a new network namespace whose only interface is loopback."""
+    `network`, in a new network namespace whose only interface is loopback. With `x11`,
+    the host's X server sockets (/tmp/.X11-unix) are visible inside."""
     root_q = shlex.quote(str(root))
     setup = (f"mount -t proc proc {root_q}/proc && "
              f"mount -t tmpfs tmpfs {root_q}/dev/shm && "
              f"mount -t tmpfs tmpfs {root_q}/tmp && "
              f"mount -t sysfs sysfs {root_q}/sys && ")
+    if x11:
+        setup += (f"mkdir -p {root_q}/tmp/.X11-unix && "
+                  f"mount --bind /tmp/.X11-unix {root_q}/tmp/.X11-unix && ")
     if not network:
         setup = "ip link set lo up && " + setup
     inner = setup + f"exec chroot {root_q} /bin/bash -euo pipefail -c {shlex.quote(script)}"
@@ -242,6 +251,54 @@ echo "PROOF user_data=$(ls {DATA} | tr '\\n' ' ')"
 """
 
 
+def x11_script(smoke: str, display: str) -> str:
+    """The app on a real X server (Xvfb on the host), still offline: Qt's xcb platform
+    with only the system libraries the package depends on. Prints PROOF lines."""
+    a = as_user
+    shot = "/tmp/x11.png"
+    return f"""
+mkdir -p /tmp/{USER}-run && chown {USER} /tmp/{USER}-run && chmod 700 /tmp/{USER}-run
+app=$({a(f"DISPLAY={display} COVEY_SMOKE_SCREENSHOT={shot} timeout 180 covey -c "
+         f"{shlex.quote(smoke)}")} 2>/tmp/app.err) || {{ cat /tmp/app.err; exit 1; }}
+echo "PROOF x11_smoke=$app"
+cp {shot} /var/tmp/covey-x11.png
+
+set +e
+{a(f"DISPLAY={display} timeout 15 covey")} > /tmp/gui.out 2>&1
+status=$?
+set -e
+echo "PROOF x11_gui_status=$status"
+if grep -q -e Traceback -e "cannot start" /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
+if [ -f {DATA}/api.json ]; then echo "PROOF x11_node_after_sigterm=left running"
+else echo "PROOF x11_node_after_sigterm=stopped"; fi
+"""
+
+
+def on_x11(root: Path, smoke: str) -> dict[str, str]:
+    """Start Xvfb on the host, run x11_script in the test system, keep its screenshot."""
+    if not shutil.which("Xvfb"):
+        run(["apt-get", "install", "-y", "-qq", "xvfb"])
+    number = 42
+    while Path(f"/tmp/.X11-unix/X{number}").exists():
+        number += 1
+    xvfb = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if Path(f"/tmp/.X11-unix/X{number}").exists():
+                break
+            time.sleep(0.1)
+        result = in_root(root, x11_script(smoke, f":{number}"), network=False, x11=True)
+        found = values(checked(result, "opening the app on X11"))
+    finally:
+        xvfb.terminate()
+        xvfb.wait()
+    shot = BUILD_DIR / "x11-window.png"
+    shutil.copy2(root / "var" / "tmp" / "covey-x11.png", shot)
+    found["screenshot"] = str(shot.relative_to(REPO))
+    return found
+
+
 def after_upgrade_script() -> str:
     return f"""
 echo "PROOF version=$(dpkg-query -W -f='${{Version}}' covey)"
@@ -303,6 +360,14 @@ def main() -> int:
         raise SystemExit("[prove] FAILED: the chat did not answer 4")
     first_chat_s = float(used["first_chat_done"]) - float(installed["install_started"])
     install_s = float(installed["install_done"]) - float(installed["install_started"])
+
+    say("the app on an X server (Xvfb), offline")
+    x11 = on_x11(root, smoke)
+    for key in ("x11_smoke", "x11_gui_status", "x11_node_after_sigterm", "screenshot"):
+        say(f"  {key}: {x11.get(key)}")
+    if (x11.get("x11_gui_status") != "124" or "xcb platform" not in x11.get("x11_smoke", "")
+            or x11.get("x11_node_after_sigterm") != "stopped"):
+        raise SystemExit("[prove] FAILED: the app on X11")
 
     before = user_data_hashes(root)
     newer_deb, newer = repack_as_next_version(deb, root.parent)
