@@ -1,6 +1,6 @@
 """Prove the Linux package: build it, install it into a fresh Debian 12, use it offline.
 
-    sudo python3 installers/prove_deb.py              # build, then prove (about 15 min)
+    sudo python3 installers/prove_deb.py              # build, then prove (about 9 min here)
     sudo python3 installers/prove_deb.py --deb dist/covey_0.1.0-1~debian-bookworm_amd64.deb
 
 Too slow for every CI run; run it after changing briefcase.toml, installers/ or the
