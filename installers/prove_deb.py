@@ -20,7 +20,8 @@ missing) and the Debian mirror /etc/apt/sources.list names. In order:
    ~/.local/share/covey;
 6. starts Xvfb on this machine and, still offline, opens the app on it (Qt's xcb
    platform with only the package's Depends), saves a screenshot to
-   build/installers/x11-window.png, and stops plain `covey` with SIGTERM again;
+   build/installers/x11-window.png, and stops plain `covey` with SIGTERM again; then
+   moves libxcb-cursor.so.0 aside and checks `covey` names it and its package;
 7. upgrades to a newer version (the same package repacked as the next version, with no
    network) and checks the user's data is byte-for-byte unchanged and chat still works;
 8. removes, then purges the package and checks the user's data stays.
@@ -271,6 +272,18 @@ echo "PROOF x11_gui_status=$status"
 if grep -q -e Traceback -e "cannot start" /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
 if [ -f {DATA}/api.json ]; then echo "PROOF x11_node_after_sigterm=left running"
 else echo "PROOF x11_node_after_sigterm=stopped"; fi
+
+# A machine missing a library Qt's xcb platform needs: a message naming it and its package,
+# not a Qt crash dump. The library is moved aside, then put back.
+lib=$(ls /usr/lib/x86_64-linux-gnu/libxcb-cursor.so.0*)
+mkdir -p /var/tmp/aside && mv $lib /var/tmp/aside/
+set +e
+{a(f"DISPLAY={display} timeout 60 covey")} > /tmp/missing.out 2>&1
+status=$?
+set -e
+mv /var/tmp/aside/* /usr/lib/x86_64-linux-gnu/
+echo "PROOF missing_lib_status=$status"
+echo "PROOF missing_lib_message=$(tr '\n' ' ' < /tmp/missing.out)"
 """
 
 
@@ -363,11 +376,16 @@ def main() -> int:
 
     say("the app on an X server (Xvfb), offline")
     x11 = on_x11(root, smoke)
-    for key in ("x11_smoke", "x11_gui_status", "x11_node_after_sigterm", "screenshot"):
+    for key in ("x11_smoke", "x11_gui_status", "x11_node_after_sigterm", "screenshot",
+                "missing_lib_status", "missing_lib_message"):
         say(f"  {key}: {x11.get(key)}")
     if (x11.get("x11_gui_status") != "124" or "xcb platform" not in x11.get("x11_smoke", "")
             or x11.get("x11_node_after_sigterm") != "stopped"):
         raise SystemExit("[prove] FAILED: the app on X11")
+    missing = x11.get("missing_lib_message", "")
+    if (x11.get("missing_lib_status") != "2" or "libxcb-cursor.so.0" not in missing
+            or "apt-get install libxcb-cursor0" not in missing or "core dumped" in missing):
+        raise SystemExit("[prove] FAILED: a missing Qt library was not named")
 
     before = user_data_hashes(root)
     newer_deb, newer = repack_as_next_version(deb, root.parent)
