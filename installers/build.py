@@ -34,12 +34,14 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -360,6 +362,94 @@ def undeclared(owners: Mapping[str, str], declared: set[str]) -> dict[str, list[
     return result
 
 
+# --- Installed-Size, which Briefcase's control file lacks ---------------------------------
+# Without it apt announces only the dependencies' size before installing. Only the small
+# control member of the .deb (an ar archive) is rewritten; the compressed data member, most
+# of the package, is copied as it is, so adding the field costs no recompression.
+
+_AR_MAGIC = b"!<arch>\n"
+
+
+def installed_size_kib(tree: Path) -> int:
+    """What dpkg-gencontrol would put in Installed-Size for `tree` (its DEBIAN excluded):
+    each regular file's size rounded up to a KiB, plus 1 KiB for anything else."""
+    total = 0
+    for path in tree.rglob("*"):
+        if path.relative_to(tree).parts[0] == "DEBIAN":
+            continue
+        if path.is_file() and not path.is_symlink():
+            total += -(-path.stat().st_size // 1024)
+        else:
+            total += 1
+    return total
+
+
+def set_control_field(control: str, field: str, value: str) -> str:
+    """A Debian control paragraph with `field` set to `value` (replaced or appended)."""
+    lines = [line for line in control.rstrip("\n").split("\n")
+             if not line.lower().startswith(field.lower() + ":")]
+    return "\n".join([*lines, f"{field}: {value}"]) + "\n"
+
+
+def ar_members(data: bytes) -> list[tuple[bytes, bytes]]:
+    """An ar archive's members as (60-byte header, content)."""
+    if not data.startswith(_AR_MAGIC):
+        raise ValueError("not an ar archive")
+    members, at = [], len(_AR_MAGIC)
+    while at < len(data):
+        header = data[at:at + 60]
+        if len(header) != 60 or header[58:60] != b"`\n":
+            raise ValueError(f"bad ar member header at byte {at}")
+        size = int(header[48:58])
+        content = data[at + 60:at + 60 + size]
+        if len(content) != size:
+            raise ValueError(f"ar member at byte {at} is truncated")
+        members.append((header, content))
+        at += 60 + size + size % 2  # members start on even offsets
+    return members
+
+
+def ar_archive(members: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """ar_members reversed; each header's size field follows its content."""
+    out = [_AR_MAGIC]
+    for header, content in members:
+        out += [header[:48] + str(len(content)).ljust(10).encode() + header[58:], content]
+        if len(content) % 2:
+            out.append(b"\n")
+    return b"".join(out)
+
+
+def with_control_field(control_tar: bytes, compression: str, field: str, value: str
+                       ) -> bytes:
+    """The control tarball with `field` set in ./control; every other entry unchanged."""
+    out = io.BytesIO()
+    with (tarfile.open(fileobj=io.BytesIO(control_tar), mode=f"r:{compression}") as source,
+          tarfile.open(fileobj=out, mode=f"w:{compression}",
+                       format=tarfile.GNU_FORMAT) as target):
+        for info in source.getmembers():
+            content = source.extractfile(info) if info.isfile() else None
+            if info.name in ("./control", "control"):
+                text = set_control_field(content.read().decode(), field, value).encode()
+                info.size, content = len(text), io.BytesIO(text)
+            target.addfile(info, content)
+    return out.getvalue()
+
+
+def deb_with_control_field(deb: bytes, field: str, value: str) -> bytes:
+    """A .deb's bytes with `field` set in its control file."""
+    members = ar_members(deb)
+    for i, (header, content) in enumerate(members):
+        name = header[:16].decode().strip().rstrip("/")
+        if name.startswith("control.tar"):
+            compression = {"control.tar": "", "control.tar.gz": "gz",
+                           "control.tar.xz": "xz"}.get(name)
+            if compression is None:
+                raise ValueError(f"cannot rewrite {name}")
+            members[i] = (header, with_control_field(content, compression, field, value))
+            return ar_archive(members)
+    raise ValueError("the .deb has no control member")
+
+
 # --- running things -----------------------------------------------------------------------
 
 
@@ -635,6 +725,11 @@ def build(target: Target, dist: Path) -> Path:
     dist.mkdir(parents=True, exist_ok=True)
     final = dist / made[0].name
     shutil.copy2(made[0], final)
+    if target.packaging_format == "deb":
+        kib = installed_size_kib(linux_bundle(project, app_name))
+        final.write_bytes(deb_with_control_field(final.read_bytes(), "Installed-Size",
+                                                 str(kib)))
+        say(f"Installed-Size: {kib} KiB")
     minutes = (time.monotonic() - started) / 60
     say(f"built {final} ({final.stat().st_size / 2**20:.0f} MiB) in {minutes:.1f} min")
     return final

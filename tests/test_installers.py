@@ -339,3 +339,66 @@ def test_proof_reads_its_values() -> None:
     out = "noise\nPROOF network=off\nPROOF node_chat={\"text\": \"4\"}\nPROOF x=\n"
     assert prove.values(out) == {"network": "off", "node_chat": '{"text": "4"}', "x": ""}
     assert prove.as_user("covey chat").startswith("runuser -u alice -- env -i HOME=/home/alice")
+
+
+# --- Installed-Size, added to the .deb after Briefcase packs it -----------------------------
+
+
+def _tiny_deb(tmp_path: Path, compression: str) -> Path:
+    tree = tmp_path / "tree"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: covey-test\nVersion: 1.0\nArchitecture: all\nMaintainer: T <t@t.invalid>\n"
+        "Description: test\n test package\n")
+    (tree / "usr" / "lib" / "t").mkdir(parents=True)
+    (tree / "usr" / "lib" / "t" / "one").write_bytes(b"x")  # 1 KiB
+    (tree / "usr" / "lib" / "t" / "more").write_bytes(b"y" * 1025)  # 2 KiB
+    (tree / "usr" / "lib" / "t" / "link").symlink_to("one")  # 1
+    deb = tmp_path / f"t-{compression}.deb"
+    subprocess.run(["dpkg-deb", "-Z", compression, "--root-owner-group", "--build",
+                    str(tree), str(deb)], check=True, capture_output=True)
+    return deb
+
+
+def test_installed_size_counts_kib_per_file_and_one_per_entry(tmp_path: Path) -> None:
+    deb = _tiny_deb(tmp_path, "xz")
+    # usr, usr/lib, usr/lib/t and the link: 1 each; the files: 1 + 2.
+    assert build.installed_size_kib(tmp_path / "tree") == 7
+    assert deb.exists()
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip", "none"])
+def test_installed_size_is_added_and_nothing_else_changes(tmp_path: Path,
+                                                           compression: str) -> None:
+    deb = _tiny_deb(tmp_path, compression)
+    out = tmp_path / "out.deb"
+    out.write_bytes(build.deb_with_control_field(deb.read_bytes(), "Installed-Size", "7"))
+
+    def dpkg_deb(option: str, path: Path, *fields: str) -> bytes:
+        return subprocess.run(["dpkg-deb", option, str(path), *fields], check=True,
+                              capture_output=True).stdout
+
+    assert dpkg_deb("-f", out).decode() == dpkg_deb("-f", deb).decode() + "Installed-Size: 7\n"
+    assert dpkg_deb("--fsys-tarfile", out) == dpkg_deb("--fsys-tarfile", deb)
+    # Set again, the field is replaced, not repeated.
+    again = build.deb_with_control_field(out.read_bytes(), "Installed-Size", "9")
+    out.write_bytes(again)
+    assert dpkg_deb("-f", out).decode().count("Installed-Size") == 1
+    assert dpkg_deb("-f", out, "Installed-Size").decode().strip() == "9"
+
+
+def test_ar_round_trip_and_garbage() -> None:
+    members = [(b"odd/".ljust(16) + b"0".ljust(12) + b"0".ljust(6) * 2 + b"100644".ljust(8)
+                + b"3".ljust(10) + b"`\n", b"abc"),
+               (b"even/".ljust(16) + b"0".ljust(12) + b"0".ljust(6) * 2 + b"100644".ljust(8)
+                + b"2".ljust(10) + b"`\n", b"de")]
+    data = build.ar_archive(members)
+    assert build.ar_members(data) == members
+    with pytest.raises(ValueError, match="not an ar archive"):
+        build.ar_members(b"PK\x03\x04 a zip file")
+    with pytest.raises(ValueError, match="bad ar member header"):
+        build.ar_members(data[:40])
+    with pytest.raises(ValueError, match="truncated"):
+        build.ar_members(data[:70])
+    with pytest.raises(ValueError, match="no control member"):
+        build.deb_with_control_field(data, "Installed-Size", "1")
