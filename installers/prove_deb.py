@@ -423,8 +423,9 @@ def main() -> int:
     print(f"  package           {deb.name}")
     print(f"  package size      {deb.stat().st_size / 2**20:.1f} MiB")
     deps = re.search(r"After this operation, (.+) of additional", installed["extra_space"])
-    print(f"  install size      {int(installed['installed_size_kib']) / 1024:.1f} MiB (covey's "
-          f"files), plus {deps.group(1) if deps else '?'} of dependencies (apt's figure)")
+    print(f"  install size      {int(installed['installed_size_kib']) / 1024:.1f} MiB of "
+          f"covey's files; apt announced {deps.group(1) if deps else '?'} in all (Covey and "
+          "its dependencies)")
     print(f"  apt-get install   {install_s:.1f} s (Depends fetched from "
           f"{args.mirror or debian_mirror()})")
     print(f"  install -> first answered chat   {first_chat_s:.1f} s")
