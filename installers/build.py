@@ -371,8 +371,8 @@ _AR_MAGIC = b"!<arch>\n"
 
 
 def installed_size_kib(tree: Path) -> int:
-    """What dpkg-gencontrol would put in Installed-Size for `tree` (its DEBIAN excluded):
-    each regular file's size rounded up to a KiB, plus 1 KiB for anything else."""
+    """The Installed-Size of `tree` (its DEBIAN excluded), in KiB: each regular file's size
+    rounded up to a KiB, plus 1 for every other entry (directories, symlinks)."""
     total = 0
     for path in tree.rglob("*"):
         if path.relative_to(tree).parts[0] == "DEBIAN":
@@ -724,12 +724,13 @@ def build(target: Target, dist: Path) -> Path:
                          f"found {made}")
     dist.mkdir(parents=True, exist_ok=True)
     final = dist / made[0].name
-    shutil.copy2(made[0], final)
     if target.packaging_format == "deb":
         kib = installed_size_kib(linux_bundle(project, app_name))
-        final.write_bytes(deb_with_control_field(final.read_bytes(), "Installed-Size",
+        final.write_bytes(deb_with_control_field(made[0].read_bytes(), "Installed-Size",
                                                  str(kib)))
         say(f"Installed-Size: {kib} KiB")
+    else:
+        shutil.copy2(made[0], final)
     minutes = (time.monotonic() - started) / 60
     say(f"built {final} ({final.stat().st_size / 2**20:.0f} MiB) in {minutes:.1f} min")
     return final

@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,13 +199,51 @@ touch /var/tmp/covey-installed.marker
 """
 
 
+# The user's XDG_RUNTIME_DIR (as_user sets it); each in_root call starts with an empty /tmp.
+RUNTIME_DIR = (f"mkdir -p /tmp/{USER}-run && chown {USER} /tmp/{USER}-run "
+               f"&& chmod 700 /tmp/{USER}-run")
+
+
+def app_smoke_script(env: str, smoke: str, key: str) -> str:
+    """Open and quit the app through installers/app_smoke.py; prints PROOF {key}=APP ..."""
+    return f"""
+app=$({as_user(f"{env} timeout 180 covey -c {shlex.quote(smoke)}")} 2>/tmp/app.err) \\
+    || {{ cat /tmp/app.err; exit 1; }}
+echo "PROOF {key}=$app"
+"""
+
+
+def app_until_sigterm_script(env: str, seconds: int, key: str) -> str:
+    """Run plain `covey` until timeout's SIGTERM (what a logout sends); prints PROOF
+    {key}_status (124: it was still running) and {key}_node (did it stop its node?)."""
+    return f"""
+set +e
+{as_user(f"{env} timeout {seconds} covey")} > /tmp/gui.out 2>&1
+status=$?
+set -e
+echo "PROOF {key}_status=$status"
+if grep -q -e Traceback -e "cannot start" /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
+if [ -f {DATA}/api.json ]; then echo "PROOF {key}_node=left running"
+else echo "PROOF {key}_node=stopped"; fi
+"""
+
+
+def app_until_sigterm_problem(found: Mapping[str, str], key: str) -> str | None:
+    """What went wrong in app_until_sigterm_script's run, if anything."""
+    if found.get(f"{key}_status") != "124":
+        return f"`covey` did not keep its window open ({key})"
+    if found.get(f"{key}_node") != "stopped":
+        return f"`covey` stopped by SIGTERM left its node running ({key})"
+    return None
+
+
 def offline_use_script(smoke: str) -> str:
     """Everything a user does first, with no network; prints PROOF lines."""
     a = as_user
     # Any connection out must fail: this tries the Debian mirror's name.
     probe = a("covey -c 'import socket; socket.create_connection((\"deb.debian.org\", 80), 5)'")
     return f"""
-mkdir -p /tmp/{USER}-run && chown {USER} /tmp/{USER}-run && chmod 700 /tmp/{USER}-run
+{RUNTIME_DIR}
 # The network really is gone: only loopback exists and is up.
 echo "PROOF interfaces=$(ls /sys/class/net 2>/dev/null | tr '\\n' ' ' || true)"
 if {probe} >/dev/null 2>&1
@@ -230,20 +269,8 @@ kill -TERM "$node_pid"
 for i in $(seq 1 60); do kill -0 "$node_pid" 2>/dev/null || break; sleep 0.5; done
 if kill -0 "$node_pid" 2>/dev/null; then echo "PROOF node_stop=still running"; exit 1; fi
 [ -f {DATA}/api.json ] && echo "PROOF node_stop=left api.json" || echo "PROOF node_stop=clean"
-
-app=$({a(f"QT_QPA_PLATFORM=offscreen timeout 180 covey -c {shlex.quote(smoke)}")} 2>/tmp/app.err) \\
-    || {{ cat /tmp/app.err; exit 1; }}
-echo "PROOF app_smoke=$app"
-
-set +e
-{a("QT_QPA_PLATFORM=offscreen timeout 20 covey")} > /tmp/gui.out 2>&1
-status=$?
-set -e
-echo "PROOF gui_20s_status=$status"
-if grep -q Traceback /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
-# timeout's SIGTERM is what a logout sends: the app must stop the node it started.
-if [ -f {DATA}/api.json ]; then echo "PROOF gui_node_after_sigterm=left running"
-else echo "PROOF gui_node_after_sigterm=stopped"; fi
+{app_smoke_script("QT_QPA_PLATFORM=offscreen", smoke, "app_smoke")}
+{app_until_sigterm_script("QT_QPA_PLATFORM=offscreen", 20, "gui_20s")}
 
 # Nothing wrote into the install tree; the user's data is in the home directory.
 marker=/var/tmp/covey-installed.marker
@@ -255,35 +282,24 @@ echo "PROOF user_data=$(ls {DATA} | tr '\\n' ' ')"
 def x11_script(smoke: str, display: str) -> str:
     """The app on a real X server (Xvfb on the host), still offline: Qt's xcb platform
     with only the system libraries the package depends on. Prints PROOF lines."""
-    a = as_user
     shot = "/tmp/x11.png"
     return f"""
-mkdir -p /tmp/{USER}-run && chown {USER} /tmp/{USER}-run && chmod 700 /tmp/{USER}-run
-app=$({a(f"DISPLAY={display} COVEY_SMOKE_SCREENSHOT={shot} timeout 180 covey -c "
-         f"{shlex.quote(smoke)}")} 2>/tmp/app.err) || {{ cat /tmp/app.err; exit 1; }}
-echo "PROOF x11_smoke=$app"
+{RUNTIME_DIR}
+{app_smoke_script(f"DISPLAY={display} COVEY_SMOKE_SCREENSHOT={shot}", smoke, "x11_smoke")}
 cp {shot} /var/tmp/covey-x11.png
-
-set +e
-{a(f"DISPLAY={display} timeout 15 covey")} > /tmp/gui.out 2>&1
-status=$?
-set -e
-echo "PROOF x11_gui_status=$status"
-if grep -q -e Traceback -e "cannot start" /tmp/gui.out; then cat /tmp/gui.out; exit 1; fi
-if [ -f {DATA}/api.json ]; then echo "PROOF x11_node_after_sigterm=left running"
-else echo "PROOF x11_node_after_sigterm=stopped"; fi
+{app_until_sigterm_script(f"DISPLAY={display}", 15, "x11_gui")}
 
 # A machine missing a library Qt's xcb platform needs: a message naming it and its package,
 # not a Qt crash dump. The library is moved aside, then put back.
 lib=$(ls /usr/lib/x86_64-linux-gnu/libxcb-cursor.so.0*)
 mkdir -p /var/tmp/aside && mv $lib /var/tmp/aside/
 set +e
-{a(f"DISPLAY={display} timeout 60 covey")} > /tmp/missing.out 2>&1
+{as_user(f"DISPLAY={display} timeout 60 covey")} > /tmp/missing.out 2>&1
 status=$?
 set -e
 mv /var/tmp/aside/* /usr/lib/x86_64-linux-gnu/
 echo "PROOF missing_lib_status=$status"
-echo "PROOF missing_lib_message=$(tr '\n' ' ' < /tmp/missing.out)"
+echo "PROOF missing_lib_message=$(tr '\\n' ' ' < /tmp/missing.out)"
 """
 
 
@@ -359,14 +375,12 @@ def main() -> int:
                           "using Covey offline"))
     used["node_api_after_s"] = f"{float(used['node_api_at']) - float(used['node_started']):.1f}"
     for key in ("interfaces", "network", "node_api_after_s", "node_chat", "plain_chat",
-                "node_stop", "app_smoke", "gui_20s_status", "gui_node_after_sigterm",
-                "written_in_install_tree",
-                "user_data"):
+                "node_stop", "app_smoke", "gui_20s_status", "gui_20s_node",
+                "written_in_install_tree", "user_data"):
         say(f"  {key}: {used.get(key)}")
-    if used.get("gui_20s_status") != "124":  # 124: still running when timeout stopped it
-        raise SystemExit("[prove] FAILED: `covey` did not keep its window open for 20 s")
-    if used.get("gui_node_after_sigterm") != "stopped":
-        raise SystemExit("[prove] FAILED: `covey` stopped by SIGTERM left its node running")
+    problem = app_until_sigterm_problem(used, "gui_20s")
+    if problem:
+        raise SystemExit(f"[prove] FAILED: {problem}")
     if used.get("written_in_install_tree") != "0":
         raise SystemExit("[prove] FAILED: running Covey wrote into the install tree")
     if "4" not in used.get("node_chat", "") or "4" not in used.get("plain_chat", ""):
@@ -376,12 +390,12 @@ def main() -> int:
 
     say("the app on an X server (Xvfb), offline")
     x11 = on_x11(root, smoke)
-    for key in ("x11_smoke", "x11_gui_status", "x11_node_after_sigterm", "screenshot",
+    for key in ("x11_smoke", "x11_gui_status", "x11_gui_node", "screenshot",
                 "missing_lib_status", "missing_lib_message"):
         say(f"  {key}: {x11.get(key)}")
-    if (x11.get("x11_gui_status") != "124" or "xcb platform" not in x11.get("x11_smoke", "")
-            or x11.get("x11_node_after_sigterm") != "stopped"):
-        raise SystemExit("[prove] FAILED: the app on X11")
+    problem = app_until_sigterm_problem(x11, "x11_gui")
+    if problem or "xcb platform" not in x11.get("x11_smoke", ""):
+        raise SystemExit(f"[prove] FAILED: the app on X11: {problem or 'not on xcb'}")
     missing = x11.get("missing_lib_message", "")
     if (x11.get("missing_lib_status") != "2" or "libxcb-cursor.so.0" not in missing
             or "apt-get install libxcb-cursor0" not in missing or "core dumped" in missing):

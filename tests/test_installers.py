@@ -339,6 +339,11 @@ def test_proof_reads_its_values() -> None:
     out = "noise\nPROOF network=off\nPROOF node_chat={\"text\": \"4\"}\nPROOF x=\n"
     assert prove.values(out) == {"network": "off", "node_chat": '{"text": "4"}', "x": ""}
     assert prove.as_user("covey chat").startswith("runuser -u alice -- env -i HOME=/home/alice")
+    assert prove.app_until_sigterm_problem({"k_status": "124", "k_node": "stopped"}, "k") is None
+    assert "did not keep its window open" in prove.app_until_sigterm_problem(
+        {"k_status": "2", "k_node": "stopped"}, "k")
+    assert "left its node running" in prove.app_until_sigterm_problem(
+        {"k_status": "124", "k_node": "left running"}, "k")
 
 
 # --- Installed-Size, added to the .deb after Briefcase packs it -----------------------------

@@ -35,6 +35,7 @@ def test_windows_path_shape() -> None:
     env = {"LOCALAPPDATA": r"C:\Users\alice\AppData\Local"}
     path = data_dir_for("win32", env, HOME)
     assert PureWindowsPath(str(path)).name == "Covey"
+    assert PureWindowsPath(str(path)).parent == PureWindowsPath(env["LOCALAPPDATA"])
 
 
 def test_default_follows_this_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
