@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swarm.token import new_token  # noqa: E402
-from tests.netns import Netns  # noqa: E402
-from tests.node_harness import (  # noqa: E402
+from swarm.trust.token import new_token  # noqa: E402
+from tests.support.netns import Netns  # noqa: E402
+from tests.support.node_harness import (  # noqa: E402
     RunningNode,
     lan,
     ledger_view,

@@ -27,11 +27,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
-from swarm.api_client import NodeClient  # noqa: E402
-from swarm.token import new_token  # noqa: E402
-from tests.netns import Netns, call_in  # noqa: E402
-from tests.node_harness import RunningNode, start_node, wait_until  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
+from swarm.client.sync_client import NodeClient  # noqa: E402
+from swarm.trust.token import new_token  # noqa: E402
+from tests.support.netns import Netns, call_in  # noqa: E402
+from tests.support.node_harness import RunningNode, start_node, wait_until  # noqa: E402
+from tests.support.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 

@@ -23,7 +23,7 @@ import qasync  # noqa: E402
 from PySide6.QtCore import QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from app import app_settings  # noqa: E402
+from app.gui import app_settings  # noqa: E402
 from backends.model_store import DEFAULT_MODEL  # noqa: E402
 
 TARGET_MS = 50.0
@@ -65,7 +65,7 @@ class StallMeter:
 
 
 async def measure() -> dict[str, float]:
-    from app.desktop import CoveyApp
+    from app.gui.desktop import CoveyApp
 
     data_dir = Path(tempfile.mkdtemp(prefix="covey-bench-gui-"))
     app_settings.save(data_dir, app_settings.AppSettings(

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends.engine import Engine  # noqa: E402
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token  # noqa: E402
 from backends.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
-from swarm.token import new_token  # noqa: E402
-from tests.netns import Netns, call_in  # noqa: E402
-from tests.node_harness import RunningNode, start_node, wait_until  # noqa: E402
+from swarm.trust.token import new_token  # noqa: E402
+from tests.support.netns import Netns, call_in  # noqa: E402
+from tests.support.node_harness import RunningNode, start_node, wait_until  # noqa: E402
 
 # A text completion: the bundled model is a base model and goes on for as long as asked.
 PROMPT = "Once upon a time, in a lighthouse on a rocky northern coast, there lived"

@@ -7,7 +7,7 @@ machine hits every configuration alike; medians and ratios are printed.
 
 1. Bulk throughput, MB/s, of a transfer each way (client -> worker as when llama.cpp loads
    weights, worker -> client as when it reads tensors back): raw TCP, the direct TLS path
-   (swarm/direct_tls.py: what Covey uses when the worker is reachable), the libp2p tunnel
+   (swarm/workers/direct_tls.py: what Covey uses when the worker is reachable), the libp2p tunnel
    (the fallback), and the tunnel with py-libp2p's stock 64 KiB yamux frames.
 2. Round-trip time of 100-byte ping-pongs (ggml RPC is chatty: one round trip per command),
    and of a 100-byte request answered with 1 MiB (llama.cpp fetches the logits of Gemma's
@@ -104,7 +104,7 @@ def run_direct_worker(endpoints: list[str]) -> None:
     """A worker's direct TLS ends, one per endpoint: prints ports, certificate and secret."""
     import tempfile
 
-    from swarm.direct_tls import DirectServer, load_or_create_certificate, new_secret
+    from swarm.workers.direct_tls import DirectServer, load_or_create_certificate, new_secret
 
     cert = load_or_create_certificate(Path(tempfile.mkdtemp()))
     secret = new_secret()
@@ -121,7 +121,7 @@ def run_direct_worker(endpoints: list[str]) -> None:
 
 def run_direct_client(worker: dict[str, Any]) -> None:
     """The client's direct TLS ends for llama.cpp, one per worker port."""
-    from swarm.direct_tls import DirectClient
+    from swarm.workers.direct_tls import DirectClient
 
     clients = [DirectClient(("127.0.0.1", port), worker["sha256"],
                             bytes.fromhex(worker["secret"])) for port in worker["ports"]]
@@ -167,9 +167,9 @@ def run_worker_node(endpoint: str, stock: bool) -> None:
     from libp2p.crypto.ed25519 import Ed25519PrivateKey
     from libp2p.custom_types import TProtocol
 
-    from swarm.identity import Identity
-    from swarm.p2p_host import build_host, isolate
-    from swarm.tunnel import TUNNEL_PROTOCOL, TunnelServer
+    from swarm.net.host import build_host, isolate
+    from swarm.trust.identity import Identity
+    from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelServer
 
     async def main() -> None:
         host = build_host(Identity(Ed25519PrivateKey.new().to_bytes()))
@@ -195,9 +195,9 @@ def run_client_node(peers: list[dict[str, Any]], stock: bool) -> None:
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import PeerInfo
 
-    from swarm.identity import Identity
-    from swarm.p2p_host import build_host
-    from swarm.tunnel import TunnelClient
+    from swarm.net.host import build_host
+    from swarm.trust.identity import Identity
+    from swarm.workers.tunnel import TunnelClient
 
     async def main() -> None:
         host = build_host(Identity(Ed25519PrivateKey.new().to_bytes()))

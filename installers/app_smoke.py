@@ -5,7 +5,7 @@ like python), offscreen and then on an X server. Prints one ``APP ...`` line; ex
 when the app opened and shut down cleanly. With $COVEY_SMOKE_SCREENSHOT set, it saves a
 picture of the whole screen there once the window is up.
 
-It follows app/gui.py's run(): a QApplication on a qasync loop, then CoveyApp.
+It follows app/gui/launch.py's run(): a QApplication on a qasync loop, then CoveyApp.
 """
 
 import asyncio
@@ -17,7 +17,7 @@ import qasync
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QApplication
 
-from app.desktop import CoveyApp
+from app.gui.desktop import CoveyApp
 from backends.paths import default_data_dir
 
 TIMEOUT_S = 120
@@ -60,6 +60,6 @@ def main() -> int:
 
 status = main()
 sys.stdout.flush()
-# As app/gui.py does: skip the interpreter's teardown, where PySide6 can crash while
+# As app/gui/launch.py does: skip the interpreter's teardown, where PySide6 can crash while
 # Python frees Qt objects in an arbitrary order.
 os._exit(status)

@@ -25,7 +25,7 @@ The Linux build needs nothing from GitHub: the template is installers/linux-syst
 and Briefcase's "system" format uses the system Python (no support package). Only PyPI (and
 the Debian mirror, for build dependencies) is used.
 
-Pure functions come first (tests/test_installers.py covers them); the steps that run
+Pure functions come first (tests/integration/test_installers.py covers them); the steps that run
 programs follow, then main().
 """
 

@@ -48,7 +48,7 @@ def virtual_display() -> Iterator[None]:
 
 async def shoot(out: Path) -> None:
     from app import app_settings
-    from app.desktop import CoveyApp
+    from app.gui.desktop import CoveyApp
     from backends.model_store import DEFAULT_MODEL
 
     data_dir = Path(tempfile.mkdtemp(prefix="covey-shots-"))

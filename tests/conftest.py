@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.tiny_gguf import write_tiny_gguf
+from tests.support.tiny_gguf import write_tiny_gguf
 
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no screen needed

@@ -21,7 +21,7 @@ import qasync  # noqa: E402
 from PySide6.QtCore import QEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from app import app_settings  # noqa: E402
+from app.gui import app_settings  # noqa: E402
 from backends.model_store import ModelStore  # noqa: E402
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)

@@ -18,12 +18,12 @@ import pytest
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QMessageBox
 
-from app.desktop import CoveyApp
-from app.node_link import NodeLink
-from swarm.api_client import NodeClientError
-from swarm.token import new_token
-from tests.fault_server import Faults, FaultServer
+from app.gui.desktop import CoveyApp
+from swarm.client.async_client import NodeLink
+from swarm.client.sync_client import NodeClientError
+from swarm.trust.token import new_token
 from tests.gui.conftest import LOOPBACK, app_data_dir, until
+from tests.support.fault_server import Faults, FaultServer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from app import app_settings, autostart
-from app.chat_page import model_choices, served_line, transcript_markdown
-from app.conversations import DEFAULT_TITLE, ConversationStore, Message, title_from
-from app.desktop import CoveyApp
-from app.models_page import model_rows
-from app.swarm_page import check_token, peer_row, serving_edges
-from swarm.token import new_token
+from app.gui import app_settings, autostart
+from app.gui.conversations import DEFAULT_TITLE, ConversationStore, Message, title_from
+from app.gui.desktop import CoveyApp
+from app.gui.pages.chat import model_choices, served_line, transcript_markdown
+from app.gui.pages.models import model_rows
+from app.gui.pages.swarm import check_token, peer_row, serving_edges
+from swarm.trust.token import new_token
 
 
 def test_conversations_persist_rename_and_delete(tmp_path: Path) -> None:

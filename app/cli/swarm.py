@@ -1,0 +1,149 @@
+"""`covey token`, `covey node` and `covey peers`: the swarm from the command line.
+
+`covey node` runs the node daemon in this process; `covey peers` is a client of a running
+node's local API, found through the data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swarm.trust.token import TokenError, new_token
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    data_dir = dict(type=Path, default=argparse.SUPPRESS, help="this node's data directory")
+
+    token = sub.add_parser("token", help="create a swarm token")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    tnew = tsub.add_parser("new", help="print a new swarm token (one line)")
+    tnew.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a reachable node of this swarm, /ip4/…/tcp/…/p2p/…; repeatable")
+
+    node = sub.add_parser("node", help="run this machine's swarm node")
+    node.add_argument("--token", help="the swarm token (remembered after the first time)")
+    node.add_argument("--name", help="the name other machines see (default: host name)")
+    node.add_argument("--data-dir", **data_dir)
+    node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
+                      help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
+    node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
+    node.add_argument("--threads", type=_positive_int, metavar="N",
+                      help="CPU threads for the engine (default: the physical cores)")
+    node.add_argument("--lan-only", action="store_true", help="no DHT: find peers by mDNS only")
+    node.add_argument("--api-listen", metavar="ADDR:PORT",
+                      help="also serve the OpenAI API (/v1) on this network address; "
+                           "needs an API key")
+    node.add_argument("--federated", action="store_true",
+                      help="serve whole requests for the swarm (with --model, default bundled)")
+    node.add_argument("--model", help="the model --federated serves (a name in the store)")
+    node.add_argument("--worker", action="store_true",
+                      help="donate memory: hold a share of other machines' models (RPC worker)")
+    share = node.add_mutually_exclusive_group()
+    share.add_argument("--share-mib", type=int, help="memory donated in worker mode, MiB")
+    share.add_argument("--share-percent", type=float,
+                       help="memory donated in worker mode, percent of RAM (default 50)")
+    node.add_argument("--upload-limit-mib", type=_positive_mib, metavar="MIB_PER_S",
+                      help="cap on sending model copies to peers, MiB/s (default: no cap)")
+    node.add_argument("--api-key-file", type=Path, metavar="FILE",
+                      help="the API key for --api-listen (or set $COVEY_API_KEY)")
+    node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a reachable node of this swarm; repeatable")
+
+    peers = sub.add_parser("peers", help="list the machines in this node's swarm")
+    peers.add_argument("--data-dir", **data_dir)
+    peers.add_argument("--json", action="store_true", help="a machine-readable list")
+
+
+def run_token(args: argparse.Namespace) -> int:
+    try:
+        token = new_token(args.bootstrap)
+    except TokenError as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 2
+    print(token.encode())
+    if sys.stderr.isatty():
+        print("Join other machines with: covey node --token <the line above>", file=sys.stderr)
+    return 0
+
+
+def run_node(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.node.main import main as node_main
+
+    return node_main(args, data_dir)
+
+
+def run_peers(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.client.sync_client import ApiError, NodeClient, NodeNotRunning
+
+    try:
+        body = NodeClient.from_data_dir(data_dir).get_json("/api/peers")
+    except (NodeNotRunning, ApiError) as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body["peers"], indent=2))
+    else:
+        print(format_peers(body["peers"], time.time()))
+    return 0
+
+
+def format_peers(peers: list[dict[str, Any]], now: float) -> str:
+    """The `covey peers` table: this node first, then online peers, then offline ones."""
+    header = ("NAME", "PEER", "STATUS", "LINK", "OS", "CORES", "RAM FREE/TOTAL", "ROLES",
+              "DONATES", "MODELS", "SEEN")
+    order = sorted(peers, key=lambda p: (not p.get("self"), not p.get("online"), p["name"]))
+    rows = [header] + [_row(p, now) for p in order]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    if len(peers) <= 1:
+        lines.append("(no other machines yet: start `covey node` with the same token on them)")
+    return "\n".join(lines)
+
+
+def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
+    status = "this node" if p.get("self") else ("online" if p.get("online") else "offline")
+    link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
+    seen = "now" if p.get("self") else _ago(now - p.get("last_seen", now))
+    ram = f"{_gib(p.get('ram_free', 0))}/{_gib(p.get('ram_total', 0))} GiB"
+    worker = p.get("worker")
+    donates = "-" if not worker else (
+        f"{_gib(worker['donated_bytes'])} GiB" + (" (leased)" if worker["state"] == "leased"
+                                                   else ""))
+    return (p.get("name", "?"), p["peer_id"][-8:], status, link, p.get("os", "?"),
+            str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", donates,
+            ",".join(p.get("shares_models", [])) or "-", seen)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _positive_mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)

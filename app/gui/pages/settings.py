@@ -1,0 +1,118 @@
+"""The settings page: donated memory, threads, LAN only, the API port, start at login, tray.
+
+Changes apply when saved; settings the node reads at start restart it, and the page says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.gui import autostart
+from app.gui.app_settings import AppSettings
+from app.gui.controller import Controller
+from swarm.ledger.node_info import memory_bytes
+
+MIN_SHARE_MIB = 256
+
+
+class SettingsPage(QWidget):
+    def __init__(self, controller: Controller) -> None:
+        super().__init__()
+        self.controller = controller
+        total_mib = max(memory_bytes()[0] >> 20, MIN_SHARE_MIB * 2)
+
+        self.share = QSlider(Qt.Orientation.Horizontal)
+        self.share.setRange(MIN_SHARE_MIB, total_mib)
+        self.share.setSingleStep(256)
+        self.share.setPageStep(1024)
+        self.share_label = QLabel()
+        self.share.valueChanged.connect(
+            lambda v: self.share_label.setText(f"{v / 1024:.1f} of {total_mib / 1024:.1f} GiB"))
+        self.threads = QSpinBox()
+        self.threads.setRange(0, 256)
+        self.threads.setSpecialValueText("automatic")
+        self.lan_only = QCheckBox("Find machines on this network only (no DHT)")
+        self.api_enabled = QCheckBox("OpenAI-compatible API for other programs on this machine")
+        self.api_port = QSpinBox()
+        self.api_port.setRange(1024, 65535)
+        self.start_at_login = QCheckBox("Start Covey when I log in")
+        self.keep_in_tray = QCheckBox("Keep running in the tray while a role is on")
+        for box in (self.threads, self.api_port):
+            box.setMaximumWidth(140)
+        self.save_button = QPushButton("Save")
+        self.save_button.setDefault(True)
+        self.save_button.clicked.connect(self.save)
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+
+        share_row = QHBoxLayout()
+        share_row.addWidget(self.share, 1)
+        share_row.addWidget(self.share_label)
+        form = QFormLayout()
+        form.addRow("Memory donated in worker mode:", share_row)
+        form.addRow("Engine threads:", self.threads)
+        form.addRow("", self.lan_only)
+        form.addRow("", self.api_enabled)
+        form.addRow("API port (127.0.0.1):", self.api_port)
+        form.addRow("", self.start_at_login)
+        form.addRow("", self.keep_in_tray)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(24, 16, 24, 16)
+        heading = QLabel("<h2>Settings</h2>")
+        layout.addWidget(heading)
+        layout.addLayout(form)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.save_button)
+        layout.addLayout(buttons)
+        layout.addWidget(self.message)
+        layout.addStretch(1)
+        self.show_settings(controller.settings)
+
+    def show_settings(self, s: AppSettings) -> None:
+        self.share.setValue(s.share_mib or self.share.maximum() // 2)
+        self.threads.setValue(s.threads or 0)
+        self.lan_only.setChecked(s.lan_only)
+        self.api_enabled.setChecked(s.api_enabled)
+        self.api_port.setValue(s.api_port)
+        self.start_at_login.setChecked(s.start_at_login)
+        self.keep_in_tray.setChecked(s.keep_in_tray)
+
+    def chosen(self) -> AppSettings:
+        return replace(
+            self.controller.settings, share_mib=self.share.value(),
+            threads=self.threads.value() or None, lan_only=self.lan_only.isChecked(),
+            api_enabled=self.api_enabled.isChecked(), api_port=self.api_port.value(),
+            start_at_login=self.start_at_login.isChecked(),
+            keep_in_tray=self.keep_in_tray.isChecked())
+
+    def save(self) -> None:
+        settings = self.chosen()
+        try:
+            autostart.set_enabled(settings.start_at_login)
+        except OSError as exc:
+            self.message.setText(f"Could not change start at login: {exc}")
+            return
+        if self.controller.save_settings(settings):
+            self.message.setText("Saved. Restarting this machine's node to apply them…")
+            self.controller.spawn(self._restart(), "Restarting the node failed")
+        else:
+            self.message.setText("Saved.")
+
+    async def _restart(self) -> None:
+        await self.controller.supervisor.restart()
+        await self.controller.refresh()
+        self.message.setText("Saved and applied.")

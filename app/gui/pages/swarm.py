@@ -1,0 +1,273 @@
+"""The swarm page: invite (this swarm's token), join by pasting a token, leave; the live peer
+list and a topology of who serves whom.
+
+The paste box checks the token as the user types with the same parser the node uses, so a
+bad paste shows that parser's specific message before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from PySide6.QtCore import QPointF, Qt
+from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
+from PySide6.QtWidgets import (
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.gui.controller import Controller
+from app.gui.widgets import read_only_table
+from swarm.trust.token import TokenError, parse_token
+
+PEER_COLUMNS = ("Name", "OS", "RAM", "Donated", "Role", "State", "Last seen")
+
+
+def check_token(text: str, current: str) -> str | None:
+    """None when `text` is a token this machine can join; else what is wrong with it."""
+    if not text.strip():
+        return ""
+    try:
+        token = parse_token(text)
+    except TokenError as exc:
+        return str(exc)
+    if current and token.encode() == parse_token(current).encode():
+        return "This machine is already in this swarm."
+    return None
+
+
+def gib(n: int | None) -> str:
+    return "—" if not n else f"{n / (1 << 30):.1f} GiB"
+
+
+def ago(seconds: float) -> str:
+    if seconds < 5:
+        return "now"
+    if seconds < 120:
+        return f"{int(seconds)} s ago"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min ago"
+    return f"{int(seconds // 3600)} h ago"
+
+
+def peer_row(peer: dict[str, Any], now: float) -> list[str]:
+    worker = peer.get("worker") or {}
+    roles = list(peer.get("roles") or [])
+    if worker and "worker" not in roles:
+        roles.append("worker")
+    if not peer.get("online"):
+        state = "offline"
+    elif worker.get("state") == "leased":
+        state = "serving " + (worker.get("leased_by_name") or "a peer")
+    else:
+        state = "online" + (" (this machine)" if peer.get("self") else "")
+    return [
+        peer.get("name", "?"),
+        str(peer.get("os", "")),
+        gib(peer.get("ram_total")),
+        gib(worker.get("donated_bytes")) if worker else "—",
+        ", ".join(roles) or "member",
+        state,
+        "now" if peer.get("self") else ago(now - float(peer.get("last_seen") or now)),
+    ]
+
+
+def serving_edges(peers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(worker, client) pairs: which machine lends its memory to which."""
+    names = {p["peer_id"]: p.get("name", "?") for p in peers}
+    edges = []
+    for p in peers:
+        worker = p.get("worker") or {}
+        holder = worker.get("leased_by")
+        if p.get("online") and holder in names:
+            edges.append((p.get("name", "?"), names[holder]))
+    return edges
+
+
+class Topology(QWidget):
+    """Machines on a circle; an arrow from each leased worker to the machine it serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setMinimumHeight(180)
+        self.peers: list[dict[str, Any]] = []
+
+    def show_peers(self, peers: list[dict[str, Any]]) -> None:
+        self.peers = peers
+        self.update()
+
+    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        online = [p for p in self.peers if p.get("online")]
+        if not online:
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "No machines yet")
+            return
+        w, h = self.width(), self.height()
+        radius = min(w, h) / 2 - 40
+        centre = QPointF(w / 2, h / 2)
+        where: dict[str, QPointF] = {}
+        for i, p in enumerate(online):
+            angle = 2 * math.pi * i / len(online) - math.pi / 2
+            where[p.get("name", "?")] = centre + QPointF(math.cos(angle), math.sin(angle)) * (
+                radius if len(online) > 1 else 0)
+        pen = QPen(QColor("#2a9d8f"), 2)
+        painter.setPen(pen)
+        for worker, client in serving_edges(online):
+            if worker in where and client in where:
+                painter.drawLine(where[worker], where[client])
+        text = self.palette().text().color()
+        for p in online:
+            point = where[p.get("name", "?")]
+            is_worker = bool(p.get("worker"))
+            painter.setPen(QPen(text, 1))
+            painter.setBrush(QBrush(QColor("#e9c46a" if is_worker else "#8ecae6")))
+            painter.drawEllipse(point, 14, 14)
+            label = p.get("name", "?") + (" (you)" if p.get("self") else "")
+            painter.drawText(point + QPointF(-60, 30), label)
+
+
+class SwarmPage(QWidget):
+    def __init__(self, controller: Controller) -> None:
+        super().__init__()
+        self.controller = controller
+
+        self.token_field = QLineEdit()
+        self.token_field.setReadOnly(True)
+        self.token_field.setEchoMode(QLineEdit.EchoMode.Password)
+        self.token_field.setObjectName("swarmToken")
+        show = QPushButton("Show")
+        show.setCheckable(True)
+        show.toggled.connect(lambda on: self.token_field.setEchoMode(
+            QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
+        copy = QPushButton("Copy token")
+        copy.clicked.connect(self._copy_token)
+        self.create_button = QPushButton("Create new swarm")
+        self.create_button.clicked.connect(self._create)
+        self.leave_button = QPushButton("Leave swarm")
+        self.leave_button.clicked.connect(self._leave)
+        headless = QLabel("On a machine without a screen: <code>covey node --token TOKEN</code>")
+        headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        invite = QGroupBox("Invite machines to this swarm")
+        row = QHBoxLayout()
+        row.addWidget(self.token_field, 1)
+        row.addWidget(show)
+        row.addWidget(copy)
+        actions = QHBoxLayout()
+        actions.addWidget(self.create_button)
+        actions.addWidget(self.leave_button)
+        actions.addStretch(1)
+        box = QVBoxLayout(invite)
+        box.addWidget(QLabel("Paste this token into Covey on your other machines:"))
+        box.addLayout(row)
+        box.addWidget(headless)
+        box.addLayout(actions)
+
+        self.paste = QLineEdit()
+        self.paste.setObjectName("joinToken")
+        self.paste.setPlaceholderText("Paste a swarm token (covey1…)")
+        self.paste.textChanged.connect(self._validate)
+        self.join_button = QPushButton("Join swarm")
+        self.join_button.setEnabled(False)
+        self.join_button.clicked.connect(self._join)
+        self.join_error = QLabel()
+        self.join_error.setObjectName("joinError")
+        self.join_error.setWordWrap(True)
+        self.join_error.setStyleSheet("color: #c0392b")
+        join = QGroupBox("Join another swarm")
+        jrow = QHBoxLayout()
+        jrow.addWidget(self.paste, 1)
+        jrow.addWidget(self.join_button)
+        jbox = QVBoxLayout(join)
+        jbox.addLayout(jrow)
+        jbox.addWidget(self.join_error)
+        self.join_error.setVisible(False)
+
+        self.table = read_only_table("peers", PEER_COLUMNS)
+        self.table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
+        self.topology = Topology()
+        self.summary = QLabel()
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(invite)
+        layout.addWidget(join)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.table, 2)
+        layout.addWidget(self.topology, 1)
+        controller.peers.connect(self.show_peers)
+        controller.status.connect(lambda _s: self._refresh_token())
+        self._refresh_token()
+
+    def _refresh_token(self) -> None:
+        token = self.controller.token()
+        if self.token_field.text() != token:
+            self.token_field.setText(token)
+
+    def _copy_token(self) -> None:
+        QGuiApplication.clipboard().setText(self.token_field.text())
+
+    def _validate(self, text: str) -> None:
+        problem = check_token(text, self.controller.token())
+        self.join_error.setText(problem or "")
+        self.join_error.setVisible(bool(problem))
+        self.join_button.setEnabled(problem is None)
+
+    def _join(self) -> None:
+        text = self.paste.text()
+        if check_token(text, self.controller.token()) is not None:
+            return
+        self.join_button.setEnabled(False)
+        self.join_error.setText("Joining…")
+        self.join_error.setVisible(True)
+
+        async def join() -> None:
+            await self.controller.join(text)
+            self.paste.clear()
+            self.join_error.setText("")
+            self._refresh_token()
+
+        self.controller.spawn(join(), "Joining the swarm failed")
+
+    def _create(self) -> None:
+        self._new_swarm("Create a new swarm",
+                        "This machine leaves its current swarm and starts a new one. Continue?")
+
+    def _leave(self) -> None:
+        # Leaving is a new swarm of one: the node always belongs to some swarm.
+        self._new_swarm("Leave swarm", "This machine leaves the swarm and carries on alone, "
+                                       "in a new swarm of its own.")
+
+    def _new_swarm(self, title: str, question: str) -> None:
+        if QMessageBox.question(self, title, question) == QMessageBox.StandardButton.Yes:
+            self.controller.spawn(self.controller.create_swarm(), f"{title} failed")
+
+    def show_peers(self, peers: list[dict[str, Any]]) -> None:
+        now = time.time()
+        names = {p["peer_id"]: p.get("name", "?") for p in peers}
+        for p in peers:
+            worker = p.get("worker") or {}
+            if worker.get("leased_by"):
+                worker["leased_by_name"] = names.get(worker["leased_by"])
+        self.table.setRowCount(len(peers))
+        grey = self.palette().placeholderText()
+        for r, peer in enumerate(peers):
+            for c, text in enumerate(peer_row(peer, now)):
+                item = QTableWidgetItem(text)
+                if not peer.get("online"):
+                    item.setForeground(grey)
+                self.table.setItem(r, c, item)
+        online = sum(1 for p in peers if p.get("online"))
+        self.summary.setText(f"{online} machine{'s' if online != 1 else ''} online"
+                             + (f", {len(peers) - online} offline" if len(peers) > online
+                                else ""))
+        self.topology.show_peers(peers)

@@ -1,0 +1,330 @@
+"""The OpenAI-compatible API every node serves: /v1/models, /v1/chat/completions,
+/v1/completions, streamed (server-sent events ending in `data: [DONE]`) or not.
+
+Parsing and response shaping are pure functions; `OpenAiApi` only wires them to a route
+chosen by `swarm.routes.route.choose_route`. The `covey_route` extension field picks a route
+(`auto` by default) and every response carries `covey: {route, machines}`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backends.engine import EngineError
+from backends.engine_protocol import Done, GenerateRequest, Token
+from swarm.api.server import HttpError, Request, Response, StreamingResponse
+from swarm.routes.route import ROUTE_NAMES, Busy, Route, RouteError, Served, choose_route
+
+MAX_TOKENS_LIMIT = 32768
+DEFAULT_MAX_TOKENS = 512
+MAX_STOPS = 4
+MAX_MESSAGES = 1024
+
+
+class BadRequest(HttpError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(400, message, "invalid_request_error", param=param)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A parsed request: what to generate, with which model, over which route."""
+
+    kind: str  # "chat" | "text"
+    model: str
+    generate: GenerateRequest
+    stream: bool
+    include_usage: bool
+    route: str
+
+
+_ids = itertools.count(1)
+
+
+def parse_completion(body: Any, kind: str) -> Completion:
+    """Check a /v1/chat/completions ("chat") or /v1/completions ("text") body the way
+    OpenAI does; raises BadRequest naming the offending parameter."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = _field(body, "model", str, required=True)
+    if not model:
+        raise BadRequest("model must not be empty", "model")
+    n = _field(body, "n", int, default=1)
+    if n != 1:
+        raise BadRequest("only n=1 is supported", "n")
+    max_tokens = _field(body, "max_tokens", int, default=None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_completion_tokens", int, default=DEFAULT_MAX_TOKENS)
+    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise BadRequest(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}", "max_tokens")
+    temperature = float(_field(body, "temperature", (int, float), default=1.0))
+    if not 0 <= temperature <= 2:
+        raise BadRequest("temperature must be between 0 and 2", "temperature")
+    top_p = float(_field(body, "top_p", (int, float), default=1.0))
+    if not 0 < top_p <= 1:
+        raise BadRequest("top_p must be greater than 0 and at most 1", "top_p")
+    # llama.cpp's server takes repeat_penalty too; small models loop without it.
+    repeat_penalty = float(_field(body, "repeat_penalty", (int, float), default=1.0))
+    if not 0.5 <= repeat_penalty <= 2:
+        raise BadRequest("repeat_penalty must be between 0.5 and 2", "repeat_penalty")
+    seed = _field(body, "seed", int, default=None)
+    stop = _stops(body.get("stop"))
+    stream = _field(body, "stream", bool, default=False)
+    options = _field(body, "stream_options", dict, default={}) or {}
+    include_usage = bool(options.get("include_usage", False))
+    route = _field(body, "covey_route", str, default="auto")
+    if route not in ROUTE_NAMES:
+        raise BadRequest(f"covey_route must be one of {', '.join(ROUTE_NAMES)}", "covey_route")
+    deterministic = _field(body, "covey_deterministic", bool, default=False)
+    request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
+    common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                  seed=seed, stop=stop, repeat_penalty=repeat_penalty,
+                  deterministic=bool(deterministic))
+    if kind == "chat":
+        generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
+    else:
+        generate = GenerateRequest(prompt=_prompt(body.get("prompt")), **common)
+    return Completion(kind, model, generate, stream, include_usage, route)
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
+           required: bool = False, default: Any = None) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise BadRequest(f"missing required parameter: {name}", name)
+        return default
+    value = body[name]
+    bool_ok = kind is bool or (isinstance(kind, tuple) and bool in kind)
+    if (isinstance(value, bool) and not bool_ok) or not isinstance(value, kind):
+        wanted = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BadRequest(f"{name} must be of type {wanted}", name)
+    return value
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("stop must be a non-empty string or a list of them", "stop")
+    if len(stops) > MAX_STOPS:
+        raise BadRequest(f"stop takes at most {MAX_STOPS} sequences", "stop")
+    return tuple(stops)
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("messages must be a non-empty array", "messages")
+    if len(value) > MAX_MESSAGES:
+        raise BadRequest(f"at most {MAX_MESSAGES} messages", "messages")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise BadRequest(f"{where}.role must be system, user or assistant", f"{where}.role")
+        if isinstance(content, list):  # OpenAI's content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise BadRequest(f"{where}.content supports text parts only", f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string", f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return tuple(out)
+
+
+def _prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise BadRequest("prompt must be a string (or a list of exactly one string)", "prompt")
+    return value
+
+
+# -- responses (pure) -----------------------------------------------------------------------
+
+
+def usage(done: Done) -> dict[str, int]:
+    completion = len(done.tokens)
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": done.prompt_tokens + completion}
+
+
+def finish_reason(done: Done) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any]) -> dict:
+    if c.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
+                  "logprobs": None, "finish_reason": finish_reason(done)}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": done.text, "logprobs": None,
+                  "finish_reason": finish_reason(done)}
+        obj = "text_completion"
+    return {"id": c.generate.id, "object": obj, "created": created, "model": c.model,
+            "choices": [choice], "usage": usage(done), "covey": covey}
+
+
+def chunk(c: Completion, created: int, covey: dict[str, Any], text: str | None = None,
+          done: Done | None = None, first: bool = False) -> dict:
+    """One streamed chunk: a piece of text, or (with `done`) the closing finish_reason."""
+    reason = finish_reason(done) if done is not None else None
+    if c.kind == "chat":
+        delta: dict[str, str] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+                                  "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    body = {"id": c.generate.id, "object": _chunk_object(c), "created": created,
+            "model": c.model,
+            "choices": [choice], "covey": covey}
+    if c.include_usage:
+        body["usage"] = None
+    return body
+
+
+def sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def error_event(message: str, kind: str) -> bytes:
+    return sse({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+class OpenAiApi:
+    def __init__(self, routes: Callable[[], Sequence[Route]]) -> None:
+        self._routes = routes
+
+    async def models(self, request: Request) -> Response:
+        by_model: dict[str, dict[str, list[str]]] = {}
+        for route in self._routes():
+            for model in route.model_ids():
+                entry = by_model.setdefault(model, {"routes": [], "machines": []})
+                entry["routes"].append(route.name)
+                entry["machines"] += [
+                    m for m in route.machines(model) if m not in entry["machines"]
+                ]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
+                for m, where in sorted(by_model.items())]
+        return Response.json({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response | StreamingResponse:
+        return await self._complete(request, "chat")
+
+    async def completions(self, request: Request) -> Response | StreamingResponse:
+        return await self._complete(request, "text")
+
+    async def _complete(self, request: Request, kind: str) -> Response | StreamingResponse:
+        c = parse_completion(request.json(), kind)
+        try:
+            route = choose_route(c.route, self._routes(), c.model)
+        except RouteError as exc:
+            raise _route_error(exc) from None
+        covey: dict[str, Any] = {"route": route.name, "machines": []}
+        created = int(time.time())
+        events = route.generate(c.generate, c.model)
+        # Start before answering, so that "busy" and load failures get a proper status.
+        try:
+            first = await events.__anext__()
+            while isinstance(first, Served):
+                note_served(covey, first)
+                first = await events.__anext__()
+            if not covey["machines"]:  # a route that names no machine per request
+                covey["machines"] = route.machines(c.model)
+        except RouteError as exc:
+            raise _route_error(exc) from None
+        except EngineError as exc:
+            raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
+        if not c.stream:
+            done = await _drain(first, events, covey)
+            return Response.json(full_response(c, done, created, covey))
+        return StreamingResponse(_stream(c, first, events, created, covey))
+
+
+def _route_error(exc: RouteError) -> HttpError:
+    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, Busy) else None
+    kind = "rate_limit_error" if isinstance(exc, Busy) else "invalid_request_error"
+    param = {"model_not_found": "model", "context_length_exceeded": "max_tokens"}.get(exc.code)
+    return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
+
+
+def note_served(covey: dict[str, Any], served: Served) -> None:
+    """Record in the reply's `covey` metadata which machine serves, and any failover notice."""
+    if served.machine not in covey["machines"]:
+        covey["machines"].append(served.machine)
+    if served.notice:
+        covey["notice"] = served.notice
+
+
+async def _drain(first: Token | Done, events: AsyncIterator[Token | Done | Served],
+                 covey: dict[str, Any]) -> Done:
+    try:
+        event: Token | Done | Served = first
+        while not isinstance(event, Done):
+            event = await events.__anext__()
+            if isinstance(event, Served):
+                note_served(covey, event)
+        return event
+    except RouteError as exc:
+        raise _route_error(exc) from None
+    except EngineError as exc:
+        raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
+    finally:
+        await events.aclose()
+
+
+async def _stream(c: Completion, first: Token | Done,
+                  events: AsyncIterator[Token | Done | Served], created: int,
+                  covey: dict[str, Any]) -> AsyncIterator[bytes]:
+    try:
+        if c.kind == "chat":
+            yield sse(chunk(c, created, covey, first=True))
+        event: Token | Done | Served = first
+        while True:
+            if isinstance(event, Done):
+                yield sse(chunk(c, created, covey, done=event))
+                if c.include_usage:
+                    yield sse({"id": c.generate.id, "object": _chunk_object(c),
+                               "created": created, "model": c.model, "choices": [],
+                               "usage": usage(event), "covey": covey})
+                yield sse("[DONE]")
+                return
+            if isinstance(event, Served):
+                note_served(covey, event)
+                if event.notice:  # tell the client why the reply now comes from elsewhere
+                    yield sse(chunk(c, created, covey))
+            elif event.text:
+                yield sse(chunk(c, created, covey, text=event.text))
+            try:
+                event = await events.__anext__()
+            except RouteError as exc:
+                yield error_event(str(exc), "invalid_request_error")
+                return
+            except EngineError as exc:
+                yield error_event(f"the engine failed: {exc}", "server_error")
+                return
+    finally:
+        await events.aclose()
+
+
+def _chunk_object(c: Completion) -> str:
+    return "chat.completion.chunk" if c.kind == "chat" else "text_completion"

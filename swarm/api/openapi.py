@@ -1,0 +1,546 @@
+"""The OpenAPI 3.1 document of the node's local HTTP API, as plain Python data.
+
+`openapi_document()` describes what `swarm.api.server`, `swarm.api.openai_api` and `Node`'s handlers
+actually do: the OpenAI-compatible /v1 endpoints, Covey's own /api endpoints, the bearer gate
+and the one error shape. Its request schemas (components/schemas/ChatCompletionRequest, ...) are
+JSON Schema 2020-12 and may be reused to validate bodies; they allow unknown fields, as OpenAI
+clients send them, except where the handler itself refuses them (NodeUpdateRequest).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+# The limits the handlers enforce; tests/unit/test_openapi_doc.py checks them against the code.
+# They are repeated here, not imported, so that the handlers may import this module.
+ROUTE_NAMES = ("auto", "local", "sharded", "federated")
+MAX_TOKENS_LIMIT = 32768
+DEFAULT_MAX_TOKENS = 512
+MAX_STOPS = 4
+MAX_MESSAGES = 1024
+ROLES = ("client", "worker", "federated")
+MAX_NAME_CHARS = 64
+STATUS_VERSION = 1
+NODE_INFO_VERSION = 1
+
+Schema = dict[str, Any]
+
+ERROR_RESPONSES: dict[int, tuple[str, str]] = {
+    # status: (component name, description)
+    400: ("BadRequest", "The request is malformed, a parameter is invalid (type "
+                        "`invalid_request_error`; `param` names the parameter), or the route "
+                        "asked for is not available (code `route_unavailable`)."),
+    401: ("Unauthorized", "Missing or wrong API secret (type `authentication_error`)."),
+    403: ("Forbidden", "The Host header does not name this API's address and port (type "
+                       "`permission_error`); a guard against DNS rebinding."),
+    404: ("NotFound", "No such endpoint, or (code `model_not_found`, param `model`) no route "
+                      "serves the model (type `not_found_error` / `invalid_request_error`)."),
+    405: ("MethodNotAllowed", "The path exists but not with this method; the Allow header lists "
+                             "the methods it takes."),
+    408: ("RequestTimeout", "The request head or body did not arrive in time (type "
+                           "`timeout_error`)."),
+    413: ("PayloadTooLarge", "The request body is over the limit, 1 MiB by default (type "
+                            "`request_too_large`)."),
+    429: ("TooManyRequests", "The engine is busy with too many requests waiting (type "
+                             "`rate_limit_error`, code `busy`); retry after Retry-After seconds."),
+    409: ("Conflict", "The model is already in this node's store (code `model_exists`)."),
+    431: ("HeadersTooLarge", "The request head is over 16 KiB (type `request_too_large`)."),
+    500: ("InternalError", "An unexpected failure in the node (type `server_error`); see its "
+                           "log."),
+    503: ("ServiceUnavailable", "The inference engine failed (type `server_error`)."),
+}
+# What any request can earn at the gate, the transport or an unexpected failure. 404 (no such
+# endpoint) and 405 are for paths and methods this document does not list.
+COMMON_ERRORS = (400, 401, 403, 408, 413, 431, 500)
+GENERATION_ERRORS = (*COMMON_ERRORS, 404, 429, 503)
+
+
+def ref(kind: str, name: str) -> Schema:
+    """A $ref to components/<kind>/<name>."""
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def schema_ref(name: str) -> Schema:
+    return ref("schemas", name)
+
+
+def or_null(schema: Schema) -> Schema:
+    """`schema` that also accepts null: the handlers treat a null parameter as absent."""
+    out = dict(schema)
+    kind = out.get("type")
+    if isinstance(kind, str):
+        out["type"] = [kind, "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+        return out
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _object(properties: dict[str, Schema], required: list[str] | None = None,
+            description: str | None = None, *, extra: bool = True) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    if not extra:
+        schema["additionalProperties"] = False
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _string_list(description: str | None = None) -> Schema:
+    schema: Schema = {"type": "array", "items": {"type": "string"}}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _generation_parameters() -> dict[str, Schema]:
+    """The parameters /v1/chat/completions and /v1/completions share, besides the input."""
+    max_tokens = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_LIMIT,
+                  "default": DEFAULT_MAX_TOKENS}
+    return {
+        "model": {"type": "string", "minLength": 1,
+                  "description": "A model id from GET /v1/models."},
+        "max_tokens": or_null({**max_tokens, "description": "The most tokens to generate."}),
+        "max_completion_tokens": or_null({**max_tokens, "description":
+                                          "Same as max_tokens, used when max_tokens is absent."}),
+        "temperature": or_null({"type": "number", "minimum": 0, "maximum": 2, "default": 1}),
+        "top_p": or_null({"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                          "default": 1}),
+        "repeat_penalty": or_null({
+            "type": "number", "minimum": 0.5, "maximum": 2, "default": 1, "description":
+            "As in llama.cpp's server: above 1 discourages repeating recent tokens."}),
+        "seed": or_null({"type": "integer", "description": "Makes sampling repeatable."}),
+        "stop": or_null(schema_ref("StopSequences")),
+        "stream": or_null({"type": "boolean", "default": False, "description":
+                           "Answer with server-sent events instead of one JSON object."}),
+        "stream_options": or_null(schema_ref("StreamOptions")),
+        "n": or_null({"type": "integer", "enum": [1], "default": 1,
+                      "description": "How many choices to generate; only 1 is supported."}),
+        "user": or_null({"type": "string",
+                         "description": "Accepted for compatibility and ignored."}),
+        "covey_route": or_null(schema_ref("CoveyRoute")),
+        "covey_deterministic": or_null({
+            "type": "boolean", "default": False,
+            "description": "Covey's extension: an engine without CPU weight repacking, so greedy "
+                           "output is the same on every route and split (a little slower)."}),
+    }
+
+
+def _error_schemas() -> dict[str, Schema]:
+    detail = _object({
+        "message": {"type": "string"},
+        "type": {"type": "string", "description": "e.g. invalid_request_error, "
+                 "authentication_error, rate_limit_error, server_error."},
+        "param": {"type": ["string", "null"], "description": "The offending parameter."},
+        "code": {"type": ["string", "null"], "description": "e.g. model_not_found, busy."},
+    }, ["message", "type", "param", "code"])
+    return {"Error": _object({"error": detail}, ["error"],
+                             "Every error the API answers with, OpenAI's shape.")}
+
+
+def _request_schemas() -> dict[str, Schema]:
+    chat = {
+        **_generation_parameters(),
+        "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
+                     "items": schema_ref("ChatMessage")},
+    }
+    text = {
+        **_generation_parameters(),
+        "prompt": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        ], "description": "The prompt: a string, or an array of exactly one string."},
+    }
+    return {
+        "CoveyRoute": {
+            "type": "string", "enum": list(ROUTE_NAMES), "default": "auto",
+            "description": "Covey's extension: which route serves the request. `auto` takes "
+                           "the first of local, sharded, federated that has the model.",
+        },
+        "StopSequences": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1},
+             "maxItems": MAX_STOPS},
+        ], "description": f"Up to {MAX_STOPS} sequences that end the generation."},
+        "StreamOptions": _object({"include_usage": or_null({
+            "type": "boolean", "default": False,
+            "description": "Send a last chunk with `usage` (and no choices) before [DONE]."})}),
+        "TextContentPart": _object({"type": {"const": "text"}, "text": {"type": "string"}},
+                                   ["type", "text"]),
+        "ChatMessage": _object({
+            "role": {"type": "string", "enum": ["system", "user", "assistant", "developer"],
+                     "description": "`developer` is taken as `system`."},
+            "content": {"oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": schema_ref("TextContentPart")},
+            ], "description": "Text, or text parts (joined); other kinds of parts are refused."},
+            "name": {"type": "string", "description": "Accepted and ignored."},
+        }, ["role", "content"]),
+        "ChatCompletionRequest": _object(chat, ["model", "messages"]),
+        "CompletionRequest": _object(text, ["model", "prompt"]),
+        "NodeUpdateRequest": _object({
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS,
+                     "pattern": r"\S", "description": "Trimmed of surrounding whitespace."},
+            "roles": {"type": "array", "items": {"type": "string", "enum": list(ROLES)},
+                      "description": "Replaces the node's roles; duplicates are dropped."},
+        }, description="Either field or both; other fields are refused.", extra=False),
+        "FederatedRequest": _object({
+            "enabled": {"type": "boolean", "description": "Serve whole requests for the swarm."},
+            "model": {"type": "string", "minLength": 1,
+                      "description": "A model in this node's store; default the bundled one."},
+        }, ["enabled"]),
+        "WorkerRequest": _object({
+            "enabled": {"type": "boolean", "description": "Donate memory to the swarm."},
+            "share_mib": {"type": "integer", "minimum": 1,
+                          "description": "Memory donated, MiB (default: half of RAM)."},
+            "share_percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100,
+                              "description": "Memory donated, percent of RAM."},
+        }, ["enabled"], "Turning it off lets the lease holder finish its reply first.",
+            extra=False),
+        "ModelCopyRequest": _object({
+            "model": {"type": "string", "minLength": 1,
+                      "description": "The name a peer offers the model under."},
+            "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{64}$",
+                       "description": "The exact file, when peers offer different ones."},
+            "cancel": {"type": "boolean",
+                       "description": "Cancel the copy running; its part is kept to resume."},
+        }, ["model"], extra=False),
+    }
+
+
+def _completion_schemas() -> dict[str, Schema]:
+    integer, string = {"type": "integer"}, {"type": "string"}
+    finish = {"type": "string", "enum": ["stop", "length"]}
+    streamed_finish = {"type": ["string", "null"], "enum": ["stop", "length", None],
+                       "description": "null until the last chunk with choices."}
+    logprobs = {"type": "null"}
+
+    def completion(obj: str, choice: str, description: str, *, chunk: bool = False) -> Schema:
+        usage = or_null(schema_ref("Usage")) if chunk else schema_ref("Usage")
+        properties = {"id": string, "object": {"const": obj}, "created": integer,
+                      "model": string, "choices": {"type": "array", "items": schema_ref(choice)},
+                      "usage": usage, "covey": schema_ref("CoveyRouting")}
+        required = ["id", "object", "created", "model", "choices", "covey"]
+        return _object(properties, required if chunk else [*required, "usage"], description)
+
+    return {
+        "Usage": _object({"prompt_tokens": integer, "completion_tokens": integer,
+                          "total_tokens": integer},
+                         ["prompt_tokens", "completion_tokens", "total_tokens"]),
+        "CoveyRouting": _object({
+            "route": {"type": "string", "description": "The route that served the request."},
+            "machines": _string_list("The machines that took part."),
+        }, ["route", "machines"]),
+        "ChatCompletionChoice": _object({
+            "index": integer,
+            "message": _object({"role": {"const": "assistant"}, "content": string},
+                               ["role", "content"]),
+            "logprobs": logprobs, "finish_reason": finish,
+        }, ["index", "message", "finish_reason"]),
+        "ChatCompletion": completion("chat.completion", "ChatCompletionChoice",
+                                     "The answer of a non-streamed chat completion."),
+        "ChatCompletionChunkChoice": _object({
+            "index": integer,
+            "delta": _object({"role": {"const": "assistant"}, "content": string},
+                             description="The first chunk carries the role, later ones text."),
+            "logprobs": logprobs, "finish_reason": streamed_finish,
+        }, ["index", "delta", "finish_reason"]),
+        "ChatCompletionChunk": completion(
+            "chat.completion.chunk", "ChatCompletionChunkChoice",
+            "One server-sent event of a streamed chat completion. With include_usage every "
+            "chunk has `usage: null` and a last one has `choices: []` and the usage.",
+            chunk=True),
+        "CompletionChoice": _object({"index": integer, "text": string, "logprobs": logprobs,
+                                     "finish_reason": finish},
+                                    ["index", "text", "finish_reason"]),
+        "Completion": completion("text_completion", "CompletionChoice",
+                                 "The answer of a non-streamed completion."),
+        "CompletionChunkChoice": _object({"index": integer, "text": string,
+                                          "logprobs": logprobs,
+                                          "finish_reason": streamed_finish},
+                                         ["index", "text", "finish_reason"]),
+        "CompletionChunk": completion(
+            "text_completion", "CompletionChunkChoice",
+            "One server-sent event of a streamed completion; usage as in ChatCompletionChunk.",
+            chunk=True),
+        "Model": _object({
+            "id": string, "object": {"const": "model"}, "created": integer,
+            "owned_by": {"const": "covey"},
+            "covey": _object({"routes": _string_list("The routes that serve the model."),
+                              "machines": _string_list("The machines that hold it.")},
+                             ["routes", "machines"]),
+        }, ["id", "object", "created", "owned_by", "covey"]),
+        "ModelList": _object({"object": {"const": "list"},
+                              "data": {"type": "array", "items": schema_ref("Model")}},
+                             ["object", "data"]),
+    }
+
+
+def _node_schemas() -> dict[str, Schema]:
+    integer, string = {"type": "integer"}, {"type": "string"}
+    version = {"const": STATUS_VERSION}
+    return {
+        "NodeStatus": _object({
+            "version": version, "peer_id": string, "name": string,
+            "addresses": _string_list("The libp2p multiaddrs this node listens on."),
+            "swarm_id": string,
+            "roles": _string_list(f"Drawn from {', '.join(ROLES)}."),
+            "lan_only": {"type": "boolean"},
+            "connected_peers": _string_list("Peer ids of the admitted peers."),
+            "federated": _object({
+                "enabled": {"type": "boolean"},
+                "version": version,
+                "models": _string_list("The models this node serves for the swarm."),
+                "in_flight": {"type": "integer", "minimum": 0},
+                "max_queue": {"type": "integer", "minimum": 0},
+            }, ["enabled", "models", "in_flight"]),
+            "worker": _object({
+                "enabled": {"type": "boolean"},
+                "share_bytes": {"type": "integer", "minimum": 0},
+                "state": {"type": "string", "enum": ["idle", "leased"]},
+                "leased_by": or_null({"type": "string",
+                                      "description": "Peer id of the lease holder."}),
+            }, ["enabled", "share_bytes", "state", "leased_by"]),
+        }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
+            "connected_peers", "federated", "worker"]),
+        "Peer": _object({
+            "peer_id": string, "name": string, "os": string, "covey_version": string,
+            "rpc_protocol": string,
+            "cores": {"type": "integer", "minimum": 0},
+            "ram_total": {"type": "integer", "minimum": 0, "description": "Bytes."},
+            "ram_free": {"type": "integer", "minimum": 0, "description": "Bytes."},
+            "roles": _string_list(),
+            "version": {"const": NODE_INFO_VERSION,
+                        "description": "The version of the node's published info."},
+            "self": {"type": "boolean", "description": "This node."},
+            "online": {"type": "boolean"},
+            "connected": {"type": "boolean"},
+            "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
+            "worker": or_null(_object({
+                "donated_bytes": {"type": "integer", "minimum": 0},
+                "state": {"type": "string", "enum": ["idle", "leased"]},
+                "leased_by": or_null(string),
+            }, ["donated_bytes", "state", "leased_by"], "Null unless worker mode is on.")),
+            "shares_models": _string_list("Models it offers for copying."),
+        }, ["peer_id", "name", "os", "covey_version", "rpc_protocol", "cores", "ram_total",
+            "ram_free", "roles", "version", "self", "online", "connected", "last_seen"]),
+        "ModelFile": _object({
+            "name": string, "size": {"type": "integer", "minimum": 1, "description": "Bytes."},
+            "sha256": string,
+        }, ["name", "size", "sha256"]),
+        "CopyJob": _object({
+            "version": {"const": 1}, "model": string, "sha256": string,
+            "size": {"type": "integer", "minimum": 1},
+            "state": {"type": "string",
+                      "enum": ["running", "verifying", "done", "failed", "cancelled"]},
+            "done": {"type": "integer", "minimum": 0, "description": "Bytes copied so far."},
+            "resumed_from": {"type": "integer", "minimum": 0,
+                             "description": "Bytes an earlier try had copied."},
+            "source": or_null(string), "sources": _string_list("Machines that sent bytes."),
+            "notice": or_null(string), "error": or_null(string),
+            "started_at": {"type": "number"}, "finished_at": or_null({"type": "number"}),
+            "bytes_per_s": {"type": "integer", "minimum": 0},
+        }, ["version", "model", "sha256", "size", "state", "done", "resumed_from", "source",
+            "sources", "error"]),
+        "Models": _object({
+            "version": version,
+            "local": {"type": "array", "description": "Models this node can share (hash known).",
+                      "items": _object({"name": string, "size": integer,
+                                        "sha256": string, "source": string},
+                                       ["name", "size", "sha256", "source"])},
+            "swarm": {"type": "array", "description": "Models online peers offer for copying.",
+                      "items": {"allOf": [schema_ref("ModelFile"), _object(
+                          {"machines": _string_list()}, ["machines"])]}},
+            "copies": {"type": "array", "items": schema_ref("CopyJob")},
+        }, ["version", "local", "swarm", "copies"]),
+        "PeerList": _object({"version": version,
+                             "peers": {"type": "array", "items": schema_ref("Peer")}},
+                            ["version", "peers"], "This node first, then by name."),
+        "LedgerEntry": _object({"owner": string, "key": string, "seq": integer,
+                                "live": {"type": "boolean"}},
+                               ["owner", "key", "seq", "live"]),
+        "Ledger": _object({"version": version,
+                           "entries": {"type": "array", "items": schema_ref("LedgerEntry")}},
+                          ["version", "entries"]),
+    }
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    _, description = ERROR_RESPONSES[status]
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema_ref("Error")}},
+    }
+    header = {401: "WWW-Authenticate", 405: "Allow", 429: "Retry-After"}.get(status)
+    if header:
+        response["headers"] = {header: ref("headers", header)}
+    return response
+
+
+def _json_ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": schema_ref(schema)}}}
+
+
+def _responses(ok: dict[str, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+    out = {"200": ok}
+    for status in sorted(errors):
+        out[str(status)] = ref("responses", ERROR_RESPONSES[status][0])
+    return out
+
+
+def _streamed_ok(json_schema: str, chunk_schema: str) -> dict[str, Any]:
+    sse = (f"With `stream: true`, server-sent events: `data: <{chunk_schema} JSON>` each "
+           "followed by a blank line, `finish_reason` null until the last chunk with choices, "
+           "then `data: [DONE]`. Should the engine fail mid-stream, an event "
+           "`data: {\"error\": {...}}` (the Error shape) ends the stream without [DONE].")
+    return {
+        "description": f"Without `stream`, one {json_schema} object. {sse}",
+        "content": {
+            "application/json": {"schema": schema_ref(json_schema)},
+            "text/event-stream": {"schema": {"type": "string", "description": sse}},
+        },
+    }
+
+
+def _operation(operation_id: str, tag: str, summary: str, responses: dict[str, Any],
+               body: str | None = None, example: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": operation_id, "tags": [tag], "summary": summary}
+    if body is not None:
+        media: dict[str, Any] = {"schema": schema_ref(body)}
+        if example is not None:
+            media["example"] = example
+        op["requestBody"] = {"required": True, "content": {"application/json": media}}
+    op["responses"] = responses
+    return op
+
+
+def _paths() -> dict[str, Any]:
+    model = "gemma-3-270m-q4_k_m"  # the bundled default
+    chat_example = {"model": model, "messages": [{"role": "user", "content": "Hi!"}],
+                    "max_tokens": 64}
+    text_example = {"model": model, "prompt": "Once upon a time", "max_tokens": 64,
+                    "covey_route": "local"}
+    return {
+        "/v1/models": {"get": _operation(
+            "listModels", "openai", "The models this node's routes can serve.",
+            _responses(_json_ok("The models, sorted by id.", "ModelList"), COMMON_ERRORS))},
+        "/v1/chat/completions": {"post": _operation(
+            "createChatCompletion", "openai", "Generate the assistant's next message.",
+            _responses(_streamed_ok("ChatCompletion", "ChatCompletionChunk"),
+                       GENERATION_ERRORS),
+            "ChatCompletionRequest", chat_example)},
+        "/v1/completions": {"post": _operation(
+            "createCompletion", "openai", "Continue a prompt.",
+            _responses(_streamed_ok("Completion", "CompletionChunk"), GENERATION_ERRORS),
+            "CompletionRequest", text_example)},
+        "/openapi.json": {"get": _operation(
+            "getOpenApiDocument", "covey", "This document.",
+            _responses({"description": "The OpenAPI 3.1 document.",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                       COMMON_ERRORS))},
+        "/api/status": {"get": _operation(
+            "getNodeStatus", "covey", "This node's identity, roles and connections.",
+            _responses(_json_ok("The node's status.", "NodeStatus"), COMMON_ERRORS))},
+        "/api/peers": {"get": _operation(
+            "listPeers", "covey", "Every node the ledger knows, this one included.",
+            _responses(_json_ok("The peers.", "PeerList"), COMMON_ERRORS))},
+        "/api/ledger": {"get": _operation(
+            "getLedger", "covey", "The ledger's entries (keys only, no values).",
+            _responses(_json_ok("The entries, sorted by owner and key.", "Ledger"),
+                       COMMON_ERRORS))},
+        "/api/node": {"post": _operation(
+            "updateNode", "covey", "Rename this node or change its roles.",
+            _responses(_json_ok("The node's status after the change.", "NodeStatus"),
+                       COMMON_ERRORS),
+            "NodeUpdateRequest", {"name": "study-mac", "roles": ["client", "worker"]})},
+        "/api/federated": {"post": _operation(
+            "setFederated", "covey",
+            "Start or stop serving a model's whole requests for the swarm (federated mode).",
+            _responses(_json_ok("The node's status after the change.", "NodeStatus"),
+                       (*COMMON_ERRORS, 404)),
+            "FederatedRequest", {"enabled": True, "model": "gemma-3-270m-q4_k_m"})},
+        "/api/worker": {"post": _operation(
+            "setWorker", "covey",
+            "Turn worker mode on (donating a share of this machine's memory) or off.",
+            _responses(_json_ok("The node's status after the change.", "NodeStatus"),
+                       COMMON_ERRORS),
+            "WorkerRequest", {"enabled": True, "share_mib": 4096})},
+        "/api/models": {"get": _operation(
+            "listModelFiles", "covey",
+            "This node's shareable models, the models peers offer, and copies from peers.",
+            _responses(_json_ok("Models and copies.", "Models"), COMMON_ERRORS))},
+        "/api/models/copy": {"post": _operation(
+            "copyModel", "covey",
+            "Start copying a model from the peers that offer it (resuming an earlier try), or "
+            "cancel it; poll /api/models for progress.",
+            _responses(_json_ok("The copy job.", "CopyJob"), (*COMMON_ERRORS, 404, 409)),
+            "ModelCopyRequest", {"model": "gemma-3-270m-q4_k_m"})},
+    }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("covey")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def openapi_document(server_url: str | None = None, *, node_api: bool = True
+                     ) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, a fresh JSON-ready dict on each call.
+
+    Without `server_url` the server is "/", i.e. the node that served the document. With
+    `node_api=False` it leaves out the /api paths, for the API served on a network address.
+    """
+    paths = _paths()
+    if not node_api:
+        paths = {path: item for path, item in paths.items() if not path.startswith("/api/")}
+    headers = {
+        "Retry-After": {"description": "Seconds to wait before retrying.",
+                        "schema": {"type": "integer", "minimum": 1}},
+        "WWW-Authenticate": {"description": "Always `Bearer`.", "schema": {"type": "string"}},
+        "Allow": {"description": "The methods the path takes, comma-separated.",
+                  "schema": {"type": "string"}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Covey node API",
+            "version": _version(),
+            "summary": "A Covey node's local API: OpenAI-compatible /v1 and the node's own /api.",
+            "description": (
+                "Served on 127.0.0.1 and, with `covey node --api-listen ADDR:PORT`, the /v1 "
+                "endpoints and this document also on a network address; the /api endpoints "
+                "are on loopback only. Every request needs `Authorization: Bearer <secret>` "
+                "(on loopback the secret in the node's data directory, file `api-secret`; on "
+                "the network address the API key the node was started with) and a Host header "
+                "naming the address and port it was sent to. Every error is "
+                "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; a path not "
+                "listed here answers 404 and a method not listed 405 with an Allow header. "
+                "Request bodies may carry fields not listed here (they are ignored), except "
+                "POST /api/node."),
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "servers": [{"url": server_url or "/"}],
+        "tags": [{"name": "openai", "description": "OpenAI-compatible endpoints."},
+                 {"name": "covey", "description": "Covey's own endpoints."}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": {**_error_schemas(), **_request_schemas(), **_completion_schemas(),
+                        **_node_schemas()},
+            "responses": {name: _error_response(status)
+                          for status, (name, _) in ERROR_RESPONSES.items()},
+            "headers": headers,
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "On loopback the secret in the node's data directory, file "
+                               "`api-secret`; on a network address the node's API key.",
+            }},
+        },
+    }

@@ -1,0 +1,169 @@
+"""The desktop app's asyncio client for this machine's node API.
+
+The app runs on Qt's event loop through qasync, so every call here is a coroutine and nothing
+blocks the Qt thread. It speaks HTTP/1.1 (h11) to 127.0.0.1 with the node's bearer secret,
+finds the node the same way the CLI does (`api.json`, `api-secret`), and turns every failure
+into the CLI's NodeClientError family, whose messages are written for users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from swarm.client.sync_client import (
+    SECRET_FILE,
+    ApiError,
+    NodeClientError,
+    NodeNotRunning,
+    decode_reply,
+    error_message,
+    read_api_info,
+)
+
+REQUEST_TIMEOUT_S = 15.0
+STREAM_IDLE_TIMEOUT_S = 600.0  # a model load on a slow machine can be silent this long
+READ_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class NodeLink:
+    data_dir: Path
+    port: int
+    secret: str
+
+    def __repr__(self) -> str:  # the secret stays out of logs and tracebacks
+        return f"NodeLink(data_dir={self.data_dir!s}, port={self.port})"
+
+    @classmethod
+    def find(cls, data_dir: Path) -> NodeLink:
+        """The running node of this data directory; NodeNotRunning when there is none."""
+        port, _ = read_api_info(data_dir)
+        try:
+            secret = (data_dir / SECRET_FILE).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NodeNotRunning(data_dir, f"its API secret is unreadable: {exc}") from None
+        return cls(data_dir, port, secret)
+
+    async def get(self, path: str, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        return await self.request("GET", path, None, timeout)
+
+    async def post(self, path: str, body: Any, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        return await self.request("POST", path, body, timeout)
+
+    async def request(self, method: str, path: str, body: Any,
+                      timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        """One request; the decoded JSON answer (None when empty)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._exchange(method, path, body, "application/json") as (
+                        status, chunks):
+                    data = b"".join([c async for c in chunks])
+        except TimeoutError:
+            raise NodeClientError(
+                f"The Covey node did not answer within {timeout:g} s") from None
+        return decode_reply(status, data)
+
+    async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
+        """POST `body` and yield each server-sent event until `[DONE]`.
+
+        Closing the generator early (`aclose`, or cancelling its consumer) hangs up, which
+        stops the generation on the node."""
+        async with self._exchange("POST", path, body, "text/event-stream") as (status, chunks):
+            if status >= 400:
+                raise ApiError(status, error_message(b"".join([c async for c in chunks])))
+            pending = b""
+            async for data in chunks:
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    event = _sse_event(line.rstrip(b"\r"))
+                    if event is _DONE:
+                        return
+                    if event is not None:
+                        yield event
+        raise NodeClientError("The stream from the Covey node ended before the reply did")
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, method: str, path: str, body: Any, accept: str
+                        ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = [("Host", f"127.0.0.1:{self.port}"),
+                   ("Authorization", f"Bearer {self.secret}"), ("Accept", accept),
+                   ("Connection", "close")]
+        if payload is not None:
+            headers += [("Content-Type", "application/json"),
+                        ("Content-Length", str(len(payload)))]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            raise NodeNotRunning(self.data_dir, f"nothing answers on port {self.port}"
+                                 ) from None
+        conn = h11.Connection(h11.CLIENT)
+        try:
+            writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)))
+            if payload is not None:
+                writer.write(conn.send(h11.Data(data=payload)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            response = await _next_event(conn, reader)
+            if not isinstance(response, h11.Response):
+                raise NodeClientError("The Covey node closed the connection without answering")
+            yield response.status_code, _body(conn, reader)
+        except (OSError, h11.ProtocolError) as exc:
+            raise NodeClientError(f"Talking to the Covey node failed: {exc}") from None
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+_DONE = object()
+
+
+def _sse_event(line: bytes) -> Any:
+    """One SSE line: the event's JSON, `_DONE`, or None for anything that is not data."""
+    if not line.startswith(b"data: "):
+        return None
+    payload = line[len(b"data: "):]
+    if payload == b"[DONE]":
+        return _DONE
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise NodeClientError("The Covey node sent a stream event that is not JSON") from None
+    if isinstance(event, dict) and "error" in event:
+        raise ApiError(500, error_message(payload))
+    return event if isinstance(event, dict) else None
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
+                      idle_s: float = STREAM_IDLE_TIMEOUT_S) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            async with asyncio.timeout(idle_s):
+                data = await reader.read(READ_BYTES)
+        except TimeoutError:
+            raise NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
+        if not data and conn.their_state is h11.SEND_RESPONSE:
+            raise NodeClientError("The Covey node closed the connection without answering")
+        conn.receive_data(data)
+
+
+async def _body(conn: h11.Connection, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while True:
+        event = await _next_event(conn, reader)
+        if isinstance(event, h11.Data):
+            yield bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            return

@@ -1,0 +1,61 @@
+"""What the API and `covey peers` show about each peer, computed from the ledger (pure)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from swarm.ledger.node_info import NODE_KEY, NodeInfo
+from swarm.ledger.rules import Ledger, is_live
+from swarm.node.model_copy import MODELS_KEY, SharedModel, parse_shared
+from swarm.routes.placement import WORKER_KEY, WorkerOffer
+
+log = logging.getLogger(__name__)
+
+
+def peers_view(
+    ledger: Ledger, self_id: str, connected: Collection[str], now: float
+) -> list[dict[str, Any]]:
+    """One dict per peer with a valid "node" entry, this node included and flagged "self"."""
+    rows = []
+    for record in ledger.by_key(NODE_KEY):
+        entry = record.entry
+        try:
+            info = NodeInfo.from_value(entry.value)
+        except ValueError as exc:
+            log.debug("ignoring node entry of %s: %s", entry.owner, exc)
+            continue
+        rows.append(
+            {
+                "peer_id": entry.owner,
+                **info.to_value(),
+                "self": entry.owner == self_id,
+                "online": entry.owner == self_id or is_live(record, now),
+                "connected": entry.owner in connected,
+                "last_seen": round(record.received_at, 3),
+                "worker": _worker(ledger, entry.owner, now),
+                "shares_models": [m.name for m in _shared(ledger, entry.owner, now)],
+            }
+        )
+    rows.sort(key=lambda r: (not r["self"], r["name"], r["peer_id"]))
+    return rows
+
+
+def _worker(ledger: Ledger, owner: str, now: float) -> dict[str, Any] | None:
+    """What the peer donates as a worker, while worker mode is on there."""
+    record = ledger.get(owner, WORKER_KEY)
+    if record is None or not is_live(record, now):
+        return None
+    offer = WorkerOffer.from_ledger(owner, "", record.entry.value)
+    if offer is None:
+        return None
+    return {"donated_bytes": offer.donated_bytes, "state": offer.state,
+            "leased_by": offer.leased_by}
+
+
+def _shared(ledger: Ledger, owner: str, now: float) -> list[SharedModel]:
+    record = ledger.get(owner, MODELS_KEY)
+    if record is None or not is_live(record, now):
+        return []
+    return parse_shared(record.entry.value)

@@ -1,0 +1,153 @@
+"""The libp2p host, built the one safe way, with py-libp2p 0.8.1's faults worked around.
+
+TCP only, Noise as the only security (the library also offers plaintext, TLS and secio when
+not told otherwise), Yamux as the only muxer, no QUIC. Also owns the framing Covey protocols
+use on streams and the wrapper that keeps a failing stream handler from stopping the host.
+
+Faults handled here (see README, "Facts learned here"):
+- Inbound connection slots (250 = max_connections - min_connections) were released only when
+  the whole swarm stopped, so a host refused every connection after its 250th. We wait for the
+  connection itself to close instead.
+- Every dial waited a fixed 250 ms "happy eyeballs" delay after succeeding; one connection per
+  peer ends the wait at once.
+- An exception escaping a stream handler stops the host: `isolate` catches and resets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, IMuxedConn, INetStream
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.swarm import Swarm
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+from swarm.trust.identity import Identity
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[INetStream], Awaitable[None]]
+
+
+def build_host(
+    identity: Identity, addrs_factory: Callable[[list], list] | None = None
+) -> IHost:
+    fix_inbound_slot_leak()
+    key_pair = identity.key_pair
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        transports=[TCP()],
+        enable_quic=False,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        addrs_factory=addrs_factory,
+        disable_identify_address_discovery=True,
+    )
+
+
+def parse_multiaddrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    return [multiaddr.Multiaddr(a) for a in addrs]
+
+
+async def write_frame(stream: INetStream, data: bytes) -> None:
+    await stream.write(encode_varint_prefixed(data))
+
+
+async def read_frame(stream: INetStream, max_bytes: int) -> bytes:
+    """One length-prefixed frame; raises on EOF, garbage or a frame over `max_bytes`."""
+    return await read_varint_prefixed_bytes_limited(stream, max_bytes)
+
+
+async def read_exactly(stream: INetStream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError("stream closed early")
+        buf += chunk
+    return buf
+
+
+def isolate(name: str, handler: StreamHandler) -> StreamHandler:
+    """Run `handler` so that nothing it raises reaches the host; the stream always ends."""
+
+    async def isolated(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:  # noqa: BLE001 - any escape would stop the whole host
+            log.debug("%s stream from %s failed: %r", name, stream.muxed_conn.peer_id, exc)
+            await reset_quietly(stream)
+        else:
+            # A handler that returns without closing leaves the remote's read hanging.
+            with trio.CancelScope(shield=True), _quiet():
+                await stream.close()
+
+    return isolated
+
+
+async def reset_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), _quiet():
+        await stream.reset()
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        return kind is not None and issubclass(kind, Exception)
+
+
+_original_inbound = Swarm._do_handle_inbound_connection
+
+
+async def _inbound_released_on_close(
+    self: Swarm, read_write_closer: object, maddr: multiaddr.Multiaddr, failure_event: object
+) -> None:
+    """Swarm._do_handle_inbound_connection, but holding its slot only while the connection
+    lives (the original waits for the whole swarm to finish)."""
+    if isinstance(read_write_closer, IMuxedConn):  # QUIC and the like: not used by Covey
+        await _original_inbound(self, read_write_closer, maddr, failure_event)
+        return
+    remote = self._build_remote_multiaddr(read_write_closer)
+    if remote is not None and not await self.connection_gate.is_allowed(remote):
+        with _quiet():
+            await read_write_closer.close()
+        return
+    raw = RawConnection(read_write_closer, False)
+    try:
+        muxed = await self.upgrade_inbound_raw_conn(raw, maddr)
+    except Exception as exc:  # noqa: BLE001 - a failed handshake must not reach the swarm
+        log.debug("inbound connection from %s failed its handshake: %r", remote, exc)
+        with _quiet():
+            await raw.close()
+        return
+    # The TCP server closes the socket when this returns, so stay until the connection ends
+    # (or the swarm stops).
+    async with trio.open_nursery() as nursery:
+
+        async def swarm_stopped() -> None:
+            await self.manager.wait_finished()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(swarm_stopped)
+        await muxed.event_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+def fix_inbound_slot_leak() -> None:
+    Swarm._do_handle_inbound_connection = _inbound_released_on_close  # type: ignore[method-assign]

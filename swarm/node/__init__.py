@@ -1,0 +1,1 @@
+"""The node daemon: its lifecycle, its remembered settings, model copies, and `covey node`."""

@@ -1,0 +1,512 @@
+"""The node daemon: one libp2p host, its gatekeeper, ledger, discovery and local HTTP API.
+
+`Node.run` is the whole lifetime of a node under trio: listen, admit peers, publish this
+machine's info as a heartbeat, keep the ledger in sync, find other nodes, serve the API on
+127.0.0.1, and on stop say goodbye (an entry that expires at once) so peers show it offline
+immediately rather than after the heartbeat's ttl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
+from libp2p.peer.id import ID
+from libp2p.tools.anyio_service import background_trio_service
+
+from backends.model_store import DEFAULT_MODEL, ModelExists, ModelStore
+from swarm.api.openai_api import OpenAiApi
+from swarm.api.server import (
+    HttpError,
+    LocalApi,
+    Request,
+    Response,
+    load_or_create_secret,
+    remove_api_info,
+    write_api_info,
+)
+from swarm.ledger.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
+from swarm.ledger.peer_view import peers_view
+from swarm.ledger.rules import SignedEntry, is_live
+from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
+from swarm.net import mdns
+from swarm.net.discovery import Discovery
+from swarm.net.gatekeeper import Gatekeeper
+from swarm.net.host import build_host, parse_multiaddrs
+from swarm.node.model_copy import MODELS_KEY, Copier, CopyError, CopyServer, Offer, shared_value
+from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
+from swarm.node.model_copy import offers as copy_offers
+from swarm.routes.federated import (
+    FEDERATED_KEY,
+    Candidate,
+    FederatedRoute,
+    FederatedService,
+    served_models,
+)
+from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
+from swarm.routes.federated import candidates as federated_candidates
+from swarm.routes.placement import WORKER_KEY, WorkerOffer
+from swarm.routes.route import LocalRoute
+from swarm.routes.sharded import ShardedRoute
+from swarm.trust.identity import load_or_create_identity
+from swarm.trust.keys import SwarmKeys
+from swarm.trust.token import SwarmToken
+from swarm.workers.lease import PROTOCOL as LEASE_PROTOCOL
+from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelServer
+from swarm.workers.worker import WorkerService, share_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+STATUS_VERSION = 1
+COALESCE_S = 0.1
+
+
+class ListenFailed(OSError):
+    """None of the listen addresses could be bound."""
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    token: SwarmToken
+    name: str
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    api_port: int = 0
+    lan_only: bool = False
+    bootstrap: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    heartbeat_s: float = 10.0
+    entry_ttl_s: float = 30.0
+    sync_every_s: float = 10.0
+    ban_s: float = 60.0
+    api_listen: tuple[str, int] | None = None  # the OpenAI API on a network address
+    api_key: str | None = None
+    federated_model: str | None = None  # serve this model for the swarm
+    upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
+    worker_share_bytes: int | None = None  # start in worker mode, donating this much
+    threads: int | None = None  # engine threads; None: the physical cores
+
+
+def listen_ips(listen: tuple[str, ...]) -> list[str]:
+    return [multiaddr.Multiaddr(a).value_for_protocol("ip4") for a in listen]
+
+
+def expand_wildcards(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Advertise concrete addresses: a peer cannot dial 0.0.0.0."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        if "/ip4/0.0.0.0/" not in text:
+            out.append(addr)
+            continue
+        for ip in mdns.expand_listen_ip("0.0.0.0"):
+            out.append(multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1)))
+    return out
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.roles = config.roles
+        self.keys = SwarmKeys.derive(config.token)
+        self.identity = load_or_create_identity(config.data_dir)
+        self.peer_id = self.identity.peer_id
+        self.host = build_host(self.identity, expand_wildcards)
+        self.gatekeeper = Gatekeeper(self.host, self.keys.admission_key, self._on_admitted,
+                                     ban_s=config.ban_s)
+        self.sync = LedgerSync(self.host, self.identity, self.keys.ledger_key,
+                               self.keys.gossip_topic, lambda p: p in self.gatekeeper.admitted)
+        self.discovery = Discovery(
+            self.host, self.keys, listen_ips(config.listen),
+            [*config.token.bootstrap, *config.bootstrap], config.lan_only,
+            self.gatekeeper.is_banned,
+        )
+        self.api = LocalApi(load_or_create_secret(config.data_dir))
+        self.api_port: int | None = None
+        self.store = ModelStore(config.data_dir / "models")
+        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
+        self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
+        self.copier = Copier(self.host, self.store, self._copy_offers, self._changed)
+        self.federated = FederatedService(self.local_route, self._changed)
+        if config.federated_model:
+            self.federated.models = [config.federated_model]
+        self.federated_route = FederatedRoute(self.host, self.federated,
+                                              self._federated_candidates, self._federated_models)
+        self.worker = WorkerService(config.data_dir, self._changed, self._lease_ended,
+                                    direct_bind=listen_ips(config.listen)[0])
+        self.tunnels = TunnelServer(self.worker.tunnel_target)
+        self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
+                                          self._names, self.local_route)
+        self.openai = OpenAiApi(
+            lambda: [self.local_route, self.federated_route, self.sharded_route])
+        self.network_api: LocalApi | None = None
+        if config.api_listen is not None:
+            if not config.api_key:
+                raise ValueError("--api-listen exposes the API on a network: it needs an API key")
+            self.network_api = LocalApi(config.api_key)
+            self._add_openai_routes(self.network_api)
+        self._stop = trio.Event()
+        self._info_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._pulling: set[ID] = set()
+        self._add_routes()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                self.host.run(listen_addrs=parse_multiaddrs(self.config.listen))
+            )
+            stack.push_async_callback(self._close_host)
+            if not self.host.get_transport_addrs():
+                # py-libp2p only logs a failed listen and carries on listening on nothing.
+                raise ListenFailed(
+                    f"could not listen on {', '.join(self.config.listen)}: the port is in use "
+                    "or the address is not on this machine"
+                )
+            self.gatekeeper.install()
+            guarded = [
+                (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
+                (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
+                (FEDERATED_PROTOCOL, "federated", self.federated.handle),
+                (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
+                (LEASE_PROTOCOL, "worker-lease", self.worker.desk.handle),
+                (TUNNEL_PROTOCOL, "rpc-tunnel", self.tunnels.handle),
+            ]
+            if self.discovery.dht is not None:
+                # KadDHT answers everyone by default: an outsider would learn the members'
+                # peer ids and addresses from its routing table.
+                guarded.append((DHT_PROTOCOL, "dht", self.discovery.dht.handle_stream))
+            for protocol, name, handler in guarded:
+                self.host.set_stream_handler(
+                    TProtocol(protocol), self.gatekeeper.guard(name, handler)
+                )
+            await stack.enter_async_context(background_trio_service(self.sync.pubsub))
+            await stack.enter_async_context(background_trio_service(self.sync.router))
+            if self.discovery.dht is not None:
+                await stack.enter_async_context(background_trio_service(self.discovery.dht))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            self.sharded_route.nursery = nursery
+            nursery.start_soon(self.gatekeeper.run)
+            nursery.start_soon(self.sync.run_gossip)
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self.discovery.run_dialer)
+            nursery.start_soon(self.discovery.run_wide_area)
+            stack.push_async_callback(self.local_route.close)
+            stack.push_async_callback(self.worker.close)
+            stack.push_async_callback(self.sharded_route.close)
+            if self.config.worker_share_bytes is not None:
+                await self.worker.enable(self.config.worker_share_bytes)
+            stack.push_async_callback(self.discovery.stop_mdns)
+            await self.discovery.start_mdns(self.addresses())
+            self.api_port = await nursery.start(self.api.serve, self.config.api_port)
+            if self.network_api is not None and self.config.api_listen is not None:
+                host, port = self.config.api_listen
+                await nursery.start(self.network_api.serve_network, host, port)
+            write_api_info(self.config.data_dir, self.api_port, os.getpid())
+            stack.callback(remove_api_info, self.config.data_dir, os.getpid())
+            log.info("node %s (%s) in swarm %s, listening on %s; API on 127.0.0.1:%s",
+                     self.peer_id, self.name, self.keys.swarm_id, ", ".join(self.addresses()),
+                     self.api_port)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._say_goodbye()
+            nursery.cancel_scope.cancel()
+
+    async def _close_host(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.host.close()
+
+    # -- swarm tasks --------------------------------------------------------------------------
+
+    async def _on_admitted(self, peer: ID) -> None:
+        await self.discovery.add_to_dht(peer)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._pull, peer)
+
+    async def _pull(self, peer: ID) -> None:
+        """One pull at a time per peer, each on its own: a hung peer delays no one else."""
+        if peer in self._pulling:
+            return
+        self._pulling.add(peer)
+        try:
+            await self.sync.pull(peer)
+        except Exception as exc:  # noqa: BLE001 - the peer left or misbehaved; next round
+            log.debug("ledger sync with %s failed: %r", peer, exc)
+        finally:
+            self._pulling.discard(peer)
+
+    def node_value(self) -> dict[str, Any]:
+        active = (("worker", self.worker.enabled), ("federated", self.federated.enabled))
+        roles = (*self.roles, *(r for r, on in active if on and r not in self.roles))
+        return collect_node_info(self.name, roles).to_value()
+
+    def _role_entries(self) -> list[tuple[str, bool, dict[str, Any]]]:
+        """(ledger key, on, value) of each role this node can take for the swarm."""
+        info = collect_node_info(self.name, ())
+        return [(FEDERATED_KEY, self.federated.enabled, self.federated.ledger_value()),
+                (WORKER_KEY, self.worker.enabled,
+                 self.worker.ledger_value(info.ram_free, info.cores))]
+
+    async def _heartbeat(self) -> None:
+        """Publish this node's info every `heartbeat_s`, and soon after any change.
+
+        Changes within `COALESCE_S` go out as one entry. Each entry goes to every directly
+        connected peer at once as well as onto gossip (which may drop it in a burst)."""
+        was_on: set[str] = set()
+        while True:
+            ttl = self.config.entry_ttl_s
+            for key, value in ((NODE_KEY, self.node_value()),
+                               (MODELS_KEY, shared_value(self.store.shareable()))):
+                self._push_to_all(await self.sync.publish(key, value, ttl))
+            for key, on, value in self._role_entries():
+                if on or key in was_on:
+                    # A role turned off says so at once (ttl 0) rather than going stale.
+                    self._push_to_all(await self.sync.publish(key, value, ttl if on else 0))
+                was_on = (was_on | {key}) if on else (was_on - {key})
+            with trio.move_on_after(self.config.heartbeat_s):
+                await self._info_changed.wait()
+                await trio.sleep(COALESCE_S)
+            self._info_changed = trio.Event()
+
+    def _changed(self) -> None:
+        self._info_changed.set()
+
+    def _names(self) -> dict[str, str]:
+        return {r.entry.owner: str(r.entry.value.get("name", "?"))
+                for r in self.sync.ledger.by_key(NODE_KEY)}
+
+    def _admitted_ids(self) -> set[str]:
+        return {p.to_base58() for p in self.gatekeeper.admitted}
+
+    def _federated_candidates(self, model: str) -> list[Candidate]:
+        return federated_candidates(self.sync.ledger, model, self._admitted_ids(),
+                                    self.peer_id.to_base58(), time.time(), self._names())
+
+    def _federated_models(self) -> list[str]:
+        return served_models(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+                             time.time())
+
+    def _worker_offers(self) -> list[WorkerOffer]:
+        """Live worker entries of admitted peers (this node cannot lease itself)."""
+        now, admitted, names = time.time(), self._admitted_ids(), self._names()
+        offers = []
+        for record in self.sync.ledger.by_key(WORKER_KEY):
+            owner = record.entry.owner
+            if owner in admitted and is_live(record, now):
+                offer = WorkerOffer.from_ledger(owner, names.get(owner, owner[-8:]),
+                                                record.entry.value)
+                if offer is not None:
+                    offers.append(offer)
+        return offers
+
+    def _lease_ended(self, peer_id: str) -> None:
+        self.tunnels.revoke(peer_id)
+
+    def _copy_offers(self) -> list[Offer]:
+        return copy_offers(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+                           time.time(), self._names())
+
+    def _push_to_all(self, signed: SignedEntry) -> None:
+        if self._nursery is None:
+            return
+        for peer in list(self.gatekeeper.admitted):
+            self._nursery.start_soon(self._push_quietly, peer, signed)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.sync_every_s)
+            self.sync.drop_old()
+            assert self._nursery is not None  # started from within run()
+            for peer in list(self.gatekeeper.admitted):
+                self._nursery.start_soon(self._pull, peer)  # skips a peer already pulling
+
+    async def _say_goodbye(self) -> None:
+        """Tell every connected peer directly (gossip may not have a mesh yet)."""
+        with trio.move_on_after(2):
+            goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0),
+                         await self.sync.publish(MODELS_KEY, shared_value([]), 0)]
+            for key, on, value in self._role_entries():
+                if on:
+                    goodbyes.append(await self.sync.publish(key, value, 0))
+            async with trio.open_nursery() as nursery:
+                for peer in list(self.gatekeeper.admitted):
+                    for goodbye in goodbyes:
+                        nursery.start_soon(self._push_quietly, peer, goodbye)
+
+    async def _push_quietly(self, peer: ID, signed: SignedEntry) -> None:
+        try:
+            await self.sync.push(peer, signed)
+        except Exception as exc:  # noqa: BLE001 - gossip or the next pull sync covers it
+            log.debug("push to %s failed: %r", peer, exc)
+
+    # -- local API ----------------------------------------------------------------------------
+
+    def _add_routes(self) -> None:
+        self.api.add_route("GET", "/api/status", self._api_status)
+        self.api.add_route("GET", "/api/peers", self._api_peers)
+        self.api.add_route("GET", "/api/ledger", self._api_ledger)
+        self.api.add_route("POST", "/api/node", self._api_update_node)
+        self.api.add_route("POST", "/api/federated", self._api_federated)
+        self.api.add_route("POST", "/api/worker", self._api_worker)
+        self.api.add_route("GET", "/api/models", self._api_models)
+        self.api.add_route("POST", "/api/models/copy", self._api_copy)
+        self._add_openai_routes(self.api)
+
+    def _add_openai_routes(self, api: LocalApi) -> None:
+        api.add_route("GET", "/v1/models", self.openai.models)
+        api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
+        api.add_route("POST", "/v1/completions", self.openai.completions)
+        node_api = api is self.api  # the network listener serves /v1 only
+
+        async def openapi(request: Request) -> Response:
+            from swarm.api.openapi import openapi_document
+
+            return Response.json(openapi_document(node_api=node_api))
+
+        api.add_route("GET", "/openapi.json", openapi)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": STATUS_VERSION,
+            "peer_id": self.peer_id.to_base58(),
+            "name": self.name,
+            "addresses": self.addresses(),
+            "swarm_id": self.keys.swarm_id,
+            "roles": list(self.roles),
+            "lan_only": self.config.lan_only,
+            "connected_peers": sorted(self._admitted_ids()),
+            "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
+            "worker": self.worker.status(),
+            "sharded_links": self.sharded_route.links(),
+        }
+
+    async def _api_status(self, request: Request) -> Response:
+        return Response.json(self.status())
+
+    async def _api_peers(self, request: Request) -> Response:
+        peers = peers_view(self.sync.ledger, self.peer_id.to_base58(), self._admitted_ids(),
+                           time.time())
+        return Response.json({"version": STATUS_VERSION, "peers": peers})
+
+    async def _api_ledger(self, request: Request) -> Response:
+        now = time.time()
+        entries = [
+            {"owner": owner, "key": key, "seq": r.entry.seq, "live": is_live(r, now)}
+            for (owner, key), r in sorted(self.sync.ledger.records.items())
+        ]
+        return Response.json({"version": STATUS_VERSION, "entries": entries})
+
+    async def _api_federated(self, request: Request) -> Response:
+        """{"enabled": bool, "model": NAME}: start or stop serving a model for the swarm."""
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
+            raise HttpError(400, 'send {"enabled": true|false, "model": NAME}')
+        model = body.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or model not in self.local_route.model_ids():
+            raise HttpError(404, f"the model {model!r} is not in this node's store",
+                            code="model_not_found", param="model")
+        self.federated.models = [model] if body["enabled"] else []
+        self._changed()
+        return Response.json(self.status())
+
+    async def _api_worker(self, request: Request) -> Response:
+        """{"enabled": bool, "share_mib"?: int, "share_percent"?: number}: worker mode on or
+        off. Off lets the lease holder finish its reply (up to 20 s) in the background."""
+        body = request.json()
+        if (not isinstance(body, dict) or not isinstance(body.get("enabled"), bool)
+                or not set(body) <= {"enabled", "share_mib", "share_percent"}):
+            raise HttpError(400, 'send {"enabled": true|false} and optionally "share_mib" or '
+                                 '"share_percent"')
+        if not body["enabled"]:
+            self.worker.desk.accepting = False
+            assert self._nursery is not None
+            self._nursery.start_soon(self.worker.disable)
+            return Response.json(self.status())
+        mib, percent = body.get("share_mib"), body.get("share_percent")
+        if (mib is not None and (isinstance(mib, bool) or not isinstance(mib, int))) or (
+                percent is not None and (isinstance(percent, bool)
+                                         or not isinstance(percent, (int, float)))):
+            raise HttpError(400, "share_mib must be an integer, share_percent a number")
+        try:
+            share = share_bytes(mib, percent, collect_node_info(self.name, ()).ram_total)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        try:
+            await self.worker.enable(share)
+        except OSError as exc:
+            raise HttpError(500, str(exc)) from None
+        return Response.json(self.status())
+
+    async def _api_update_node(self, request: Request) -> Response:
+        body = request.json()
+        if not isinstance(body, dict) or not set(body) <= {"name", "roles"}:
+            raise HttpError(400, 'send a JSON object with "name" and/or "roles"')
+        if "name" in body:
+            name = body["name"]
+            if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
+                raise HttpError(400, f"name must be 1 to {MAX_NAME_CHARS} characters")
+            self.name = name.strip()
+            self.local_route.machine = self.name
+        if "roles" in body:
+            roles = body["roles"]
+            if not isinstance(roles, list) or not set(roles) <= set(ROLES):
+                raise HttpError(400, f"roles must be a list drawn from {', '.join(ROLES)}")
+            self.roles = tuple(dict.fromkeys(roles))
+        self._info_changed.set()
+        return Response.json(self.status())
+
+    async def _api_models(self, request: Request) -> Response:
+        """This node's models, the ones peers offer, and the copies under way or finished."""
+        swarm: dict[tuple[str, str], dict[str, Any]] = {}
+        for offer in self._copy_offers():
+            row = swarm.setdefault((offer.model.name, offer.model.sha256),
+                                   {**asdict(offer.model), "machines": []})
+            row["machines"].append(offer.machine)
+        local = [asdict(m) for m in self.store.shareable()]
+        return Response.json({"version": STATUS_VERSION, "local": local,
+                              "swarm": [swarm[k] for k in sorted(swarm)],
+                              "copies": [j.to_dict() for j in self.copier.jobs.values()]})
+
+    async def _api_copy(self, request: Request) -> Response:
+        """{"model": NAME, "sha256"?: HEX, "cancel"?: bool}: start (or cancel) copying a model
+        from the peers that offer it; poll GET /api/models for progress."""
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not set(
+                body) <= {"model", "sha256", "cancel"}:
+            raise HttpError(400, 'send {"model": NAME} (optionally "sha256", or "cancel": true)')
+        name, sha256 = body["model"], body.get("sha256")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise HttpError(400, "sha256 must be a hex string", param="sha256")
+        if body.get("cancel") is True:
+            job = self.copier.cancel(name)
+            if job is None:
+                raise HttpError(404, f"no copy of {name!r} to cancel", param="model")
+            return Response.json(job.to_dict())
+        assert self._nursery is not None  # the API runs inside run()
+        try:
+            job = self.copier.start(self._nursery, name, sha256)
+        except ModelExists as exc:
+            raise HttpError(409, str(exc), code="model_exists", param="model") from None
+        except CopyError as exc:
+            raise HttpError(404, str(exc), code="model_not_found", param="model") from None
+        return Response.json(job.to_dict())
+

@@ -1,0 +1,182 @@
+"""`covey node`: turn command-line options and remembered settings into a running Node.
+
+A token given once is remembered (0600) in the data directory, so later starts need no
+options. SIGTERM and Ctrl-C stop the node cleanly: goodbye to peers, API file removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import trio
+
+from swarm.api.server import MIN_NETWORK_KEY_CHARS
+from swarm.node.settings import Settings, SettingsError, load_settings, save_settings
+from swarm.trust.identity import IdentityError
+from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
+
+log = logging.getLogger("covey.node")
+
+LOCK_FILE = "node.lock"
+
+
+def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
+    """The settings to run with: options override what is remembered; raises on bad input."""
+    saved = load_settings(data_dir)
+    token_text = args.token or (saved.token if saved else None)
+    if not token_text:
+        raise TokenError(
+            "This node has no swarm token yet. Create one with `covey token new`, or paste the "
+            "one from another machine: covey node --token TOKEN"
+        )
+    parse_token(token_text)
+    for i, addr in enumerate(args.bootstrap, 1):
+        check_bootstrap_address(addr, i)
+    return Settings(
+        token=token_text.strip(),
+        name=args.name or (saved.name if saved else None),
+        bootstrap=list(args.bootstrap) or (saved.bootstrap if saved else []),
+    )
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold an exclusive lock for the node's lifetime: two nodes must never share one identity.
+
+    The lock goes with the process, so a crash never leaves a stale one behind."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / LOCK_FILE).open("a+b")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; the API port still tells the story
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(
+            f"A Covey node is already running with data directory {data_dir}. "
+            "Stop it first, or use another --data-dir."
+        ) from None
+    return handle
+
+
+def main(args: argparse.Namespace, data_dir: Path) -> int:
+    level = os.environ.get("COVEY_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # py-libp2p logs routine network churn as warnings; keep our own log readable.
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
+    try:
+        settings = resolve_settings(args, data_dir)
+        lock = lock_data_dir(data_dir)
+        save_settings(data_dir, settings)
+        node = _make_node(args, data_dir, settings)
+    except AlreadyRunning as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 1
+    except (TokenError, SettingsError, IdentityError, ValueError) as exc:
+        print(f"covey: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_serve, node)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _first_os_error(exc)
+        if error is None:
+            raise
+        print(f"covey: could not start the node: {error}", file=sys.stderr)
+        return 1
+    finally:
+        lock.close()
+    return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside what trio raised (nurseries wrap errors in exception groups)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
+    from backends.model_store import DEFAULT_MODEL
+    from swarm.ledger.node_info import default_node_name, memory_bytes
+    from swarm.net.host import parse_multiaddrs
+    from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
+    from swarm.workers.worker import share_bytes
+
+    listen = tuple(args.listen) or DEFAULT_LISTEN
+    for addr in parse_multiaddrs(listen):  # raises ValueError naming a malformed address
+        names = [p.name for p in addr.protocols()]
+        if names != ["ip4", "tcp"]:
+            raise ValueError(
+                f"--listen {addr}: Covey listens on IPv4 TCP only, e.g. /ip4/0.0.0.0/tcp/0"
+            )
+    api_listen, api_key = _network_api(args)
+    config = NodeConfig(
+        data_dir=data_dir,
+        token=parse_token(settings.token),
+        name=settings.name or default_node_name(),
+        listen=listen,
+        api_port=args.api_port,
+        lan_only=args.lan_only,
+        bootstrap=tuple(settings.bootstrap),
+        api_listen=api_listen,
+        api_key=api_key,
+        federated_model=(args.model or DEFAULT_MODEL) if args.federated else None,
+        upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
+                              if args.upload_limit_mib else None),
+        threads=args.threads,
+        worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
+                                        memory_bytes()[0]) if args.worker else None),
+    )
+    return Node(config)
+
+
+def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:
+    """--api-listen ADDR:PORT, allowed only with an API key (--api-key-file or $COVEY_API_KEY)."""
+    if not args.api_listen:
+        return None, None
+    host, sep, port = args.api_listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--api-listen {args.api_listen!r} is not ADDR:PORT")
+    key = os.environ.get("COVEY_API_KEY", "")
+    if args.api_key_file:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-key-file: {exc}") from None
+    if len(key) < MIN_NETWORK_KEY_CHARS:
+        raise ValueError(
+            "--api-listen exposes the OpenAI API beyond this machine, so it needs an API key "
+            f"of at least {MIN_NETWORK_KEY_CHARS} characters: --api-key-file FILE or "
+            "$COVEY_API_KEY. Clients send it as `Authorization: Bearer KEY`."
+        )
+    return (host, int(port)), key
+
+
+async def _serve(node) -> None:  # node: swarm.node.daemon.Node
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("stopping")
+                node.stop()
+                break

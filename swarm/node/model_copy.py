@@ -1,0 +1,355 @@
+"""Model copy: a node that lacks a model fetches it from peers that have it, over the swarm.
+
+- Every node publishes a "models" ledger entry: the models in its store that others may copy
+  (name, size, sha256). Only admitted members see it and only they reach the copy protocol.
+- `CopyServer` answers `/covey/model-copy/1.0.0`: one byte range of one model per stream.
+- `Copier` runs copy jobs: byte ranges appended to a partial file in the store, resuming what
+  an earlier try left, moving to another peer with the same file when one leaves, and checked
+  against the published sha256 before the store takes the model.
+
+Wire: a request frame {"version", "model", "sha256", "offset", "length"}; the reply is a frame
+{"ok": true} followed by exactly `length` raw bytes, or a frame {"ok": false, "code", "message"}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from backends.errors import ModelStoreError
+from backends.model_store import DiskFull, Manifest, ModelExists, ModelStore, check_name
+from swarm.ledger.rules import Ledger, is_live
+from swarm.net.host import read_frame, reset_quietly, write_frame
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/covey/model-copy/1.0.0"
+MODELS_KEY = "models"
+WIRE_VERSION = 1
+RANGE_BYTES = 16 << 20  # one request per range: what a peer that leaves leaves half-sent
+BLOCK_BYTES = 256 << 10
+MAX_SHARED = 200  # keeps the ledger entry well under its 64 KiB limit
+MAX_REQUEST_BYTES = 4096
+CONNECT_TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class CopyError(ModelStoreError):
+    """A copy that cannot start or cannot finish; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """One file a peer offers: copies with the same sha256 are the same file."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Offer:
+    model: SharedModel
+    peer_id: str
+    machine: str
+
+
+# -- ledger entry (pure) -------------------------------------------------------------------------
+
+def shared_value(manifests: Sequence[Manifest]) -> dict[str, Any]:
+    """This node's "models" ledger value."""
+    models = [{"name": m.name, "size": m.size, "sha256": m.sha256} for m in manifests
+              if m.sha256][:MAX_SHARED]
+    return {"version": WIRE_VERSION, "models": models}
+
+
+def parse_shared(value: dict[str, Any]) -> list[SharedModel]:
+    """The well-formed models of a peer's "models" entry; anything else is left out."""
+    if value.get("version") != WIRE_VERSION or not isinstance(value.get("models"), list):
+        return []
+    found = []
+    for item in value["models"][:MAX_SHARED]:
+        if not isinstance(item, dict):
+            continue
+        name, size, sha256 = item.get("name"), item.get("size"), item.get("sha256")
+        if (isinstance(name, str) and _valid_name(name) and type(size) is int and size > 0
+                and isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256)):
+            found.append(SharedModel(name, size, sha256))
+    return found
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def offers(ledger: Ledger, admitted: set[str], self_id: str, now: float,
+           names: dict[str, str]) -> list[Offer]:
+    """Every model that an admitted, online peer offers (this node's own left out)."""
+    found = []
+    for record in ledger.by_key(MODELS_KEY):
+        owner = record.entry.owner
+        if owner == self_id or owner not in admitted or not is_live(record, now):
+            continue
+        for model in parse_shared(record.entry.value):
+            found.append(Offer(model, owner, names.get(owner, owner[-8:])))
+    return found
+
+
+def choose_file(found: Sequence[Offer], name: str, sha256: str | None) -> SharedModel:
+    """The file to copy for `name`: the one with `sha256` if given, else the one most peers
+    have (peers could disagree on what a name means)."""
+    files = [o.model for o in found if o.model.name == name
+             and (sha256 is None or o.model.sha256 == sha256.lower())]
+    if not files:
+        have = sorted({o.model.name for o in found})
+        offered = ", ".join(have) if have else "none"
+        what = f"{name!r} with sha256 {sha256}" if sha256 else repr(name)
+        raise CopyError(f"No peer online offers {what} (peers offer: {offered}).")
+    return max(set(files), key=lambda f: (files.count(f), f.sha256))
+
+
+def next_range(done: int, size: int, range_bytes: int = RANGE_BYTES) -> tuple[int, int]:
+    return done, min(range_bytes, size - done)
+
+
+def parse_request(data: bytes) -> tuple[str, str, int, int]:
+    body = json.loads(data)
+    if not isinstance(body, dict) or body.get("version") != WIRE_VERSION:
+        raise ValueError("not a version 1 copy request")
+    model, sha256, offset, length = (body.get(k) for k in ("model", "sha256", "offset", "length"))
+    if not (isinstance(model, str) and isinstance(sha256, str) and type(offset) is int
+            and type(length) is int and offset >= 0 and 0 < length <= RANGE_BYTES):
+        raise ValueError("bad copy request")
+    return model, sha256, offset, length
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+class CopyServer:
+    """Sends byte ranges of this node's shareable models to admitted peers."""
+
+    def __init__(self, store: ModelStore, limit_bytes_s: float | None = None) -> None:
+        self.store = store
+        self.limit_bytes_s = limit_bytes_s  # None: as fast as the link allows
+
+    async def handle(self, stream: INetStream) -> None:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            model, sha256, offset, length = parse_request(
+                await read_frame(stream, MAX_REQUEST_BYTES))
+        manifest = next((m for m in self.store.shareable() if m.name == model), None)
+        if manifest is None or manifest.sha256 != sha256:
+            await _send(stream, {"ok": False, "code": "model_not_found",
+                                 "message": f"this node does not share {model!r} ({sha256})"})
+            return
+        if offset + length > manifest.size:
+            await _send(stream, {"ok": False, "code": "bad_range",
+                                 "message": f"the file has {manifest.size} bytes"})
+            return
+        await _send(stream, {"ok": True})
+        started = trio.current_time()
+        sent = 0
+        with self.store.model_path(model).open("rb") as f:
+            f.seek(offset)
+            while sent < length:
+                block = f.read(min(BLOCK_BYTES, length - sent))
+                if not block:
+                    raise OSError(f"{model} shrank while being copied")
+                await stream.write(block)
+                sent += len(block)
+                if self.limit_bytes_s:
+                    await trio.sleep_until(started + sent / self.limit_bytes_s)
+
+
+async def _send(stream: INetStream, message: dict[str, Any]) -> None:
+    await write_frame(stream, json.dumps(message).encode())
+
+
+# -- copying ------------------------------------------------------------------------------------
+
+@dataclass
+class CopyJob:
+    """A copy's progress, as the API shows it."""
+
+    model: str
+    sha256: str
+    size: int
+    state: str = "running"  # running, verifying, done, failed, cancelled
+    done: int = 0
+    resumed_from: int = 0
+    source: str | None = None  # the machine sending now (or last)
+    sources: list[str] = field(default_factory=list)
+    notice: str | None = None
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    version: int = WIRE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        elapsed = (self.finished_at or time.time()) - self.started_at
+        rate = (self.done - self.resumed_from) / elapsed if elapsed > 0 else 0.0
+        return asdict(self) | {"bytes_per_s": round(rate)}
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "verifying")
+
+
+class _PeerFailed(Exception):
+    pass
+
+
+class Copier:
+    """This node's copy jobs, one per model name."""
+
+    def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
+                 on_added: Callable[[], None], rng: random.Random | None = None) -> None:
+        self.host = host
+        self.store = store
+        self._found = found
+        self._on_added = on_added
+        self._rng = rng or random.Random()
+        self.jobs: dict[str, CopyJob] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+
+    def start(self, nursery: trio.Nursery, name: str, sha256: str | None = None) -> CopyJob:
+        """Start copying `name` (or return the copy already running); CopyError if nobody
+        offers it, ModelExists if the store has it."""
+        running = self.jobs.get(name)
+        if running is not None and running.active:
+            return running
+        if name in self.store.names():
+            raise ModelExists(f"{name!r} is already in this node's store.")
+        chosen = choose_file(self._found(), name, sha256)
+        job = CopyJob(chosen.name, chosen.sha256, chosen.size)
+        self.store.claim(job.model)  # released when the job ends
+        try:
+            partial = self.store.copy_partial(job.model, job.sha256, job.size)
+            job.resumed_from = job.done = partial.stat().st_size if partial.exists() else 0
+        except BaseException:
+            self.store.release(job.model)
+            raise
+        self.jobs[name] = job
+        nursery.start_soon(self._run, job, partial)
+        return job
+
+    def cancel(self, name: str) -> CopyJob | None:
+        job = self.jobs.get(name)
+        scope = self._scopes.get(name)
+        if job is not None and job.active and scope is not None:
+            scope.cancel()
+        return job
+
+    async def _run(self, job: CopyJob, partial: Path) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[job.model] = scope
+            try:
+                with partial.open("ab") as f:
+                    await self._fetch_all(job, f)
+                job.state = "verifying"
+                await trio.to_thread.run_sync(
+                    self.store.finish_copy, job.model, partial, job.sha256,
+                    " and ".join(job.sources))
+                job.state = "done"
+                self._on_added()
+            except ModelStoreError as exc:
+                job.state, job.error = "failed", str(exc)
+            except OSError as exc:  # the data directory itself (permissions, a vanished disk)
+                job.state, job.error = "failed", f"cannot write the copy: {exc}"
+            finally:
+                job.finished_at = time.time()
+                self._scopes.pop(job.model, None)
+                self.store.release(job.model)
+        if scope.cancelled_caught:
+            job.state = "cancelled"
+            job.error = "cancelled; the part copied so far is kept and the next copy resumes it"
+        log.info("copy of %s %s (%s of %s bytes)%s", job.model, job.state, job.done, job.size,
+                 f": {job.error}" if job.error else "")
+
+    async def _fetch_all(self, job: CopyJob, f: BinaryIO) -> None:
+        """Fetch the rest of the file, moving to another peer with it when one fails."""
+        failed: set[str] = set()
+        while job.done < job.size:
+            sources = [o for o in self._found()
+                       if o.model.sha256 == job.sha256 and o.peer_id not in failed]
+            if not sources:
+                percent = 100 * job.done // job.size
+                why = f" ({job.notice})" if job.notice else ""
+                raise CopyError(
+                    f"The copy of {job.model!r} stopped at {percent}%: no other peer online has "
+                    f"it{why}. What was copied is kept; copy again to resume.")
+            source = self._rng.choice(sources)
+            job.source = source.machine
+            if source.machine not in job.sources:
+                job.sources.append(source.machine)
+            try:
+                await self._fetch_from(source, job, f)
+            except ModelStoreError:
+                raise  # this machine's own trouble (a full disk): another peer will not help
+            except Exception as exc:  # noqa: BLE001 - a vanished peer fails in many ways
+                failed.add(source.peer_id)
+                job.notice = f"{source.machine} stopped sending ({_why(exc)})"
+                log.warning("copy of %s from %s failed: %r", job.model, source.machine, exc)
+
+    async def _fetch_from(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+        while job.done < job.size:
+            offset, length = next_range(job.done, job.size)
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                stream = await self.host.new_stream(ID.from_base58(source.peer_id),
+                                                    [TProtocol(PROTOCOL)])
+            try:
+                await write_frame(stream, json.dumps({
+                    "version": WIRE_VERSION, "model": job.model, "sha256": job.sha256,
+                    "offset": offset, "length": length}).encode())
+                with trio.fail_after(STALL_TIMEOUT_S):
+                    reply = json.loads(await read_frame(stream, MAX_REQUEST_BYTES))
+                if not isinstance(reply, dict) or reply.get("ok") is not True:
+                    message = reply.get("message") if isinstance(reply, dict) else None
+                    raise _PeerFailed(str(message or "refused"))
+                left = length
+                while left:
+                    with trio.fail_after(STALL_TIMEOUT_S):
+                        data = await stream.read(min(BLOCK_BYTES, left))
+                    if not data:
+                        raise EOFError("the peer closed the stream mid-range")
+                    _append(f, data, job)
+                    left -= len(data)
+                    job.done += len(data)
+                f.flush()
+            finally:
+                f.flush()  # bytes received before a failure count for the next try
+                await reset_quietly(stream)
+
+
+def _append(f: BinaryIO, data: bytes, job: CopyJob) -> None:
+    try:
+        f.write(data)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. Free "
+                "some space and copy again; what was copied is kept.") from exc
+        raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "it went silent"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,52 @@
+"""The node's remembered settings: the swarm token and what the user chose at `covey node`.
+
+Kept in `swarm.json` in the data directory with mode 0600, because the token is the swarm's
+only secret. Written atomically so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from swarm.trust.private_file import narrow_mode, write_private
+
+SETTINGS_FILE = "swarm.json"
+SETTINGS_VERSION = 1
+
+
+class SettingsError(Exception):
+    """The settings file is unreadable; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    token: str
+    name: str | None = None
+    bootstrap: list[str] = field(default_factory=list)
+    version: int = SETTINGS_VERSION
+
+
+def load_settings(data_dir: Path) -> Settings | None:
+    path = data_dir / SETTINGS_FILE
+    if not path.exists():
+        return None
+    narrow_mode(path)
+    try:
+        body = json.loads(path.read_text())
+        if body.get("version") != SETTINGS_VERSION:
+            raise ValueError(f"version {body.get('version')!r}")
+        return Settings(
+            token=str(body["token"]),
+            name=body.get("name"),
+            bootstrap=[str(a) for a in body.get("bootstrap", [])],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SettingsError(
+            f"{path} is damaged ({exc}); pass --token again to replace it."
+        ) from None
+
+
+def save_settings(data_dir: Path, settings: Settings) -> None:
+    write_private(data_dir / SETTINGS_FILE, json.dumps(asdict(settings), indent=2).encode())

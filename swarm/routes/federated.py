@@ -1,0 +1,282 @@
+"""Federated mode: nodes that hold a whole model serve complete requests for the swarm.
+
+- A federated node publishes a "federated" ledger entry (models, requests in flight, queue)
+  and answers the serving protocol by running requests on its local route.
+- `FederatedRoute` sends a request to the federated node with the fewest requests in flight
+  (counted by this node at dispatch, plus what the node itself reports), ties at random, this
+  node included, skipping nodes that just failed. If the node fails mid-reply, the request
+  goes to another one with the text so far as a continuation, so the reply goes on.
+
+Wire format on `/covey/federated/1.0.0`: one request frame (JSON), then reply frames (JSON):
+{"type": "token", "text"}, then {"type": "done", ...}; or {"type": "error", "code", "message"}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from backends.engine import EngineError
+from backends.engine_protocol import Done, GenerateRequest, Timings, Token
+from swarm.ledger.rules import Ledger, is_live
+from swarm.net.host import read_frame, reset_quietly, write_frame
+from swarm.routes.route import Busy, LocalRoute, ModelUnknown, RouteError, Served
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/covey/federated/1.0.0"
+FEDERATED_KEY = "federated"
+WIRE_VERSION = 1
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_REPLY_FRAME_BYTES = 64 * 1024
+CONNECT_TIMEOUT_S = 10.0
+TOKEN_TIMEOUT_S = 120.0
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: str
+    name: str
+    in_flight: int
+
+
+def _serving(ledger: Ledger, admitted: set[str], self_id: str, now: float
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """(owner, value) of each live federated entry from an admitted peer or this node."""
+    return [(r.entry.owner, r.entry.value) for r in ledger.by_key(FEDERATED_KEY)
+            if is_live(r, now) and (r.entry.owner == self_id or r.entry.owner in admitted)
+            and isinstance(r.entry.value.get("models"), list)]
+
+
+def served_models(ledger: Ledger, admitted: set[str], self_id: str, now: float) -> list[str]:
+    """Every model some federated node serves now."""
+    return sorted({m for _, value in _serving(ledger, admitted, self_id, now)
+                   for m in value["models"] if isinstance(m, str)})
+
+
+def candidates(ledger: Ledger, model: str, admitted: set[str], self_id: str, now: float,
+               names: dict[str, str]) -> list[Candidate]:
+    """Federated nodes that serve `model` now, with their reported requests in flight."""
+    found = []
+    for owner, value in _serving(ledger, admitted, self_id, now):
+        in_flight = value.get("in_flight", 0)
+        if model not in value["models"]:
+            continue
+        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 0:
+            continue
+        found.append(Candidate(owner, names.get(owner, owner[-8:]), in_flight))
+    return found
+
+
+def pick(found: Sequence[Candidate], dispatched: dict[str, int], failed: set[str],
+         rng: random.Random) -> Candidate | None:
+    """Fewest requests in flight (ours at dispatch plus theirs), ties at random; None if
+    every candidate just failed."""
+    usable = [c for c in found if c.peer_id not in failed]
+    if not usable:
+        return None
+    load = {c.peer_id: max(c.in_flight, dispatched.get(c.peer_id, 0)) for c in usable}
+    least = min(load.values())
+    return rng.choice([c for c in usable if load[c.peer_id] == least])
+
+
+def request_frame(model: str, request: GenerateRequest) -> bytes:
+    return json.dumps({"version": WIRE_VERSION, "model": model,
+                       "request": asdict(request)}).encode()
+
+
+def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
+    body = json.loads(data)
+    if not isinstance(body, dict) or body.get("version") != WIRE_VERSION:
+        raise ValueError("not a version 1 federated request")
+    model, raw = body.get("model"), body.get("request")
+    if not isinstance(model, str) or not isinstance(raw, dict):
+        raise ValueError("request without a model")
+    messages = raw.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("bad messages")
+        raw["messages"] = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    raw["stop"] = tuple(str(s) for s in raw.get("stop", ()))[:4]
+    request = GenerateRequest(**raw)  # TypeError on unknown fields
+    if not 1 <= request.max_tokens <= 32768:
+        raise ValueError("max_tokens out of range")
+    return model, request
+
+
+class FederatedService:
+    """This node's side: whether it serves, and the serving protocol's handler."""
+
+    def __init__(self, local: LocalRoute, on_change: Callable[[], None]) -> None:
+        self.local = local
+        self.models: list[str] = []
+        self.in_flight = 0
+        self._on_change = on_change
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.models)
+
+    def ledger_value(self) -> dict[str, Any]:
+        return {"version": WIRE_VERSION, "models": list(self.models),
+                "in_flight": self.in_flight, "max_queue": self.local.gate.max_waiting}
+
+    async def run_local(self, request: GenerateRequest, model: str
+                        ) -> AsyncIterator[Token | Done]:
+        self.in_flight += 1
+        self._on_change()
+        try:
+            async with aclosing(self.local.generate(request, model)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.in_flight -= 1
+            self._on_change()
+
+    async def handle(self, stream: INetStream) -> None:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            model, request = parse_request_frame(await read_frame(stream, MAX_REQUEST_BYTES))
+        if model not in self.models:
+            await _send(stream, {"type": "error", "code": "model_not_found",
+                                 "message": f"this node does not serve {model!r}"})
+            return
+        events = self.run_local(request, model)
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    await _send(stream, {"type": "token", "text": event.text})
+                else:
+                    await _send(stream, {"type": "done", "finish_reason": event.finish_reason,
+                                         "text": event.text,
+                                         "prompt_tokens": event.prompt_tokens,
+                                         "completion_tokens": len(event.tokens)})
+        except Busy as exc:
+            await _send(stream, {"type": "error", "code": "busy", "message": str(exc),
+                                 "retry_after_s": exc.retry_after_s})
+        except RouteError as exc:
+            await _send(stream, {"type": "error", "code": exc.code, "message": str(exc)})
+        except EngineError as exc:
+            await _send(stream, {"type": "error", "code": "engine", "message": str(exc)})
+        finally:
+            await events.aclose()
+
+
+async def _send(stream: INetStream, message: dict[str, Any]) -> None:
+    await write_frame(stream, json.dumps(message).encode())
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+class FederatedRoute:
+    """The client side: any node can send its requests to the swarm's federated nodes."""
+
+    name = "federated"
+
+    def __init__(self, host: IHost, service: FederatedService,
+                 found: Callable[[str], list[Candidate]], all_models: Callable[[], list[str]],
+                 rng: random.Random | None = None) -> None:
+        self.host = host
+        self.service = service
+        self._found = found
+        self._all_models = all_models
+        self._dispatched: dict[str, int] = {}
+        self._rng = rng or random.Random()
+
+    def model_ids(self) -> list[str]:
+        return self._all_models()
+
+    def machines(self, model: str) -> list[str]:
+        """The federated nodes serving `model`; a reply names the ones that served it."""
+        return sorted(c.name for c in self._found(model))
+
+    async def generate(self, request: GenerateRequest, model: str
+                       ) -> AsyncIterator[Token | Done | Served]:
+        failed: set[str] = set()
+        produced: list[str] = []
+        prompt_tokens = 0
+        notice: str | None = None
+        busy_seen = False
+        for _attempt in range(MAX_ATTEMPTS):
+            found = self._found(model)
+            if not found:
+                raise ModelUnknown(f"no federated node serves {model!r}")
+            target = pick(found, self._dispatched, failed, self._rng)
+            if target is None:
+                break
+            left = request.max_tokens - len(produced)
+            attempt = replace(request, continuation=request.continuation + "".join(produced),
+                              max_tokens=max(left, 1))
+            yield Served(target.name, notice)
+            self._dispatched[target.peer_id] = self._dispatched.get(target.peer_id, 0) + 1
+            try:
+                async with aclosing(self._events(target, attempt, model)) as events:
+                    async for event in events:
+                        if isinstance(event, Token):
+                            produced.append(event.text)
+                            yield event
+                        else:
+                            prompt_tokens = prompt_tokens or event.prompt_tokens
+                            yield Done(request.id, event.finish_reason, "".join(produced),
+                                       prompt_tokens, tuple(range(len(produced))), Timings())
+                            return
+                raise _Failed("the reply ended without finishing")
+            except Exception as exc:  # noqa: BLE001 - a vanished node fails in many ways
+                busy_seen = busy_seen or (isinstance(exc, _Failed) and exc.busy)
+                failed.add(target.peer_id)
+                log.warning("federated node %s failed (%r); trying another", target.name, exc)
+                notice = (f"{target.name} failed mid-reply; continuing on another machine"
+                          if produced else f"{target.name} could not serve; trying another")
+            finally:
+                self._dispatched[target.peer_id] -= 1
+        if busy_seen:
+            raise Busy("every federated node serving this model is busy", 5)
+        raise RouteError("every federated node serving this model failed")
+
+    async def _events(self, target: Candidate, request: GenerateRequest, model: str
+                      ) -> AsyncIterator[Token | Done]:
+        if target.peer_id == self.host.get_id().to_base58():
+            try:
+                async with aclosing(self.service.run_local(request, model)) as events:
+                    async for event in events:
+                        yield event
+            except Busy as exc:
+                raise _Failed(str(exc), busy=True) from None
+            return
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await self.host.new_stream(ID.from_base58(target.peer_id),
+                                                [TProtocol(PROTOCOL)])
+        try:
+            await write_frame(stream, request_frame(model, request))
+            while True:
+                with trio.fail_after(TOKEN_TIMEOUT_S):
+                    reply = json.loads(await read_frame(stream, MAX_REPLY_FRAME_BYTES))
+                kind = reply.get("type")
+                if kind == "token":
+                    yield Token(request.id, -1, str(reply.get("text", "")))
+                elif kind == "done":
+                    yield Done(request.id, str(reply.get("finish_reason", "stop")), "",
+                               int(reply.get("prompt_tokens", 0)), (), Timings())
+                    return
+                else:
+                    raise _Failed(str(reply.get("message", "error")),
+                                  busy=reply.get("code") == "busy")
+        finally:
+            await reset_quietly(stream)

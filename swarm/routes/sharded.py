@@ -1,0 +1,350 @@
+"""Sharded route: one model's layers spread over the swarm's workers, driven from this node.
+
+For a request, plan a placement over the idle workers in the ledger (`swarm/routes/placement.py`),
+lease each chosen worker, open an RPC tunnel to each, and run the engine with the tunnels as
+its RPC endpoints and the placement's `tensor_split`. The set (a "session") stays loaded for
+the next request while it still matches the plan; a worker that joins is used from the next
+request on, and an idle session gives its workers back after `IDLE_RELEASE_S`.
+
+Failover: when a worker is lost mid-reply, ggml aborts the engine process. The route marks
+the lost worker unusable for a while, plans again with the rest (or, if nothing fits, runs
+on this machine alone), restarts the engine and replays the prompt plus the text produced
+so far, so the reply goes on; the stream carries a notice naming the lost machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+
+from backends import ggml
+from backends.engine import Engine, EngineError, GenerationFailed
+from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
+from backends.errors import ModelStoreError
+from backends.gguf_info import estimate_memory
+from backends.model_store import DEFAULT_MODEL, ModelStore
+from swarm.routes.placement import (
+    Placement,
+    PlacementError,
+    WorkerOffer,
+    plan_placement,
+    usable_workers,
+)
+from swarm.routes.route import (
+    EngineGate,
+    LocalRoute,
+    RequestRefused,
+    RouteError,
+    Served,
+    engine_events,
+    model_entry,
+    start_engine,
+)
+from swarm.workers.lease import Lease, hold
+from swarm.workers.rpc_link import open_link
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 4
+UNUSABLE_S = 60.0  # a worker that failed is left out of plans this long
+REFUSED_S = 10.0  # ... and one that refused its lease (the ledger will catch up)
+LOST_WAIT_S = 4.0  # after the engine dies, how long to wait for the lease that broke
+IDLE_RELEASE_S = 300.0
+
+
+class NoWorkers(RouteError):
+    """No placement over the swarm's workers holds the model (the message says why)."""
+
+
+class _WorkerFailed(Exception):
+    """A worker refused its lease or could not be reached while a session was opening."""
+
+    def __init__(self, peer_id: str, why: BaseException) -> None:
+        super().__init__(f"{peer_id}: {why!r}")
+        self.peer_id = peer_id
+
+
+@dataclass
+class Session:
+    """A loaded sharded engine and the leases and tunnels it runs on."""
+
+    model: str
+    deterministic: bool
+    placement: Placement
+    leases: dict[str, Lease]
+    endpoints: list[str] = field(default_factory=list)  # the links' local ends
+    paths: dict[str, str] = field(default_factory=dict)  # worker name -> direct TLS or tunnel
+    engine: Engine | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def broken(self) -> list[str]:
+        """Peer ids whose lease was lost or revoked: the session must not start a new reply."""
+        return [p for p, lease in self.leases.items()
+                if lease.lost.is_set() or lease.revoked.is_set()]
+
+    def names(self) -> dict[str, str]:
+        return {w.peer_id: w.name for w in self.placement.workers}
+
+    def served(self) -> list[str]:
+        """What the reply's metadata names: each worker and the layers it holds."""
+        return [f"{w.name} ({n} layers)"
+                for w, n in zip(self.placement.workers, self.placement.layers, strict=True)]
+
+
+class ShardedRoute:
+    name = "sharded"
+
+    def __init__(self, host: IHost, store: ModelStore, offers: Callable[[], list[WorkerOffer]],
+                 names: Callable[[], dict[str, str]], fallback: LocalRoute, n_ctx: int = 4096,
+                 engine_factory: Callable[[EngineConfig], Engine] = Engine) -> None:
+        self.host = host
+        self.store = store
+        self.fallback = fallback
+        self._offers = offers
+        self._names = names
+        self._n_ctx = n_ctx
+        self._engine_factory = engine_factory
+        self.gate = EngineGate(4, "the sharded engine")
+        self.nursery: trio.Nursery | None = None  # the node's, set when it runs
+        self.session: Session | None = None
+        self._unusable: dict[str, float] = {}  # peer id -> until (monotonic)
+
+    # -- what the API asks -------------------------------------------------------------------
+
+    def _usable(self) -> tuple[list[WorkerOffer], list[Any]]:
+        now = time.monotonic()
+        unusable = {p for p, until in self._unusable.items() if until > now}
+        return usable_workers(self._offers(), ggml.RPC_PROTOCOL_VERSION,
+                              self.host.get_id().to_base58(), unusable, self._names())
+
+    def model_ids(self) -> list[str]:
+        """This node's models that the swarm's free workers can hold now."""
+        if not self._usable()[0]:
+            return []
+        return [m for m in sorted({*self.store.names(), DEFAULT_MODEL}) if not self.why_not(m)]
+
+    def why_not(self, model: str) -> str | None:
+        """Why a model this node has cannot be sharded now (for a request that insists)."""
+        if model not in {*self.store.names(), DEFAULT_MODEL}:
+            return None
+        try:
+            self._plan(model)
+        except NoWorkers as exc:
+            return str(exc)
+        except ModelStoreError:  # the bundled default, not registered yet
+            return f"{model!r} is not ready in this node's store yet"
+        return None
+
+    def machines(self, model: str) -> list[str]:
+        if self.session is not None and self.session.model == model:
+            return self.session.served()
+        return sorted(w.name for w in self._usable()[0])
+
+    # -- generating --------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest, model: str
+                       ) -> AsyncIterator[Token | Done | Served]:
+        produced: list[str] = []
+        lost: str | None = None  # e.g. "w2 left mid-reply", once a worker is gone
+        async with self.gate.turn():
+            for _attempt in range(MAX_ATTEMPTS):
+                left = request.max_tokens - len(produced)
+                attempt = replace(request, max_tokens=max(left, 1),
+                                  continuation=request.continuation + "".join(produced))
+                try:
+                    session = await self._session_for(model, request.deterministic)
+                except EngineError as exc:  # it did not load on these workers: plan again
+                    lost = lost or f"the sharded engine did not start ({exc})"
+                    continue
+                except _WorkerFailed as failed:
+                    # The ledger was behind (someone else leased it, or worker mode went off
+                    # there): plan without that worker for a little while.
+                    log.info("worker %s could not be leased (%s); planning without it",
+                             failed.peer_id, failed.__cause__ or failed)
+                    self._unusable[failed.peer_id] = time.monotonic() + REFUSED_S
+                    continue
+                except NoWorkers:
+                    if lost is None:
+                        raise
+                    # Nothing left to shard on: this machine alone, if the model fits here.
+                    yield Served(self.fallback.machine, f"{lost}; continuing on this machine")
+                    async with aclosing(self.fallback.generate(attempt, model)) as events:
+                        async for event in events:
+                            if isinstance(event, Done):
+                                yield _whole(request, event, produced)
+                                return
+                            produced.append(event.text)
+                            yield event
+                    return
+                others = ", ".join(w.name for w in session.placement.workers)
+                for i, machine in enumerate(session.served()):
+                    notice = f"{lost}; continuing on {others}" if lost and i == 0 else None
+                    yield Served(machine, notice)
+                assert session.engine is not None
+                try:
+                    async with aclosing(engine_events(session.engine, attempt)) as events:
+                        async for event in events:
+                            if isinstance(event, Done):
+                                yield _whole(request, event, produced) if lost else event
+                                return
+                            produced.append(event.text)
+                            yield event
+                except GenerationFailed as exc:
+                    raise RequestRefused(str(exc)) from None
+                except EngineError as exc:
+                    who = ", ".join(await self._forget(session, exc)) or "a worker"
+                    lost = f"{who} left mid-reply" if produced else f"{who} failed"
+                finally:
+                    session.last_used = time.monotonic()
+        raise RouteError("the sharded engine failed repeatedly; see the node's log")
+
+    async def _forget(self, session: Session, exc: EngineError) -> list[str]:
+        """The engine died: find the workers that left, keep them out of plans for a while,
+        and close the session. Returns the lost workers' names."""
+        for lease in session.leases.values():
+            lease.check_now()
+        with trio.move_on_after(LOST_WAIT_S):
+            while not session.broken():
+                await trio.sleep(0.05)
+        lost = session.broken()
+        names = session.names()
+        log.warning("sharded engine failed (%r); lost workers: %s", exc,
+                    ", ".join(names[p] for p in lost) or "none identified")
+        until = time.monotonic() + UNUSABLE_S
+        for peer in lost or list(session.leases):  # unknown: distrust the whole set
+            self._unusable[peer] = until
+        if self.session is session:
+            await self.close_session()
+        else:
+            session.scope.cancel()
+        return [names[p] for p in lost]
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _plan(self, model: str) -> Placement:
+        info = self.store.get(model).info
+        usable, excluded = self._usable()
+        try:
+            return plan_placement(estimate_memory(info, self._n_ctx), info.n_layers, usable,
+                                  excluded=excluded)
+        except PlacementError as exc:
+            raise NoWorkers(f"cannot shard {model!r}: {exc}") from None
+
+    async def _session_for(self, model: str, deterministic: bool) -> Session:
+        await model_entry(self.store, model)  # registers the bundled default if need be
+        placement = self._plan(model)
+        current = self.session
+        if current is not None:
+            same = (current.model == model and current.deterministic == deterministic
+                    and _layout(current.placement) == _layout(placement)
+                    and not current.broken())
+            if same:
+                return current
+            await self.close_session()
+        return await self._open_session(model, deterministic, placement)
+
+    async def _open_session(self, model: str, deterministic: bool,
+                            placement: Placement) -> Session:
+        assert self.nursery is not None, "the node sets the nursery before serving"
+        try:
+            session: Session = await self.nursery.start(self._keep, model, deterministic,
+                                                        placement)
+        except BaseExceptionGroup as group:  # trio wraps what _keep raised
+            raise _first(group) from None
+        entry = await model_entry(self.store, model)
+        config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
+                              tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
+                              n_threads=self.fallback.n_threads, deterministic=deterministic)
+        try:
+            session.engine = await start_engine(self._engine_factory, config)
+        except EngineError as exc:
+            await self._forget(session, exc)
+            raise
+        except BaseException:
+            session.scope.cancel()
+            raise
+        self.session = session
+        log.info("sharded engine loaded %s on %s via %s", model, placement.describe(),
+                 session.paths)
+        return session
+
+    async def _keep(self, model: str, deterministic: bool, placement: Placement, *,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the leases and tunnels of one session until it is closed."""
+        session = Session(model, deterministic, placement, {})
+        with session.scope:
+            async with trio.open_nursery() as nursery:
+                for worker in placement.workers:
+                    try:
+                        session.leases[worker.peer_id] = await nursery.start(
+                            hold, self.host, worker.peer_id)
+                    except Exception as exc:  # noqa: BLE001 - refused, gone, or not a worker
+                        raise _WorkerFailed(worker.peer_id, exc) from None
+                for worker in placement.workers:
+                    endpoint, path = await nursery.start(
+                        open_link, self.host, worker, session.leases[worker.peer_id])
+                    session.endpoints.append(endpoint)
+                    session.paths[worker.name] = path
+                task_status.started(session)
+                nursery.start_soon(self._release_when_done, session)
+
+    async def _release_when_done(self, session: Session) -> None:
+        """Give the workers back when the session goes idle, or once a worker is revoked and
+        the reply running on it has ended."""
+        while True:
+            await trio.sleep(1)
+            idle = time.monotonic() - session.last_used > IDLE_RELEASE_S
+            if (idle or session.broken()) and not self.gate.busy:
+                break
+        if self.session is session:
+            await self.close_session()
+        else:
+            session.scope.cancel()
+
+
+    def links(self) -> dict[str, str]:
+        """How this node reaches each worker of the loaded session (for /api/status)."""
+        return dict(self.session.paths) if self.session is not None else {}
+
+    async def close_session(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        for lease in session.leases.values():
+            lease.release()
+        if session.engine is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(session.engine.close)
+        with trio.move_on_after(2):
+            await trio.sleep(0.2)  # let the releases go out before the streams are reset
+        session.scope.cancel()
+
+    async def close(self) -> None:
+        await self.close_session()
+
+
+def _layout(placement: Placement) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """What a loaded engine depends on: which workers, in order, and the split (a worker's
+    ledger entry changes when we lease it, and that must not count as a new plan)."""
+    return tuple(w.peer_id for w in placement.workers), placement.tensor_split
+
+
+def _whole(request: GenerateRequest, done: Done, produced: list[str]) -> Done:
+    """The final Done of a reply that moved machines: the text of every part."""
+    return Done(request.id, done.finish_reason, "".join(produced), done.prompt_tokens,
+                done.tokens, done.timings)
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

@@ -1,0 +1,797 @@
+"""The direct TLS path: ggml RPC bytes between a client machine and a worker, without libp2p.
+
+Owns the worker's direct-path certificate (`load_or_create_certificate`), the admission
+preamble, and both ends of the path. On the worker, a `DirectServer` listens on the network
+and turns each admitted TLS connection into one TCP connection to the worker's loopback RPC
+endpoint. On the client, a `DirectClient` listens on a loopback port for llama.cpp's RPC
+client (the engine's `rpc_endpoints` entry), and each connection accepted there becomes one
+TLS connection to the worker. `DirectClient.probe` tells whether the path works at all, so the
+caller can choose between it and the libp2p tunnel (swarm/workers/tunnel.py), whose semantics
+it keeps.
+
+Wire: TLS 1.3 only. No CA is involved: the worker's certificate is self-signed, and the client
+pins its SHA-256 (published in the signed ledger) and hangs up before sending a byte if it
+differs. The client then sends `MAGIC` + the 32-byte lease secret the worker gave the lease
+holder; the worker answers `ACCEPTED` (one byte) or closes without a byte, and from then on
+the connection carries RPC bytes unchanged both ways. A peer that does not finish the
+handshake and the preamble within `ADMIT_TIMEOUT_S` is dropped, and at most
+`MAX_CONNECTIONS` connections live at once, so junk cannot hold threads for long.
+
+Threads, not trio: blocking sockets relayed by threads move several times the bytes that
+trio's SSLStream does, because `ssl` releases the GIL while it works. The trio side calls only
+the quick methods (`allow`, `revoke`, `close`, `start`) directly and runs `probe` in
+`trio.to_thread.run_sync`.
+
+Ends of streams, as in the tunnel: an EOF travels as a half-close. On the TLS side that is a
+close_notify alert followed by a TCP FIN; TLS 1.3 lets the other direction go on after it
+(RFC 8446 section 6.1) and OpenSSL keeps reading. A bare TCP EOF without close_notify, an
+error or a reset on either side means the far end died or was cut (or someone forged a FIN):
+both sockets of the connection are then closed with SO_LINGER 0, so the peers get a RST and
+llama.cpp fails at once instead of hanging. (The cut first shuts the sockets down to wake the
+threads blocked on them, so a peer may see an EOF just before the RST.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import hmac
+import logging
+import secrets
+import selectors
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from swarm.trust.private_file import narrow_mode, write_private
+from swarm.workers.tunnel import parse_loopback_endpoint
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"COVEYRPC"
+SECRET_BYTES = 32
+PREAMBLE_BYTES = len(MAGIC) + SECRET_BYTES
+ACCEPTED = b"\x01"
+
+ADMIT_TIMEOUT_S = 5.0  # the worker: TCP accept to the whole preamble
+CONNECT_TIMEOUT_S = 10.0  # the client: dial, handshake, pin check, preamble and answer
+MAX_CONNECTIONS = 64  # per endpoint, admitted or not yet
+JOIN_TIMEOUT_S = 5.0  # close(): how long to wait for the threads to end
+READ_BYTES = 1024 * 1024  # one socket read; big pieces keep the per-call costs down
+# Decrypting a full socket read yields at most READ_BYTES plus one record carried over.
+_PLAIN_BYTES = READ_BYTES + 64 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+CERT_DIR = "direct-tls"
+_CERT_NAME = "covey direct rpc"
+
+
+class DirectUnavailable(OSError):
+    """The direct path to a worker cannot be used: unreachable, wrong certificate, refused."""
+
+
+# --- the worker's certificate ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The worker's self-signed certificate and its private key, both PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """What clients pin: `fingerprint` of the DER certificate."""
+        return fingerprint(ssl.PEM_cert_to_DER_cert(self.cert_pem.decode("ascii")))
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 of a DER certificate, lowercase hex."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def new_secret() -> bytes:
+    """A fresh lease secret for `DirectServer.allow`."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def load_or_create_certificate(directory: Path) -> Certificate:
+    """The certificate in `directory`/direct-tls (cert.pem, key.pem; 0600), made on first use.
+
+    A new certificate changes the fingerprint clients pin, so a sound pair is always reused;
+    one that cannot be read, or whose key does not match, is replaced with a warning, since
+    nothing else could repair it (the caller publishes whatever this returns).
+    """
+    folder = directory / CERT_DIR
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    if cert_path.exists() or key_path.exists():
+        try:
+            cert = _load_certificate(cert_path, key_path)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            log.warning("the direct TLS certificate in %s is unusable (%s); making a new one",
+                        folder, exc)
+        else:
+            narrow_mode(key_path)
+            narrow_mode(cert_path)
+            return cert
+    cert = _new_certificate()
+    # The key first: a crash between the two leaves a mismatched pair, replaced next time.
+    write_private(key_path, cert.key_pem)
+    write_private(cert_path, cert.cert_pem)
+    log.info("made a direct TLS certificate, sha256 %s", cert.sha256)
+    return cert
+
+
+def _new_certificate() -> Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _CERT_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        # Pinned, never validated: RFC 5280's "no expiry" date, so it never needs renewing.
+        .not_valid_after(datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC))
+        .sign(key, hashes.SHA256())
+    )
+    return Certificate(
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+    )
+
+
+def _load_certificate(cert_path: Path, key_path: Path) -> Certificate:
+    cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ValueError("the key does not match the certificate")
+    return Certificate(cert_pem=cert_pem, key_pem=key_pem)
+
+
+def _context(*, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def _server_context(cert: Certificate) -> ssl.SSLContext:
+    ctx = _context(server=True)
+    ctx.num_tickets = 0  # no resumption: every connection shows its own secret anyway
+    # load_cert_chain reads only files: a private temporary one (the directory is 0700).
+    with tempfile.TemporaryDirectory(prefix="covey-direct-") as tmp:
+        pair = Path(tmp) / "pair.pem"
+        write_private(pair, cert.cert_pem + cert.key_pem)
+        ctx.load_cert_chain(pair)
+    return ctx
+
+
+def _client_context() -> ssl.SSLContext:
+    ctx = _context(server=False)
+    # No CA and no name: the client checks the certificate's fingerprint itself (`_dial`).
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# --- sockets ---------------------------------------------------------------------------------
+
+
+def _nodelay(sock: socket.socket) -> None:
+    # ggml RPC is small requests and replies: Nagle would add delayed-ACK waits to each.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _tune_remote(sock: socket.socket) -> None:
+    """TCP keepalive on a connection between machines: without it, a machine that vanishes
+    while llama.cpp waits for a reply would leave it waiting for good."""
+    _nodelay(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Wake every thread blocked on `sock` now, and make its close() send a RST."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    with contextlib.suppress(OSError):
+        # Closing a socket does not wake a thread blocked in recv or send on it; this does.
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _where(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Tls:
+    """One TLS connection over a blocking socket, for one reading and one writing thread.
+
+    OpenSSL forbids using one SSL object from two threads at once, and an ssl.SSLSocket's
+    recv and send both use it (cpython#151508, openssl#20446: corrupted records, crashes). So
+    the SSL object works on memory BIOs behind `_lock`, and the socket I/O runs outside it;
+    the crypto itself still runs without the GIL.
+
+    Invariant: whoever feeds ciphertext in decrypts every whole record before letting go of
+    `_lock`, so `close_write` never meets one: its SSL_shutdown looks for the peer's
+    close_notify and fails (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) on a data record. The only
+    exception is right after the handshake, while no second thread exists yet.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server: bool) -> None:
+        self.sock = sock
+        self.deadline: float | None = None  # while admitting: when every socket call gives up
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server)
+        self._lock = threading.Lock()  # the SSL object and both BIOs
+        self._send_lock = threading.Lock()  # the socket's sending side: records in order
+        self._raw = memoryview(bytearray(READ_BYTES))
+        self._plain = memoryview(bytearray(_PLAIN_BYTES))
+        self._leftover = b""  # plaintext read past the preamble or the answer
+        self._ended = False  # the peer's close_notify came
+
+    def handshake(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    self._ssl.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+            self._flush()
+            if done:
+                return
+            n = self._recv_raw()
+            with self._lock:
+                self._feed(n)
+
+    def peer_der(self) -> bytes | None:
+        return self._ssl.getpeercert(binary_form=True)
+
+    def admitted(self) -> None:
+        """Admission is over: from now on, the socket waits as long as the peers do."""
+        self.deadline = None
+        self.sock.settimeout(None)
+
+    def recv(self) -> bytes | memoryview:
+        """The next plaintext; empty once the peer closed its side. A view is valid until the
+        next call. Raises ConnectionResetError on a TCP EOF without close_notify."""
+        if self._leftover:
+            data, self._leftover = self._leftover, b""
+            return data
+        if self._ended:
+            return b""
+        n_raw: int | None = None  # the first round decrypts what the handshake left over
+        while True:
+            with self._lock:
+                if n_raw is not None:
+                    self._feed(n_raw)
+                n = self._decrypt()
+                owed = self._out.pending > 0
+            if owed:
+                self._flush()  # a record OpenSSL owes the peer (a KeyUpdate reply, an alert)
+            if n or self._ended:
+                return self._plain[:n]
+            n_raw = self._recv_raw()
+
+    def read_exact(self, count: int) -> bytes:
+        """Exactly `count` bytes of plaintext, keeping what came after them for `recv`."""
+        got = bytearray()
+        while len(got) < count:
+            data = self.recv()
+            if not data:
+                raise ConnectionAbortedError("the peer closed the connection")
+            got += data
+        self._leftover = bytes(got[count:])
+        return bytes(got[:count])
+
+    def send(self, data: bytes | memoryview) -> None:
+        with self._send_lock:
+            with self._lock:
+                self._ssl.write(data)  # into the memory BIO: never blocks
+                out = self._out.read()
+            self._sendall(out)
+
+    def close_write(self) -> None:
+        """Half-close: close_notify, then a TCP FIN; the peer may go on sending."""
+        with self._send_lock:
+            with self._lock:
+                # The first SSL_shutdown queues close_notify; Python then calls it again to
+                # wait for the peer's, which is not there yet (or it returns at once if it
+                # came already). `recv` goes on reading the peer's data until it comes.
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    self._ssl.unwrap()
+                out = self._out.read()
+            self._sendall(out)
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def _decrypt(self) -> int:
+        """Under `_lock`: every whole record fed so far into `_plain`; returns the bytes."""
+        n = 0
+        while n < _PLAIN_BYTES:
+            if not (self._in.pending or self._ssl.pending() or self._in.eof):
+                # Nothing fed is left (OpenSSL reads one record at a time, read-ahead off):
+                # asking would only raise SSLWantReadError, which costs more than a read.
+                break
+            try:
+                k = self._ssl.read(_PLAIN_BYTES - n, self._plain[n:])
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                k = 0  # close_notify, after we sent ours
+            except ssl.SSLEOFError as exc:
+                raise ConnectionResetError(
+                    "the TCP connection ended without a TLS close_notify") from exc
+            if k == 0:  # close_notify
+                self._ended = True
+                break
+            n += k
+        return n
+
+    def _feed(self, n: int) -> None:
+        if n:
+            self._in.write(self._raw[:n])
+        else:
+            self._in.write_eof()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                out = self._out.read()
+            if out:
+                self._sendall(out)
+
+    def _recv_raw(self) -> int:
+        self._timed()
+        return self.sock.recv_into(self._raw)
+
+    def _sendall(self, data: bytes) -> None:
+        self._timed()
+        self.sock.sendall(data)
+
+    def _timed(self) -> None:
+        # While admitting, every socket call gets only what is left of the whole allowance,
+        # so a peer trickling a byte at a time cannot stretch it.
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+
+
+# --- connections and endpoints ---------------------------------------------------------------
+
+
+@dataclass
+class DirectStats:
+    """Counters for diagnostics. "Up" is toward the worker, "down" toward the client."""
+
+    connections: int = 0  # server: admitted; client: local connections accepted
+    active: int = 0  # relaying now
+    refused: int = 0  # server: not admitted; client: the worker could not be used
+    failed: int = 0  # relays that ended by an error or a reset rather than by closing
+    bytes_up: int = 0
+    bytes_down: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:  # the relay threads count at once
+            setattr(self, name, getattr(self, name) + n)
+
+
+class _Conn:
+    """One accepted connection and the sockets it grew; `cut` may come from any thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sockets = [sock]
+        self.secret: bytes | None = None  # the server's, once admitted
+        self.is_cut = False
+        self._lock = threading.Lock()  # also keeps close() from racing a cut on the same fd
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if self.is_cut:
+                _reset(sock)
+
+    def cut(self) -> bool:
+        """Reset every socket; True for the first cut."""
+        with self._lock:
+            first = not self.is_cut
+            self.is_cut = True
+            for sock in self.sockets:
+                _reset(sock)
+        return first
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self.sockets:
+                sock.close()
+
+
+class _Endpoint:
+    """What both ends share: a listening socket, its accept thread, and each accepted
+    connection served by its own threads until it ends or is cut."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.stats = DirectStats()
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+        self._started = False
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the accept loop
+
+    def close(self) -> None:
+        """Stop listening, reset every connection, and wait for the threads to end.
+        Idempotent."""
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        for conn in conns:
+            conn.cut()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        me = threading.current_thread()
+        while time.monotonic() < deadline:
+            with self._lock:  # threads may spawn threads until they notice: look again
+                alive = [t for t in self._threads if t.is_alive() and t is not me]
+            if not alive:
+                break
+            for thread in alive:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        else:
+            log.warning("direct TLS: %d threads still running after close", len(alive))
+        if not self._started:
+            self._wake_r.close()
+        self._wake_w.close()
+
+    def _serve(self, conn: _Conn) -> None:
+        raise NotImplementedError
+
+    def _listen(self, listener: socket.socket) -> int:
+        with self._lock:
+            if self._started or self._closed:
+                listener.close()
+                raise RuntimeError("already started or closed")
+            self._started = True
+        listener.setblocking(False)
+        self._spawn("accept", self._accept_loop, listener)
+        return int(listener.getsockname()[1])
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except Exception:  # noqa: BLE001 - a bug in one connection must not go unheard
+                log.exception("direct TLS %s thread failed", name)
+
+        thread = threading.Thread(target=run, name=f"covey-direct-{name}", daemon=True)
+        with self._lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
+            thread.start()
+        return thread
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(listener, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._closed:
+                    selector.select()
+                    if self._closed:
+                        break
+                    try:
+                        sock, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:  # out of file descriptors, most likely
+                        log.warning("direct TLS: accept failed: %s", exc)
+                        time.sleep(0.1)
+                        continue
+                    self._take(sock)
+        finally:
+            listener.close()
+            self._wake_r.close()
+
+    def _take(self, sock: socket.socket) -> None:
+        sock.settimeout(None)
+        conn = _Conn(sock)
+        with self._lock:
+            admit = not self._closed and len(self._conns) < self._max_connections
+            if admit:
+                self._conns.add(conn)
+        if not admit:
+            self.stats.add("refused")
+            log.info("direct TLS: %d connections open already; refusing one more",
+                     self._max_connections)
+            conn.cut()
+            conn.close()
+            return
+        self._spawn("conn", self._serve_conn, conn)
+
+    def _serve_conn(self, conn: _Conn) -> None:
+        try:
+            self._serve(conn)
+        except Exception:
+            conn.cut()
+            raise
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _relay(self, conn: _Conn, plain: socket.socket, tls: _Tls, *, client: bool) -> None:
+        """Pump both ways (the second direction in a thread of its own) until both end."""
+        from_plain, from_tls = ("bytes_up", "bytes_down") if client else ("bytes_down",
+                                                                         "bytes_up")
+        self.stats.add("active")
+        try:
+            other = self._spawn("pump", self._tls_to_plain, conn, tls, plain, from_tls)
+            self._plain_to_tls(conn, plain, tls, from_plain)
+            other.join()
+        finally:
+            self.stats.add("active", -1)
+
+    def _plain_to_tls(self, conn: _Conn, plain: socket.socket, tls: _Tls, counter: str) -> None:
+        buf = memoryview(bytearray(READ_BYTES))
+        try:
+            while n := plain.recv_into(buf):
+                tls.send(buf[:n])
+                self.stats.add(counter, n)
+            if not conn.is_cut:  # (a cut wakes recv_into with an EOF too)
+                tls.close_write()
+        except OSError as exc:  # ssl.SSLError included
+            self._broken(conn, exc)
+
+    def _tls_to_plain(self, conn: _Conn, tls: _Tls, plain: socket.socket, counter: str) -> None:
+        try:
+            while data := tls.recv():
+                plain.sendall(data)
+                self.stats.add(counter, len(data))
+            if not conn.is_cut:
+                plain.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._broken(conn, exc)
+
+    def _broken(self, conn: _Conn, exc: BaseException) -> None:
+        if conn.cut():
+            self.stats.add("failed")
+            log.debug("direct TLS connection broken: %r", exc)
+
+
+class DirectServer(_Endpoint):
+    """The worker side: listens on (`bind`, `port`) and relays each admitted TLS connection
+    to `target`, the worker's loopback RPC endpoint ("127.0.0.1:50052").
+
+    A client is admitted when its preamble carries a secret given to `allow` and not yet
+    revoked; `revoke` also cuts the connections that secret let in.
+    """
+
+    def __init__(self, cert: Certificate, target: str, bind: str = "0.0.0.0", port: int = 0,
+                 *, admit_timeout: float = ADMIT_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(max_connections)
+        self.target = parse_loopback_endpoint(target)  # only ever relays to this machine
+        self.bind = bind
+        self.port = port
+        self.admit_timeout = admit_timeout
+        self._context = _server_context(cert)
+        self._secrets: set[bytes] = set()
+
+    def start(self) -> int:
+        """Bind, start accepting, and return the port."""
+        if ":" in self.bind:
+            listener = socket.create_server(
+                (self.bind, self.port), family=socket.AF_INET6,
+                dualstack_ipv6=self.bind == "::" and socket.has_dualstack_ipv6())
+        else:
+            listener = socket.create_server((self.bind, self.port))
+        self.port = self._listen(listener)
+        log.info("direct TLS: listening on %s for %s", _where((self.bind, self.port)),
+                 _where(self.target))
+        return self.port
+
+    def allow(self, secret: bytes) -> None:
+        if len(secret) != SECRET_BYTES:
+            raise ValueError(f"a secret is {SECRET_BYTES} bytes")
+        with self._lock:
+            self._secrets.add(bytes(secret))
+
+    def revoke(self, secret: bytes) -> int:
+        """Admit `secret` no more and cut the connections it let in; returns how many."""
+        with self._lock:  # the same lock admission holds: no connection slips in between
+            self._secrets.discard(secret)
+            cut = [c for c in self._conns
+                   if c.secret is not None and hmac.compare_digest(c.secret, secret)]
+        for conn in cut:
+            conn.cut()
+        return len(cut)
+
+    def _serve(self, conn: _Conn) -> None:
+        sock = conn.sockets[0]
+        _tune_remote(sock)
+        tls = _Tls(sock, self._context, server=True)
+        tls.deadline = time.monotonic() + self.admit_timeout
+        try:
+            tls.handshake()
+            preamble = tls.read_exact(PREAMBLE_BYTES)
+        except OSError as exc:  # junk, plain TCP, silence, a client that hung up on our cert
+            self._refuse(conn, f"no TLS handshake and preamble ({exc!r})", logging.DEBUG)
+            return
+        secret = preamble[len(MAGIC):]
+        with self._lock:
+            admitted = hmac.compare_digest(preamble[:len(MAGIC)], MAGIC) and any(
+                hmac.compare_digest(secret, s) for s in self._secrets)
+            if admitted:
+                conn.secret = secret
+        if not admitted:
+            self._refuse(conn, "its secret is not accepted here", logging.INFO)
+            return
+        try:
+            target = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            self._refuse(conn, f"the RPC endpoint {_where(self.target)} is down ({exc})",
+                         logging.WARNING)
+            return
+        conn.add(target)
+        target.settimeout(None)
+        _nodelay(target)
+        try:
+            tls.send(ACCEPTED)
+        except OSError as exc:
+            self._refuse(conn, f"it left before the answer ({exc!r})", logging.DEBUG)
+            return
+        tls.admitted()
+        self.stats.add("connections")
+        self._relay(conn, target, tls, client=False)
+
+    def _refuse(self, conn: _Conn, why: str, level: int) -> None:
+        self.stats.add("refused")
+        try:
+            peer = _where(conn.sockets[0].getpeername()[:2])
+        except OSError:
+            peer = "a peer"
+        log.log(level, "direct TLS: refused %s: %s", peer, why)
+        conn.cut()  # closes without a byte, with a RST
+
+
+class DirectClient(_Endpoint):
+    """The client side: listens on 127.0.0.1 for llama.cpp's RPC client, and turns each
+    connection accepted there into one TLS connection to the worker at `address`, whose
+    certificate must have the SHA-256 `pinned_sha256`, admitted by `secret`.
+
+    A connection the worker cannot take is reset. `close` (the lease is lost) resets every
+    relayed connection, so llama.cpp sees it at once.
+    """
+
+    def __init__(self, address: tuple[str, int], pinned_sha256: str, secret: bytes,
+                 *, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(max_connections)
+        if len(secret) != SECRET_BYTES:
+            raise ValueError(f"a secret is {SECRET_BYTES} bytes")
+        pinned = pinned_sha256.lower().replace(":", "")
+        if len(pinned) != 64 or not all(c in "0123456789abcdef" for c in pinned):
+            raise ValueError(f"not a SHA-256 fingerprint: {pinned_sha256!r}")
+        self.address = address
+        self.pinned_sha256 = pinned
+        self.connect_timeout = connect_timeout
+        self.endpoint: str | None = None
+        self._secret = bytes(secret)
+        self._context = _client_context()
+
+    def probe(self, timeout: float = 3.0) -> None:
+        """Connect, check the certificate, be admitted, and hang up; raises DirectUnavailable
+        saying why the path cannot be used. Blocks: run it in a thread from trio."""
+        tls = self._dial(timeout)
+        # Hang up as llama.cpp would, and wait a moment for the worker to hang up too, so the
+        # worker's relay ends cleanly rather than by a reset. Admitted is all a probe asks.
+        tls.deadline = time.monotonic() + min(timeout, 1.0)
+        try:
+            tls.close_write()
+            while tls.recv():
+                pass
+        except OSError:
+            pass
+        finally:
+            tls.sock.close()
+
+    def start(self) -> str:
+        """Start listening; returns "127.0.0.1:port" for the engine's rpc_endpoints."""
+        port = self._listen(socket.create_server(("127.0.0.1", 0)))
+        self.endpoint = f"127.0.0.1:{port}"
+        log.info("direct TLS: %s leads to the worker at %s", self.endpoint,
+                 _where(self.address))
+        return self.endpoint
+
+    def _serve(self, conn: _Conn) -> None:
+        plain = conn.sockets[0]
+        _nodelay(plain)
+        self.stats.add("connections")
+        try:
+            tls = self._dial(self.connect_timeout, conn)
+        except DirectUnavailable as exc:
+            self.stats.add("refused")
+            log.warning("direct TLS: %s", exc)
+            conn.cut()
+            return
+        self._relay(conn, plain, tls, client=True)
+
+    def _dial(self, timeout: float, conn: _Conn | None = None) -> _Tls:
+        """A TLS connection to the worker, certificate checked and admitted, or
+        DirectUnavailable. With `conn`, the socket joins it, so a cut stops the dial too."""
+        where = _where(self.address)
+        deadline = time.monotonic() + timeout
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                *self.address, type=socket.SOCK_STREAM)[0]
+        except OSError as exc:
+            raise DirectUnavailable(f"cannot resolve the worker address {where}: {exc}") from exc
+        sock = socket.socket(family, kind, proto)
+        if conn is not None:
+            conn.add(sock)
+        ok = False
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(sockaddr)
+            except OSError as exc:
+                raise DirectUnavailable(f"cannot reach the worker at {where}: {exc}") from exc
+            _tune_remote(sock)
+            tls = _Tls(sock, self._context, server=False)
+            tls.deadline = deadline
+            try:
+                tls.handshake()
+            except OSError as exc:
+                raise DirectUnavailable(
+                    f"no TLS 1.3 handshake with the worker at {where}: {exc}") from exc
+            der = tls.peer_der()
+            got = fingerprint(der) if der else "(none)"
+            if not hmac.compare_digest(got, self.pinned_sha256):
+                raise DirectUnavailable(
+                    f"the worker at {where} presented the wrong certificate (sha256 {got}, "
+                    f"pinned {self.pinned_sha256}); not sending the secret")
+            try:
+                tls.send(MAGIC + self._secret)
+                answer = tls.read_exact(len(ACCEPTED))
+            except OSError as exc:
+                raise DirectUnavailable(
+                    f"the worker at {where} refused the connection: the lease secret is not "
+                    f"accepted there, or its RPC server is down ({exc!r})") from exc
+            if answer != ACCEPTED:
+                raise DirectUnavailable(f"the worker at {where} answered {answer!r}")
+            tls.admitted()
+            ok = True
+            return tls
+        finally:
+            if not ok and conn is None:
+                _reset(sock)
+                sock.close()

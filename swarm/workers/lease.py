@@ -1,0 +1,223 @@
+"""Worker leases: a ggml RPC server serves one client at a time, so a client first leases it.
+
+The lease lives on one stream of `/covey/worker-lease/1.0.0`. The holder acquires it, then
+renews it every `RENEW_EVERY_S`; the worker ends it when renewals stop (`TTL_S`), when the
+holder releases it or hangs up, or when worker mode is turned off, in which case it first
+says "revoked" so the holder can finish its reply and move elsewhere.
+
+Frames (JSON): holder {"version": 1, "op": "acquire" | "renew" | "release"}; worker
+{"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked", "message"}. The
+reply to acquire may carry more: "direct_secret" (hex) admits the holder to the worker's direct
+TLS path (swarm/workers/direct_tls.py); a holder that does not know a field ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from swarm.net.host import read_frame, reset_quietly, write_frame
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/covey/worker-lease/1.0.0"
+WIRE_VERSION = 1
+TTL_S = 15.0
+RENEW_EVERY_S = 4.0
+MAX_FRAME_BYTES = 1024
+CONNECT_TIMEOUT_S = 10.0
+CHECK_TIMEOUT_S = 3.0  # a renewal unanswered this long: the worker or the link is gone
+
+
+class LeaseRefused(Exception):
+    """The worker said no: `code` is busy (someone else holds it) or off."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_op(data: bytes) -> str:
+    body = json.loads(data)
+    if not isinstance(body, dict) or body.get("version") != WIRE_VERSION:
+        raise ValueError("not a version 1 lease message")
+    op = body.get("op")
+    if op not in ("acquire", "renew", "release"):
+        raise ValueError(f"unknown lease op {op!r}")
+    return str(op)
+
+
+@dataclass
+class _Held:
+    peer_id: str
+    stream: INetStream
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+class LeaseDesk:
+    """The worker's side: who holds the lease, and the protocol handler that grants it."""
+
+    def __init__(self, on_change: Callable[[], None], on_end: Callable[[str], None],
+                 ttl_s: float = TTL_S,
+                 on_grant: Callable[[str], dict[str, Any]] = lambda peer: {}) -> None:
+        self.accepting = False
+        self.ttl_s = ttl_s
+        self._held: _Held | None = None
+        self._on_change = on_change
+        self._on_end = on_end  # e.g. cut the old holder's tunnels
+        self._on_grant = on_grant  # extra fields for the holder, e.g. its direct-path secret
+
+    @property
+    def holder(self) -> str | None:
+        return self._held.peer_id if self._held is not None else None
+
+    async def handle(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            op = parse_op(await read_frame(stream, MAX_FRAME_BYTES))
+        if op != "acquire":
+            raise ValueError("a lease starts with acquire")
+        if not self.accepting:
+            await _send(stream, {"ok": False, "code": "off",
+                                 "message": "worker mode is off on this machine"})
+            return
+        if self._held is not None and self._held.peer_id != peer:
+            await _send(stream, {"ok": False, "code": "busy",
+                                 "message": f"leased by {self._held.peer_id}"})
+            return
+        if self._held is not None:  # the same holder again (it reconnected): the new one wins
+            self._held.scope.cancel()
+            await self._held.ended.wait()
+        held = _Held(peer, stream)
+        self._held = held
+        self._on_change()
+        try:
+            await _send(stream, {**self._on_grant(peer), "ok": True, "ttl_s": self.ttl_s})
+            with held.scope:
+                while True:
+                    with trio.fail_after(self.ttl_s):
+                        op = parse_op(await read_frame(stream, MAX_FRAME_BYTES))
+                    if op == "release":
+                        return
+                    await _send(stream, {"ok": True, "ttl_s": self.ttl_s})
+        finally:
+            if self._held is held:
+                self._held = None
+                self._on_change()
+            self._on_end(peer)
+            held.ended.set()
+            log.info("lease of %s ended", peer)
+
+    async def revoke(self, grace_s: float) -> None:
+        """Stop granting; tell the holder, give it `grace_s` to finish and release."""
+        self.accepting = False
+        held = self._held
+        if held is None:
+            return
+        try:
+            with trio.move_on_after(2):
+                await _send(held.stream, {"ok": False, "code": "revoked",
+                                          "message": "worker mode was turned off"})
+        except Exception as exc:  # noqa: BLE001 - the holder may be gone already
+            log.debug("could not tell %s of the revoke: %r", held.peer_id, exc)
+        with trio.move_on_after(grace_s):
+            await held.ended.wait()
+        held.scope.cancel()
+        await held.ended.wait()
+
+
+async def _send(stream: INetStream, message: dict[str, Any]) -> None:
+    await write_frame(stream, json.dumps(message).encode())
+
+
+@dataclass
+class Lease:
+    """The holder's side of one lease, kept alive by `hold` until released."""
+
+    peer_id: str
+    granted: dict[str, Any] = field(default_factory=dict)  # the worker's acquire reply
+    remote_ip: str | None = None  # where the lease's own connection reaches the worker
+    lost: trio.Event = field(default_factory=trio.Event)  # the worker or the link is gone
+    revoked: trio.Event = field(default_factory=trio.Event)  # worker mode turned off there
+    why: str = ""
+    _release: trio.Event = field(default_factory=trio.Event)
+    _check: trio.Event = field(default_factory=trio.Event)
+
+    def release(self) -> None:
+        self._release.set()
+
+    def check_now(self) -> None:
+        """Renew at once rather than at the next beat: a worker that died shows as lost in
+        about a round trip (the engine just died; which worker went with it?)."""
+        self._check.set()
+
+
+async def hold(host: IHost, peer_id: str, *,
+               task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Acquire the lease of `peer_id`'s worker (LeaseRefused if refused), hand the `Lease` to
+    `task_status`, then renew it until it is released or lost. Never raises after start."""
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        stream = await host.new_stream(ID.from_base58(peer_id), [TProtocol(PROTOCOL)])
+    lease = Lease(peer_id)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            await _op(stream, "acquire")
+            reply = json.loads(await read_frame(stream, MAX_FRAME_BYTES))
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            code = reply.get("code", "refused") if isinstance(reply, dict) else "refused"
+            message = reply.get("message", "") if isinstance(reply, dict) else ""
+            raise LeaseRefused(str(code), str(message))
+        lease.granted = reply
+        address = stream.get_remote_address()
+        lease.remote_ip = address[0] if address else None
+        task_status.started(lease)
+        await _keep(stream, lease)
+    finally:
+        await reset_quietly(stream)
+
+
+async def _keep(stream: INetStream, lease: Lease) -> None:
+    try:
+        while True:
+            with trio.move_on_after(RENEW_EVERY_S):
+                async with trio.open_nursery() as nursery:
+                    for event in (lease._release, lease._check):
+                        nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+            lease._check = trio.Event()
+            if lease._release.is_set():
+                with trio.move_on_after(2):
+                    await _op(stream, "release")
+                return
+            with trio.fail_after(CHECK_TIMEOUT_S):
+                await _op(stream, "renew")
+                reply = json.loads(await read_frame(stream, MAX_FRAME_BYTES))
+            if isinstance(reply, dict) and reply.get("code") == "revoked":
+                lease.why = "worker mode was turned off there"
+                lease.revoked.set()
+                # Keep renewing quietly: the worker holds the lease through its grace period.
+                continue
+            if not isinstance(reply, dict) or reply.get("ok") is not True:
+                raise ValueError(f"unexpected lease reply {reply!r}")
+    except Exception as exc:  # noqa: BLE001 - a vanished worker fails in many ways
+        lease.why = lease.why or f"the lease broke ({type(exc).__name__})"
+        log.info("lease of %s lost: %r", lease.peer_id, exc)
+    finally:
+        lease.lost.set()
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _op(stream: INetStream, op: str) -> None:
+    await write_frame(stream, json.dumps({"version": WIRE_VERSION, "op": op}).encode())

@@ -1,0 +1,193 @@
+"""Worker mode: this machine donates memory to the swarm through a ggml RPC worker process.
+
+On: start `backends.rpc_worker` on 127.0.0.1 with a tensor cache in the data directory, grant
+one lease at a time (`swarm/workers/lease.py`), and let only the lease holder through: over the
+libp2p RPC tunnel, or over the direct TLS path (`swarm/workers/direct_tls.py`) with the secret its
+lease carries. Off: stop granting leases, let the holder finish (it re-plans), then stop the
+process. The ledger's "worker" entry says what this worker donates, who holds it, and where the
+direct path listens with which certificate (the ledger is signed, so clients can pin it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from backends import ggml
+from backends.rpc_worker import resolve_share
+from swarm.routes.placement import WORKER_VALUE_VERSION
+from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
+from swarm.workers.lease import LeaseDesk
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 30.0
+REVOKE_GRACE_S = 20.0  # how long a holder may finish its reply after worker mode goes off
+STOP_TIMEOUT_S = 5.0
+
+
+class WorkerStartFailed(OSError):
+    """The RPC worker process did not start; the message says why."""
+
+
+def share_bytes(share_mib: int | None, share_percent: float | None, total: int) -> int:
+    """What the user donates: MiB, or a percentage of RAM, else half of it."""
+    if share_mib is not None and share_percent is not None:
+        raise ValueError("give the share in MiB or as a percentage, not both")
+    if share_percent is not None:
+        if not 0 < share_percent <= 100:
+            raise ValueError("the share must be between 1 and 100 percent of RAM")
+        return int(total * share_percent / 100)
+    return resolve_share(share_mib, total)
+
+
+class WorkerService:
+    def __init__(self, data_dir: Path, on_change: Callable[[], None],
+                 on_lease_end: Callable[[str], None], direct_bind: str | None = None) -> None:
+        """`direct_bind`: the address the direct TLS path listens on (the node's libp2p listen
+        address, so it is reachable exactly where the node is); None turns the path off."""
+        self.data_dir = data_dir
+        self.cache_dir = data_dir / "tensor-cache"
+        self.share_bytes = 0
+        self.endpoint: str | None = None
+        self.desk = LeaseDesk(on_change, self._lease_ended, on_grant=self._granted)
+        self.direct: DirectServer | None = None
+        self._direct_bind = direct_bind
+        self._direct_sha256 = ""
+        self._secrets: dict[str, bytes] = {}  # lease holder -> its direct-path secret
+        self._on_lease_end = on_lease_end
+        self._process: trio.Process | None = None
+        self._on_change = on_change
+        self._lock = trio.Lock()
+
+    def _granted(self, peer_id: str) -> dict[str, Any]:
+        """A fresh secret per lease: only the holder (told over the Noise-authenticated lease
+        stream) can open the direct path, and only while it holds the lease."""
+        if self.direct is None:
+            return {}
+        secret = secrets.token_bytes(32)
+        self._secrets[peer_id] = secret
+        self.direct.allow(secret)
+        return {"direct_secret": secret.hex()}
+
+    def _lease_ended(self, peer_id: str) -> None:
+        secret = self._secrets.pop(peer_id, None)
+        if secret is not None and self.direct is not None:
+            self.direct.revoke(secret)  # its open connections are cut at once
+        self._on_lease_end(peer_id)
+
+    @property
+    def enabled(self) -> bool:
+        return self._process is not None
+
+    def ledger_value(self, free_bytes: int, cores: int) -> dict[str, Any]:
+        holder = self.desk.holder
+        value = {"version": WORKER_VALUE_VERSION, "donated_bytes": self.share_bytes,
+                 "free_bytes": free_bytes, "cores": cores,
+                 "rpc_protocol": ggml.RPC_PROTOCOL_VERSION,
+                 "state": "leased" if holder else "idle", "leased_by": holder}
+        if self.direct is not None:
+            value["direct"] = {"port": self.direct.port, "cert_sha256": self._direct_sha256}
+        return value
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "share_bytes": self.share_bytes,
+                "state": "leased" if self.desk.holder else "idle",
+                "leased_by": self.desk.holder,
+                "direct_port": self.direct.port if self.direct is not None else None}
+
+    def tunnel_target(self, peer_id: str) -> str | None:
+        """The RPC endpoint for the lease holder; nobody else gets through."""
+        if self.endpoint is not None and peer_id == self.desk.holder:
+            return self.endpoint
+        return None
+
+    async def enable(self, share: int) -> None:
+        async with self._lock:
+            if self._process is not None and share == self.share_bytes:
+                self.desk.accepting = True
+                return
+            await self._stop_process()
+            self.share_bytes = share
+            self._process, self.endpoint = await self._start_process(share)
+            await self._start_direct(self.endpoint)
+            self.desk.accepting = True
+            self._on_change()
+            log.info("worker mode on: donating %d MiB on %s", share >> 20, self.endpoint)
+
+    async def disable(self) -> None:
+        async with self._lock:
+            await self.desk.revoke(REVOKE_GRACE_S)
+            await self._stop_process()
+            self._on_change()
+            log.info("worker mode off")
+
+    async def _start_process(self, share: int) -> tuple[trio.Process, str]:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "backends.rpc_worker", "--host", "127.0.0.1",
+                "--share-mib", str(max(share >> 20, 1)), "--cache-dir", str(self.cache_dir),
+                "--parent-pid", str(os.getpid())]  # a node killed outright takes it along
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1", "OMP_WAIT_POLICY": "passive"}
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, env=env,
+                                                   start_new_session=True)
+        assert process.stdout is not None
+        line = b""
+        with trio.move_on_after(READY_TIMEOUT_S):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+        try:
+            ready = json.loads(line)
+            return process, str(ready["endpoint"])
+        except (ValueError, KeyError, TypeError):
+            process.kill()
+            await process.wait()
+            raise WorkerStartFailed(
+                f"the RPC worker did not start (exit status {process.returncode}); see the "
+                "node's log") from None
+
+    async def _start_direct(self, target: str) -> None:
+        """The direct TLS path to `target`; without it, clients use the libp2p tunnel."""
+        if self._direct_bind is None:
+            return
+        try:
+            cert = await trio.to_thread.run_sync(load_or_create_certificate, self.data_dir)
+            server = DirectServer(cert, target, bind=self._direct_bind)
+            await trio.to_thread.run_sync(server.start)
+        except OSError as exc:
+            log.warning("direct TLS path unavailable (%s); peers use the libp2p tunnel", exc)
+            return
+        self.direct, self._direct_sha256 = server, cert.sha256
+        log.info("direct TLS path on %s:%d", self._direct_bind, server.port)
+
+    async def _stop_process(self) -> None:
+        direct, self.direct = self.direct, None
+        self._secrets.clear()
+        if direct is not None:
+            await trio.to_thread.run_sync(direct.close)
+        process, self._process, self.endpoint = self._process, None, None
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    async def close(self) -> None:
+        self.desk.accepting = False
+        await self._stop_process()

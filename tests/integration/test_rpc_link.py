@@ -1,0 +1,155 @@
+"""Choosing the path to a leased worker: direct TLS when offered and reachable, else the libp2p
+tunnel; real libp2p hosts and a real DirectServer on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import PeerInfo
+
+from swarm.net.host import isolate
+from swarm.routes.placement import WorkerOffer
+from swarm.workers.direct_tls import DirectServer, load_or_create_certificate, new_secret
+from swarm.workers.lease import Lease
+from swarm.workers.rpc_link import DIRECT, TUNNEL, direct_target, open_link
+from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelServer, parse_loopback_endpoint
+from tests.integration.test_tunnel import run, running_host
+
+pytestmark = pytest.mark.processes
+
+
+def offer(port: int | None = None, sha256: str | None = None) -> WorkerOffer:
+    return WorkerOffer("peer", "w1", 1 << 30, 1 << 30, 2, "3.0.0", "leased", "me", port, sha256)
+
+
+def lease(secret: bytes | None, ip: str | None = "127.0.0.1") -> Lease:
+    granted = {"ok": True} | ({"direct_secret": secret.hex()} if secret else {})
+    return Lease("peer", granted=granted, remote_ip=ip)
+
+
+def test_direct_is_tried_only_with_an_offer_a_secret_and_an_address() -> None:
+    secret = new_secret()
+    assert direct_target(offer(4433, "ab" * 32), lease(secret)) == (
+        ("127.0.0.1", 4433), "ab" * 32, secret)
+    assert direct_target(offer(), lease(secret)) is None  # the worker offers no direct path
+    assert direct_target(offer(4433, "ab" * 32), lease(None)) is None  # an older worker
+    assert direct_target(offer(4433, "ab" * 32), lease(secret, ip=None)) is None
+    bad = Lease("peer", granted={"direct_secret": "zz"}, remote_ip="127.0.0.1")
+    assert direct_target(offer(4433, "ab" * 32), bad) is None
+    short = Lease("peer", granted={"direct_secret": "ab" * 8}, remote_ip="127.0.0.1")
+    assert direct_target(offer(4433, "ab" * 32), short) is None
+
+
+def _echo_server() -> tuple[socket.socket, str]:
+    """A loopback echo server standing in for the worker's RPC server."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def echo(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def _round_trip(endpoint: str) -> bytes:
+    host, port = parse_loopback_endpoint(endpoint)
+    sock = await trio.open_tcp_stream(host, port)
+    await sock.send_all(b"ping")
+    data = await sock.receive_some(16)
+    await sock.aclose()
+    return data
+
+
+@dataclass
+class Worker:
+    rpc: str  # the echo server standing in for the RPC server
+    port: int  # the direct path's
+    sha256: str
+    secret: bytes  # the one its lease gave us
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    listener, rpc = _echo_server()
+    cert = load_or_create_certificate(tmp_path)
+    server = DirectServer(cert, rpc, bind="127.0.0.1")
+    secret = new_secret()
+    server.allow(secret)
+    yield Worker(rpc, server.start(), cert.sha256, secret)
+    server.close()
+    listener.close()
+
+
+def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(worker: Worker) -> None:
+    rpc, port, secret = worker.rpc, worker.port, worker.secret
+
+    async def body() -> None:
+        async with running_host() as worker_host, running_host() as client_host:
+            client_id = client_host.get_id().to_base58()
+            tunnels = TunnelServer(lambda peer: rpc if peer == client_id else None)
+            worker_host.set_stream_handler(TProtocol(TUNNEL_PROTOCOL),
+                                           isolate("tunnel", tunnels.handle))
+            await client_host.connect(PeerInfo(worker_host.get_id(), worker_host.get_addrs()))
+            good = WorkerOffer(worker_host.get_id().to_base58(), "w1", 1 << 30, 1 << 30, 2,
+                               "3.0.0", "leased", client_id, port, worker.sha256)
+            cases = [
+                (good, lease(secret), DIRECT),
+                # a certificate that is not the one in the ledger: never direct
+                (replace(good, direct_sha256="00" * 32), lease(secret), TUNNEL),
+                (good, lease(new_secret()), TUNNEL),  # a secret the worker never gave
+                # nothing listens there (a firewall, say)
+                (replace(good, direct_port=_closed_port()), lease(secret), TUNNEL),
+                (replace(good, direct_port=None), lease(secret), TUNNEL),
+            ]
+            for chosen, held, expected in cases:
+                async with trio.open_nursery() as nursery:
+                    endpoint, path = await nursery.start(open_link, client_host, chosen, held)
+                    assert path == expected, (chosen, path)
+                    assert await _round_trip(endpoint) == b"ping"
+                    nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_a_lost_lease_cuts_the_direct_link(worker: Worker) -> None:
+    async def body() -> None:
+        held = lease(worker.secret)
+        async with trio.open_nursery() as nursery:
+            endpoint, path = await nursery.start(open_link, None,
+                                                 offer(worker.port, worker.sha256), held)
+            assert path == DIRECT
+            host, p = parse_loopback_endpoint(endpoint)
+            sock = await trio.open_tcp_stream(host, p)
+            await sock.send_all(b"ping")
+            assert await sock.receive_some(16) == b"ping"
+            held.lost.set()  # the worker vanished without a reset reaching us
+            # An EOF or a reset: llama.cpp fails at once either way.
+            with trio.fail_after(3), contextlib.suppress(trio.BrokenResourceError):
+                assert await sock.receive_some(16) == b""
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port

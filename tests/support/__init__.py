@@ -1,0 +1,2 @@
+"""What the tests share: network namespaces, a node harness, probes, a tiny GGUF, a faulty
+HTTP server."""

@@ -1,0 +1,393 @@
+"""Placement: which workers hold a model's layers, checked without any network or model file."""
+
+from __future__ import annotations
+
+import random
+from itertools import accumulate
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.gguf_info import GGUFInfo, MemoryEstimate, estimate_memory
+from backends.layer_split import layer_devices
+from swarm.routes.placement import (
+    WORKER_KEY,
+    WORKER_VALUE_VERSION,
+    Excluded,
+    NotEnoughMemory,
+    Placement,
+    PlacementError,
+    WorkerOffer,
+    gib,
+    plan_placement,
+    slot_bytes,
+    usable_workers,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+ME = "peer-me"
+
+
+def estimate(layers: list[int], output: int) -> MemoryEstimate:
+    total = sum(layers) + output
+    return MemoryEstimate(
+        weights_bytes=total, kv_bytes=0, total_bytes=total, per_layer_bytes=tuple(layers)
+    )
+
+
+def uniform(n_layers: int, layer: int, output: int | None = None) -> MemoryEstimate:
+    return estimate([layer] * n_layers, layer if output is None else output)
+
+
+def offer(
+    name: str,
+    donated: int,
+    cores: int = 4,
+    protocol: str = "7.0.0",
+    state: str = "idle",
+    leased_by: str | None = None,
+) -> WorkerOffer:
+    return WorkerOffer(f"peer-{name}", name, donated, donated, cores, protocol, state, leased_by)
+
+
+def names(p: Placement) -> list[str]:
+    return [w.name for w in p.workers]
+
+
+def check_fits(p: Placement, est: MemoryEstimate, n_layers: int) -> None:
+    """Recompute what llama.cpp will put on each worker from the split alone."""
+    slots = slot_bytes(est, n_layers)
+    held = [0] * len(p.workers)
+    devices = layer_devices(n_layers, p.tensor_split)
+    for slot, device in enumerate(devices):
+        held[device] += slots[slot]
+    assert tuple(held) == p.bytes_per_worker
+    assert all(h <= w.donated_bytes for h, w in zip(held, p.workers, strict=True))
+    assert set(devices) == set(range(len(p.workers)))  # no idle worker in the RPC chain
+    assert sum(held) == p.need_bytes == est.total_bytes
+    assert sum(p.layers) == n_layers
+    assert len({w.peer_id for w in p.workers}) == len(p.workers)
+    assert len(p.tensor_split) == len(p.layers) == len(p.workers)
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def test_three_to_one_donation_gives_about_three_to_one_layers() -> None:
+    est = uniform(24, 100 * MiB)  # 2.4 GiB of layers + a 100 MiB output layer
+    p = plan_placement(est, 24, [offer("beta", 700 * MiB), offer("alpha", 2100 * MiB)])
+    assert names(p) == ["alpha", "beta"]
+    assert p.tensor_split[0] / p.tensor_split[1] == pytest.approx(3.0)
+    assert abs(p.layers[0] - 18) <= 1 and sum(p.layers) == 24
+    assert p.describe() == f"alpha {p.layers[0]} layers, beta {p.layers[1]} layers"
+    check_fits(p, est, 24)
+
+
+def test_one_big_worker_that_fits_is_chosen_alone() -> None:
+    est = uniform(24, 100 * MiB)
+    p = plan_placement(est, 24, [offer("small1", 2 * GiB), offer("big", 4 * GiB),
+                                 offer("small2", 2 * GiB)])
+    assert names(p) == ["big"]
+    assert p.layers == (24,) and p.tensor_split == (1.0,)
+    assert p.describe() == "big 24 layers"
+    check_fits(p, est, 24)
+
+
+def test_the_smallest_set_of_workers_is_chosen() -> None:
+    est = uniform(24, 100 * MiB)  # 2.5 GiB in all
+    offers = [offer(f"w{i}", 1 * GiB) for i in range(5)]
+    p = plan_placement(est, 24, offers)
+    assert len(p.workers) == 3
+    check_fits(p, est, 24)
+    # A 2 GiB worker and a 1 GiB one beat three 1 GiB workers.
+    p = plan_placement(est, 24, [*offers, offer("big", 2 * GiB)])
+    assert names(p)[0] == "big" and len(p.workers) == 2
+
+
+def test_more_cores_break_ties_then_peer_id_and_offer_order_does_not_matter() -> None:
+    est = uniform(8, 100 * MiB)
+    offers = [offer("slow", 1 * GiB, cores=2), offer("fast", 1 * GiB, cores=16),
+              offer("b", 1 * GiB, cores=8), offer("a", 1 * GiB, cores=8)]
+    p = plan_placement(est, 8, offers)
+    assert names(p) == ["fast"]
+    est = uniform(24, 100 * MiB)
+    plans = set()
+    for seed in range(10):
+        shuffled = offers[:]
+        random.Random(seed).shuffle(shuffled)
+        plans.add(plan_placement(est, 24, shuffled))
+    assert len(plans) == 1
+    assert names(plans.pop()) == ["fast", "a", "b"]
+
+
+def test_a_worker_never_gets_more_than_it_donated_when_layers_differ_in_size() -> None:
+    # Heavy layers first: a 2:1 split by memory would put 12 heavy layers on alpha (1.8 GiB).
+    est = estimate([150 * MiB] * 12 + [10 * MiB] * 12, 10 * MiB)
+    p = plan_placement(est, 24, [offer("alpha", 1536 * MiB), offer("beta", 768 * MiB)])
+    assert names(p) == ["alpha", "beta"]
+    assert p.tensor_split[0] / p.tensor_split[1] != pytest.approx(2.0)
+    assert p.bytes_per_worker[0] <= 1536 * MiB and p.bytes_per_worker[1] <= 768 * MiB
+    check_fits(p, est, 24)
+
+
+def test_a_large_output_layer_goes_to_the_worker_that_can_hold_it() -> None:
+    # Tied embeddings: the output layer is a copy of a 1.5 GiB vocabulary matrix.
+    est = uniform(24, 50 * MiB, output=1536 * MiB)
+    p = plan_placement(est, 24, [offer("alpha", 2 * GiB), offer("beta", 1 * GiB)])
+    assert names(p) == ["beta", "alpha"]
+    assert p.workers[-1].name == "alpha"  # the last device holds the output layer
+    check_fits(p, est, 24)
+
+
+def test_a_tight_fit_is_found_by_reordering_workers() -> None:
+    # 11.4 GiB in 3 workers: only the order big, small, middle lands every boundary in place.
+    est = uniform(25, 452 * MiB, output=416 * MiB)
+    offers = [offer("big", 7105 * MiB), offer("middle", 4498 * MiB), offer("small", 851 * MiB)]
+    p = plan_placement(est, 25, offers)
+    assert names(p) == ["big", "small", "middle"]
+    check_fits(p, est, 25)
+
+
+def test_the_next_worker_is_added_when_the_smallest_set_cannot_divide_the_layers() -> None:
+    # 3 layers of 600 MiB: two 1 GiB workers hold 2 GiB but only one layer each.
+    est = estimate([600 * MiB] * 3, 0)
+    offers = [offer("a", 1 * GiB), offer("b", 1 * GiB), offer("c", 1 * GiB)]
+    p = plan_placement(est, 3, offers)
+    assert len(p.workers) == 3 and p.layers == (1, 1, 1)
+    check_fits(p, est, 3)
+
+
+def test_need_counts_kv_cache_and_everything_outside_the_blocks() -> None:
+    info = GGUFInfo(
+        path=Path("x.gguf"), file_size=0, gguf_version=3, architecture="test", name=None,
+        parameters=0, quantisation="F16", n_layers=4, context_length=4096, embedding_length=64,
+        n_head=4, n_head_kv=2, head_dim_k=16, head_dim_v=16, layer_bytes=(1000,) * 4,
+        other_bytes=5000, chat_template=None,
+    )
+    est = estimate_memory(info, context_length=4096)
+    slots = slot_bytes(est, 4)
+    assert slots[:4] == list(est.per_layer_bytes) and slots[4] == info.other_bytes
+    p = plan_placement(est, 4, [offer("a", est.total_bytes)])
+    assert p.need_bytes == est.total_bytes == sum(slots)
+    with pytest.raises(NotEnoughMemory):
+        plan_placement(est, 4, [offer("a", est.total_bytes - 1)])
+
+
+def test_blocks_past_n_layers_are_charged_to_the_output_layer() -> None:
+    est = estimate([10, 20, 30], 5)
+    assert slot_bytes(est, 2) == [10, 20, 35]
+    with pytest.raises(ValueError):
+        slot_bytes(est, 4)
+    with pytest.raises(ValueError):
+        slot_bytes(MemoryEstimate(0, 0, 10, (20,)), 1)  # per-layer bytes exceed the total
+
+
+def test_workers_donating_nothing_are_never_placed() -> None:
+    p = plan_placement(uniform(4, MiB), 4, [offer("zero", 0), offer("a", 1 * GiB)])
+    assert names(p) == ["a"]
+
+
+# --- not enough memory ------------------------------------------------------------------------
+
+
+def test_not_enough_memory_says_how_much_is_missing() -> None:
+    est = estimate([int(0.1 * GiB)] * 32, 0)  # 3.2 GiB
+    with pytest.raises(NotEnoughMemory) as err:
+        plan_placement(est, 32, [offer("a", 1 * GiB), offer("b", 1 * GiB)])
+    assert isinstance(err.value, PlacementError)
+    assert err.value.need_bytes == est.total_bytes and err.value.have_bytes == 2 * GiB
+    assert str(err.value) == (
+        "the model needs 3.2 GiB across workers, the swarm's usable workers donate 2.0 GiB: "
+        "1.2 GiB missing"
+    )
+
+
+def test_not_enough_memory_lists_excluded_workers_with_reasons() -> None:
+    offers = [offer("a", 1 * GiB), offer("old", 8 * GiB, protocol="6.0.0"),
+              offer("busy", 8 * GiB, state="leased", leased_by="peer-carol")]
+    usable, excluded = usable_workers(offers, "7.0.0", ME, ())
+    with pytest.raises(NotEnoughMemory) as err:
+        plan_placement(uniform(24, 100 * MiB), 24, usable, excluded=excluded)
+    message = str(err.value)
+    assert "1.4 GiB missing" in message
+    assert "old (RPC protocol 6.0.0, this node speaks 7.0.0)" in message
+    assert "busy (leased by peer-carol)" in message
+    assert err.value.excluded == tuple(excluded)
+
+
+def test_no_workers_at_all_says_to_turn_on_worker_mode() -> None:
+    with pytest.raises(NotEnoughMemory) as err:
+        plan_placement(uniform(4, MiB), 4, [])
+    assert "no worker in the swarm donates memory" in str(err.value)
+    assert "turn on worker mode on another machine" in str(err.value)
+    with pytest.raises(NotEnoughMemory) as err:
+        plan_placement(uniform(4, MiB), 4, [],
+                       excluded=[Excluded("desk", "peer-desk", "failed recently")])
+    assert "no usable worker" in str(err.value) and "desk (failed recently)" in str(err.value)
+
+
+def test_a_layer_larger_than_any_worker_is_reported_even_with_enough_memory_in_total() -> None:
+    est = estimate([3 * GiB, 100 * MiB], 0)
+    with pytest.raises(NotEnoughMemory) as err:
+        plan_placement(est, 2, [offer("a", 2 * GiB), offer("b", 2 * GiB)])
+    assert "cannot be divided" in str(err.value) and "missing" not in str(err.value)
+
+
+def test_gib_formats_small_amounts_in_mib() -> None:
+    assert gib(3 * GiB + GiB // 5) == "3.2 GiB"
+    assert gib(250 * MiB) == "250.0 MiB"
+    assert gib(12) == "12 bytes"
+
+
+# --- usable workers ---------------------------------------------------------------------------
+
+
+def test_incompatible_rpc_protocol_is_excluded_with_reason() -> None:
+    offers = [offer("old", GiB, protocol="6.0.0"), offer("patch", GiB, protocol="7.0.3"),
+              offer("minor", GiB, protocol="7.1.0"), offer("junk", GiB, protocol="seven")]
+    usable, excluded = usable_workers(offers, "7.0.0", ME, ())
+    assert [w.name for w in usable] == ["patch"]
+    assert excluded[0] == Excluded("old", "peer-old", "RPC protocol 6.0.0, this node speaks 7.0.0")
+    assert [e.name for e in excluded] == ["old", "minor", "junk"]
+
+
+def test_leased_by_someone_else_is_excluded_and_leased_by_me_is_usable() -> None:
+    offers = [offer("theirs", GiB, state="leased", leased_by="peer-carol"),
+              offer("mine", GiB, state="leased", leased_by=ME), offer("free", GiB)]
+    usable, excluded = usable_workers(offers, "7.0.0", ME, ())
+    assert [w.name for w in usable] == ["mine", "free"]
+    assert excluded == [Excluded("theirs", "peer-theirs", "leased by peer-carol")]
+
+
+def test_recently_failed_and_zero_donation_workers_are_excluded() -> None:
+    offers = [offer("flaky", GiB), offer("stingy", 0), offer("ok", GiB)]
+    usable, excluded = usable_workers(offers, "7.0.0", ME, {"peer-flaky"})
+    assert [w.name for w in usable] == ["ok"]
+    assert [(e.name, e.reason) for e in excluded] == [
+        ("flaky", "failed recently"), ("stingy", "donates no memory")]
+
+
+# --- ledger values ----------------------------------------------------------------------------
+
+
+def ledger_value(**changes: object) -> dict[str, object]:
+    value: dict[str, object] = {
+        "version": WORKER_VALUE_VERSION, "donated_bytes": 4 * GiB, "free_bytes": 6 * GiB,
+        "cores": 8, "rpc_protocol": "7.0.0", "state": "idle", "leased_by": None,
+        "endpoint": "/ip4/127.0.0.1/tcp/4001",
+    }
+    value.update(changes)
+    return value
+
+
+def test_from_ledger_reads_a_well_formed_value() -> None:
+    assert WORKER_KEY == "worker"
+    w = WorkerOffer.from_ledger("peer-desk", "desk", ledger_value())
+    assert w == WorkerOffer("peer-desk", "desk", 4 * GiB, 6 * GiB, 8, "7.0.0", "idle", None)
+    leased = ledger_value(state="leased", leased_by="peer-carol")
+    w = WorkerOffer.from_ledger("peer-desk", "desk", leased)
+    assert w is not None and w.state == "leased" and w.leased_by == "peer-carol"
+    no_endpoint = ledger_value()
+    del no_endpoint["endpoint"]
+    assert WorkerOffer.from_ledger("peer-desk", "desk", no_endpoint) is not None
+
+
+@pytest.mark.parametrize("changes", [
+    {"donated_bytes": True},
+    {"cores": False},
+    {"free_bytes": True},
+    {"donated_bytes": -1},
+    {"free_bytes": -5},
+    {"cores": -2},
+    {"donated_bytes": 1.5},
+    {"donated_bytes": "4096"},
+    {"version": 2},
+    {"version": True},
+    {"version": "1"},
+    {"rpc_protocol": 7},
+    {"rpc_protocol": ""},
+    {"rpc_protocol": "7" * 500},
+    {"state": "busy"},
+    {"state": None},
+    {"state": "leased", "leased_by": None},
+    {"state": "leased", "leased_by": 42},
+    {"state": "idle", "leased_by": "peer-carol"},
+])
+def test_from_ledger_rejects_malformed_values(changes: dict[str, object]) -> None:
+    assert WorkerOffer.from_ledger("peer-desk", "desk", ledger_value(**changes)) is None
+
+
+@pytest.mark.parametrize("key", ["version", "donated_bytes", "free_bytes", "cores",
+                                 "rpc_protocol", "state", "leased_by"])
+def test_from_ledger_rejects_missing_keys(key: str) -> None:
+    value = ledger_value()
+    del value[key]
+    assert WorkerOffer.from_ledger("peer-desk", "desk", value) is None
+
+
+# --- properties -------------------------------------------------------------------------------
+
+layer_sizes = st.integers(min_value=0, max_value=500 * MiB)
+
+
+@st.composite
+def swarms(draw: st.DrawFn) -> tuple[MemoryEstimate, int, list[WorkerOffer]]:
+    n_layers = draw(st.integers(min_value=0, max_value=80))
+    if draw(st.booleans()):
+        layers = [draw(layer_sizes)] * n_layers  # most models: identical layers
+    else:
+        layers = draw(st.lists(layer_sizes, min_size=n_layers, max_size=n_layers))
+    est = estimate(layers, draw(st.integers(min_value=0, max_value=2 * GiB)))
+    donations = draw(st.lists(st.integers(min_value=0, max_value=16 * GiB), min_size=0,
+                              max_size=7))
+    cores = draw(st.lists(st.integers(1, 32), min_size=len(donations), max_size=len(donations)))
+    offers = [offer(f"w{i}", d, c) for i, (d, c) in enumerate(zip(donations, cores, strict=True))]
+    return est, n_layers, offers
+
+
+@settings(max_examples=400, deadline=None)
+@given(swarms())
+def test_no_worker_ever_exceeds_its_donation(swarm: tuple) -> None:
+    est, n_layers, offers = swarm
+    need = est.total_bytes
+    have = sum(o.donated_bytes for o in offers)
+    biggest = max((o.donated_bytes for o in offers), default=0)
+    try:
+        p = plan_placement(est, n_layers, offers)
+    except NotEnoughMemory as e:
+        assert e.need_bytes == need and e.have_bytes == have
+        assert biggest < need or biggest == 0  # a worker that holds it all is always enough
+        if 0 < have < need:
+            assert f"{gib(need - have)} missing" in str(e)
+        return
+    check_fits(p, est, n_layers)
+    ranked = sorted(offers, key=lambda o: (-o.donated_bytes, -o.cores, o.peer_id))
+    smallest = next(k for k, s in enumerate(accumulate(o.donated_bytes for o in ranked), 1)
+                    if s >= need)
+    assert len(p.workers) >= smallest
+    # Whenever the plain memory-proportional split over the smallest set fits, it is the plan.
+    top = ranked[:smallest]
+    split = [o.donated_bytes for o in top]
+    held = [0] * len(top)
+    for slot, device in enumerate(layer_devices(n_layers, split)):
+        held[device] += slot_bytes(est, n_layers)[slot]
+    if all(0 < h <= o.donated_bytes for h, o in zip(held, top, strict=True)):
+        assert list(p.workers) == top
+        total = sum(split)
+        assert p.tensor_split == pytest.approx([s / total for s in split])
+
+
+def test_direct_offer_is_read_when_well_formed_and_ignored_otherwise() -> None:
+    base = {"version": 1, "donated_bytes": 1 << 30, "free_bytes": 2 << 30, "cores": 4,
+            "rpc_protocol": "3.0.0", "state": "idle", "leased_by": None}
+    good = WorkerOffer.from_ledger("p", "w", {**base, "direct": {"port": 4433,
+                                                                 "cert_sha256": "ab" * 32}})
+    assert good is not None and (good.direct_port, good.direct_sha256) == (4433, "ab" * 32)
+    for bad in ({"port": 0, "cert_sha256": "ab" * 32}, {"port": True, "cert_sha256": "ab" * 32},
+                {"port": 4433, "cert_sha256": "AB" * 32}, {"port": 4433, "cert_sha256": "ab"},
+                {"port": "4433", "cert_sha256": "ab" * 32}, "4433", None):
+        offer = WorkerOffer.from_ledger("p", "w", {**base, "direct": bad})
+        assert offer is not None and offer.direct_port is None and offer.direct_sha256 is None
