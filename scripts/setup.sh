@@ -41,9 +41,13 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
     command -v ip >/dev/null || missing+=(iproute2)
     # The desktop app: Qt's own libraries come from PyPI, these from the system (the xcb ones
     # only matter for a real window on X11; the tests run Qt offscreen).
-    local lib pkg
+    # ldconfig's cache is read once into a variable and matched without a pipe: with
+    # `ldconfig -p | grep -q` under pipefail, grep's early exit gave ldconfig a SIGPIPE and an
+    # installed library counted as missing, at random, on a busy machine.
+    local cache lib pkg
+    cache="$(ldconfig -p 2>/dev/null || true)"
     while read -r lib pkg; do
-        ldconfig -p 2>/dev/null | grep -q "[[:space:]]$lib (" || missing+=("$pkg")
+        [[ "$cache" == *[[:space:]]"$lib ("* ]] || missing+=("$pkg")
     done <<'LIBS'
 libEGL.so.1 libegl1
 libGL.so.1 libgl1
@@ -159,4 +163,9 @@ main() {
     install_covey
 }
 
+if [ "${1:-}" = "--missing-packages" ]; then  # the check alone, for tests and installers
+    check_python
+    missing_debian_packages
+    exit 0
+fi
 main "$@"
