@@ -47,7 +47,7 @@ def virtual_display() -> Iterator[None]:
 
 
 async def shoot(out: Path) -> None:
-    from app import app_settings
+    from app.gui import app_settings
     from app.gui.desktop import CoveyApp
     from backends.model_store import DEFAULT_MODEL
 

@@ -117,17 +117,17 @@ def _run(argv: list[str]) -> int:
     if args.command == "peers":
         return swarm_cli.run_peers(args, data_dir)
     if args.command == "models":
-        from app import models_cli
+        from app.cli import models as models_cli
 
         return models_cli.run(args, data_dir)
     if args.command is None:
-        from app import gui
+        from app.gui import launch as gui
 
         return gui.run(data_dir)
-    from app import chat_cli
+    from app.cli import chat as chat_cli
 
     if args.route:
-        from app import node_chat
+        from app.cli import node_chat
 
         return node_chat.run(args, data_dir)
     return chat_cli.run(args, data_dir)
