@@ -77,10 +77,3 @@ def set_enabled(enabled: bool, cmd: list[str] | None = None) -> None:
     else:
         _write_or_remove(linux_entry_path(), linux_entry(cmd).encode() if enabled else None)
 
-
-def is_enabled() -> bool:
-    if sys.platform == "darwin":
-        return macos_agent_path().exists()
-    if sys.platform == "win32":
-        return False  # the settings file remembers the choice there
-    return linux_entry_path().exists()

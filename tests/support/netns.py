@@ -56,10 +56,6 @@ def netns_skip_reason() -> str | None:
     return None
 
 
-def netns_available() -> bool:
-    return netns_skip_reason() is None
-
-
 def host_address(network: str, host: int) -> str:
     """The `host`-th address of `network`: host_address("10.1.0.0/24", 1) == "10.1.0.1"."""
     return str(ipaddress.ip_network(network)[host])
