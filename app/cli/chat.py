@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from app.common.chat_request import ChatSettings, generate_request
 from backends import ggml
 from backends.engine import Done, Engine, EngineConfig, EngineError, GenerateRequest, Loaded
 from backends.errors import ModelStoreError
@@ -67,20 +68,19 @@ def _describe(loaded: Loaded) -> str:
     return f"loaded in {loaded.load_s:.1f} s ({'; '.join(parts)})"
 
 
-def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+def system_messages(args: argparse.Namespace) -> list[dict[str, str]]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
-def _request(args: argparse.Namespace, messages: list[dict[str, str]]) -> GenerateRequest:
-    return GenerateRequest(
-        id="",
-        messages=tuple(messages),
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
-    )
+def chat_settings(args: argparse.Namespace) -> ChatSettings:
+    """The sampling options of `covey chat`, with or without --route."""
+    return ChatSettings(max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+                        deterministic=args.deterministic)
+
+
+def engine_request(args: argparse.Namespace, messages: list[dict[str, str]]) -> GenerateRequest:
+    return generate_request(chat_settings(args), messages)
 
 
 def _stream(engine: Engine, request: GenerateRequest, echo: bool) -> Done:
@@ -158,12 +158,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
                 status(("\r\x1b[K" if sys.stderr.isatty() else "") + _describe(loaded))
             if args.prompt is None:
                 interactive(
-                    lambda msgs: _stream(engine, _request(args, msgs), echo=True).text,
-                    _system(args),
+                    lambda msgs: _stream(engine, engine_request(args, msgs), echo=True).text,
+                    system_messages(args),
                 )
                 return 0
-            messages = [*_system(args), {"role": "user", "content": args.prompt}]
-            done = _stream(engine, _request(args, messages), echo=not args.json)
+            messages = [*system_messages(args), {"role": "user", "content": args.prompt}]
+            done = _stream(engine, engine_request(args, messages), echo=not args.json)
     except EngineError as exc:
         status(f"covey: error: {exc}")
         return 1

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from app.cli import swarm as swarm_cli
+from app.common.chat_request import DEFAULTS
 from backends.paths import default_data_dir
 
 
@@ -49,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="a model name from `covey models list`, or a GGUF path")
     chat.add_argument("--rpc", type=_endpoints, default=(), help="RPC workers, HOST:PORT,...")
     chat.add_argument("--tensor-split", type=_split, help="share of layers per RPC worker")
-    chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.5)
-    chat.add_argument("--top-p", type=float, default=0.95)
-    chat.add_argument("--repeat-penalty", type=float, default=1.1, help="1.0 turns it off")
-    chat.add_argument("--seed", type=int)
+    chat.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens)
+    chat.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
+    chat.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
+    chat.add_argument("--repeat-penalty", type=float, default=DEFAULTS.repeat_penalty,
+                      help="1.0 turns it off")
+    chat.add_argument("--seed", type=int, default=DEFAULTS.seed)
     chat.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     chat.add_argument("--threads", type=int, help="CPU threads for the engine")
     chat.add_argument("--system", help="a system prompt")

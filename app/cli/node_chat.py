@@ -7,66 +7,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.cli.chat import interactive, status
+from app.cli.chat import chat_settings, interactive, status, system_messages
+from app.common.chat_request import CHAT_PATH, ChatReply, chat_body
 from backends.model_store import DEFAULT_MODEL
 from swarm.client.sync_client import NodeClient, NodeClientError
 
 
 def request_body(args: argparse.Namespace, messages: list[dict[str, str]]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": args.model or DEFAULT_MODEL,
-        "messages": messages,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "covey_route": args.route,
-    }
-    if args.seed is not None:
-        body["seed"] = args.seed
-    if args.deterministic:
-        body["covey_deterministic"] = True
-    return body
-
-
-def collect(events: Iterator[dict[str, Any]], echo: bool) -> dict[str, Any]:
-    """Print the streamed text as it comes; the summary `--json` prints at the end."""
-    text, finish, usage, covey = [], None, None, None
-    for event in events:
-        covey = event.get("covey", covey)
-        usage = event.get("usage") or usage
-        for choice in event.get("choices", []):
-            piece = choice.get("delta", {}).get("content") or ""
-            text.append(piece)
-            finish = choice.get("finish_reason") or finish
-            if echo and piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-    return {"version": 1, "text": "".join(text), "finish_reason": finish, "usage": usage,
-            "covey": covey}
+    return chat_body(chat_settings(args), args.model or DEFAULT_MODEL, messages, args.route)
 
 
 def ask(client: NodeClient, args: argparse.Namespace, messages: list[dict[str, str]],
         echo: bool) -> dict[str, Any]:
-    events = client.stream_events("/v1/chat/completions", request_body(args, messages))
+    """The reply's summary (what `--json` prints); with `echo`, its text as it comes."""
+    events = client.stream_events(CHAT_PATH, request_body(args, messages))
+    reply = ChatReply()
     try:
-        return collect(events, echo)
+        for event in events:
+            piece = reply.add(event)
+            if echo and piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except KeyboardInterrupt:  # hanging up stops the generation on the node
         events.close()
-        return {"version": 1, "text": "", "finish_reason": "cancelled", "usage": None,
-                "covey": None}
+        return ChatReply(finish_reason="cancelled").summary()
+    return reply.summary()
 
 
 def run(args: argparse.Namespace, data_dir: Path) -> int:
     if args.model and ("/" in args.model or args.model.endswith(".gguf")):
         status("covey: error: --route uses the swarm's models: give a model name, not a path")
         return 2
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = system_messages(args)
     try:
         client = NodeClient.from_data_dir(data_dir, timeout=600)
         if args.prompt is not None:

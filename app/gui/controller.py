@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
+from app.common.chat_request import CHAT_PATH, DEFAULTS, ChatSettings, chat_body
 from app.gui import app_settings
 from app.gui.conversations import ConversationStore
 from app.gui.node_supervisor import NodeState, NodeSupervisor
@@ -41,6 +42,7 @@ class Controller(QObject):
         self.settings = app_settings.load(data_dir)
         self.conversations = ConversationStore(data_dir)
         self.supervisor = NodeSupervisor(data_dir, self._on_node_state, node_command)
+        self.chat_settings: ChatSettings = DEFAULTS
         self.last_status: dict[str, Any] = {}
         self.last_peers: list[dict[str, Any]] = []
         self.last_models: dict[str, Any] = {"local": [], "swarm": [], "copies": [],
@@ -134,6 +136,13 @@ class Controller(QObject):
         return saved.token if saved else ""
 
     # -- what pages ask for --------------------------------------------------------------------
+
+    def chat(self, model: str, history: list[dict[str, str]]) -> AsyncIterator[dict[str, Any]]:
+        """The node's streamed reply to `history`, sampled as `covey chat` samples."""
+        link = self.link
+        if link is None:
+            raise ConnectionError("Covey's node is not running")
+        return link.stream(CHAT_PATH, chat_body(self.chat_settings, model, history))
 
     async def join(self, token_text: str) -> None:
         self._online = None  # the peers of the old swarm are not "leaving"

@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 
+from app.common.chat_request import DEFAULTS
 from backends.model_store import ModelStore
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, netns_skip_reason
@@ -333,9 +334,10 @@ def test_covey_chat_route_goes_through_the_node(api: Api) -> None:
     reply = json.loads(one.stdout)
     assert reply["covey"] == {"route": "local", "machines": ["api-node"]}
     assert reply["usage"]["completion_tokens"] == 5 and reply["finish_reason"] == "length"
+    # The same sampling straight through the API: `covey chat` sends its repeat penalty too.
     status, _, direct = api.post("/v1/chat/completions", {
         "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
-        "temperature": 0})
+        "temperature": 0, "repeat_penalty": DEFAULTS.repeat_penalty})
     assert reply["text"] == direct["choices"][0]["message"]["content"]
 
     talk = chat(stdin="hi\n/reset\nagain\n/exit\n")

@@ -148,6 +148,7 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     result = shards.netns.run(shards.ns, [
         sys.executable, "-m", "app.cli", "chat", "Tell me a story", "--route", "sharded",
         "--model", "tiny", "--deterministic", "--temperature", "0", "--max-tokens", "24",
+        "--repeat-penalty", "1",  # as the API chats above: llama.cpp's default, off
         "--json", "--data-dir", str(client.data_dir)], cwd=REPO, timeout=120)
     cli = json.loads(result.stdout)
     assert cli["text"] == text and cli["covey"]["route"] == "sharded", cli

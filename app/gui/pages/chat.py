@@ -30,16 +30,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.common.chat_request import ChatReply
 from app.gui.controller import Controller
 from app.gui.conversations import Message
 from backends.model_store import DEFAULT_MODEL
 
 REDRAW_EVERY_MS = 50
 SAVE_EVERY_S = 1.0
-MAX_TOKENS = 1024
-TEMPERATURE = 0.5  # what `covey chat` uses: small models ramble at OpenAI's 1.0
-TOP_P = 0.95
-REPEAT_PENALTY = 1.1
 
 
 def served_line(meta: dict[str, Any]) -> str:
@@ -312,38 +309,22 @@ class ChatPage(QWidget):
 
     async def _stream(self, conversation_id: int, model: str,
                       history: list[dict[str, str]]) -> None:
-        reply = self.store.add(conversation_id, "assistant", "")
+        saved = self.store.add(conversation_id, "assistant", "")
+        reply = ChatReply()
         meta: dict[str, Any] = {}
-        pieces: list[str] = []
-        first: float | None = None
-        tokens = 0
         saved_at = time.monotonic()
-        body = {"model": model, "messages": history, "max_tokens": MAX_TOKENS, "stream": True,
-                "temperature": TEMPERATURE, "top_p": TOP_P, "repeat_penalty": REPEAT_PENALTY,
-                "stream_options": {"include_usage": True}}
         try:
-            link = self.controller.link
-            if link is None:
-                raise ConnectionError("Covey's node is not running")
-            events = link.stream("/v1/chat/completions", body)
+            events = self.controller.chat(model, history)
             try:
                 async for event in events:
-                    covey = event.get("covey") or {}
-                    meta.update({k: covey[k] for k in ("route", "machines", "notice")
-                                 if covey.get(k)})
-                    usage = event.get("usage") or {}
-                    tokens = usage.get("completion_tokens", tokens)
-                    for choice in event.get("choices", []):
-                        piece = (choice.get("delta") or {}).get("content") or ""
-                        if piece:
-                            first = first or time.monotonic()
-                            pieces.append(piece)
-                    self._partial = "".join(pieces)
+                    reply.add(event, time.monotonic())
+                    meta.update(reply.served())
+                    self._partial = reply.text
                     if meta.get("notice") and self.notice.text() != meta["notice"]:
                         self._say(meta["notice"])
                         self.controller.notify.emit(meta["notice"])
                     if time.monotonic() - saved_at > SAVE_EVERY_S:
-                        self.store.update(reply.id, self._partial, meta)
+                        self.store.update(saved.id, self._partial, meta)
                         saved_at = time.monotonic()
             finally:
                 await events.aclose()
@@ -352,10 +333,10 @@ class ChatPage(QWidget):
         except Exception as exc:  # the node's own message, shown under the reply
             meta["error"] = str(exc)
         finally:
-            if first and tokens > 1:
-                meta["tokens_per_s"] = round((tokens - 1) / max(time.monotonic() - first,
-                                                                 1e-6), 1)
-            self.store.update(reply.id, "".join(pieces), meta)
+            speed = reply.tokens_per_s(time.monotonic())
+            if speed:
+                meta["tokens_per_s"] = speed
+            self.store.update(saved.id, reply.text, meta)
             self._reply = None
             self._redraw_timer.stop()
             if self.conversation_id == conversation_id:
