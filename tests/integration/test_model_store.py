@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from backends.model_store import (
     name_from_filename,
 )
 from tests.support.fault_server import Faults, FaultServer
+from tests.support.node_harness import REPO
 from tests.support.tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.processes
@@ -356,6 +359,108 @@ def test_import_disk_full(small_disk: Path, models: dict[str, Path]) -> None:
         store.import_file(models["medium"])
     assert store.list() == []
     assert files_under(store.root) == []  # an import's copy is worthless: deleted
+
+
+# -- several processes at once (the app, the node and the CLI share one store) -------------
+
+
+def race(tmp_path: Path, root: Path, *workloads: list[str]) -> list[list[str]]:
+    """Run each workload (ops of tests.support.store_race) in its own process, all starting
+    at once; the outcome of each op, per workload."""
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tests.support.store_race", str(root), str(go),
+                          *ops], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+        for ops in workloads
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        go.touch()
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * len(procs)
+    return [[outcome for _op, outcome in json.loads(out)] for out in outputs]
+
+
+def test_processes_adding_the_same_names(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Two processes import under the same names at once: each name goes to exactly one of
+    them, the other is told it is taken, and every model is the file its manifest describes."""
+    root = tmp_path / "models"
+    sources = [models["medium"], write_tiny_gguf(tmp_path / "medium-2.gguf", n_layers=2,
+                                                 n_embd=128, n_ff=512, seed=1)]
+    names = [f"m-{i:02d}" for i in range(30)]
+    outcomes = race(tmp_path, root, *([f"import:{n}:{src}" for n in names] for src in sources))
+    store = ModelStore(root)
+    for i, name in enumerate(names):
+        got = [outcomes[0][i], outcomes[1][i]]
+        assert sorted(got) == ["ModelExists", "ok"], (name, got)
+        entry = store.get(name)
+        assert sha(entry.path) == entry.manifest.sha256 == sha(sources[got.index("ok")]), name
+    assert [e.name for e in store.list()] == names
+    assert files_under(root) == sorted(f"{n}.{ext}" for n in names for ext in ("gguf", "json"))
+
+
+def test_processes_removing_while_others_add_and_list(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """One process adds a model again and again, each time as soon as the name is free, while
+    another removes it as soon as it is there and a third lists: every add and remove
+    succeeds in turn, nothing listed ever lacks its manifest, and nothing is left half done."""
+    root = tmp_path / "models"
+    rounds = 25
+    keep = [f"keep-{i}" for i in range(5)]
+    adds = [f"*import:churn:{models['tiny']}"] * rounds + [
+        f"import:{n}:{models['other']}" for n in keep]
+    added, removed, listed = race(tmp_path, root, adds, ["*remove:churn"] * rounds,
+                                  ["list"] * 4 * rounds)
+    assert (added, removed) == (["ok"] * (rounds + len(keep)), ["ok"] * rounds)
+    assert set(listed) == {"ok"}
+    store = ModelStore(root)
+    assert [e.name for e in store.list()] == keep
+    for entry in store.list():
+        assert entry.manifest.sha256 == sha(entry.path) == sha(models["other"])
+    assert files_under(root) == sorted(f"{n}.{ext}" for n in keep for ext in ("gguf", "json"))
+
+
+def test_name_held_by_another_process_until_it_dies(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """A name another process is adding (a copy from a peer) can be neither added nor removed
+    here; once that process is gone, even killed, the name is free and nothing is left over."""
+    root = tmp_path / "models"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom backends.model_store import ModelStore\n"
+         "ModelStore(sys.argv[1]).claim('tiny')\nprint('held', flush=True)\ntime.sleep(60)",
+         str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    store = ModelStore(root)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ModelExists, match="'tiny' is being added right now"):
+            store.import_file(models["tiny"])
+        with pytest.raises(ModelStoreError, match="'tiny' is being added right now"):
+            store.remove("tiny")
+        assert store.import_file(models["tiny"], name="tiny-2").name == "tiny-2"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.import_file(models["tiny"]).name == "tiny"
+    assert files_under(root) == ["tiny-2.gguf", "tiny-2.json", "tiny.gguf", "tiny.json"]
+
+
+def test_model_put_in_while_importing_is_kept(store: ModelStore, models: dict[str, Path]) -> None:
+    """A file put into the store by hand under the name being imported wins: the import says
+    so and leaves nothing behind."""
+    def put_in_by_hand(done: int, total: int | None) -> None:
+        shutil.copy(models["other"], store.root / "tiny.gguf")
+
+    with pytest.raises(ModelExists, match="'tiny' appeared in the store .* one there is kept"):
+        store.import_file(models["tiny"], progress=put_in_by_hand)
+    assert files_under(store.root) == ["tiny.gguf"]
+    assert store.get("tiny").path.read_bytes() == models["other"].read_bytes()
 
 
 # -- the bundled model --------------------------------------------------------------------
