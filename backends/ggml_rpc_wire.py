@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -160,6 +161,38 @@ assert GGML_TYPE_COUNT == 43
 def frame(cmd: int, payload: bytes = b"") -> bytes:
     """One request as llama.cpp's client sends it."""
     return FRAME_HEADER.pack(cmd, len(payload)) + payload
+
+
+class WireTensor(NamedTuple):
+    """The fields of one rpc_tensor a filter needs, as Python ints (cheaper than numpy for one)."""
+
+    id: int
+    type: int
+    buffer: int
+    ne: tuple[int, int, int, int]
+    nb: tuple[int, int, int, int]
+    data: int
+    name: bytes
+
+    @property
+    def nbytes(self) -> int:
+        """ggml_nbytes (the type must be a live one)."""
+        if min(self.ne) <= 0:
+            return 0
+        blck, size = GGML_TYPE_TRAITS[self.type]
+        rest = sum((n - 1) * s for n, s in zip(self.ne[1:], self.nb[1:], strict=True))
+        if blck == 1:
+            return size + (self.ne[0] - 1) * self.nb[0] + rest
+        return self.ne[0] * self.nb[0] // blck + rest
+
+
+_TENSOR = struct.Struct("<QIQ4I4II64xi80x8x8xQ64s4x")
+assert _TENSOR.size == RPC_TENSOR_SIZE
+
+
+def unpack_tensor(buffer: bytes | memoryview, offset: int = 0) -> WireTensor:
+    f = _TENSOR.unpack_from(buffer, offset)
+    return WireTensor(f[0], f[1], f[2], f[3:7], f[7:11], f[13], f[14])  # type: ignore[arg-type]
 
 
 # Indexed by type number; the extra last slot stands for any number past the table.

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.ggml_rpc_wire import (
     GGML_GLU_OP_NAMES,
@@ -22,6 +24,7 @@ from backends.ggml_rpc_wire import (
     frame,
     pack_tensors,
     tensor_nbytes,
+    unpack_tensor,
 )
 from swarm.workers.rpc_filter import (
     ALLOWED_CMDS,
@@ -48,7 +51,8 @@ def tensor(tid: int, ne: tuple[int, ...] = (64, 1, 1, 1), *, data: int = BUF_BAS
     nb = [size]
     nb.append(size * ne[0] // max(blck, 1))
     nb += [nb[-1] * ne[1], nb[-1] * ne[1] * ne[2]]
-    return {"id": tid, "type": type_, "buffer": buffer, "ne": ne, "nb": [n % 2**32 for n in nb], "op": GGML_OP[op],
+    return {"id": tid, "type": type_, "buffer": buffer, "ne": ne,
+            "nb": [n % 2**32 for n in nb], "op": GGML_OP[op],
             "data": data, "src": list(src) + [0] * (10 - len(src)),
             "op_params": list(op_params) + [0] * (16 - len(op_params))}
 
@@ -367,3 +371,36 @@ def test_filter_throughput() -> None:
     print(f"\nRPC filter: bulk SET_TENSOR {bulk:.0f} MB/s; graph stream "
           f"{len(per_token) * tokens / elapsed / 1e6:.0f} MB/s, "
           f"{elapsed / tokens * 1e3:.2f} ms per {len(g) // 1000} kB graph token")
+
+
+_FIELDS = st.fixed_dictionaries({
+    "type": st.sampled_from([0, 1, 2, 4, 12, 30, 42, 43, 2**32 - 1]),
+    "buffer": st.sampled_from([0, BUF_ID, BUF_ID + 1]),
+    "ne": st.lists(st.sampled_from([0, 1, 3, 32, 256, 2**20, 2**31 - 1, 2**31, 2**32 - 1]),
+                   min_size=4, max_size=4),
+    "nb": st.lists(st.sampled_from([0, 1, 4, 18, 1024, 2**31, 2**32 - 1]), min_size=4, max_size=4),
+    "data": st.sampled_from([0, BUF_BASE, BUF_BASE + 64, BUF_BASE + BUF_SIZE - 4,
+                             BUF_BASE + BUF_SIZE, BUF_BASE - 1, 2**64 - 1]),
+    "name": st.sampled_from([[0] * 64, [65] * 64, [65] * 63 + [0]]),
+})
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=_FIELDS, need_buffer=st.booleans())
+def test_the_one_tensor_check_agrees_with_the_graph_check(
+        fields: dict[str, object], need_buffer: bool) -> None:
+    raw = pack_tensors([fields])
+    flt = ready_filter()
+    outcomes = []
+    for check in (lambda: flt.check_tensor(unpack_tensor(raw), need_buffer),
+                  lambda: flt.check_tensors(np.frombuffer(raw, dtype=RPC_TENSOR_DTYPE),
+                                            need_buffer)):
+        try:
+            check()
+            outcomes.append("ok")
+        except Violation as exc:
+            outcomes.append(exc.reason)
+    assert outcomes[0] == outcomes[1]
+    if outcomes[0] == "ok" and fields["type"] in (0, 1, 2, 12, 30, 42):
+        assert unpack_tensor(raw).nbytes == int(tensor_nbytes(np.frombuffer(
+            raw, dtype=RPC_TENSOR_DTYPE))[0])
