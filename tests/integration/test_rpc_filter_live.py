@@ -130,24 +130,31 @@ def alive(worker: Worker, wait_s: float = 1.0) -> bool:
     return worker.proc.poll() is None
 
 
-def test_generation_through_the_filter_is_unchanged_and_a_custom_op_is_cut_off(
-    tiny_model: Path, rpc_workers: Callable[..., Worker]
-) -> None:
-    worker = rpc_workers()
-    direct = greedy_on_worker(tiny_model, worker.endpoint)
+@contextlib.contextmanager
+def filtered_run_matching_direct(model: Path, worker: Worker) -> Iterator[FilteringProxy]:
+    """Generate on `worker` directly, then through a filtering proxy (yielded, still open):
+    the same greedy tokens, no violation, real commands filtered."""
+    direct = greedy_on_worker(model, worker.endpoint)
     with proxy_to(worker) as proxy:
-        filtered = greedy_on_worker(tiny_model, proxy.endpoint)
+        filtered = greedy_on_worker(model, proxy.endpoint)
         assert filtered.tokens == direct.tokens and len(filtered.tokens) == 24
         assert proxy.violations == []
         counts = sum((f.commands for f in proxy.filters), start=Counter[Cmd]())
         print(f"\ncommands through the filter: { {c.name: n for c, n in counts.items()} }")
         assert counts[Cmd.SET_TENSOR] > 0 and counts[Cmd.GRAPH_COMPUTE] > 0
+        yield proxy
 
+
+def test_generation_through_the_filter_is_unchanged_and_a_custom_op_is_cut_off(
+    tiny_model: Path, rpc_workers: Callable[..., Worker]
+) -> None:
+    worker = rpc_workers()
+    with filtered_run_matching_direct(tiny_model, worker) as proxy:
         assert hostile_custom_op(proxy.endpoint) == b""
         assert proxy.violations == ["graph node op CUSTOM is not allowed"]
         assert alive(worker)
         again = greedy_on_worker(tiny_model, proxy.endpoint)
-        assert again.tokens == direct.tokens
+        assert again.tokens == greedy_on_worker(tiny_model, worker.endpoint).tokens
 
 
 def test_without_the_filter_the_same_frames_kill_a_worker(
@@ -163,9 +170,6 @@ def test_without_the_filter_the_same_frames_kill_a_worker(
 def test_gemma_through_the_filter_is_unchanged(
     gemma_model: Path, rpc_workers: Callable[..., Worker]
 ) -> None:
-    worker = rpc_workers()
-    direct = greedy_on_worker(gemma_model, worker.endpoint)
-    with proxy_to(worker) as proxy:
-        filtered = greedy_on_worker(gemma_model, proxy.endpoint)
-    assert proxy.violations == []
-    assert filtered.tokens == direct.tokens
+    """A real model's graphs use only allowed ops and stay inside their buffers."""
+    with filtered_run_matching_direct(gemma_model, rpc_workers()):
+        pass
