@@ -12,9 +12,11 @@ what comes back. It holds an incomplete frame, passes a large SET_TENSOR's data 
 it arrives once its header is approved, and raises `Violation` on the first frame it refuses;
 the relay then closes both sides. Not thread-safe: call it from one task or thread.
 
-    flt = RpcFilter(FilterLimits(share_bytes=share))
+    share = ShareAccount(share_bytes)            # one per lease: llama.cpp opens several
+    flt = RpcFilter(share)                       # one per connection
     client -> server:  server.send(flt.feed(chunk))
     server -> client:  client.send(flt.feed_reply(chunk))   # before the client sees it
+    both pumps done:   flt.close()               # the server freed the connection's buffers
 
 The reply direction is watched for what the requests depend on: the ids, sizes and base
 addresses of buffers (ALLOC_BUFFER, BUFFER_GET_BASE) and the sizes of every reply.
@@ -100,11 +102,28 @@ class Violation(Exception):  # noqa: N818 - the name says what it is to a relay
         self.reason = reason
 
 
+class ShareAccount:
+    """The memory a worker donates to one lease, drawn on by every connection of the lease.
+
+    The server frees a connection's buffers when it ends, so each RpcFilter gives back what
+    its connection holds on `close`.
+    """
+
+    def __init__(self, share_bytes: int) -> None:
+        self.share_bytes = share_bytes
+        self.used_bytes = 0  # allocated, or asked for and not yet answered
+
+    def take(self, size: int) -> None:
+        free = self.share_bytes - self.used_bytes
+        if size > free:
+            raise Violation(f"ALLOC_BUFFER of {size} bytes; {max(free, 0)} of the share left")
+        self.used_bytes += size
+
+
 @dataclass(frozen=True)
 class FilterLimits:
-    """What one connection may do. share_bytes: the worker's donated memory."""
+    """The sizes of graphs and tensors one connection may send."""
 
-    share_bytes: int
     max_graph_nodes: int = 65536
     max_graph_tensors: int = 65536
     max_dim: int = 2**31 - 1  # any ne[i]
@@ -129,8 +148,10 @@ _UNARY, _GLU = GGML_OP["UNARY"], GGML_OP["GLU"]
 class RpcFilter:
     """Approves the client->server bytes of one ggml RPC connection; see the module doc."""
 
-    def __init__(self, limits: FilterLimits, allowed_ops: frozenset[str] = ALLOWED_OP_NAMES):
-        self.limits = limits
+    def __init__(self, share: ShareAccount, limits: FilterLimits | None = None,
+                 allowed_ops: frozenset[str] = ALLOWED_OP_NAMES) -> None:
+        self.share = share
+        self.limits = limits or FilterLimits()
         self._ops = _table(allowed_ops)
         self._failed: str | None = None
         # client -> server
@@ -146,7 +167,7 @@ class RpcFilter:
         # what the server holds for this connection
         self._buffers: dict[int, _Buffer] = {}
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.allocated_bytes = 0  # live buffers
+        self.allocated_bytes = 0  # this connection's live buffers
         self.reserved_bytes = 0  # asked for, not yet answered
         self.commands: Counter[Cmd] = Counter()  # approved requests, for logs and tests
 
@@ -204,7 +225,7 @@ class RpcFilter:
         if fixed is not None and size != fixed:
             raise Violation(f"{cmd.name} of {size} bytes, not {fixed}")
         if cmd == Cmd.SET_TENSOR and not (
-                SET_TENSOR_HEADER_SIZE <= size <= SET_TENSOR_HEADER_SIZE + self.limits.share_bytes):
+                SET_TENSOR_HEADER_SIZE <= size <= SET_TENSOR_HEADER_SIZE + self.share.share_bytes):
             raise Violation(f"SET_TENSOR of {size} bytes")
         if cmd == Cmd.GRAPH_COMPUTE and size > self._max_graph_bytes():
             raise Violation(f"GRAPH_COMPUTE of {size} bytes")
@@ -259,14 +280,21 @@ class RpcFilter:
 
     def _check_alloc(self, payload: memoryview) -> int:
         _device, size = _ALLOC_REQ.unpack_from(payload)
-        free = self.limits.share_bytes - self.allocated_bytes - self.reserved_bytes
-        if size > free:
-            raise Violation(f"ALLOC_BUFFER of {size} bytes; {max(free, 0)} of the share left")
+        self.share.take(size)
         self.reserved_bytes += size
         return size
 
     def _release(self, remote_ptr: int) -> None:
-        self.allocated_bytes -= self._buffers.pop(remote_ptr).size
+        size = self._buffers.pop(remote_ptr).size
+        self.allocated_bytes -= size
+        self.share.used_bytes -= size
+        self._index = None
+
+    def close(self) -> None:
+        """The connection ended: the server freed its buffers, its share is free again."""
+        self.share.used_bytes -= self.allocated_bytes + self.reserved_bytes
+        self.allocated_bytes = self.reserved_bytes = 0
+        self._buffers.clear()
         self._index = None
 
     def _check_set_tensor(self, payload: memoryview, size: int) -> None:
@@ -474,11 +502,13 @@ class RpcFilter:
         if cmd == Cmd.ALLOC_BUFFER:
             remote_ptr, remote_size = _PAIR_U64.unpack_from(body)
             self.reserved_bytes -= context
+            self.share.used_bytes -= context
             if remote_ptr:
                 if remote_ptr in self._buffers:
                     self._release(remote_ptr)
                 self._buffers[remote_ptr] = _Buffer(remote_size)
                 self.allocated_bytes += remote_size
+                self.share.used_bytes += remote_size  # what the server really took
                 self._index = None
         elif cmd == Cmd.BUFFER_GET_BASE:
             # The request named a held buffer; FREE_BUFFER may have dropped it since.

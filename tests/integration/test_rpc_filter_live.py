@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from backends.ggml_rpc_wire import GGML_OP, Cmd, frame, pack_tensors
-from swarm.workers.rpc_filter import FilterLimits, RpcFilter, Violation
+from swarm.workers.rpc_filter import RpcFilter, ShareAccount, Violation
 from tests.conftest import Worker, greedy_on_worker
 
 pytestmark = pytest.mark.processes
@@ -32,7 +32,7 @@ class FilteringProxy:
     feed_reply before the client sees them, and both sides closed on a Violation."""
 
     target: str
-    share_bytes: int = SHARE
+    share: ShareAccount = field(default_factory=lambda: ShareAccount(SHARE))
     violations: list[str] = field(default_factory=list)
     filters: list[RpcFilter] = field(default_factory=list)
     endpoint: str = ""
@@ -48,13 +48,16 @@ class FilteringProxy:
                 client, _ = self._listener.accept()
                 host, port = self.target.rsplit(":", 1)
                 server = socket.create_connection((host, int(port)))
-                flt = RpcFilter(FilterLimits(share_bytes=self.share_bytes))
+                flt = RpcFilter(self.share)
                 self.filters.append(flt)
                 lock = threading.Lock()  # the two pumps share one filter
-                for src, dst, step in ((client, server, flt.feed),
-                                       (server, client, flt.feed_reply)):
-                    threading.Thread(target=self._pump, args=(src, dst, step, lock, (client,
-                                     server)), daemon=True).start()
+                ways = ((client, server, flt.feed), (server, client, flt.feed_reply))
+                pumps = [threading.Thread(target=self._pump, daemon=True,
+                                          args=(a, b, step, lock, (client, server)))
+                         for a, b, step in ways]
+                for t in pumps:
+                    t.start()
+                threading.Thread(target=self._close_after, args=(pumps, flt), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, step: Callable[[bytes], bytes],
               lock: threading.Lock, both: tuple[socket.socket, socket.socket]) -> None:
@@ -71,6 +74,12 @@ class FilteringProxy:
         for s in both:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _close_after(pumps: list[threading.Thread], flt: RpcFilter) -> None:
+        for t in pumps:
+            t.join()
+        flt.close()
 
     def close(self) -> None:
         self._listener.close()
@@ -142,6 +151,10 @@ def filtered_run_matching_direct(model: Path, worker: Worker) -> Iterator[Filter
         counts = sum((f.commands for f in proxy.filters), start=Counter[Cmd]())
         print(f"\ncommands through the filter: { {c.name: n for c, n in counts.items()} }")
         assert counts[Cmd.SET_TENSOR] > 0 and counts[Cmd.GRAPH_COMPUTE] > 0
+        deadline = time.monotonic() + 10  # the engine has exited: every connection ends
+        while proxy.share.used_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.share.used_bytes == 0
         yield proxy
 
 

@@ -30,8 +30,8 @@ from swarm.workers.rpc_filter import (
     ALLOWED_CMDS,
     ALLOWED_OP_NAMES,
     POINTER_OP_NAMES,
-    FilterLimits,
     RpcFilter,
+    ShareAccount,
     Violation,
 )
 
@@ -114,7 +114,7 @@ def session() -> tuple[list[bytes], list[bytes]]:
 
 def ready_filter(share: int = SHARE) -> RpcFilter:
     """A filter that has seen HELLO and one buffer of BUF_SIZE allocated at BUF_BASE."""
-    flt = RpcFilter(FilterLimits(share_bytes=share))
+    flt = RpcFilter(ShareAccount(share))
     requests, replies = session()
     for req, rep in zip(requests[:5], replies[:5], strict=True):
         assert flt.feed(req) == req
@@ -123,7 +123,7 @@ def ready_filter(share: int = SHARE) -> RpcFilter:
 
 
 def test_an_honest_session_passes_byte_for_byte() -> None:
-    flt = RpcFilter(FilterLimits(share_bytes=SHARE))
+    flt = RpcFilter(ShareAccount(SHARE))
     for req, rep in zip(*session(), strict=True):
         assert flt.feed(req) == req
         assert flt.feed_reply(rep) == rep
@@ -132,7 +132,7 @@ def test_an_honest_session_passes_byte_for_byte() -> None:
 
 @pytest.mark.parametrize("chunk", [1, 7, 300, 4096])
 def test_an_honest_session_split_anywhere_passes_byte_for_byte(chunk: int) -> None:
-    flt = RpcFilter(FilterLimits(share_bytes=SHARE))
+    flt = RpcFilter(ShareAccount(SHARE))
     for req, rep in zip(*session(), strict=True):
         out = b"".join(flt.feed(req[i:i + chunk]) for i in range(0, len(req), chunk))
         assert out == req
@@ -238,8 +238,24 @@ def test_allocations_stay_within_the_share() -> None:
 
 
 def test_one_allocation_beyond_the_share_is_refused() -> None:
-    flt = RpcFilter(FilterLimits(share_bytes=SHARE))
+    flt = RpcFilter(ShareAccount(SHARE))
     refused(flt, hello() + frame(Cmd.ALLOC_BUFFER, struct.pack("<IQ", 0, SHARE + 1)), "share")
+
+
+def test_the_share_is_one_for_all_connections_of_a_lease() -> None:
+    """llama.cpp opens several connections to a worker; together they stay within the share,
+    and a closed connection's buffers (freed by the server) count no more."""
+    first = ready_filter(share=SHARE)
+    second = RpcFilter(first.share)
+    second.feed(hello())
+    ask = frame(Cmd.ALLOC_BUFFER, struct.pack("<IQ", 0, SHARE - BUF_SIZE + 1))
+    with pytest.raises(Violation, match="share"):
+        second.feed(ask)
+    first.close()
+    third = RpcFilter(first.share)
+    third.feed(hello())
+    assert third.feed(ask) == ask
+    assert first.share.used_bytes == SHARE - BUF_SIZE + 1
 
 
 def test_freeing_a_buffer_gives_its_share_back() -> None:
@@ -275,12 +291,12 @@ def test_graph_counts_must_match_the_frame() -> None:
 
 
 def test_the_first_command_must_be_a_plain_hello() -> None:
-    refused(RpcFilter(FilterLimits(SHARE)), frame(Cmd.DEVICE_COUNT), "HELLO must come first")
-    refused(RpcFilter(FilterLimits(SHARE)), frame(Cmd.HELLO, b"\x01" + bytes(23)), "RDMA")
+    refused(RpcFilter(ShareAccount(SHARE)), frame(Cmd.DEVICE_COUNT), "HELLO must come first")
+    refused(RpcFilter(ShareAccount(SHARE)), frame(Cmd.HELLO, b"\x01" + bytes(23)), "RDMA")
 
 
 def test_a_buffer_is_usable_only_after_its_base_is_known() -> None:
-    flt = RpcFilter(FilterLimits(SHARE))
+    flt = RpcFilter(ShareAccount(SHARE))
     flt.feed(hello())
     flt.feed_reply(reply(bytes([7, 0, 0, 0]) + bytes(24)))
     flt.feed(frame(Cmd.ALLOC_BUFFER, struct.pack("<IQ", 0, BUF_SIZE)))
@@ -299,7 +315,7 @@ def test_replies_nobody_asked_for_or_of_the_wrong_size_are_refused() -> None:
 
 
 def test_a_server_of_another_protocol_is_refused() -> None:
-    flt = RpcFilter(FilterLimits(SHARE))
+    flt = RpcFilter(ShareAccount(SHARE))
     flt.feed(hello())
     with pytest.raises(Violation, match="speaks RPC"):
         flt.feed_reply(reply(bytes([8, 0, 0, 0]) + bytes(24)))
