@@ -149,8 +149,13 @@ class RpcFilter:
     """Approves the client->server bytes of one ggml RPC connection; see the module doc."""
 
     def __init__(self, share: ShareAccount, limits: FilterLimits | None = None,
-                 allowed_ops: frozenset[str] = ALLOWED_OP_NAMES) -> None:
+                 allowed_ops: frozenset[str] = ALLOWED_OP_NAMES,
+                 cache_writes: bool = True) -> None:
+        """cache_writes=False clears SET_TENSOR's cache flag on the way (the one byte the filter
+        ever changes): the worker's tensor cache names files by a 64-bit FNV-1a hash, which
+        anyone can collide, so a peer that may write it can swap the weights others load."""
         self.share = share
+        self.cache_writes = cache_writes
         self.limits = limits or FilterLimits()
         self._ops = _table(allowed_ops)
         self._failed: str | None = None
@@ -256,7 +261,9 @@ class RpcFilter:
             if context not in self._buffers:
                 raise Violation(f"{cmd.name} of a buffer this connection does not hold")
         elif cmd == Cmd.SET_TENSOR:
-            self._check_set_tensor(payload, size - SET_TENSOR_HEADER_SIZE)
+            if self._check_set_tensor(payload, size - SET_TENSOR_HEADER_SIZE):
+                flag_at = FRAME_HEADER.size + RPC_TENSOR_SIZE
+                approved = approved[:flag_at] + b"\0" + approved[flag_at + 1:]
             self._stream_left = size - SET_TENSOR_HEADER_SIZE
         elif cmd in (Cmd.SET_TENSOR_HASH, Cmd.GET_TENSOR, Cmd.MEMSET_TENSOR):
             reply = self._check_tensor_range(cmd, payload)
@@ -297,7 +304,8 @@ class RpcFilter:
         self._buffers.clear()
         self._index = None
 
-    def _check_set_tensor(self, payload: memoryview, size: int) -> None:
+    def _check_set_tensor(self, payload: memoryview, size: int) -> bool:
+        """Checks a SET_TENSOR's header; True: clear its cache flag."""
         t = unpack_tensor(payload)
         cache_flag = payload[RPC_TENSOR_SIZE]
         offset = _U64.unpack_from(payload, RPC_TENSOR_SIZE + 1)[0]
@@ -305,6 +313,7 @@ class RpcFilter:
             raise Violation(f"SET_TENSOR cache flag {cache_flag} for {size} bytes")
         self.check_tensor(t, need_buffer=True)
         self._check_region(t, offset, size)
+        return bool(cache_flag) and not self.cache_writes
 
     def _check_tensor_range(self, cmd: Cmd, payload: memoryview) -> int | None:
         """SET_TENSOR_HASH, GET_TENSOR, MEMSET_TENSOR; returns the reply's size."""

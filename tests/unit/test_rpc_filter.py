@@ -29,6 +29,7 @@ from backends.ggml_rpc_wire import (
 from swarm.workers.rpc_filter import (
     ALLOWED_CMDS,
     ALLOWED_OP_NAMES,
+    HASH_THRESHOLD,
     POINTER_OP_NAMES,
     RpcFilter,
     ShareAccount,
@@ -227,6 +228,17 @@ def test_a_copy_past_the_destination_is_refused() -> None:
 
 def test_a_small_set_tensor_may_not_ask_to_be_cached() -> None:
     refused(ready_filter(), set_tensor(tensor(1), bytes(64), cache=1), "cache flag")
+
+
+def test_a_peer_not_trusted_with_the_cache_cannot_write_it() -> None:
+    data = bytes(HASH_THRESHOLD + 1)
+    big = tensor(1, (len(data), 1, 1, 1), type_=24)  # i8
+    asked = set_tensor(big, data, cache=1)
+    flt = ready_filter()
+    assert flt.feed(asked) == asked
+    flt = ready_filter()
+    flt.cache_writes = False
+    assert flt.feed(asked) == set_tensor(big, data, cache=0)
 
 
 def test_allocations_stay_within_the_share() -> None:
