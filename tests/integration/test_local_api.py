@@ -20,17 +20,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from swarm.api.files import SecretError, load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.server import (
     MAX_HEAD_BYTES,
     HttpError,
     LocalApi,
     Request,
     Response,
-    SecretError,
     StreamingResponse,
-    load_or_create_secret,
-    remove_api_info,
-    write_api_info,
 )
 from swarm.client.sync_client import ApiError, NodeClient, NodeNotRunning
 
