@@ -29,7 +29,8 @@ from swarm.api.server import (
     Response,
     StreamingResponse,
 )
-from swarm.client.sync_client import ApiError, NodeClient, NodeNotRunning
+from swarm.client.core import ApiError, NodeNotRunning
+from swarm.client.sync_client import NodeClient
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(30)]
 
