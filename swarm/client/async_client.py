@@ -17,19 +17,7 @@ from typing import Any
 
 import h11
 
-from swarm.client.core import (
-    ApiError,
-    EventStream,
-    NodeClientError,
-    decode_reply,
-    error_message,
-    find_node,
-    json_body,
-    no_answer,
-    not_listening,
-    request_headers,
-    talk_failed,
-)
+from swarm.client import core
 
 REQUEST_TIMEOUT_S = 15.0
 STREAM_IDLE_TIMEOUT_S = 600.0  # a model load on a slow machine can be silent this long
@@ -48,7 +36,7 @@ class NodeLink:
     @classmethod
     def find(cls, data_dir: Path) -> NodeLink:
         """The running node of this data directory; NodeClientError when there is none."""
-        port, secret = find_node(data_dir)
+        port, secret = core.find_node(data_dir)
         return cls(data_dir, port, secret)
 
     async def get(self, path: str, timeout: float = REQUEST_TIMEOUT_S) -> Any:
@@ -66,8 +54,8 @@ class NodeLink:
                         status, chunks):
                     data = b"".join([c async for c in chunks])
         except TimeoutError:
-            raise no_answer(self.port, timeout) from None
-        return decode_reply(status, data)
+            raise core.no_answer(self.port, timeout) from None
+        return core.decode_reply(status, data)
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST `body` and yield each server-sent event until `[DONE]`.
@@ -76,8 +64,8 @@ class NodeLink:
         stops the generation on the node."""
         async with self._exchange("POST", path, body, "text/event-stream") as (status, chunks):
             if status >= 400:
-                raise ApiError(status, error_message(b"".join([c async for c in chunks])))
-            events = EventStream()
+                raise core.ApiError(status, core.error_message(b"".join([c async for c in chunks])))
+            events = core.EventStream()
             async for data in chunks:
                 for event in events.feed(data):
                     yield event
@@ -88,12 +76,12 @@ class NodeLink:
     @contextlib.asynccontextmanager
     async def _exchange(self, method: str, path: str, body: Any, accept: str
                         ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
-        payload = json_body(body)
-        headers = list(request_headers(self.port, self.secret, accept, payload).items())
+        payload = core.json_body(body)
+        headers = list(core.request_headers(self.port, self.secret, accept, payload).items())
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
-            raise not_listening(self.data_dir, self.port) from None
+            raise core.not_listening(self.data_dir, self.port) from None
         conn = h11.Connection(h11.CLIENT)
         try:
             writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)))
@@ -103,10 +91,10 @@ class NodeLink:
             await writer.drain()
             response = await _next_event(conn, reader)
             if not isinstance(response, h11.Response):
-                raise NodeClientError("The Covey node closed the connection without answering")
+                raise core.NodeClientError("The Covey node closed the connection without answering")
             yield response.status_code, _body(conn, reader)
         except (OSError, h11.ProtocolError) as exc:
-            raise talk_failed(self.port, exc) from None
+            raise core.talk_failed(self.port, exc) from None
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -123,9 +111,9 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
             async with asyncio.timeout(idle_s):
                 data = await reader.read(READ_BYTES)
         except TimeoutError:
-            raise NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
+            raise core.NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
         if not data and conn.their_state is h11.SEND_RESPONSE:
-            raise NodeClientError("The Covey node closed the connection without answering")
+            raise core.NodeClientError("The Covey node closed the connection without answering")
         conn.receive_data(data)
 
 

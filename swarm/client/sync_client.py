@@ -13,19 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swarm.client.core import (
-    ApiError,
-    EventStream,
-    NodeClientError,
-    decode_reply,
-    error_message,
-    find_node,
-    json_body,
-    no_answer,
-    not_listening,
-    request_headers,
-    talk_failed,
-)
+from swarm.client import core
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -43,38 +31,38 @@ class NodeClient:
     @classmethod
     def from_data_dir(cls, data_dir: Path, timeout: float = DEFAULT_TIMEOUT_S) -> NodeClient:
         """The client of the node running for `data_dir`; NodeClientError when there is none."""
-        port, secret = find_node(data_dir)
+        port, secret = core.find_node(data_dir)
         return cls(data_dir, port, secret, timeout)
 
     def get_json(self, path: str) -> Any:
         return self.request("GET", path)
 
     def post_json(self, path: str, body: Any) -> Any:
-        return self.request("POST", path, json_body(body))
+        return self.request("POST", path, core.json_body(body))
 
     def stream_events(self, path: str, body: Any) -> Generator[dict[str, Any], None, None]:
         """POST `body` and yield each server-sent event's JSON until `data: [DONE]`.
 
         Closing the iterator early hangs up, which makes the node stop the generation."""
-        data = json_body(body)
+        data = core.json_body(body)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
             try:
-                conn.request("POST", path, body=data, headers=request_headers(
+                conn.request("POST", path, body=data, headers=core.request_headers(
                     self.port, self.secret, "text/event-stream", data))
                 resp = conn.getresponse()
             except ConnectionRefusedError:
-                raise not_listening(self.data_dir, self.port) from None
+                raise core.not_listening(self.data_dir, self.port) from None
             if resp.status >= 400:
-                raise ApiError(resp.status, error_message(resp.read()))
-            events = EventStream()
+                raise core.ApiError(resp.status, core.error_message(resp.read()))
+            events = core.EventStream()
             for line in resp:
                 yield from events.feed(line)
                 if events.done:
                     return
             events.end()
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
-            raise NodeClientError(f"The stream from the Covey node broke off: {exc}") from None
+            raise core.NodeClientError(f"The stream from the Covey node broke off: {exc}") from None
         finally:
             conn.close()
 
@@ -82,16 +70,16 @@ class NodeClient:
         """One request on a fresh connection; the decoded JSON reply, or None if empty."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
-            conn.request(method, path, body=body, headers=request_headers(
+            conn.request(method, path, body=body, headers=core.request_headers(
                 self.port, self.secret, "application/json", body))
             resp = conn.getresponse()
             status, data = resp.status, resp.read()
         except ConnectionRefusedError:
-            raise not_listening(self.data_dir, self.port) from None
+            raise core.not_listening(self.data_dir, self.port) from None
         except TimeoutError:
-            raise no_answer(self.port, self.timeout) from None
+            raise core.no_answer(self.port, self.timeout) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise talk_failed(self.port, exc) from None
+            raise core.talk_failed(self.port, exc) from None
         finally:
             conn.close()
-        return decode_reply(status, data)
+        return core.decode_reply(status, data)
