@@ -13,7 +13,8 @@ from pathlib import Path
 
 from backends.errors import ModelStoreError
 from backends.model_store import ModelStore
-from swarm.client.sync_client import NodeClient, NodeClientError
+from swarm.client.core import NodeClientError
+from swarm.client.sync_client import NodeClient
 
 
 def _size(n: float) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 from app.cli.chat import chat_settings, interactive, status, system_messages
 from app.common.chat_request import CHAT_PATH, ChatReply, chat_body
 from backends.model_store import DEFAULT_MODEL
-from swarm.client.sync_client import NodeClient, NodeClientError
+from swarm.client.core import NodeClientError
+from swarm.client.sync_client import NodeClient
 
 
 def request_body(args: argparse.Namespace, messages: list[dict[str, str]]) -> dict[str, Any]:

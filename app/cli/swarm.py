@@ -78,7 +78,8 @@ def run_node(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def run_peers(args: argparse.Namespace, data_dir: Path) -> int:
-    from swarm.client.sync_client import ApiError, NodeClient, NodeNotRunning
+    from swarm.client.core import ApiError, NodeNotRunning
+    from swarm.client.sync_client import NodeClient
 
     try:
         body = NodeClient.from_data_dir(data_dir).get_json("/api/peers")

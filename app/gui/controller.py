@@ -20,7 +20,7 @@ from app.gui import app_settings
 from app.gui.conversations import ConversationStore
 from app.gui.node_supervisor import NodeState, NodeSupervisor
 from swarm.client.async_client import NodeLink
-from swarm.client.sync_client import NodeClientError
+from swarm.client.core import NodeClientError
 from swarm.node.settings import load_settings
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from app.gui import app_settings
 from swarm.client.async_client import NodeLink
-from swarm.client.sync_client import NodeClientError, NodeNotRunning, read_api_info
+from swarm.client.core import NodeClientError, NodeNotRunning, read_api_info
 from swarm.node.settings import Settings, load_settings, save_settings
 from swarm.trust.token import parse_token
 

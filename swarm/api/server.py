@@ -2,7 +2,8 @@
 
 It owns the transport and the gate in front of every handler: the Host check (against DNS
 rebinding), the bearer secret, size and time limits, OpenAI-style JSON errors, and chunked
-streaming. It also owns the two files a client needs to find it: `api-secret` and `api.json`.
+streaming. The files through which a client finds it (`api-secret`, `api.json`) belong to
+swarm.api.files.
 """
 
 from __future__ import annotations
@@ -10,22 +11,14 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
-import re
-import secrets
 import socket
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import h11
 import trio
-
-# The file names live in the client so the CLI can find a node without importing trio.
-from swarm.client.sync_client import INFO_FILE, INFO_VERSION, SECRET_FILE
-from swarm.trust.private_file import narrow_mode, write_private
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +36,6 @@ RECEIVE_SIZE = 64 * 1024
 _HEAD_TOO_LARGE = f"Request head is over {MAX_HEAD_BYTES} bytes"
 
 _FRAMING_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding"})
-# RFC 6750 token68: the only characters a bearer token may carry in a header.
-_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-
-
-class SecretError(Exception):
-    """The secret file exists but cannot be used; the message says which file and why."""
-
 
 @dataclass(frozen=True)
 class Request:
@@ -458,53 +444,3 @@ def _protocol_message(exc: h11.RemoteProtocolError) -> str:
         return _HEAD_TOO_LARGE
     return f"Malformed HTTP request: {exc}"
 
-
-def load_or_create_secret(data_dir: Path) -> str:
-    """The API secret in `data_dir/api-secret`, created 0600 on first use."""
-    path = data_dir / SECRET_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # O_EXCL with the mode: the file is never, even briefly, readable by others.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        secret = _read_secret(path)
-        if secret:
-            return secret
-        # Empty means a first start died between create and write; nobody holds that secret.
-        log.warning("%s was empty; writing a new API secret", path)
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    secret = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return secret
-
-
-def _read_secret(path: Path) -> str:
-    """The secret in an existing file ("" if empty), narrowing a mode wider than 0600."""
-    narrow_mode(path)
-    secret = path.read_text(encoding="ascii", errors="replace").strip()
-    if secret and not _TOKEN_RE.fullmatch(secret):
-        raise SecretError(f"{path} does not hold a usable API secret. Delete it; the node "
-                          "makes a new one on its next start.")
-    return secret
-
-
-def write_api_info(data_dir: Path, port: int, pid: int) -> Path:
-    """Publish where the running node listens, atomically, so a reader never sees half."""
-    path = data_dir / INFO_FILE
-    write_private(path, json.dumps({"version": INFO_VERSION, "port": port, "pid": pid}).encode())
-    return path
-
-
-def remove_api_info(data_dir: Path, pid: int | None = None) -> None:
-    """Remove api.json; with `pid`, only if it is still that process's (another node may own it)."""
-    path = data_dir / INFO_FILE
-    if pid is not None:
-        try:
-            if json.loads(path.read_text()).get("pid") != pid:
-                return
-        except (OSError, ValueError, AttributeError):
-            return
-    path.unlink(missing_ok=True)

@@ -1,16 +1,15 @@
 """The desktop app's asyncio client for this machine's node API.
 
 The app runs on Qt's event loop through qasync, so every call here is a coroutine and nothing
-blocks the Qt thread. It speaks HTTP/1.1 (h11) to 127.0.0.1 with the node's bearer secret,
-finds the node the same way the CLI does (`api.json`, `api-secret`), and turns every failure
-into the CLI's NodeClientError family, whose messages are written for users.
+blocks the Qt thread. It speaks HTTP/1.1 (h11) to 127.0.0.1, one request per connection;
+finding the node, the headers, decoding and the errors are swarm.client.core's, shared with
+the CLI's blocking client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,7 @@ from typing import Any
 
 import h11
 
-from swarm.client.sync_client import (
-    SECRET_FILE,
-    ApiError,
-    NodeClientError,
-    NodeNotRunning,
-    decode_reply,
-    error_message,
-    read_api_info,
-)
+from swarm.client import core
 
 REQUEST_TIMEOUT_S = 15.0
 STREAM_IDLE_TIMEOUT_S = 600.0  # a model load on a slow machine can be silent this long
@@ -44,12 +35,8 @@ class NodeLink:
 
     @classmethod
     def find(cls, data_dir: Path) -> NodeLink:
-        """The running node of this data directory; NodeNotRunning when there is none."""
-        port, _ = read_api_info(data_dir)
-        try:
-            secret = (data_dir / SECRET_FILE).read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise NodeNotRunning(data_dir, f"its API secret is unreadable: {exc}") from None
+        """The running node of this data directory; NodeClientError when there is none."""
+        port, secret = core.find_node(data_dir)
         return cls(data_dir, port, secret)
 
     async def get(self, path: str, timeout: float = REQUEST_TIMEOUT_S) -> Any:
@@ -67,9 +54,8 @@ class NodeLink:
                         status, chunks):
                     data = b"".join([c async for c in chunks])
         except TimeoutError:
-            raise NodeClientError(
-                f"The Covey node did not answer within {timeout:g} s") from None
-        return decode_reply(status, data)
+            raise core.no_answer(self.port, timeout) from None
+        return core.decode_reply(status, data)
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST `body` and yield each server-sent event until `[DONE]`.
@@ -78,34 +64,24 @@ class NodeLink:
         stops the generation on the node."""
         async with self._exchange("POST", path, body, "text/event-stream") as (status, chunks):
             if status >= 400:
-                raise ApiError(status, error_message(b"".join([c async for c in chunks])))
-            pending = b""
+                raise core.ApiError(status, core.error_message(b"".join([c async for c in chunks])))
+            events = core.EventStream()
             async for data in chunks:
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    event = _sse_event(line.rstrip(b"\r"))
-                    if event is _DONE:
-                        return
-                    if event is not None:
-                        yield event
-        raise NodeClientError("The stream from the Covey node ended before the reply did")
+                for event in events.feed(data):
+                    yield event
+                if events.done:
+                    return
+            events.end()
 
     @contextlib.asynccontextmanager
     async def _exchange(self, method: str, path: str, body: Any, accept: str
                         ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = [("Host", f"127.0.0.1:{self.port}"),
-                   ("Authorization", f"Bearer {self.secret}"), ("Accept", accept),
-                   ("Connection", "close")]
-        if payload is not None:
-            headers += [("Content-Type", "application/json"),
-                        ("Content-Length", str(len(payload)))]
+        payload = core.json_body(body)
+        headers = list(core.request_headers(self.port, self.secret, accept, payload).items())
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
-            raise NodeNotRunning(self.data_dir, f"nothing answers on port {self.port}"
-                                 ) from None
+            raise core.not_listening(self.data_dir, self.port) from None
         conn = h11.Connection(h11.CLIENT)
         try:
             writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)))
@@ -115,33 +91,14 @@ class NodeLink:
             await writer.drain()
             response = await _next_event(conn, reader)
             if not isinstance(response, h11.Response):
-                raise NodeClientError("The Covey node closed the connection without answering")
+                raise core.NodeClientError("The Covey node closed the connection without answering")
             yield response.status_code, _body(conn, reader)
         except (OSError, h11.ProtocolError) as exc:
-            raise NodeClientError(f"Talking to the Covey node failed: {exc}") from None
+            raise core.talk_failed(self.port, exc) from None
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-
-
-_DONE = object()
-
-
-def _sse_event(line: bytes) -> Any:
-    """One SSE line: the event's JSON, `_DONE`, or None for anything that is not data."""
-    if not line.startswith(b"data: "):
-        return None
-    payload = line[len(b"data: "):]
-    if payload == b"[DONE]":
-        return _DONE
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        raise NodeClientError("The Covey node sent a stream event that is not JSON") from None
-    if isinstance(event, dict) and "error" in event:
-        raise ApiError(500, error_message(payload))
-    return event if isinstance(event, dict) else None
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
@@ -154,9 +111,9 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
             async with asyncio.timeout(idle_s):
                 data = await reader.read(READ_BYTES)
         except TimeoutError:
-            raise NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
+            raise core.NodeClientError(f"The Covey node sent nothing for {idle_s:g} s") from None
         if not data and conn.their_state is h11.SEND_RESPONSE:
-            raise NodeClientError("The Covey node closed the connection without answering")
+            raise core.NodeClientError("The Covey node closed the connection without answering")
         conn.receive_data(data)
 
 

@@ -24,16 +24,9 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
 from backends.model_store import DEFAULT_MODEL, ModelExists, ModelStore
+from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
-from swarm.api.server import (
-    HttpError,
-    LocalApi,
-    Request,
-    Response,
-    load_or_create_secret,
-    remove_api_info,
-    write_api_info,
-)
+from swarm.api.server import HttpError, LocalApi, Request, Response
 from swarm.ledger.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import SignedEntry, is_live

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import QMessageBox
 
 from app.gui.desktop import CoveyApp
 from swarm.client.async_client import NodeLink
-from swarm.client.sync_client import NodeClientError
+from swarm.client.core import NodeClientError
 from swarm.trust.token import new_token
 from tests.gui.conftest import LOOPBACK, app_data_dir, until
 from tests.support.fault_server import Faults, FaultServer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.client.sync_client import NodeNotRunning, pid_alive, read_api_info
+from swarm.client.core import NodeNotRunning, pid_alive, read_api_info
 from tests.gui.conftest import app_data_dir
 
 REPO = Path(__file__).resolve().parents[2]

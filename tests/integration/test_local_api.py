@@ -20,19 +20,17 @@ from pathlib import Path
 import pytest
 import trio
 
+from swarm.api.files import SecretError, load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.server import (
     MAX_HEAD_BYTES,
     HttpError,
     LocalApi,
     Request,
     Response,
-    SecretError,
     StreamingResponse,
-    load_or_create_secret,
-    remove_api_info,
-    write_api_info,
 )
-from swarm.client.sync_client import ApiError, NodeClient, NodeNotRunning
+from swarm.client.core import ApiError, NodeNotRunning
+from swarm.client.sync_client import NodeClient
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(30)]
 
