@@ -1,10 +1,11 @@
 """The OpenAPI 3.1 document of the node's local HTTP API, as plain Python data.
 
-`openapi_document()` describes what `swarm.api.server`, `swarm.api.openai_api` and `Node`'s handlers
-actually do: the OpenAI-compatible /v1 endpoints, Covey's own /api endpoints, the bearer gate
-and the one error shape. Its request schemas (components/schemas/ChatCompletionRequest, ...) are
-JSON Schema 2020-12 and may be reused to validate bodies; they allow unknown fields, as OpenAI
-clients send them, except where the handler itself refuses them (NodeUpdateRequest).
+`openapi_document()` describes what `swarm.api.server`, `swarm.api.openai_api` and
+`swarm.node.api_handlers` actually do: the OpenAI-compatible /v1 endpoints, Covey's own /api
+endpoints, the bearer gate and the one error shape. Its request schemas
+(components/schemas/ChatCompletionRequest, ...) are JSON Schema 2020-12 and may be reused to
+validate bodies; they allow unknown fields, as OpenAI clients send them, except where the
+handler itself refuses them (NodeUpdateRequest, WorkerRequest, ModelCopyRequest).
 """
 
 from __future__ import annotations
@@ -303,9 +304,36 @@ def _node_schemas() -> dict[str, Schema]:
                 "state": {"type": "string", "enum": ["idle", "leased"]},
                 "leased_by": or_null({"type": "string",
                                       "description": "Peer id of the lease holder."}),
-            }, ["enabled", "share_bytes", "state", "leased_by"]),
+                "direct_port": or_null({"type": "integer", "description":
+                                        "The direct TLS path's port; null without it."}),
+                "rpc_traffic": _object({
+                    "tunnel": schema_ref("LinkCounters"),
+                    "direct": or_null(schema_ref("LinkCounters")),
+                }, ["tunnel", "direct"], "The RPC connections this node served as a worker: "
+                   "over the libp2p tunnel since the node started, over the direct TLS path "
+                   "since worker mode was turned on (null while there is none). Bytes growing "
+                   "on the tunnel, or direct connections refused, mean a slower path."),
+            }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic"]),
+            "sharded_links": {
+                "type": "object", "additionalProperties": {
+                    "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},
+                "description": "Worker name -> how this node reaches it, for the sharded "
+                               "session loaded now; empty without one."},
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
-            "connected_peers", "federated", "worker"]),
+            "connected_peers", "federated", "worker", "sharded_links"]),
+        "LinkCounters": _object({
+            "connections": {"type": "integer", "minimum": 0,
+                            "description": "Connections admitted and relayed."},
+            "active": {"type": "integer", "minimum": 0, "description": "Relayed now."},
+            "refused": {"type": "integer", "minimum": 0,
+                        "description": "Connections not admitted (no lease, wrong secret)."},
+            "failed": {"type": "integer", "minimum": 0, "description":
+                       "Connections that ended by a reset or an error, not by closing."},
+            "bytes_up": {"type": "integer", "minimum": 0,
+                         "description": "Bytes from the client toward this worker."},
+            "bytes_down": {"type": "integer", "minimum": 0,
+                           "description": "Bytes from this worker toward the client."},
+        }, ["connections", "active", "refused", "failed", "bytes_up", "bytes_down"]),
         "Peer": _object({
             "peer_id": string, "name": string, "os": string, "covey_version": string,
             "rpc_protocol": string,
@@ -523,7 +551,7 @@ def openapi_document(server_url: str | None = None, *, node_api: bool = True
                 "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; a path not "
                 "listed here answers 404 and a method not listed 405 with an Allow header. "
                 "Request bodies may carry fields not listed here (they are ignored), except "
-                "POST /api/node."),
+                "those of POST /api/node, /api/worker and /api/models/copy."),
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "servers": [{"url": server_url or "/"}],

@@ -3,7 +3,8 @@
 `Node.run` is the whole lifetime of a node under trio: listen, admit peers, publish this
 machine's info as a heartbeat, keep the ledger in sync, find other nodes, serve the API on
 127.0.0.1, and on stop say goodbye (an entry that expires at once) so peers show it offline
-immediately rather than after the heartbeat's ttl.
+immediately rather than after the heartbeat's ttl. The /api endpoints that show and change
+the node are in `swarm.node.api_handlers`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,19 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from backends.model_store import DEFAULT_MODEL, ModelExists, ModelStore
+from backends.model_store import ModelStore
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
-from swarm.api.server import HttpError, LocalApi, Request, Response
-from swarm.ledger.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
-from swarm.ledger.peer_view import peers_view
+from swarm.api.server import LocalApi, Request, Response
+from swarm.ledger.node_info import NODE_KEY, collect_node_info
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
 from swarm.net import mdns
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
-from swarm.node.model_copy import MODELS_KEY, Copier, CopyError, CopyServer, Offer, shared_value
+from swarm.node.api_handlers import NodeApi
+from swarm.node.model_copy import MODELS_KEY, Copier, CopyServer, Offer, shared_value
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node.model_copy import offers as copy_offers
 from swarm.routes.federated import (
@@ -55,12 +56,11 @@ from swarm.trust.keys import SwarmKeys
 from swarm.trust.token import SwarmToken
 from swarm.workers.lease import PROTOCOL as LEASE_PROTOCOL
 from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelServer
-from swarm.workers.worker import WorkerService, share_bytes
+from swarm.workers.worker import WorkerService
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
-STATUS_VERSION = 1
 COALESCE_S = 0.1
 
 
@@ -130,13 +130,13 @@ class Node:
         self.store = ModelStore(config.data_dir / "models")
         self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
-        self.copier = Copier(self.host, self.store, self._copy_offers, self._changed)
-        self.federated = FederatedService(self.local_route, self._changed)
+        self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
+        self.federated = FederatedService(self.local_route, self.changed)
         if config.federated_model:
             self.federated.models = [config.federated_model]
         self.federated_route = FederatedRoute(self.host, self.federated,
                                               self._federated_candidates, self._federated_models)
-        self.worker = WorkerService(config.data_dir, self._changed, self._lease_ended,
+        self.worker = WorkerService(config.data_dir, self.changed, self._lease_ended,
                                     direct_bind=listen_ips(config.listen)[0])
         self.tunnels = TunnelServer(self.worker.tunnel_target)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
@@ -157,6 +157,12 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The nursery of `run`, for work that outlives an API request."""
+        assert self._nursery is not None, "the node is not running"
+        return self._nursery
 
     def addresses(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
@@ -280,27 +286,27 @@ class Node:
                 await trio.sleep(COALESCE_S)
             self._info_changed = trio.Event()
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         self._info_changed.set()
 
     def _names(self) -> dict[str, str]:
         return {r.entry.owner: str(r.entry.value.get("name", "?"))
                 for r in self.sync.ledger.by_key(NODE_KEY)}
 
-    def _admitted_ids(self) -> set[str]:
+    def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}
 
     def _federated_candidates(self, model: str) -> list[Candidate]:
-        return federated_candidates(self.sync.ledger, model, self._admitted_ids(),
+        return federated_candidates(self.sync.ledger, model, self.admitted_ids(),
                                     self.peer_id.to_base58(), time.time(), self._names())
 
     def _federated_models(self) -> list[str]:
-        return served_models(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+        return served_models(self.sync.ledger, self.admitted_ids(), self.peer_id.to_base58(),
                              time.time())
 
     def _worker_offers(self) -> list[WorkerOffer]:
         """Live worker entries of admitted peers (this node cannot lease itself)."""
-        now, admitted, names = time.time(), self._admitted_ids(), self._names()
+        now, admitted, names = time.time(), self.admitted_ids(), self._names()
         offers = []
         for record in self.sync.ledger.by_key(WORKER_KEY):
             owner = record.entry.owner
@@ -314,8 +320,8 @@ class Node:
     def _lease_ended(self, peer_id: str) -> None:
         self.tunnels.revoke(peer_id)
 
-    def _copy_offers(self) -> list[Offer]:
-        return copy_offers(self.sync.ledger, self._admitted_ids(), self.peer_id.to_base58(),
+    def copy_offers(self) -> list[Offer]:
+        return copy_offers(self.sync.ledger, self.admitted_ids(), self.peer_id.to_base58(),
                            time.time(), self._names())
 
     def _push_to_all(self, signed: SignedEntry) -> None:
@@ -354,14 +360,7 @@ class Node:
     # -- local API ----------------------------------------------------------------------------
 
     def _add_routes(self) -> None:
-        self.api.add_route("GET", "/api/status", self._api_status)
-        self.api.add_route("GET", "/api/peers", self._api_peers)
-        self.api.add_route("GET", "/api/ledger", self._api_ledger)
-        self.api.add_route("POST", "/api/node", self._api_update_node)
-        self.api.add_route("POST", "/api/federated", self._api_federated)
-        self.api.add_route("POST", "/api/worker", self._api_worker)
-        self.api.add_route("GET", "/api/models", self._api_models)
-        self.api.add_route("POST", "/api/models/copy", self._api_copy)
+        NodeApi(self).add_routes(self.api)
         self._add_openai_routes(self.api)
 
     def _add_openai_routes(self, api: LocalApi) -> None:
@@ -376,130 +375,3 @@ class Node:
             return Response.json(openapi_document(node_api=node_api))
 
         api.add_route("GET", "/openapi.json", openapi)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "version": STATUS_VERSION,
-            "peer_id": self.peer_id.to_base58(),
-            "name": self.name,
-            "addresses": self.addresses(),
-            "swarm_id": self.keys.swarm_id,
-            "roles": list(self.roles),
-            "lan_only": self.config.lan_only,
-            "connected_peers": sorted(self._admitted_ids()),
-            "federated": self.federated.ledger_value() | {"enabled": self.federated.enabled},
-            "worker": self.worker.status(),
-            "sharded_links": self.sharded_route.links(),
-        }
-
-    async def _api_status(self, request: Request) -> Response:
-        return Response.json(self.status())
-
-    async def _api_peers(self, request: Request) -> Response:
-        peers = peers_view(self.sync.ledger, self.peer_id.to_base58(), self._admitted_ids(),
-                           time.time())
-        return Response.json({"version": STATUS_VERSION, "peers": peers})
-
-    async def _api_ledger(self, request: Request) -> Response:
-        now = time.time()
-        entries = [
-            {"owner": owner, "key": key, "seq": r.entry.seq, "live": is_live(r, now)}
-            for (owner, key), r in sorted(self.sync.ledger.records.items())
-        ]
-        return Response.json({"version": STATUS_VERSION, "entries": entries})
-
-    async def _api_federated(self, request: Request) -> Response:
-        """{"enabled": bool, "model": NAME}: start or stop serving a model for the swarm."""
-        body = request.json()
-        if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
-            raise HttpError(400, 'send {"enabled": true|false, "model": NAME}')
-        model = body.get("model", DEFAULT_MODEL)
-        if not isinstance(model, str) or model not in self.local_route.model_ids():
-            raise HttpError(404, f"the model {model!r} is not in this node's store",
-                            code="model_not_found", param="model")
-        self.federated.models = [model] if body["enabled"] else []
-        self._changed()
-        return Response.json(self.status())
-
-    async def _api_worker(self, request: Request) -> Response:
-        """{"enabled": bool, "share_mib"?: int, "share_percent"?: number}: worker mode on or
-        off. Off lets the lease holder finish its reply (up to 20 s) in the background."""
-        body = request.json()
-        if (not isinstance(body, dict) or not isinstance(body.get("enabled"), bool)
-                or not set(body) <= {"enabled", "share_mib", "share_percent"}):
-            raise HttpError(400, 'send {"enabled": true|false} and optionally "share_mib" or '
-                                 '"share_percent"')
-        if not body["enabled"]:
-            self.worker.desk.accepting = False
-            assert self._nursery is not None
-            self._nursery.start_soon(self.worker.disable)
-            return Response.json(self.status())
-        mib, percent = body.get("share_mib"), body.get("share_percent")
-        if (mib is not None and (isinstance(mib, bool) or not isinstance(mib, int))) or (
-                percent is not None and (isinstance(percent, bool)
-                                         or not isinstance(percent, (int, float)))):
-            raise HttpError(400, "share_mib must be an integer, share_percent a number")
-        try:
-            share = share_bytes(mib, percent, collect_node_info(self.name, ()).ram_total)
-        except ValueError as exc:
-            raise HttpError(400, str(exc)) from None
-        try:
-            await self.worker.enable(share)
-        except OSError as exc:
-            raise HttpError(500, str(exc)) from None
-        return Response.json(self.status())
-
-    async def _api_update_node(self, request: Request) -> Response:
-        body = request.json()
-        if not isinstance(body, dict) or not set(body) <= {"name", "roles"}:
-            raise HttpError(400, 'send a JSON object with "name" and/or "roles"')
-        if "name" in body:
-            name = body["name"]
-            if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
-                raise HttpError(400, f"name must be 1 to {MAX_NAME_CHARS} characters")
-            self.name = name.strip()
-            self.local_route.machine = self.name
-        if "roles" in body:
-            roles = body["roles"]
-            if not isinstance(roles, list) or not set(roles) <= set(ROLES):
-                raise HttpError(400, f"roles must be a list drawn from {', '.join(ROLES)}")
-            self.roles = tuple(dict.fromkeys(roles))
-        self._info_changed.set()
-        return Response.json(self.status())
-
-    async def _api_models(self, request: Request) -> Response:
-        """This node's models, the ones peers offer, and the copies under way or finished."""
-        swarm: dict[tuple[str, str], dict[str, Any]] = {}
-        for offer in self._copy_offers():
-            row = swarm.setdefault((offer.model.name, offer.model.sha256),
-                                   {**asdict(offer.model), "machines": []})
-            row["machines"].append(offer.machine)
-        local = [asdict(m) for m in self.store.shareable()]
-        return Response.json({"version": STATUS_VERSION, "local": local,
-                              "swarm": [swarm[k] for k in sorted(swarm)],
-                              "copies": [j.to_dict() for j in self.copier.jobs.values()]})
-
-    async def _api_copy(self, request: Request) -> Response:
-        """{"model": NAME, "sha256"?: HEX, "cancel"?: bool}: start (or cancel) copying a model
-        from the peers that offer it; poll GET /api/models for progress."""
-        body = request.json()
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not set(
-                body) <= {"model", "sha256", "cancel"}:
-            raise HttpError(400, 'send {"model": NAME} (optionally "sha256", or "cancel": true)')
-        name, sha256 = body["model"], body.get("sha256")
-        if sha256 is not None and not isinstance(sha256, str):
-            raise HttpError(400, "sha256 must be a hex string", param="sha256")
-        if body.get("cancel") is True:
-            job = self.copier.cancel(name)
-            if job is None:
-                raise HttpError(404, f"no copy of {name!r} to cancel", param="model")
-            return Response.json(job.to_dict())
-        assert self._nursery is not None  # the API runs inside run()
-        try:
-            job = self.copier.start(self._nursery, name, sha256)
-        except ModelExists as exc:
-            raise HttpError(409, str(exc), code="model_exists", param="model") from None
-        except CopyError as exc:
-            raise HttpError(404, str(exc), code="model_not_found", param="model") from None
-        return Response.json(job.to_dict())
-

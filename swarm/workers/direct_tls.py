@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from swarm.trust.private_file import narrow_mode, write_private
-from swarm.workers.tunnel import parse_loopback_endpoint
+from swarm.workers.tunnel import LinkStats, parse_loopback_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -387,20 +387,18 @@ class _Tls:
 
 
 @dataclass
-class DirectStats:
-    """Counters for diagnostics. "Up" is toward the worker, "down" toward the client."""
+class DirectStats(LinkStats):
+    """The path's counters, which the relay threads update at once."""
 
-    connections: int = 0  # server: admitted; client: local connections accepted
-    active: int = 0  # relaying now
-    refused: int = 0  # server: not admitted; client: the worker could not be used
-    failed: int = 0  # relays that ended by an error or a reset rather than by closing
-    bytes_up: int = 0
-    bytes_down: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:
-        with self._lock:  # the relay threads count at once
+        with self._lock:
             setattr(self, name, getattr(self, name) + n)
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:  # one consistent reading, not a relay thread's half-done one
+            return super().counters()
 
 
 class _Conn:

@@ -19,7 +19,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import trio
@@ -64,15 +64,19 @@ def tune_yamux(frame_bytes: int = YAMUX_FRAME_BYTES) -> None:
 
 
 @dataclass
-class TunnelStats:
-    """Counters for diagnostics. "Up" is toward the worker, "down" toward the client."""
+class LinkStats:
+    """Counters of one end of an RPC path (this tunnel, or the direct TLS path), shown in
+    /api/status. "Up" is toward the worker, "down" toward the client."""
 
-    connections: int = 0  # tunnelled connections begun
-    active: int = 0  # tunnelled connections now open
-    refused: int = 0  # server: streams refused; client: connections no stream could carry
+    connections: int = 0  # connections relayed (server: admitted; client: accepted locally)
+    active: int = 0  # relayed connections now open
+    refused: int = 0  # server: not admitted; client: connections the path could not carry
     failed: int = 0  # connections that ended by a reset or an error rather than by closing
     bytes_up: int = 0
     bytes_down: int = 0
+
+    def counters(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(LinkStats)}
 
 
 def parse_loopback_endpoint(endpoint: str) -> tuple[str, int]:
@@ -103,7 +107,7 @@ class _Splice:
     """
 
     def __init__(
-        self, sock: trio.SocketStream, stream: INetStream, stats: TunnelStats, *, client: bool
+        self, sock: trio.SocketStream, stream: INetStream, stats: LinkStats, *, client: bool
     ) -> None:
         self.sock = sock
         self.stream = stream
@@ -258,7 +262,7 @@ class TunnelServer:
     def __init__(self, allowed: Callable[[str], str | None]) -> None:
         tune_yamux()
         self._allowed = allowed
-        self.stats = TunnelStats()
+        self.stats = LinkStats()
         self._open: dict[str, set[trio.CancelScope]] = {}
 
     async def handle(self, stream: INetStream) -> None:
@@ -317,7 +321,7 @@ class TunnelClient:
         self.host = host
         self.peer_id = peer_id
         self.endpoint: str | None = None
-        self.stats = TunnelStats()
+        self.stats = LinkStats()
         self._scope = trio.CancelScope()
 
     async def open(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -162,6 +162,9 @@ def test_sharded_greedy_reply_equals_local_and_follows_the_shares(shards: ShardS
     for name in ("w1", "w2"):
         worker = shards.nodes[name].api("/api/status")["worker"]
         assert worker["enabled"] and worker["leased_by"] == client.peer_id, worker
+        # ... and its RPC bytes came over the direct path, which /api/status counts.
+        direct = worker["rpc_traffic"]["direct"]
+        assert direct["connections"] >= 1 and direct["bytes_up"] > 0, worker
     # ... and in the swarm's peer list, with what each donates.
     def donated() -> dict[str, Any]:
         return {p["name"]: p["worker"] for p in client.peers() if p["worker"]}

@@ -14,8 +14,11 @@ import pytest
 from swarm.api import openai_api, openapi
 from swarm.api.openapi import openapi_document
 from swarm.ledger import node_info
+from swarm.node import api_handlers
 from swarm.node import daemon as node
 from swarm.routes import route as routes
+from swarm.workers.direct_tls import DirectStats
+from swarm.workers.tunnel import LinkStats
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -146,6 +149,12 @@ def test_request_schemas_and_examples_agree_with_the_handlers(doc: dict[str, Any
     assert set(example) <= set(schemas["NodeUpdateRequest"]["properties"])
 
 
+def test_link_counters_are_the_links_counters(doc: dict[str, Any]) -> None:
+    counters = doc["components"]["schemas"]["LinkCounters"]
+    for stats in (LinkStats(), DirectStats()):
+        assert set(counters["properties"]) == set(counters["required"]) == set(stats.counters())
+
+
 def test_limits_are_the_handlers_limits() -> None:
     assert openapi.ROUTE_NAMES == routes.ROUTE_NAMES
     assert openapi.MAX_TOKENS_LIMIT == openai_api.MAX_TOKENS_LIMIT
@@ -154,5 +163,5 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.MAX_MESSAGES == openai_api.MAX_MESSAGES
     assert openapi.ROLES == node_info.ROLES
     assert openapi.MAX_NAME_CHARS == node_info.MAX_NAME_CHARS
-    assert openapi.STATUS_VERSION == node.STATUS_VERSION
+    assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
     assert openapi.NODE_INFO_VERSION == node_info.INFO_VERSION
