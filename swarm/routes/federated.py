@@ -30,7 +30,8 @@ from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Timings, Token
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import read_frame, reset_quietly, write_frame
-from swarm.routes.route import Busy, LocalRoute, ModelUnknown, RouteError, Served
+from swarm.routes.local import LocalRoute
+from swarm.routes.route import Busy, ModelUnknown, RouteError, Served
 
 log = logging.getLogger(__name__)
 
