@@ -48,8 +48,8 @@ from swarm.routes.federated import (
 )
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.routes.federated import candidates as federated_candidates
+from swarm.routes.local import LocalRoute
 from swarm.routes.placement import WORKER_KEY, WorkerOffer
-from swarm.routes.route import LocalRoute
 from swarm.routes.sharded import ShardedRoute
 from swarm.trust.identity import load_or_create_identity
 from swarm.trust.keys import SwarmKeys

@@ -5,7 +5,8 @@
 - `FederatedRoute` sends a request to the federated node with the fewest requests in flight
   (counted by this node at dispatch, plus what the node itself reports), ties at random, this
   node included, skipping nodes that just failed. If the node fails mid-reply, the request
-  goes to another one with the text so far as a continuation, so the reply goes on.
+  goes to another one with the text so far as a continuation (`swarm/routes/failover.py`),
+  so the reply goes on.
 
 Wire format on `/covey/federated/1.0.0`: one request frame (JSON), then reply frames (JSON):
 {"type": "token", "text"}, then {"type": "done", ...}; or {"type": "error", "code", "message"}.
@@ -18,7 +19,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import trio
@@ -30,7 +31,15 @@ from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Timings, Token
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import read_frame, reset_quietly, write_frame
-from swarm.routes.route import Busy, LocalRoute, ModelUnknown, RouteError, Served
+from swarm.routes.failover import (
+    AttemptFailed,
+    Events,
+    OutOfOptions,
+    Progress,
+    with_failover,
+)
+from swarm.routes.local import LocalRoute
+from swarm.routes.route import Busy, ModelUnknown, RouteError, Served
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +194,12 @@ class _Failed(Exception):
         self.busy = busy
 
 
+def _give_up(causes: Sequence[BaseException]) -> RouteError:
+    if any(isinstance(c, _Failed) and c.busy for c in causes):
+        return Busy("every federated node serving this model is busy", 5)
+    return RouteError("every federated node serving this model failed")
+
+
 class FederatedRoute:
     """The client side: any node can send its requests to the swarm's federated nodes."""
 
@@ -207,48 +222,40 @@ class FederatedRoute:
         """The federated nodes serving `model`; a reply names the ones that served it."""
         return sorted(c.name for c in self._found(model))
 
-    async def generate(self, request: GenerateRequest, model: str
-                       ) -> AsyncIterator[Token | Done | Served]:
-        failed: set[str] = set()
-        produced: list[str] = []
-        prompt_tokens = 0
-        notice: str | None = None
-        busy_seen = False
-        for _attempt in range(MAX_ATTEMPTS):
-            found = self._found(model)
-            if not found:
-                raise ModelUnknown(f"no federated node serves {model!r}")
-            target = pick(found, self._dispatched, failed, self._rng)
-            if target is None:
-                break
-            left = request.max_tokens - len(produced)
-            attempt = replace(request, continuation=request.continuation + "".join(produced),
-                              max_tokens=max(left, 1))
-            yield Served(target.name, notice)
-            self._dispatched[target.peer_id] = self._dispatched.get(target.peer_id, 0) + 1
-            try:
-                async with aclosing(self._events(target, attempt, model)) as events:
-                    async for event in events:
-                        if isinstance(event, Token):
-                            produced.append(event.text)
-                            yield event
-                        else:
-                            prompt_tokens = prompt_tokens or event.prompt_tokens
-                            yield Done(request.id, event.finish_reason, "".join(produced),
-                                       prompt_tokens, tuple(range(len(produced))), Timings())
-                            return
-                raise _Failed("the reply ended without finishing")
-            except Exception as exc:  # noqa: BLE001 - a vanished node fails in many ways
-                busy_seen = busy_seen or (isinstance(exc, _Failed) and exc.busy)
-                failed.add(target.peer_id)
-                log.warning("federated node %s failed (%r); trying another", target.name, exc)
-                notice = (f"{target.name} failed mid-reply; continuing on another machine"
-                          if produced else f"{target.name} could not serve; trying another")
-            finally:
-                self._dispatched[target.peer_id] -= 1
-        if busy_seen:
-            raise Busy("every federated node serving this model is busy", 5)
-        raise RouteError("every federated node serving this model failed")
+    def generate(self, request: GenerateRequest, model: str
+                 ) -> AsyncIterator[Token | Done | Served]:
+        failed: set[str] = set()  # peer ids that failed this reply
+        return with_failover(
+            request, lambda part, progress: self._attempt(part, model, progress, failed),
+            MAX_ATTEMPTS, _give_up)
+
+    async def _attempt(self, request: GenerateRequest, model: str, progress: Progress,
+                       failed: set[str]) -> Events:
+        """One try on the least loaded node that has not failed this reply."""
+        found = self._found(model)
+        if not found:
+            raise ModelUnknown(f"no federated node serves {model!r}")
+        target = pick(found, self._dispatched, failed, self._rng)
+        if target is None:
+            raise OutOfOptions
+        yield Served(target.name, progress.lost)
+        self._dispatched[target.peer_id] = self._dispatched.get(target.peer_id, 0) + 1
+        try:
+            async with aclosing(self._events(target, request, model)) as events:
+                async for event in events:
+                    yield event
+                    if isinstance(event, Done):
+                        return
+            raise _Failed("the reply ended without finishing")
+        except Exception as exc:  # noqa: BLE001 - a vanished node fails in many ways
+            failed.add(target.peer_id)
+            log.warning("federated node %s failed (%r); trying another", target.name, exc)
+            raise AttemptFailed(
+                f"{target.name} failed mid-reply; continuing on another machine"
+                if progress.produced else f"{target.name} could not serve; trying another"
+            ) from exc
+        finally:
+            self._dispatched[target.peer_id] -= 1
 
     async def _events(self, target: Candidate, request: GenerateRequest, model: str
                       ) -> AsyncIterator[Token | Done]:
@@ -265,15 +272,19 @@ class FederatedRoute:
                                                 [TProtocol(PROTOCOL)])
         try:
             await write_frame(stream, request_frame(model, request))
+            streamed = 0
             while True:
                 with trio.fail_after(TOKEN_TIMEOUT_S):
                     reply = json.loads(await read_frame(stream, MAX_REPLY_FRAME_BYTES))
                 kind = reply.get("type")
                 if kind == "token":
+                    streamed += 1
                     yield Token(request.id, -1, str(reply.get("text", "")))
                 elif kind == "done":
-                    yield Done(request.id, str(reply.get("finish_reason", "stop")), "",
-                               int(reply.get("prompt_tokens", 0)), (), Timings())
+                    # A token's id is the serving node's; what counts is how many came.
+                    yield Done(request.id, str(reply.get("finish_reason", "stop")),
+                               str(reply.get("text", "")), int(reply.get("prompt_tokens", 0)),
+                               (-1,) * streamed, Timings())
                     return
                 else:
                     raise _Failed(str(reply.get("message", "error")),

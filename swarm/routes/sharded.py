@@ -9,16 +9,17 @@ request on, and an idle session gives its workers back after `IDLE_RELEASE_S`.
 Failover: when a worker is lost mid-reply, ggml aborts the engine process. The route marks
 the lost worker unusable for a while, plans again with the rest (or, if nothing fits, runs
 on this machine alone), restarts the engine and replays the prompt plus the text produced
-so far, so the reply goes on; the stream carries a notice naming the lost machine.
+so far (`swarm/routes/failover.py`), so the reply goes on; the stream carries a notice naming
+the lost machine. The session opener is injectable, so failover is tested in-process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -30,6 +31,8 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.model_store import DEFAULT_MODEL, ModelStore
+from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
+from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
 from swarm.routes.placement import (
     Placement,
     PlacementError,
@@ -37,16 +40,7 @@ from swarm.routes.placement import (
     plan_placement,
     usable_workers,
 )
-from swarm.routes.route import (
-    EngineGate,
-    LocalRoute,
-    RequestRefused,
-    RouteError,
-    Served,
-    engine_events,
-    model_entry,
-    start_engine,
-)
+from swarm.routes.route import RequestRefused, RouteError, Served
 from swarm.workers.lease import Lease, hold
 from swarm.workers.rpc_link import open_link
 
@@ -63,7 +57,7 @@ class NoWorkers(RouteError):
     """No placement over the swarm's workers holds the model (the message says why)."""
 
 
-class _WorkerFailed(Exception):
+class WorkerFailed(Exception):
     """A worker refused its lease or could not be reached while a session was opening."""
 
     def __init__(self, peer_id: str, why: BaseException) -> None:
@@ -99,12 +93,19 @@ class Session:
                 for w, n in zip(self.placement.workers, self.placement.layers, strict=True)]
 
 
+# Leases a placement's workers, opens a link to each and starts the engine over them. Raises
+# WorkerFailed for a worker that cannot be leased or reached, EngineError if the engine does
+# not start (having given back what it took). Injectable, so failover is testable in-process.
+SessionOpener = Callable[[str, bool, Placement], Awaitable[Session]]
+
+
 class ShardedRoute:
     name = "sharded"
 
     def __init__(self, host: IHost, store: ModelStore, offers: Callable[[], list[WorkerOffer]],
                  names: Callable[[], dict[str, str]], fallback: LocalRoute, n_ctx: int = 4096,
-                 engine_factory: Callable[[EngineConfig], Engine] = Engine) -> None:
+                 engine_factory: Callable[[EngineConfig], Engine] = Engine,
+                 open_session: SessionOpener | None = None) -> None:
         self.host = host
         self.store = store
         self.fallback = fallback
@@ -112,6 +113,7 @@ class ShardedRoute:
         self._names = names
         self._n_ctx = n_ctx
         self._engine_factory = engine_factory
+        self._open_session = open_session or self._open_on_workers
         self.gate = EngineGate(4, "the sharded engine")
         self.nursery: trio.Nursery | None = None  # the node's, set when it runs
         self.session: Session | None = None
@@ -152,59 +154,54 @@ class ShardedRoute:
 
     async def generate(self, request: GenerateRequest, model: str
                        ) -> AsyncIterator[Token | Done | Served]:
-        produced: list[str] = []
-        lost: str | None = None  # e.g. "w2 left mid-reply", once a worker is gone
-        async with self.gate.turn():
-            for _attempt in range(MAX_ATTEMPTS):
-                left = request.max_tokens - len(produced)
-                attempt = replace(request, max_tokens=max(left, 1),
-                                  continuation=request.continuation + "".join(produced))
-                try:
-                    session = await self._session_for(model, request.deterministic)
-                except EngineError as exc:  # it did not load on these workers: plan again
-                    lost = lost or f"the sharded engine did not start ({exc})"
-                    continue
-                except _WorkerFailed as failed:
-                    # The ledger was behind (someone else leased it, or worker mode went off
-                    # there): plan without that worker for a little while.
-                    log.info("worker %s could not be leased (%s); planning without it",
-                             failed.peer_id, failed.__cause__ or failed)
-                    self._unusable[failed.peer_id] = time.monotonic() + REFUSED_S
-                    continue
-                except NoWorkers:
-                    if lost is None:
-                        raise
-                    # Nothing left to shard on: this machine alone, if the model fits here.
-                    yield Served(self.fallback.machine, f"{lost}; continuing on this machine")
-                    async with aclosing(self.fallback.generate(attempt, model)) as events:
-                        async for event in events:
-                            if isinstance(event, Done):
-                                yield _whole(request, event, produced)
-                                return
-                            produced.append(event.text)
-                            yield event
-                    return
-                others = ", ".join(w.name for w in session.placement.workers)
-                for i, machine in enumerate(session.served()):
-                    notice = f"{lost}; continuing on {others}" if lost and i == 0 else None
-                    yield Served(machine, notice)
-                assert session.engine is not None
-                try:
-                    async with aclosing(engine_events(session.engine, attempt)) as events:
-                        async for event in events:
-                            if isinstance(event, Done):
-                                yield _whole(request, event, produced) if lost else event
-                                return
-                            produced.append(event.text)
-                            yield event
-                except GenerationFailed as exc:
-                    raise RequestRefused(str(exc)) from None
-                except EngineError as exc:
-                    who = ", ".join(await self._forget(session, exc)) or "a worker"
-                    lost = f"{who} left mid-reply" if produced else f"{who} failed"
-                finally:
-                    session.last_used = time.monotonic()
-        raise RouteError("the sharded engine failed repeatedly; see the node's log")
+        async with self.gate.turn(), aclosing(with_failover(
+                request, lambda part, progress: self._attempt(part, model, progress),
+                MAX_ATTEMPTS, _give_up)) as events:
+            async for event in events:
+                yield event
+
+    async def _attempt(self, request: GenerateRequest, model: str, progress: Progress) -> Events:
+        """One try on a session that matches the plan for the workers usable now."""
+        try:
+            session = await self._session_for(model, request.deterministic)
+        except EngineError as exc:  # it did not load on these workers: plan again
+            lost = progress.lost or f"the sharded engine did not start ({exc})"
+            raise AttemptFailed(lost) from exc
+        except WorkerFailed as failed:
+            # The ledger was behind (someone else leased it, or worker mode went off there):
+            # plan without that worker for a little while.
+            log.info("worker %s could not be leased (%s); planning without it",
+                     failed.peer_id, failed.__cause__ or failed)
+            self._unusable[failed.peer_id] = time.monotonic() + REFUSED_S
+            raise AttemptFailed(None) from failed
+        except NoWorkers:
+            if progress.lost is None:
+                raise
+            session = None
+        if session is None:
+            # Nothing left to shard on: this machine alone, if the model fits here.
+            yield Served(self.fallback.machine, f"{progress.lost}; continuing on this machine")
+            async with aclosing(self.fallback.generate(request, model)) as events:
+                async for event in events:
+                    yield event
+            return
+        others = ", ".join(w.name for w in session.placement.workers)
+        notice = f"{progress.lost}; continuing on {others}" if progress.lost else None
+        for i, machine in enumerate(session.served()):
+            yield Served(machine, notice if i == 0 else None)
+        assert session.engine is not None
+        try:
+            async with aclosing(engine_events(session.engine, request)) as events:
+                async for event in events:
+                    yield event
+        except GenerationFailed as exc:
+            raise RequestRefused(str(exc)) from None
+        except EngineError as exc:
+            who = ", ".join(await self._forget(session, exc)) or "a worker"
+            lost = f"{who} left mid-reply" if progress.produced else f"{who} failed"
+            raise AttemptFailed(lost) from exc
+        finally:
+            session.last_used = time.monotonic()
 
     async def _forget(self, session: Session, exc: EngineError) -> list[str]:
         """The engine died: find the workers that left, keep them out of plans for a while,
@@ -249,10 +246,12 @@ class ShardedRoute:
             if same:
                 return current
             await self.close_session()
-        return await self._open_session(model, deterministic, placement)
+        self.session = await self._open_session(model, deterministic, placement)
+        return self.session
 
-    async def _open_session(self, model: str, deterministic: bool,
-                            placement: Placement) -> Session:
+    async def _open_on_workers(self, model: str, deterministic: bool,
+                               placement: Placement) -> Session:
+        """The default `SessionOpener`: leases and links over the swarm, then the engine."""
         assert self.nursery is not None, "the node sets the nursery before serving"
         try:
             session: Session = await self.nursery.start(self._keep, model, deterministic,
@@ -271,7 +270,6 @@ class ShardedRoute:
         except BaseException:
             session.scope.cancel()
             raise
-        self.session = session
         log.info("sharded engine loaded %s on %s via %s", model, placement.describe(),
                  session.paths)
         return session
@@ -287,7 +285,7 @@ class ShardedRoute:
                         session.leases[worker.peer_id] = await nursery.start(
                             hold, self.host, worker.peer_id)
                     except Exception as exc:  # noqa: BLE001 - refused, gone, or not a worker
-                        raise _WorkerFailed(worker.peer_id, exc) from None
+                        raise WorkerFailed(worker.peer_id, exc) from None
                 for worker in placement.workers:
                     endpoint, path = await nursery.start(
                         open_link, self.host, worker, session.leases[worker.peer_id])
@@ -337,10 +335,8 @@ def _layout(placement: Placement) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return tuple(w.peer_id for w in placement.workers), placement.tensor_split
 
 
-def _whole(request: GenerateRequest, done: Done, produced: list[str]) -> Done:
-    """The final Done of a reply that moved machines: the text of every part."""
-    return Done(request.id, done.finish_reason, "".join(produced), done.prompt_tokens,
-                done.tokens, done.timings)
+def _give_up(causes: Sequence[BaseException]) -> RouteError:
+    return RouteError("the sharded engine failed repeatedly; see the node's log")
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

@@ -1,0 +1,204 @@
+"""The local route: this machine's engine, and the pieces other routes reuse to run one.
+
+Owns the engine's turn-taking (`EngineGate`: one generation at a time, a bounded queue, `Busy`
+beyond), streaming one generation off the engine's blocking API (`engine_events`), starting an
+engine (`start_engine`) and finding a model in the store (`model_entry`). `LocalRoute` loads
+the requested model on first use and keeps it loaded for the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from backends.engine import Engine, EngineError, GenerationFailed
+from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
+from backends.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
+from swarm.routes.route import Busy, ModelUnknown, RequestRefused
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Run:
+    """One generation running on an engine thread, feeding a trio channel."""
+
+    request_id: str
+    events: trio.MemoryReceiveChannel[Any]
+    finished: trio.Event
+
+
+class EngineGate:
+    """One generation at a time on an engine, at most `max_waiting` waiting, Busy beyond."""
+
+    def __init__(self, max_waiting: int, what: str) -> None:
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._what = what
+        self._lock = trio.Lock()
+        self._recent_s = 10.0  # a rough duration of one generation, for Retry-After
+
+    @property
+    def busy(self) -> bool:
+        """A generation is running or waiting."""
+        return self._lock.locked() or self.waiting > 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_waiting:
+            retry = max(1, int(self._recent_s * (self.waiting + 1) / 2))
+            raise Busy(f"{self._what} is busy ({self.waiting} requests waiting); "
+                       f"retry in {retry} s", retry)
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        started = trio.current_time()
+        try:
+            yield
+        finally:
+            self._recent_s = 0.7 * self._recent_s + 0.3 * (trio.current_time() - started)
+            self._lock.release()
+
+
+async def engine_events(engine: Engine, request: GenerateRequest
+                        ) -> AsyncIterator[Token | Done]:
+    """The events of one generation on `engine` (its API blocks, so it runs on a thread).
+
+    A consumer that stops reading (the client disconnected) stops the generation, and this
+    waits until the engine is free before the next request may use it."""
+    run = _start(engine, request)
+    try:
+        async for event in run.events:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        with trio.CancelScope(shield=True):
+            if not run.finished.is_set():
+                engine.stop(run.request_id)
+            async for _ in run.events:
+                pass
+            await run.finished.wait()
+
+
+def _start(engine: Engine, request: GenerateRequest) -> _Run:
+    send, receive = trio.open_memory_channel[Any](256)
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def pump() -> None:
+        try:
+            for event in engine.generate(request):
+                trio.from_thread.run(send.send, event, trio_token=token)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer to raise
+            with contextlib.suppress(Exception):  # the consumer may be gone already
+                trio.from_thread.run(send.send, exc, trio_token=token)
+        finally:
+            try:
+                trio.from_thread.run_sync(send.close, trio_token=token)
+                trio.from_thread.run_sync(finished.set, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+    threading.Thread(target=pump, name=f"engine-{request.id}", daemon=True).start()
+    return _Run(request.id, receive, finished)
+
+
+async def model_entry(store: ModelStore, model: str) -> ModelEntry:
+    """The store's model (the bundled default is registered on first use); ModelUnknown if
+    there is none."""
+    try:
+        if model == DEFAULT_MODEL:
+            return await trio.to_thread.run_sync(store.ensure_default)
+        return store.get(model)
+    except ModelNotFound:
+        raise ModelUnknown(f"the model {model!r} is not in this node's store") from None
+
+
+async def start_engine(factory: Callable[[EngineConfig], Engine], config: EngineConfig
+                       ) -> Engine:
+    """A started engine with its model loaded; closed again if loading fails."""
+    engine = await trio.to_thread.run_sync(factory, config)
+    try:
+        await trio.to_thread.run_sync(engine.wait_loaded)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(engine.close)
+        raise
+    return engine
+
+
+class LocalRoute:
+    """This machine's engine, started on first use with the requested model."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        store: ModelStore,
+        machine: str,
+        max_waiting: int = 4,
+        engine_factory: Callable[[EngineConfig], Engine] = Engine,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+    ) -> None:
+        self.store = store
+        self.machine = machine
+        self._engine_factory = engine_factory
+        self._n_ctx = n_ctx
+        self.n_threads = n_threads  # None: the engine's choice (the physical cores)
+        self._engine: Engine | None = None
+        self._engine_model: tuple[str, bool] | None = None
+        self.gate = EngineGate(max_waiting, "this node's engine")
+
+    def model_ids(self) -> list[str]:
+        # The bundled default is always servable; it is registered on first use.
+        return sorted({*self.store.names(), DEFAULT_MODEL})
+
+    def machines(self, model: str) -> list[str]:
+        return [self.machine]
+
+    async def generate(self, request: GenerateRequest, model: str) -> AsyncIterator[Token | Done]:
+        async with self.gate.turn():
+            try:
+                engine = await self._engine_for(model, request.deterministic)
+                # aclosing: a consumer that leaves must stop the generation before the gate
+                # lets the next request onto the engine.
+                async with contextlib.aclosing(engine_events(engine, request)) as events:
+                    async for event in events:
+                        yield event
+            except GenerationFailed as exc:
+                # The engine is fine; the request was not (e.g. longer than the context).
+                raise RequestRefused(str(exc)) from None
+            except EngineError:
+                await self._drop_engine()
+                raise
+
+    async def _engine_for(self, model: str, deterministic: bool) -> Engine:
+        if self._engine is not None and self._engine_model == (model, deterministic):
+            return self._engine
+        await self._drop_engine()
+        entry = await model_entry(self.store, model)
+        config = EngineConfig(model_path=str(entry.path), n_ctx=self._n_ctx,
+                              n_threads=self.n_threads, deterministic=deterministic)
+        engine = await start_engine(self._engine_factory, config)
+        self._engine, self._engine_model = engine, (model, deterministic)
+        log.info("engine loaded %s", model)
+        return engine
+
+    async def _drop_engine(self) -> None:
+        engine, self._engine, self._engine_model = self._engine, None, None
+        if engine is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(engine.close)
+
+    async def close(self) -> None:
+        await self._drop_engine()
