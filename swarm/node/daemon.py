@@ -34,7 +34,15 @@ from swarm.api.server import (
     remove_api_info,
     write_api_info,
 )
-from swarm.ledger.node_info import MAX_NAME_CHARS, NODE_KEY, ROLES, collect_node_info
+from swarm.ledger.entries import (
+    FEDERATED_KEY,
+    MAX_NAME_CHARS,
+    MODELS_KEY,
+    NODE_KEY,
+    ROLES,
+    WORKER_KEY,
+    WorkerOffer,
+)
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
@@ -42,19 +50,13 @@ from swarm.net import mdns
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
-from swarm.node.model_copy import MODELS_KEY, Copier, CopyError, CopyServer, Offer, shared_value
+from swarm.node.local_facts import collect_node_info
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
+from swarm.node.model_copy import Copier, CopyError, CopyServer, Offer, shared_value
 from swarm.node.model_copy import offers as copy_offers
-from swarm.routes.federated import (
-    FEDERATED_KEY,
-    Candidate,
-    FederatedRoute,
-    FederatedService,
-    served_models,
-)
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
+from swarm.routes.federated import Candidate, FederatedRoute, FederatedService, served_models
 from swarm.routes.federated import candidates as federated_candidates
-from swarm.routes.placement import WORKER_KEY, WorkerOffer
 from swarm.routes.route import LocalRoute
 from swarm.routes.sharded import ShardedRoute
 from swarm.trust.identity import load_or_create_identity
