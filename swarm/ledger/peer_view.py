@@ -6,10 +6,17 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from swarm.ledger.node_info import NODE_KEY, NodeInfo
+from swarm.ledger.entries import (
+    MODELS_KEY,
+    NODE_KEY,
+    WORKER_KEY,
+    NodeInfo,
+    SharedModel,
+    WorkerEntry,
+    parse_shared,
+    read,
+)
 from swarm.ledger.rules import Ledger, is_live
-from swarm.node.model_copy import MODELS_KEY, SharedModel, parse_shared
-from swarm.routes.placement import WORKER_KEY, WorkerOffer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ def _worker(ledger: Ledger, owner: str, now: float) -> dict[str, Any] | None:
     record = ledger.get(owner, WORKER_KEY)
     if record is None or not is_live(record, now):
         return None
-    offer = WorkerOffer.from_ledger(owner, "", record.entry.value)
+    offer = read(WorkerEntry.from_value, record.entry.value)
     if offer is None:
         return None
     return {"donated_bytes": offer.donated_bytes, "state": offer.state,

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from swarm.trust.identity import verify
 from swarm.trust.seal import SealError, seal, unseal
 
 ENTRY_VERSION = 1
@@ -95,6 +94,10 @@ def seal_entry(ledger_key: bytes, signed: SignedEntry) -> bytes:
 
 def open_entry(ledger_key: bytes, message: bytes) -> SignedEntry:
     """Unseal, parse and check a message's shape and signature; raises Rejected."""
+    # Deferred: checking a signature needs libp2p's peer ids, and the pure readers of the
+    # ledger (peer_view, the API's views) must load without libp2p.
+    from swarm.trust.identity import verify
+
     if len(message) > MAX_MESSAGE_BYTES:
         raise Rejected(f"message of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
     try:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from backends.model_store import DEFAULT_MODEL, ModelExists
 from swarm.api.body import null_ok, parse_body
 from swarm.api.server import HttpError, LocalApi, Request, Response
-from swarm.ledger.node_info import MAX_NAME_CHARS, ROLES, collect_node_info
+from swarm.ledger.entries import MAX_NAME_CHARS, ROLES
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import is_live
+from swarm.node.local_facts import collect_node_info
 from swarm.node.model_copy import CopyError
 from swarm.workers.worker import share_bytes
 

@@ -28,7 +28,13 @@ from backends.model_store import ModelStore
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
 from swarm.api.server import LocalApi, Request, Response
-from swarm.ledger.node_info import NODE_KEY, collect_node_info
+from swarm.ledger.entries import (
+    FEDERATED_KEY,
+    MODELS_KEY,
+    NODE_KEY,
+    WORKER_KEY,
+    WorkerOffer,
+)
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
 from swarm.net import mdns
@@ -36,20 +42,14 @@ from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
 from swarm.node.api_handlers import NodeApi
-from swarm.node.model_copy import MODELS_KEY, Copier, CopyServer, Offer, shared_value
+from swarm.node.local_facts import collect_node_info
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
+from swarm.node.model_copy import Copier, CopyServer, Offer, shared_value
 from swarm.node.model_copy import offers as copy_offers
-from swarm.routes.federated import (
-    FEDERATED_KEY,
-    Candidate,
-    FederatedRoute,
-    FederatedService,
-    served_models,
-)
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
+from swarm.routes.federated import Candidate, FederatedRoute, FederatedService, served_models
 from swarm.routes.federated import candidates as federated_candidates
 from swarm.routes.local import LocalRoute
-from swarm.routes.placement import WORKER_KEY, WorkerOffer
 from swarm.routes.sharded import ShardedRoute
 from swarm.trust.identity import load_or_create_identity
 from swarm.trust.keys import SwarmKeys

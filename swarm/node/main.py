@@ -116,9 +116,9 @@ def _first_os_error(exc: BaseException) -> OSError | None:
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
     from backends.model_store import DEFAULT_MODEL
-    from swarm.ledger.node_info import default_node_name, memory_bytes
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
+    from swarm.node.local_facts import default_node_name, memory_bytes
     from swarm.workers.worker import share_bytes
 
     listen = tuple(args.listen) or DEFAULT_LISTEN

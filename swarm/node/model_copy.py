@@ -17,7 +17,6 @@ import errno
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,35 +29,24 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from backends.errors import ModelStoreError
-from backends.model_store import DiskFull, Manifest, ModelExists, ModelStore, check_name
+from backends.model_store import DiskFull, Manifest, ModelExists, ModelStore
+from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import read_frame, reset_quietly, write_frame
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/covey/model-copy/1.0.0"
-MODELS_KEY = "models"
 WIRE_VERSION = 1
 RANGE_BYTES = 16 << 20  # one request per range: what a peer that leaves leaves half-sent
 BLOCK_BYTES = 256 << 10
-MAX_SHARED = 200  # keeps the ledger entry well under its 64 KiB limit
 MAX_REQUEST_BYTES = 4096
 CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class CopyError(ModelStoreError):
     """A copy that cannot start or cannot finish; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class SharedModel:
-    """One file a peer offers: copies with the same sha256 are the same file."""
-
-    name: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -71,33 +59,9 @@ class Offer:
 # -- ledger entry (pure) -------------------------------------------------------------------------
 
 def shared_value(manifests: Sequence[Manifest]) -> dict[str, Any]:
-    """This node's "models" ledger value."""
-    models = [{"name": m.name, "size": m.size, "sha256": m.sha256} for m in manifests
-              if m.sha256][:MAX_SHARED]
-    return {"version": WIRE_VERSION, "models": models}
-
-
-def parse_shared(value: dict[str, Any]) -> list[SharedModel]:
-    """The well-formed models of a peer's "models" entry; anything else is left out."""
-    if value.get("version") != WIRE_VERSION or not isinstance(value.get("models"), list):
-        return []
-    found = []
-    for item in value["models"][:MAX_SHARED]:
-        if not isinstance(item, dict):
-            continue
-        name, size, sha256 = item.get("name"), item.get("size"), item.get("sha256")
-        if (isinstance(name, str) and _valid_name(name) and type(size) is int and size > 0
-                and isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256)):
-            found.append(SharedModel(name, size, sha256))
-    return found
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-    except ValueError:
-        return False
-    return True
+    """This node's "models" ledger value: the hashed models in its store, as many as fit."""
+    models = tuple(SharedModel(m.name, m.size, m.sha256) for m in manifests if m.sha256)
+    return ModelsEntry(models[:MAX_SHARED]).to_value()
 
 
 def offers(ledger: Ledger, admitted: set[str], self_id: str, now: float,

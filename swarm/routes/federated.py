@@ -29,6 +29,7 @@ from libp2p.peer.id import ID
 
 from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Timings, Token
+from swarm.ledger.entries import FEDERATED_KEY, FederatedEntry, read
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import read_frame, reset_quietly, write_frame
 from swarm.routes.failover import (
@@ -44,7 +45,6 @@ from swarm.routes.route import Busy, ModelUnknown, RouteError, Served
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/covey/federated/1.0.0"
-FEDERATED_KEY = "federated"
 WIRE_VERSION = 1
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_REPLY_FRAME_BYTES = 64 * 1024
@@ -61,31 +61,30 @@ class Candidate:
 
 
 def _serving(ledger: Ledger, admitted: set[str], self_id: str, now: float
-             ) -> list[tuple[str, dict[str, Any]]]:
-    """(owner, value) of each live federated entry from an admitted peer or this node."""
-    return [(r.entry.owner, r.entry.value) for r in ledger.by_key(FEDERATED_KEY)
-            if is_live(r, now) and (r.entry.owner == self_id or r.entry.owner in admitted)
-            and isinstance(r.entry.value.get("models"), list)]
+             ) -> list[tuple[str, FederatedEntry]]:
+    """(owner, entry) of each live, well-formed federated entry from an admitted peer or this
+    node."""
+    found = []
+    for r in ledger.by_key(FEDERATED_KEY):
+        if is_live(r, now) and (r.entry.owner == self_id or r.entry.owner in admitted):
+            entry = read(FederatedEntry.from_value, r.entry.value)
+            if entry is not None:
+                found.append((r.entry.owner, entry))
+    return found
 
 
 def served_models(ledger: Ledger, admitted: set[str], self_id: str, now: float) -> list[str]:
     """Every model some federated node serves now."""
-    return sorted({m for _, value in _serving(ledger, admitted, self_id, now)
-                   for m in value["models"] if isinstance(m, str)})
+    return sorted({m for _, entry in _serving(ledger, admitted, self_id, now)
+                   for m in entry.models})
 
 
 def candidates(ledger: Ledger, model: str, admitted: set[str], self_id: str, now: float,
                names: dict[str, str]) -> list[Candidate]:
     """Federated nodes that serve `model` now, with their reported requests in flight."""
-    found = []
-    for owner, value in _serving(ledger, admitted, self_id, now):
-        in_flight = value.get("in_flight", 0)
-        if model not in value["models"]:
-            continue
-        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 0:
-            continue
-        found.append(Candidate(owner, names.get(owner, owner[-8:]), in_flight))
-    return found
+    return [Candidate(owner, names.get(owner, owner[-8:]), entry.in_flight)
+            for owner, entry in _serving(ledger, admitted, self_id, now)
+            if model in entry.models]
 
 
 def pick(found: Sequence[Candidate], dispatched: dict[str, int], failed: set[str],
@@ -141,8 +140,8 @@ class FederatedService:
         return bool(self.models)
 
     def ledger_value(self) -> dict[str, Any]:
-        return {"version": WIRE_VERSION, "models": list(self.models),
-                "in_flight": self.in_flight, "max_queue": self.local.gate.max_waiting}
+        return FederatedEntry(tuple(self.models), self.in_flight,
+                              self.local.gate.max_waiting).to_value()
 
     async def run_local(self, request: GenerateRequest, model: str
                         ) -> AsyncIterator[Token | Done]:

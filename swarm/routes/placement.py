@@ -1,9 +1,9 @@
 """Which swarm workers hold a model's layers, and how llama.cpp's `tensor_split` divides them.
 
-Owns reading worker offers from the ledger (key "worker"), filtering out workers this node
-cannot use, and planning a placement: the smallest, strongest set of workers whose donated
-memory holds the model, with a split that never gives a worker more bytes than it donated.
-Pure functions: no network, no I/O.
+A pure planner over typed worker offers (`WorkerOffer`, read from the ledger by the caller
+through swarm/ledger/entries.py): filtering out workers this node cannot use, and planning a
+placement: the smallest, strongest set of workers whose donated memory holds the model, with
+a split that never gives a worker more bytes than it donated. No network, no I/O.
 """
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, permutations
-from typing import Any
 
 from backends.gguf_info import MemoryEstimate
 from backends.layer_split import layer_devices, layers_per_device
+from swarm.ledger.entries import WorkerOffer
 
-WORKER_KEY = "worker"
-WORKER_VALUE_VERSION = 1
-WORKER_STATES = ("idle", "leased")
-_MAX_TEXT_CHARS = 128
 _PERMUTED_WORKERS = 5  # 120 orders, each a few hundred microseconds at most
 
 
@@ -30,73 +26,6 @@ def gib(n: int) -> str:
     if abs(n) >= (1 << 20) // 10:
         return f"{n / (1 << 20):.1f} MiB"
     return f"{n} bytes"
-
-
-@dataclass(frozen=True)
-class WorkerOffer:
-    """What a worker publishes: memory it donates and whether someone holds its lease."""
-
-    peer_id: str
-    name: str
-    donated_bytes: int
-    free_bytes: int
-    cores: int
-    rpc_protocol: str
-    state: str
-    leased_by: str | None = None
-    # The direct TLS fast path (swarm/workers/direct_tls.py): its port on the worker's address, and
-    # the SHA-256 of the certificate the client pins. None when the worker offers none.
-    direct_port: int | None = None
-    direct_sha256: str | None = None
-
-    @classmethod
-    def from_ledger(cls, owner: str, name: str, value: dict[str, Any]) -> WorkerOffer | None:
-        """The offer in a ledger value, or None for anything a well-behaved node would not send.
-
-        The value arrives from the network, so every field's type and range is checked; extra
-        keys (such as the endpoint) are left to whoever needs them.
-        """
-        def count(key: str) -> int | None:
-            v = value.get(key)
-            # bool is an int subclass: True must not pass for 1 byte or 1 core
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                return None
-            return v
-
-        def text(key: str) -> str | None:
-            v = value.get(key)
-            return v if isinstance(v, str) and 0 < len(v) <= _MAX_TEXT_CHARS else None
-
-        version = value.get("version")
-        if isinstance(version, bool) or version != WORKER_VALUE_VERSION:
-            return None
-        donated, free, cores = count("donated_bytes"), count("free_bytes"), count("cores")
-        protocol, state = text("rpc_protocol"), value.get("state")
-        leased_by = value.get("leased_by")
-        if donated is None or free is None or cores is None or protocol is None:
-            return None
-        if state not in WORKER_STATES or "leased_by" not in value:
-            return None
-        # A lease always names its holder, and an idle worker has none.
-        if (state == "leased") != (leased_by is not None):
-            return None
-        if leased_by is not None and text("leased_by") is None:
-            return None
-        port, sha256 = _direct(value.get("direct"))
-        return cls(owner, name, donated, free, cores, protocol, state, leased_by, port, sha256)
-
-
-def _direct(value: Any) -> tuple[int | None, str | None]:
-    """(port, certificate sha256) of a well-formed direct offer; (None, None) otherwise: a
-    worker with a bad direct entry is still usable through the libp2p tunnel."""
-    if not isinstance(value, dict):
-        return None, None
-    port, sha256 = value.get("port"), value.get("cert_sha256")
-    if (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
-            or not isinstance(sha256, str) or len(sha256) != 64
-            or any(c not in "0123456789abcdef" for c in sha256)):
-        return None, None
-    return port, sha256
 
 
 @dataclass(frozen=True)

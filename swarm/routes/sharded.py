@@ -31,15 +31,10 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.model_store import DEFAULT_MODEL, ModelStore
+from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
 from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
-from swarm.routes.placement import (
-    Placement,
-    PlacementError,
-    WorkerOffer,
-    plan_placement,
-    usable_workers,
-)
+from swarm.routes.placement import Placement, PlacementError, plan_placement, usable_workers
 from swarm.routes.route import RequestRefused, RouteError, Served
 from swarm.workers.lease import Lease, hold
 from swarm.workers.rpc_link import open_link

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 from libp2p.abc import IHost
 
-from swarm.routes.placement import WorkerOffer
+from swarm.ledger.entries import WorkerOffer
 from swarm.workers.direct_tls import DirectClient, DirectUnavailable
 from swarm.workers.lease import Lease
 from swarm.workers.tunnel import TunnelClient

@@ -25,7 +25,7 @@ import trio
 
 from backends import ggml
 from backends.rpc_worker import resolve_share
-from swarm.routes.placement import WORKER_VALUE_VERSION
+from swarm.ledger.entries import WorkerEntry
 from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
 from swarm.workers.lease import LeaseDesk
 
@@ -92,13 +92,10 @@ class WorkerService:
 
     def ledger_value(self, free_bytes: int, cores: int) -> dict[str, Any]:
         holder = self.desk.holder
-        value = {"version": WORKER_VALUE_VERSION, "donated_bytes": self.share_bytes,
-                 "free_bytes": free_bytes, "cores": cores,
-                 "rpc_protocol": ggml.RPC_PROTOCOL_VERSION,
-                 "state": "leased" if holder else "idle", "leased_by": holder}
-        if self.direct is not None:
-            value["direct"] = {"port": self.direct.port, "cert_sha256": self._direct_sha256}
-        return value
+        port, sha256 = ((self.direct.port, self._direct_sha256) if self.direct is not None
+                        else (None, None))
+        return WorkerEntry(self.share_bytes, free_bytes, cores, ggml.RPC_PROTOCOL_VERSION,
+                           "leased" if holder else "idle", holder, port, sha256).to_value()
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,

@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 
 from backends.model_store import Manifest, ModelStore
+from swarm.ledger.entries import SharedModel, parse_shared
 from swarm.node.model_copy import (
     CopyError,
     Offer,
-    SharedModel,
     choose_file,
     parse_request,
-    parse_shared,
     shared_value,
 )
 from swarm.trust.token import new_token

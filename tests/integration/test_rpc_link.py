@@ -15,8 +15,8 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
+from swarm.ledger.entries import WorkerOffer
 from swarm.net.host import isolate
-from swarm.routes.placement import WorkerOffer
 from swarm.workers.direct_tls import DirectServer, load_or_create_certificate, new_secret
 from swarm.workers.lease import Lease
 from swarm.workers.rpc_link import DIRECT, TUNNEL, direct_target, open_link
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.processes
 
 
 def offer(port: int | None = None, sha256: str | None = None) -> WorkerOffer:
-    return WorkerOffer("peer", "w1", 1 << 30, 1 << 30, 2, "3.0.0", "leased", "me", port, sha256)
+    return WorkerOffer(1 << 30, 1 << 30, 2, "3.0.0", "leased", "me", port, sha256,
+                       peer_id="peer", name="w1")
 
 
 def lease(secret: bytes | None, ip: str | None = "127.0.0.1") -> Lease:
@@ -106,8 +107,8 @@ def test_the_link_is_direct_when_it_works_and_the_tunnel_otherwise(worker: Worke
             worker_host.set_stream_handler(TProtocol(TUNNEL_PROTOCOL),
                                            isolate("tunnel", tunnels.handle))
             await client_host.connect(PeerInfo(worker_host.get_id(), worker_host.get_addrs()))
-            good = WorkerOffer(worker_host.get_id().to_base58(), "w1", 1 << 30, 1 << 30, 2,
-                               "3.0.0", "leased", client_id, port, worker.sha256)
+            good = WorkerOffer(1 << 30, 1 << 30, 2, "3.0.0", "leased", client_id, port,
+                               worker.sha256, peer_id=worker_host.get_id().to_base58(), name="w1")
             cases = [
                 (good, lease(secret), DIRECT),
                 # a certificate that is not the one in the ledger: never direct

@@ -41,7 +41,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.utils.varint import encode_uvarint, encode_varint_prefixed
 
-from swarm.ledger.node_info import NodeInfo
+from swarm.ledger.entries import NodeInfo
 from swarm.ledger.rules import (
     MAX_MESSAGE_BYTES,
     SEAL_CONTEXT,

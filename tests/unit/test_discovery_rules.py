@@ -6,11 +6,12 @@ from __future__ import annotations
 import multiaddr
 from libp2p.peer.peerinfo import PeerInfo
 
-from swarm.ledger.node_info import NODE_KEY, collect_node_info
+from swarm.ledger.entries import NODE_KEY
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import Entry, Ledger, sign_entry
 from swarm.net.discovery import dial_candidates, mdns_record, read_mdns_record
 from swarm.node.daemon import expand_wildcards
+from swarm.node.local_facts import collect_node_info
 from swarm.trust.identity import Identity
 from swarm.trust.keys import SwarmKeys
 from swarm.trust.token import new_token

@@ -18,6 +18,7 @@ from backends.engine import EngineError, WorkerLost
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Timings, Token
 from backends.gguf_info import estimate_memory, read_gguf_info
 from backends.model_store import ModelStore
+from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import (
     AttemptFailed,
     Events,
@@ -29,7 +30,7 @@ from swarm.routes.failover import (
 )
 from swarm.routes.federated import Candidate, FederatedRoute, _Failed
 from swarm.routes.local import LocalRoute
-from swarm.routes.placement import Placement, WorkerOffer, slot_bytes
+from swarm.routes.placement import Placement, slot_bytes
 from swarm.routes.route import Busy, RouteError, Served
 from swarm.routes.sharded import Session, ShardedRoute
 from swarm.workers.lease import Lease
@@ -236,8 +237,8 @@ class Shards:
 
 
 def offer(name: str, donated: int, cores: int) -> WorkerOffer:
-    return WorkerOffer(f"peer-{name}", name, donated, donated, cores, ggml.RPC_PROTOCOL_VERSION,
-                       "idle")
+    return WorkerOffer(donated, donated, cores, ggml.RPC_PROTOCOL_VERSION, "idle",
+                       peer_id=f"peer-{name}", name=name)
 
 
 @pytest.fixture

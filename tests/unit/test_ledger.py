@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from swarm.ledger.node_info import NodeInfo, collect_node_info
+from swarm.ledger.entries import NodeInfo
 from swarm.ledger.rules import (
     DROP_AFTER_S,
     MAX_MESSAGE_BYTES,
@@ -20,6 +20,7 @@ from swarm.ledger.rules import (
     seal_entry,
     sign_entry,
 )
+from swarm.node.local_facts import collect_node_info
 from swarm.trust.identity import Identity
 from swarm.trust.seal import seal
 

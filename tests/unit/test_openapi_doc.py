@@ -13,7 +13,7 @@ import pytest
 
 from swarm.api import openai_api, openapi
 from swarm.api.openapi import openapi_document
-from swarm.ledger import node_info
+from swarm.ledger import entries
 from swarm.node import api_handlers
 from swarm.node import daemon as node
 from swarm.routes import route as routes
@@ -161,7 +161,7 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.DEFAULT_MAX_TOKENS == openai_api.DEFAULT_MAX_TOKENS
     assert openapi.MAX_STOPS == openai_api.MAX_STOPS
     assert openapi.MAX_MESSAGES == openai_api.MAX_MESSAGES
-    assert openapi.ROLES == node_info.ROLES
-    assert openapi.MAX_NAME_CHARS == node_info.MAX_NAME_CHARS
+    assert openapi.ROLES == entries.ROLES
+    assert openapi.MAX_NAME_CHARS == entries.MAX_NAME_CHARS
     assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
-    assert openapi.NODE_INFO_VERSION == node_info.INFO_VERSION
+    assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION

@@ -12,14 +12,12 @@ from hypothesis import strategies as st
 
 from backends.gguf_info import GGUFInfo, MemoryEstimate, estimate_memory
 from backends.layer_split import layer_devices
+from swarm.ledger.entries import WorkerOffer
 from swarm.routes.placement import (
-    WORKER_KEY,
-    WORKER_VALUE_VERSION,
     Excluded,
     NotEnoughMemory,
     Placement,
     PlacementError,
-    WorkerOffer,
     gib,
     plan_placement,
     slot_bytes,
@@ -50,7 +48,8 @@ def offer(
     state: str = "idle",
     leased_by: str | None = None,
 ) -> WorkerOffer:
-    return WorkerOffer(f"peer-{name}", name, donated, donated, cores, protocol, state, leased_by)
+    return WorkerOffer(donated, donated, cores, protocol, state, leased_by,
+                       peer_id=f"peer-{name}", name=name)
 
 
 def names(p: Placement) -> list[str]:
@@ -270,64 +269,6 @@ def test_recently_failed_and_zero_donation_workers_are_excluded() -> None:
         ("flaky", "failed recently"), ("stingy", "donates no memory")]
 
 
-# --- ledger values ----------------------------------------------------------------------------
-
-
-def ledger_value(**changes: object) -> dict[str, object]:
-    value: dict[str, object] = {
-        "version": WORKER_VALUE_VERSION, "donated_bytes": 4 * GiB, "free_bytes": 6 * GiB,
-        "cores": 8, "rpc_protocol": "7.0.0", "state": "idle", "leased_by": None,
-        "endpoint": "/ip4/127.0.0.1/tcp/4001",
-    }
-    value.update(changes)
-    return value
-
-
-def test_from_ledger_reads_a_well_formed_value() -> None:
-    assert WORKER_KEY == "worker"
-    w = WorkerOffer.from_ledger("peer-desk", "desk", ledger_value())
-    assert w == WorkerOffer("peer-desk", "desk", 4 * GiB, 6 * GiB, 8, "7.0.0", "idle", None)
-    leased = ledger_value(state="leased", leased_by="peer-carol")
-    w = WorkerOffer.from_ledger("peer-desk", "desk", leased)
-    assert w is not None and w.state == "leased" and w.leased_by == "peer-carol"
-    no_endpoint = ledger_value()
-    del no_endpoint["endpoint"]
-    assert WorkerOffer.from_ledger("peer-desk", "desk", no_endpoint) is not None
-
-
-@pytest.mark.parametrize("changes", [
-    {"donated_bytes": True},
-    {"cores": False},
-    {"free_bytes": True},
-    {"donated_bytes": -1},
-    {"free_bytes": -5},
-    {"cores": -2},
-    {"donated_bytes": 1.5},
-    {"donated_bytes": "4096"},
-    {"version": 2},
-    {"version": True},
-    {"version": "1"},
-    {"rpc_protocol": 7},
-    {"rpc_protocol": ""},
-    {"rpc_protocol": "7" * 500},
-    {"state": "busy"},
-    {"state": None},
-    {"state": "leased", "leased_by": None},
-    {"state": "leased", "leased_by": 42},
-    {"state": "idle", "leased_by": "peer-carol"},
-])
-def test_from_ledger_rejects_malformed_values(changes: dict[str, object]) -> None:
-    assert WorkerOffer.from_ledger("peer-desk", "desk", ledger_value(**changes)) is None
-
-
-@pytest.mark.parametrize("key", ["version", "donated_bytes", "free_bytes", "cores",
-                                 "rpc_protocol", "state", "leased_by"])
-def test_from_ledger_rejects_missing_keys(key: str) -> None:
-    value = ledger_value()
-    del value[key]
-    assert WorkerOffer.from_ledger("peer-desk", "desk", value) is None
-
-
 # --- properties -------------------------------------------------------------------------------
 
 layer_sizes = st.integers(min_value=0, max_value=500 * MiB)
@@ -378,16 +319,3 @@ def test_no_worker_ever_exceeds_its_donation(swarm: tuple) -> None:
         assert list(p.workers) == top
         total = sum(split)
         assert p.tensor_split == pytest.approx([s / total for s in split])
-
-
-def test_direct_offer_is_read_when_well_formed_and_ignored_otherwise() -> None:
-    base = {"version": 1, "donated_bytes": 1 << 30, "free_bytes": 2 << 30, "cores": 4,
-            "rpc_protocol": "3.0.0", "state": "idle", "leased_by": None}
-    good = WorkerOffer.from_ledger("p", "w", {**base, "direct": {"port": 4433,
-                                                                 "cert_sha256": "ab" * 32}})
-    assert good is not None and (good.direct_port, good.direct_sha256) == (4433, "ab" * 32)
-    for bad in ({"port": 0, "cert_sha256": "ab" * 32}, {"port": True, "cert_sha256": "ab" * 32},
-                {"port": 4433, "cert_sha256": "AB" * 32}, {"port": 4433, "cert_sha256": "ab"},
-                {"port": "4433", "cert_sha256": "ab" * 32}, "4433", None):
-        offer = WorkerOffer.from_ledger("p", "w", {**base, "direct": bad})
-        assert offer is not None and offer.direct_port is None and offer.direct_sha256 is None

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 from app.gui import autostart
 from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
-from swarm.ledger.node_info import memory_bytes
+from swarm.node.local_facts import memory_bytes
 
 MIN_SHARE_MIB = 256
 
