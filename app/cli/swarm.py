@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.elapsed import ago
+from backends.sizes import GiB, human_bytes
 from swarm.trust.token import TokenError, new_token
 
 
@@ -109,28 +111,15 @@ def format_peers(peers: list[dict[str, Any]], now: float) -> str:
 def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
     status = "this node" if p.get("self") else ("online" if p.get("online") else "offline")
     link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
-    seen = "now" if p.get("self") else _ago(now - p.get("last_seen", now))
-    ram = f"{_gib(p.get('ram_free', 0))}/{_gib(p.get('ram_total', 0))} GiB"
+    seen = "now" if p.get("self") else ago(now - p.get("last_seen", now), compact=True)
+    ram = f"{p.get('ram_free', 0) / GiB:.1f}/{p.get('ram_total', 0) / GiB:.1f} GiB"
     worker = p.get("worker")
     donates = "-" if not worker else (
-        f"{_gib(worker['donated_bytes'])} GiB" + (" (leased)" if worker["state"] == "leased"
-                                                   else ""))
+        human_bytes(worker["donated_bytes"]) + (" (leased)" if worker["state"] == "leased"
+                                                else ""))
     return (p.get("name", "?"), p["peer_id"][-8:], status, link, p.get("os", "?"),
             str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", donates,
             ",".join(p.get("shares_models", [])) or "-", seen)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f}"
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h ago"
 
 
 def _positive_mib(text: str) -> float:
