@@ -17,6 +17,7 @@ from typing import IO
 import trio
 
 from swarm.api.server import MIN_NETWORK_KEY_CHARS
+from swarm.exception_groups import first_leaf
 from swarm.node.settings import Settings, SettingsError, load_settings, save_settings
 from swarm.trust.identity import IdentityError
 from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     except KeyboardInterrupt:
         pass
     except (OSError, BaseExceptionGroup) as exc:
-        error = _first_os_error(exc)
+        error = first_leaf(exc, OSError)
         if error is None:
             raise
         print(f"covey: could not start the node: {error}", file=sys.stderr)
@@ -100,18 +101,6 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     finally:
         lock.close()
     return 0
-
-
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The OSError inside what trio raised (nurseries wrap errors in exception groups)."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_os_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node

@@ -30,6 +30,7 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.model_store import DEFAULT_MODEL, ModelStore
+from swarm.exception_groups import first_leaf
 from swarm.routes.placement import (
     Placement,
     PlacementError,
@@ -258,7 +259,7 @@ class ShardedRoute:
             session: Session = await self.nursery.start(self._keep, model, deterministic,
                                                         placement)
         except BaseExceptionGroup as group:  # trio wraps what _keep raised
-            raise _first(group) from None
+            raise first_leaf(group, BaseException) or group from None
         entry = await model_entry(self.store, model)
         config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
                               tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
@@ -341,10 +342,3 @@ def _whole(request: GenerateRequest, done: Done, produced: list[str]) -> Done:
     """The final Done of a reply that moved machines: the text of every part."""
     return Done(request.id, done.finish_reason, "".join(produced), done.prompt_tokens,
                 done.tokens, done.timings)
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
