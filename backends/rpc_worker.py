@@ -9,7 +9,6 @@ Run as `covey worker-rpc` or `python -m backends.rpc_worker`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from backends import ggml
+from backends.endpoints import is_loopback
 
 READY_VERSION = 1
 
@@ -39,15 +39,6 @@ class WorkerReady:
 
 class BindRefused(ValueError):
     pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, unsafe_bind: bool) -> None:

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 from app.cli import swarm as swarm_cli
+from backends.endpoints import split_host_port
 from backends.paths import default_data_dir
 
 
 def _endpoints(text: str) -> tuple[str, ...]:
     endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
     for e in endpoints:
-        host, sep, port = e.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise argparse.ArgumentTypeError(f"{e!r} is not HOST:PORT")
+        try:
+            split_host_port(e)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return endpoints
 
 

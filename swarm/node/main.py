@@ -16,6 +16,7 @@ from typing import IO
 
 import trio
 
+from backends.endpoints import split_host_port
 from swarm.api.server import MIN_NETWORK_KEY_CHARS
 from swarm.exception_groups import first_leaf
 from swarm.node.settings import Settings, SettingsError, load_settings, save_settings
@@ -142,10 +143,10 @@ def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str 
     """--api-listen ADDR:PORT, allowed only with an API key (--api-key-file or $COVEY_API_KEY)."""
     if not args.api_listen:
         return None, None
-    host, sep, port = args.api_listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--api-listen {args.api_listen!r} is not ADDR:PORT")
+    try:
+        host, port = split_host_port(args.api_listen)
+    except ValueError as exc:
+        raise ValueError(f"--api-listen: {exc}") from None
     key = os.environ.get("COVEY_API_KEY", "")
     if args.api_key_file:
         try:
@@ -158,7 +159,7 @@ def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str 
             f"of at least {MIN_NETWORK_KEY_CHARS} characters: --api-key-file FILE or "
             "$COVEY_API_KEY. Clients send it as `Authorization: Bearer KEY`."
         )
-    return (host, int(port)), key
+    return (host, port), key
 
 
 async def _serve(node) -> None:  # node: swarm.node.daemon.Node
