@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from backends import ggml
 from backends.endpoints import is_loopback
+from backends.memory import memory_bytes
 
 READY_VERSION = 1
 
@@ -52,10 +53,6 @@ def check_bind(host: str, unsafe_bind: bool) -> None:
             "swarm reaches workers through its own encrypted tunnel; pass --unsafe-bind only "
             "on a network you trust completely."
         )
-
-
-def total_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_share(share_mib: int | None, total_bytes: int) -> int:
@@ -104,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         check_bind(args.host, args.unsafe_bind)
-        share = resolve_share(args.share_mib, total_memory_bytes())
+        share = resolve_share(args.share_mib, memory_bytes().total)
         ggml.check_rpc_support()
     except (BindRefused, ValueError, ggml.GgmlUnavailable) as exc:
         print(f"covey worker-rpc: error: {exc}", file=sys.stderr)

@@ -105,8 +105,9 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
+    from backends.memory import memory_bytes
     from backends.model_store import DEFAULT_MODEL
-    from swarm.ledger.node_info import default_node_name, memory_bytes
+    from swarm.ledger.node_info import default_node_name
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
     from swarm.workers.worker import share_bytes
@@ -134,7 +135,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
                               if args.upload_limit_mib else None),
         threads=args.threads,
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
-                                        memory_bytes()[0]) if args.worker else None),
+                                        memory_bytes().total) if args.worker else None),
     )
     return Node(config)
 
