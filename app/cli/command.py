@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from app.cli import swarm as swarm_cli
+from app.cli.options import chosen_data_dir, shared_options
 from backends.endpoints import split_host_port
-from backends.paths import default_data_dir
 
 
 def _endpoints(text: str) -> tuple[str, ...]:
@@ -33,17 +33,12 @@ def _split(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    here = shared_options()
     parser = argparse.ArgumentParser(
-        prog="covey", description="Run large language models on the computers you own."
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}"
+        prog="covey", description="Run large language models on the computers you own.",
+        parents=[here],
     )
     sub = parser.add_subparsers(dest="command")
-    # `--data-dir` works after the subcommand too (`covey chat --data-dir D ...`).
-    here = argparse.ArgumentParser(add_help=False)
-    here.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
-                      help="this machine's data directory")
 
     chat = sub.add_parser("chat", parents=[here],
                           help="chat with a model (interactive without PROMPT)")
@@ -111,7 +106,7 @@ def _run(argv: list[str]) -> int:
 
         return rpc_worker.main(rest)
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = chosen_data_dir(args)
     if args.command == "token":
         return swarm_cli.run_token(args)
     if args.command == "node":

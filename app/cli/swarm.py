@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cli.options import shared_options
 from app.elapsed import ago
 from backends.sizes import GiB, human_bytes
 from swarm.trust.token import TokenError, new_token
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    data_dir = dict(type=Path, default=argparse.SUPPRESS, help="this node's data directory")
+    here = shared_options()
 
     token = sub.add_parser("token", help="create a swarm token")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -27,10 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tnew.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm, /ip4/…/tcp/…/p2p/…; repeatable")
 
-    node = sub.add_parser("node", help="run this machine's swarm node")
+    node = sub.add_parser("node", parents=[here], help="run this machine's swarm node")
     node.add_argument("--token", help="the swarm token (remembered after the first time)")
     node.add_argument("--name", help="the name other machines see (default: host name)")
-    node.add_argument("--data-dir", **data_dir)
     node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
                       help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
     node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
@@ -56,8 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm; repeatable")
 
-    peers = sub.add_parser("peers", help="list the machines in this node's swarm")
-    peers.add_argument("--data-dir", **data_dir)
+    peers = sub.add_parser("peers", parents=[here], help="list the machines in this node's swarm")
     peers.add_argument("--json", action="store_true", help="a machine-readable list")
 
 
