@@ -23,7 +23,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QProgressBar,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -31,7 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.controller import Controller
-from app.gui.widgets import read_only_table
+from app.gui.widgets import button, read_only_table
 from backends.model_store import ModelStore, ModelStoreError
 from backends.sizes import human_bytes
 
@@ -76,19 +75,14 @@ class ModelsPage(QWidget):
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self._update_buttons)
 
-        self.import_button = QPushButton("Import GGUF file…")
-        self.import_button.clicked.connect(self._import)
-        self.copy_button = QPushButton("Copy from peer")
-        self.copy_button.clicked.connect(self._copy)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self._delete)
+        self.import_button = button("Import GGUF file…", self._import)
+        self.copy_button = button("Copy from peer", self._copy)
+        self.delete_button = button("Delete", self._delete)
         self.url = QLineEdit()
         self.url.setObjectName("downloadUrl")
         self.url.setPlaceholderText("https://…/model.gguf")
-        self.download_button = QPushButton("Download")
-        self.download_button.clicked.connect(self.download)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
+        self.download_button = button("Download", self.download)
+        self.cancel_button = button("Cancel", self.cancel)
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.message = QLabel()

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from app.elapsed import ago
 from app.gui.controller import Controller
-from app.gui.widgets import read_only_table
+from app.gui.widgets import button, read_only_table
 from backends.sizes import human_bytes
 from swarm.trust.token import TokenError, parse_token
 
@@ -139,12 +139,9 @@ class SwarmPage(QWidget):
         show.setCheckable(True)
         show.toggled.connect(lambda on: self.token_field.setEchoMode(
             QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
-        copy = QPushButton("Copy token")
-        copy.clicked.connect(self._copy_token)
-        self.create_button = QPushButton("Create new swarm")
-        self.create_button.clicked.connect(self._create)
-        self.leave_button = QPushButton("Leave swarm")
-        self.leave_button.clicked.connect(self._leave)
+        copy = button("Copy token", self._copy_token)
+        self.create_button = button("Create new swarm", self._create)
+        self.leave_button = button("Leave swarm", self._leave)
         headless = QLabel("On a machine without a screen: <code>covey node --token TOKEN</code>")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
