@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backends import engine_protocol as proto
+from backends.endpoints import split_host_port
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Loaded, Token
 
 __all__ = [
@@ -84,9 +85,8 @@ class Watchdog:
 
 
 def _endpoint_answers(endpoint: str, timeout: float = 1.0) -> bool:
-    host, _, port = endpoint.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection(split_host_port(endpoint), timeout=timeout):
             return True
     except (OSError, ValueError):
         return False

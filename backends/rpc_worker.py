@@ -9,7 +9,6 @@ Run as `covey worker-rpc` or `python -m backends.rpc_worker`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import signal
@@ -20,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from backends import ggml
+from backends.endpoints import is_loopback
+from backends.memory import memory_bytes
 
 READY_VERSION = 1
 
@@ -41,15 +42,6 @@ class BindRefused(ValueError):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, unsafe_bind: bool) -> None:
     """Refuse anything but loopback unless the user insisted."""
     if ":" in host:
@@ -61,10 +53,6 @@ def check_bind(host: str, unsafe_bind: bool) -> None:
             "swarm reaches workers through its own encrypted tunnel; pass --unsafe-bind only "
             "on a network you trust completely."
         )
-
-
-def total_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_share(share_mib: int | None, total_bytes: int) -> int:
@@ -113,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         check_bind(args.host, args.unsafe_bind)
-        share = resolve_share(args.share_mib, total_memory_bytes())
+        share = resolve_share(args.share_mib, memory_bytes().total)
         ggml.check_rpc_support()
     except (BindRefused, ValueError, ggml.GgmlUnavailable) as exc:
         print(f"covey worker-rpc: error: {exc}", file=sys.stderr)

@@ -8,16 +8,18 @@ import sys
 from pathlib import Path
 
 from app.cli import swarm as swarm_cli
+from app.cli.options import chosen_data_dir, shared_options
 from app.common.chat_request import DEFAULTS
-from backends.paths import default_data_dir
+from backends.endpoints import split_host_port
 
 
 def _endpoints(text: str) -> tuple[str, ...]:
     endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
     for e in endpoints:
-        host, sep, port = e.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise argparse.ArgumentTypeError(f"{e!r} is not HOST:PORT")
+        try:
+            split_host_port(e)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return endpoints
 
 
@@ -32,17 +34,12 @@ def _split(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    here = shared_options()
     parser = argparse.ArgumentParser(
-        prog="covey", description="Run large language models on the computers you own."
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}"
+        prog="covey", description="Run large language models on the computers you own.",
+        parents=[here],
     )
     sub = parser.add_subparsers(dest="command")
-    # `--data-dir` works after the subcommand too (`covey chat --data-dir D ...`).
-    here = argparse.ArgumentParser(add_help=False)
-    here.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
-                      help="this machine's data directory")
 
     chat = sub.add_parser("chat", parents=[here],
                           help="chat with a model (interactive without PROMPT)")
@@ -111,7 +108,7 @@ def _run(argv: list[str]) -> int:
 
         return rpc_worker.main(rest)
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = chosen_data_dir(args)
     if args.command == "token":
         return swarm_cli.run_token(args)
     if args.command == "node":

@@ -13,16 +13,9 @@ from pathlib import Path
 
 from backends.errors import ModelStoreError
 from backends.model_store import ModelStore
+from backends.sizes import human_bytes
 from swarm.client.core import NodeClientError
 from swarm.client.sync_client import NodeClient
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 class _Progress:
@@ -40,10 +33,11 @@ class _Progress:
         rate = done / max(now - self.started, 1e-6)
         if total:
             bar = "#" * int(30 * done / total)
-            line = f"[{bar:<30}] {100 * done / total:5.1f}% {_size(done)} of {_size(total)}"
+            line = f"[{bar:<30}] {100 * done / total:5.1f}% "
+            line += f"{human_bytes(done)} of {human_bytes(total)}"
         else:
-            line = f"{_size(done)}"
-        sys.stderr.write(f"\r{line} at {_size(rate)}/s ")
+            line = human_bytes(done)
+        sys.stderr.write(f"\r{line} at {human_bytes(rate)}/s ")
         sys.stderr.flush()
 
 
@@ -63,7 +57,7 @@ def _list(store: ModelStore, as_json: bool) -> None:
         i = e.info
         print(f"{e.name:<32} {i.architecture:<10} {i.parameters / 1e6:>7.0f}M "
               f"{i.quantisation:<8} {i.n_layers:>6} {i.context_length:>7} "
-              f"{_size(i.file_size):>10}")
+              f"{human_bytes(i.file_size):>10}")
 
 
 def _copy_from_swarm(data_dir: Path, name: str, sha256: str | None) -> int:

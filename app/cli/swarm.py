@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cli.options import shared_options
+from app.elapsed import ago
+from backends.sizes import GiB, human_bytes
 from swarm.trust.token import TokenError, new_token
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    data_dir = dict(type=Path, default=argparse.SUPPRESS, help="this node's data directory")
+    here = shared_options()
 
     token = sub.add_parser("token", help="create a swarm token")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -25,10 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tnew.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm, /ip4/…/tcp/…/p2p/…; repeatable")
 
-    node = sub.add_parser("node", help="run this machine's swarm node")
+    node = sub.add_parser("node", parents=[here], help="run this machine's swarm node")
     node.add_argument("--token", help="the swarm token (remembered after the first time)")
     node.add_argument("--name", help="the name other machines see (default: host name)")
-    node.add_argument("--data-dir", **data_dir)
     node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
                       help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
     node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
@@ -54,8 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm; repeatable")
 
-    peers = sub.add_parser("peers", help="list the machines in this node's swarm")
-    peers.add_argument("--data-dir", **data_dir)
+    peers = sub.add_parser("peers", parents=[here], help="list the machines in this node's swarm")
     peers.add_argument("--json", action="store_true", help="a machine-readable list")
 
 
@@ -110,28 +111,15 @@ def format_peers(peers: list[dict[str, Any]], now: float) -> str:
 def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
     status = "this node" if p.get("self") else ("online" if p.get("online") else "offline")
     link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
-    seen = "now" if p.get("self") else _ago(now - p.get("last_seen", now))
-    ram = f"{_gib(p.get('ram_free', 0))}/{_gib(p.get('ram_total', 0))} GiB"
+    seen = "now" if p.get("self") else ago(now - p.get("last_seen", now), compact=True)
+    ram = f"{p.get('ram_free', 0) / GiB:.1f}/{p.get('ram_total', 0) / GiB:.1f} GiB"
     worker = p.get("worker")
     donates = "-" if not worker else (
-        f"{_gib(worker['donated_bytes'])} GiB" + (" (leased)" if worker["state"] == "leased"
-                                                   else ""))
+        human_bytes(worker["donated_bytes"]) + (" (leased)" if worker["state"] == "leased"
+                                                else ""))
     return (p.get("name", "?"), p["peer_id"][-8:], status, link, p.get("os", "?"),
             str(p.get("cores", "?")), ram, ",".join(p.get("roles", [])) or "-", donates,
             ",".join(p.get("shares_models", [])) or "-", seen)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f}"
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h ago"
 
 
 def _positive_mib(text: str) -> float:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QHeaderView, QTableWidget
+from collections.abc import Callable
+
+from PySide6.QtWidgets import QHeaderView, QPushButton, QTableWidget
+
+
+def button(label: str, on_click: Callable[[], object]) -> QPushButton:
+    """A push button that calls `on_click` when clicked."""
+    pushed = QPushButton(label)
+    pushed.clicked.connect(on_click)
+    return pushed
 
 
 def read_only_table(name: str, columns: tuple[str, ...]) -> QTableWidget:

@@ -10,8 +10,9 @@ handler itself refuses them (NodeUpdateRequest, WorkerRequest, ModelCopyRequest)
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
+
+from swarm.node.local_facts import covey_version
 
 # The limits the handlers enforce; tests/unit/test_openapi_doc.py checks them against the code.
 # They are repeated here, not imported, so that the handlers may import this module.
@@ -511,13 +512,6 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("covey")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def openapi_document(server_url: str | None = None, *, node_api: bool = True
                      ) -> dict[str, Any]:
     """The OpenAPI 3.1 document, a fresh JSON-ready dict on each call.
@@ -539,7 +533,7 @@ def openapi_document(server_url: str | None = None, *, node_api: bool = True
         "openapi": "3.1.0",
         "info": {
             "title": "Covey node API",
-            "version": _version(),
+            "version": covey_version(),
             "summary": "A Covey node's local API: OpenAI-compatible /v1 and the node's own /api.",
             "description": (
                 "Served on 127.0.0.1 and, with `covey node --api-listen ADDR:PORT`, the /v1 "

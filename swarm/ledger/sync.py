@@ -10,7 +10,6 @@ every newer entry, each one sealed and signed exactly as on the gossip topic.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from swarm.ledger.rules import (
     seal_entry,
     sign_entry,
 )
-from swarm.net.host import read_frame, reset_quietly, write_frame
+from swarm.net.host import parse_versioned, read_frame, reset_quietly, write_frame, write_json_frame
 from swarm.trust.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -154,9 +153,8 @@ class LedgerSync:
     async def handle_sync(self, stream: INetStream) -> None:
         """Serve a pull: read the requester's digest, stream back every newer entry."""
         with trio.fail_after(SYNC_TIMEOUT_S):
-            request = json.loads(await read_frame(stream, MAX_DIGEST_BYTES))
-            if not isinstance(request, dict) or request.get("version") != SYNC_VERSION:
-                raise ValueError("not a version 1 sync request")
+            request = parse_versioned(await read_frame(stream, MAX_DIGEST_BYTES), SYNC_VERSION,
+                                      "sync request")
             have = request.get("have")
             if not isinstance(have, dict):
                 raise ValueError("sync request without a digest")
@@ -175,7 +173,7 @@ class LedgerSync:
         try:
             with trio.fail_after(SYNC_TIMEOUT_S):
                 request = {"version": SYNC_VERSION, "have": digest(self.ledger)}
-                await write_frame(stream, json.dumps(request).encode())
+                await write_json_frame(stream, request)
                 await stream.close()  # our side is done; theirs ends with EOF
                 for _ in range(MAX_SYNC_ENTRIES):
                     try:

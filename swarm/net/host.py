@@ -2,7 +2,8 @@
 
 TCP only, Noise as the only security (the library also offers plaintext, TLS and secio when
 not told otherwise), Yamux as the only muxer, no QUIC. Also owns the framing Covey protocols
-use on streams and the wrapper that keeps a failing stream handler from stopping the host.
+use on streams (length-prefixed frames, most of them JSON objects with a version field) and
+the wrapper that keeps a failing stream handler from stopping the host.
 
 Faults handled here (see README, "Facts learned here"):
 - Inbound connection slots (250 = max_connections - min_connections) were released only when
@@ -15,8 +16,10 @@ Faults handled here (see README, "Facts learned here"):
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import multiaddr
 import trio
@@ -70,6 +73,23 @@ async def write_frame(stream: INetStream, data: bytes) -> None:
 async def read_frame(stream: INetStream, max_bytes: int) -> bytes:
     """One length-prefixed frame; raises on EOF, garbage or a frame over `max_bytes`."""
     return await read_varint_prefixed_bytes_limited(stream, max_bytes)
+
+
+async def write_json_frame(stream: INetStream, message: Mapping[str, Any]) -> None:
+    await write_frame(stream, json.dumps(message).encode())
+
+
+async def read_json_frame(stream: INetStream, max_bytes: int) -> Any:
+    """One frame as JSON; raises like `read_frame`, and ValueError when it is not JSON."""
+    return json.loads(await read_frame(stream, max_bytes))
+
+
+def parse_versioned(data: bytes, version: int, what: str) -> dict[str, Any]:
+    """The JSON object in `data` if it says it is `version`; ValueError naming `what` if not."""
+    body = json.loads(data)
+    if not isinstance(body, dict) or body.get("version") != version:
+        raise ValueError(f"not a version {version} {what}")
+    return body
 
 
 async def read_exactly(stream: INetStream, n: int) -> bytes:

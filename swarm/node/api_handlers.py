@@ -12,13 +12,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from backends.memory import memory_bytes
 from backends.model_store import DEFAULT_MODEL, ModelExists
 from swarm.api.body import null_ok, parse_body
 from swarm.api.server import HttpError, LocalApi, Request, Response
 from swarm.ledger.entries import MAX_NAME_CHARS, ROLES
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import is_live
-from swarm.node.local_facts import collect_node_info
 from swarm.node.model_copy import CopyError
 from swarm.workers.worker import share_bytes
 
@@ -165,7 +165,7 @@ class NodeApi:
             return Response.json(self.status())
         try:
             share = share_bytes(switch.share_mib, switch.share_percent,
-                                collect_node_info(self.node.name, ()).ram_total)
+                                memory_bytes().total)
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
         try:

@@ -9,6 +9,7 @@ import platform
 import socket
 
 from backends.ggml import RPC_PROTOCOL_VERSION
+from backends.memory import memory_bytes
 from swarm.ledger.entries import MAX_NAME_CHARS, NodeInfo
 
 
@@ -21,20 +22,6 @@ def covey_version() -> str:
 
 def default_node_name() -> str:
     return socket.gethostname()[:MAX_NAME_CHARS] or "covey-node"
-
-
-def memory_bytes() -> tuple[int, int]:
-    """(total, available) RAM in bytes; available falls back to free pages off Linux."""
-    try:
-        fields = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                fields[name] = int(rest.split()[0]) * 1024
-        return fields["MemTotal"], fields.get("MemAvailable", fields.get("MemFree", 0))
-    except (OSError, KeyError, ValueError, IndexError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
 def collect_node_info(name: str, roles: tuple[str, ...]) -> NodeInfo:

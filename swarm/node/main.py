@@ -16,7 +16,9 @@ from typing import IO
 
 import trio
 
+from backends.endpoints import split_host_port
 from swarm.api.server import MIN_NETWORK_KEY_CHARS
+from swarm.exception_groups import first_leaf
 from swarm.node.settings import Settings, SettingsError, load_settings, save_settings
 from swarm.trust.identity import IdentityError
 from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
@@ -92,7 +94,7 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     except KeyboardInterrupt:
         pass
     except (OSError, BaseExceptionGroup) as exc:
-        error = _first_os_error(exc)
+        error = first_leaf(exc, OSError)
         if error is None:
             raise
         print(f"covey: could not start the node: {error}", file=sys.stderr)
@@ -102,23 +104,12 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
     return 0
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The OSError inside what trio raised (nurseries wrap errors in exception groups)."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_os_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
+    from backends.memory import memory_bytes
     from backends.model_store import DEFAULT_MODEL
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
-    from swarm.node.local_facts import default_node_name, memory_bytes
+    from swarm.node.local_facts import default_node_name
     from swarm.workers.worker import share_bytes
 
     listen = tuple(args.listen) or DEFAULT_LISTEN
@@ -144,7 +135,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
                               if args.upload_limit_mib else None),
         threads=args.threads,
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
-                                        memory_bytes()[0]) if args.worker else None),
+                                        memory_bytes().total) if args.worker else None),
     )
     return Node(config)
 
@@ -153,10 +144,10 @@ def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str 
     """--api-listen ADDR:PORT, allowed only with an API key (--api-key-file or $COVEY_API_KEY)."""
     if not args.api_listen:
         return None, None
-    host, sep, port = args.api_listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--api-listen {args.api_listen!r} is not ADDR:PORT")
+    try:
+        host, port = split_host_port(args.api_listen)
+    except ValueError as exc:
+        raise ValueError(f"--api-listen: {exc}") from None
     key = os.environ.get("COVEY_API_KEY", "")
     if args.api_key_file:
         try:
@@ -169,7 +160,7 @@ def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str 
             f"of at least {MIN_NETWORK_KEY_CHARS} characters: --api-key-file FILE or "
             "$COVEY_API_KEY. Clients send it as `Authorization: Bearer KEY`."
         )
-    return (host, int(port)), key
+    return (host, port), key
 
 
 async def _serve(node) -> None:  # node: swarm.node.daemon.Node

@@ -14,7 +14,6 @@ Wire: a request frame {"version", "model", "sha256", "offset", "length"}; the re
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import random
 import time
@@ -32,7 +31,13 @@ from backends.errors import ModelStoreError
 from backends.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
-from swarm.net.host import read_frame, reset_quietly, write_frame
+from swarm.net.host import (
+    parse_versioned,
+    read_frame,
+    read_json_frame,
+    reset_quietly,
+    write_json_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +100,7 @@ def next_range(done: int, size: int, range_bytes: int = RANGE_BYTES) -> tuple[in
 
 
 def parse_request(data: bytes) -> tuple[str, str, int, int]:
-    body = json.loads(data)
-    if not isinstance(body, dict) or body.get("version") != WIRE_VERSION:
-        raise ValueError("not a version 1 copy request")
+    body = parse_versioned(data, WIRE_VERSION, "copy request")
     model, sha256, offset, length = (body.get(k) for k in ("model", "sha256", "offset", "length"))
     if not (isinstance(model, str) and isinstance(sha256, str) and type(offset) is int
             and type(length) is int and offset >= 0 and 0 < length <= RANGE_BYTES):
@@ -120,14 +123,15 @@ class CopyServer:
                 await read_frame(stream, MAX_REQUEST_BYTES))
         manifest = next((m for m in self.store.shareable() if m.name == model), None)
         if manifest is None or manifest.sha256 != sha256:
-            await _send(stream, {"ok": False, "code": "model_not_found",
-                                 "message": f"this node does not share {model!r} ({sha256})"})
+            await write_json_frame(stream, {
+                "ok": False, "code": "model_not_found",
+                "message": f"this node does not share {model!r} ({sha256})"})
             return
         if offset + length > manifest.size:
-            await _send(stream, {"ok": False, "code": "bad_range",
-                                 "message": f"the file has {manifest.size} bytes"})
+            await write_json_frame(stream, {"ok": False, "code": "bad_range",
+                                            "message": f"the file has {manifest.size} bytes"})
             return
-        await _send(stream, {"ok": True})
+        await write_json_frame(stream, {"ok": True})
         started = trio.current_time()
         sent = 0
         with self.store.model_path(model).open("rb") as f:
@@ -140,10 +144,6 @@ class CopyServer:
                 sent += len(block)
                 if self.limit_bytes_s:
                     await trio.sleep_until(started + sent / self.limit_bytes_s)
-
-
-async def _send(stream: INetStream, message: dict[str, Any]) -> None:
-    await write_frame(stream, json.dumps(message).encode())
 
 
 # -- copying ------------------------------------------------------------------------------------
@@ -279,11 +279,11 @@ class Copier:
                 stream = await self.host.new_stream(ID.from_base58(source.peer_id),
                                                     [TProtocol(PROTOCOL)])
             try:
-                await write_frame(stream, json.dumps({
+                await write_json_frame(stream, {
                     "version": WIRE_VERSION, "model": job.model, "sha256": job.sha256,
-                    "offset": offset, "length": length}).encode())
+                    "offset": offset, "length": length})
                 with trio.fail_after(STALL_TIMEOUT_S):
-                    reply = json.loads(await read_frame(stream, MAX_REQUEST_BYTES))
+                    reply = await read_json_frame(stream, MAX_REQUEST_BYTES)
                 if not isinstance(reply, dict) or reply.get("ok") is not True:
                     message = reply.get("message") if isinstance(reply, dict) else None
                     raise _PeerFailed(str(message or "refused"))

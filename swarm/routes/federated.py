@@ -31,7 +31,7 @@ from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Timings, Token
 from swarm.ledger.entries import FEDERATED_KEY, FederatedEntry, read
 from swarm.ledger.rules import Ledger, is_live
-from swarm.net.host import read_frame, reset_quietly, write_frame
+from swarm.net.host import read_frame, reset_quietly, write_frame, write_json_frame
 from swarm.routes.failover import (
     AttemptFailed,
     Events,
@@ -159,32 +159,29 @@ class FederatedService:
         with trio.fail_after(CONNECT_TIMEOUT_S):
             model, request = parse_request_frame(await read_frame(stream, MAX_REQUEST_BYTES))
         if model not in self.models:
-            await _send(stream, {"type": "error", "code": "model_not_found",
-                                 "message": f"this node does not serve {model!r}"})
+            await write_json_frame(stream, {"type": "error", "code": "model_not_found",
+                                            "message": f"this node does not serve {model!r}"})
             return
         events = self.run_local(request, model)
         try:
             async for event in events:
                 if isinstance(event, Token):
-                    await _send(stream, {"type": "token", "text": event.text})
+                    await write_json_frame(stream, {"type": "token", "text": event.text})
                 else:
-                    await _send(stream, {"type": "done", "finish_reason": event.finish_reason,
-                                         "text": event.text,
-                                         "prompt_tokens": event.prompt_tokens,
-                                         "completion_tokens": len(event.tokens)})
+                    await write_json_frame(stream, {"type": "done",
+                                                    "finish_reason": event.finish_reason,
+                                                    "text": event.text,
+                                                    "prompt_tokens": event.prompt_tokens,
+                                                    "completion_tokens": len(event.tokens)})
         except Busy as exc:
-            await _send(stream, {"type": "error", "code": "busy", "message": str(exc),
-                                 "retry_after_s": exc.retry_after_s})
+            await write_json_frame(stream, {"type": "error", "code": "busy", "message": str(exc),
+                                            "retry_after_s": exc.retry_after_s})
         except RouteError as exc:
-            await _send(stream, {"type": "error", "code": exc.code, "message": str(exc)})
+            await write_json_frame(stream, {"type": "error", "code": exc.code, "message": str(exc)})
         except EngineError as exc:
-            await _send(stream, {"type": "error", "code": "engine", "message": str(exc)})
+            await write_json_frame(stream, {"type": "error", "code": "engine", "message": str(exc)})
         finally:
             await events.aclose()
-
-
-async def _send(stream: INetStream, message: dict[str, Any]) -> None:
-    await write_frame(stream, json.dumps(message).encode())
 
 
 class _Failed(Exception):

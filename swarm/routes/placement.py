@@ -14,18 +14,10 @@ from itertools import accumulate, permutations
 
 from backends.gguf_info import MemoryEstimate
 from backends.layer_split import layer_devices, layers_per_device
+from backends.sizes import human_bytes
 from swarm.ledger.entries import WorkerOffer
 
 _PERMUTED_WORKERS = 5  # 120 orders, each a few hundred microseconds at most
-
-
-def gib(n: int) -> str:
-    """Bytes for people; smaller units below 1 GiB so small models and gaps never read "0.0"."""
-    if abs(n) >= 1 << 30:
-        return f"{n / (1 << 30):.1f} GiB"
-    if abs(n) >= (1 << 20) // 10:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n} bytes"
 
 
 @dataclass(frozen=True)
@@ -88,23 +80,24 @@ class NotEnoughMemory(PlacementError):
         self.need_bytes = need_bytes
         self.have_bytes = have_bytes
         self.excluded = tuple(excluded)
+        need, have = human_bytes(need_bytes), human_bytes(have_bytes)
         if have_bytes == 0 and not self.excluded:
             message = (
                 "no worker in the swarm donates memory; turn on worker mode on another machine "
-                f"(the model needs {gib(need_bytes)})"
+                f"(the model needs {need})"
             )
         elif have_bytes == 0:
-            message = f"no usable worker in the swarm (the model needs {gib(need_bytes)})"
+            message = f"no usable worker in the swarm (the model needs {need})"
         elif have_bytes < need_bytes:
             message = (
-                f"the model needs {gib(need_bytes)} across workers, the swarm's usable workers "
-                f"donate {gib(have_bytes)}: {gib(need_bytes - have_bytes)} missing"
+                f"the model needs {need} across workers, the swarm's usable workers "
+                f"donate {have}: {human_bytes(need_bytes - have_bytes)} missing"
             )
         else:
             # Enough in total, but layers are indivisible and one does not fit where it must go.
             message = (
-                f"the model needs {gib(need_bytes)} across workers and the swarm's usable "
-                f"workers donate {gib(have_bytes)}, but its layers cannot be divided so that "
+                f"the model needs {need} across workers and the swarm's usable "
+                f"workers donate {have}, but its layers cannot be divided so that "
                 "each worker's share fits in what it donated"
             )
         if self.excluded:

@@ -31,6 +31,7 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.model_store import DEFAULT_MODEL, ModelStore
+from swarm.exception_groups import first_leaf
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
 from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
@@ -252,7 +253,7 @@ class ShardedRoute:
             session: Session = await self.nursery.start(self._keep, model, deterministic,
                                                         placement)
         except BaseExceptionGroup as group:  # trio wraps what _keep raised
-            raise _first(group) from None
+            raise first_leaf(group, BaseException) or group from None
         entry = await model_entry(self.store, model)
         config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
                               tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
@@ -333,9 +334,3 @@ def _layout(placement: Placement) -> tuple[tuple[str, ...], tuple[float, ...]]:
 def _give_up(causes: Sequence[BaseException]) -> RouteError:
     return RouteError("the sharded engine failed repeatedly; see the node's log")
 
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf

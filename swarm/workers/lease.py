@@ -13,7 +13,6 @@ TLS path (swarm/workers/direct_tls.py); a holder that does not know a field igno
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,13 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from swarm.net.host import read_frame, reset_quietly, write_frame
+from swarm.net.host import (
+    parse_versioned,
+    read_frame,
+    read_json_frame,
+    reset_quietly,
+    write_json_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,7 @@ class LeaseRefused(Exception):
 
 
 def parse_op(data: bytes) -> str:
-    body = json.loads(data)
-    if not isinstance(body, dict) or body.get("version") != WIRE_VERSION:
-        raise ValueError("not a version 1 lease message")
-    op = body.get("op")
+    op = parse_versioned(data, WIRE_VERSION, "lease message").get("op")
     if op not in ("acquire", "renew", "release"):
         raise ValueError(f"unknown lease op {op!r}")
     return str(op)
@@ -87,12 +89,12 @@ class LeaseDesk:
         if op != "acquire":
             raise ValueError("a lease starts with acquire")
         if not self.accepting:
-            await _send(stream, {"ok": False, "code": "off",
-                                 "message": "worker mode is off on this machine"})
+            await write_json_frame(stream, {"ok": False, "code": "off",
+                                            "message": "worker mode is off on this machine"})
             return
         if self._held is not None and self._held.peer_id != peer:
-            await _send(stream, {"ok": False, "code": "busy",
-                                 "message": f"leased by {self._held.peer_id}"})
+            await write_json_frame(stream, {"ok": False, "code": "busy",
+                                            "message": f"leased by {self._held.peer_id}"})
             return
         if self._held is not None:  # the same holder again (it reconnected): the new one wins
             self._held.scope.cancel()
@@ -101,14 +103,15 @@ class LeaseDesk:
         self._held = held
         self._on_change()
         try:
-            await _send(stream, {**self._on_grant(peer), "ok": True, "ttl_s": self.ttl_s})
+            grant = {**self._on_grant(peer), "ok": True, "ttl_s": self.ttl_s}
+            await write_json_frame(stream, grant)
             with held.scope:
                 while True:
                     with trio.fail_after(self.ttl_s):
                         op = parse_op(await read_frame(stream, MAX_FRAME_BYTES))
                     if op == "release":
                         return
-                    await _send(stream, {"ok": True, "ttl_s": self.ttl_s})
+                    await write_json_frame(stream, {"ok": True, "ttl_s": self.ttl_s})
         finally:
             if self._held is held:
                 self._held = None
@@ -125,18 +128,14 @@ class LeaseDesk:
             return
         try:
             with trio.move_on_after(2):
-                await _send(held.stream, {"ok": False, "code": "revoked",
-                                          "message": "worker mode was turned off"})
+                await write_json_frame(held.stream, {"ok": False, "code": "revoked",
+                                                     "message": "worker mode was turned off"})
         except Exception as exc:  # noqa: BLE001 - the holder may be gone already
             log.debug("could not tell %s of the revoke: %r", held.peer_id, exc)
         with trio.move_on_after(grace_s):
             await held.ended.wait()
         held.scope.cancel()
         await held.ended.wait()
-
-
-async def _send(stream: INetStream, message: dict[str, Any]) -> None:
-    await write_frame(stream, json.dumps(message).encode())
 
 
 @dataclass
@@ -171,7 +170,7 @@ async def hold(host: IHost, peer_id: str, *,
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
             await _op(stream, "acquire")
-            reply = json.loads(await read_frame(stream, MAX_FRAME_BYTES))
+            reply = await read_json_frame(stream, MAX_FRAME_BYTES)
         if not isinstance(reply, dict) or reply.get("ok") is not True:
             code = reply.get("code", "refused") if isinstance(reply, dict) else "refused"
             message = reply.get("message", "") if isinstance(reply, dict) else ""
@@ -199,7 +198,7 @@ async def _keep(stream: INetStream, lease: Lease) -> None:
                 return
             with trio.fail_after(CHECK_TIMEOUT_S):
                 await _op(stream, "renew")
-                reply = json.loads(await read_frame(stream, MAX_FRAME_BYTES))
+                reply = await read_json_frame(stream, MAX_FRAME_BYTES)
             if isinstance(reply, dict) and reply.get("code") == "revoked":
                 lease.why = "worker mode was turned off there"
                 lease.revoked.set()
@@ -220,4 +219,4 @@ async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 async def _op(stream: INetStream, op: str) -> None:
-    await write_frame(stream, json.dumps({"version": WIRE_VERSION, "op": op}).encode())
+    await write_json_frame(stream, {"version": WIRE_VERSION, "op": op})

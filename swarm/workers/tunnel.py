@@ -14,7 +14,6 @@ Also owns `tune_yamux`, the frame-size change the tunnel's throughput depends on
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import struct
@@ -29,6 +28,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux import yamux
+
+from backends.endpoints import is_loopback, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,8 @@ class LinkStats:
 
 def parse_loopback_endpoint(endpoint: str) -> tuple[str, int]:
     """("127.0.0.1", port) from "127.0.0.1:port"; ValueError unless the host is loopback."""
-    host, _, port_text = endpoint.rpartition(":")
-    host = host.strip("[]")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"{endpoint}: no port")
-    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+    host, port = split_host_port(endpoint)
+    if not is_loopback(host):
         raise ValueError(f"{endpoint}: not a loopback address")
     return host, port
 

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 
 from backends.gguf_info import GGUFInfo, MemoryEstimate, estimate_memory
 from backends.layer_split import layer_devices
+from backends.sizes import human_bytes
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.placement import (
     Excluded,
     NotEnoughMemory,
     Placement,
     PlacementError,
-    gib,
     plan_placement,
     slot_bytes,
     usable_workers,
@@ -235,12 +235,6 @@ def test_a_layer_larger_than_any_worker_is_reported_even_with_enough_memory_in_t
     assert "cannot be divided" in str(err.value) and "missing" not in str(err.value)
 
 
-def test_gib_formats_small_amounts_in_mib() -> None:
-    assert gib(3 * GiB + GiB // 5) == "3.2 GiB"
-    assert gib(250 * MiB) == "250.0 MiB"
-    assert gib(12) == "12 bytes"
-
-
 # --- usable workers ---------------------------------------------------------------------------
 
 
@@ -302,7 +296,7 @@ def test_no_worker_ever_exceeds_its_donation(swarm: tuple) -> None:
         assert e.need_bytes == need and e.have_bytes == have
         assert biggest < need or biggest == 0  # a worker that holds it all is always enough
         if 0 < have < need:
-            assert f"{gib(need - have)} missing" in str(e)
+            assert f"{human_bytes(need - have)} missing" in str(e)
         return
     check_fits(p, est, n_layers)
     ranked = sorted(offers, key=lambda o: (-o.donated_bytes, -o.cores, o.peer_id))

@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 from app.common.chat_request import ChatReply
 from app.gui.controller import Controller
 from app.gui.conversations import Message
+from app.gui.widgets import button
 from backends.model_store import DEFAULT_MODEL
 
 REDRAW_EVERY_MS = 50
@@ -105,12 +106,9 @@ class ChatPage(QWidget):
         self.sidebar.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.sidebar.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.sidebar.currentItemChanged.connect(self._picked)
-        new_button = QPushButton("New chat")
-        new_button.clicked.connect(self.new_conversation)
-        self.rename_button = QPushButton("Rename")
-        self.rename_button.clicked.connect(self._rename)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self._delete)
+        new_button = button("New chat", self.new_conversation)
+        self.rename_button = button("Rename", self._rename)
+        self.delete_button = button("Delete", self._delete)
         side = QVBoxLayout()
         side.addWidget(new_button)
         side.addWidget(self.sidebar, 1)
@@ -133,12 +131,9 @@ class ChatPage(QWidget):
         self.send_button = QPushButton("Send")
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send)
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.clicked.connect(self.stop)
-        self.regenerate_button = QPushButton("Regenerate")
-        self.regenerate_button.clicked.connect(self.regenerate)
-        self.copy_button = QPushButton("Copy reply")
-        self.copy_button.clicked.connect(self.copy_reply)
+        self.stop_button = button("Stop", self.stop)
+        self.regenerate_button = button("Regenerate", self.regenerate)
+        self.copy_button = button("Copy reply", self.copy_reply)
         self.notice = QLabel()
         self.notice.setWordWrap(True)
         self.notice.setObjectName("chatNotice")

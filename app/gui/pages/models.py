@@ -23,7 +23,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QProgressBar,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -31,19 +30,14 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.controller import Controller
-from app.gui.widgets import read_only_table
+from app.gui.widgets import button, read_only_table
 from backends.model_store import ModelStore, ModelStoreError
+from backends.sizes import human_bytes
 
 COLUMNS = ("Model", "Size", "On this machine", "Offered by", "Runs")
 PROGRESS_EVERY_S = 0.1
 ROUTE_WORDS = {"local": "this machine", "sharded": "spread over workers",
                "federated": "served by a peer"}
-
-
-def size_text(n: int) -> str:
-    if not n:
-        return "—"
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 def model_rows(local: list[dict[str, Any]], models: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,19 +75,14 @@ class ModelsPage(QWidget):
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self._update_buttons)
 
-        self.import_button = QPushButton("Import GGUF file…")
-        self.import_button.clicked.connect(self._import)
-        self.copy_button = QPushButton("Copy from peer")
-        self.copy_button.clicked.connect(self._copy)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self._delete)
+        self.import_button = button("Import GGUF file…", self._import)
+        self.copy_button = button("Copy from peer", self._copy)
+        self.delete_button = button("Delete", self._delete)
         self.url = QLineEdit()
         self.url.setObjectName("downloadUrl")
         self.url.setPlaceholderText("https://…/model.gguf")
-        self.download_button = QPushButton("Download")
-        self.download_button.clicked.connect(self.download)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
+        self.download_button = button("Download", self.download)
+        self.cancel_button = button("Cancel", self.cancel)
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.message = QLabel()
@@ -129,7 +118,8 @@ class ModelsPage(QWidget):
         selected = self.selected()
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            cells = [row["name"], size_text(row["size"]), "yes" if row["local"] else "no",
+            size = human_bytes(row["size"]) if row["size"] else "—"
+            cells = [row["name"], size, "yes" if row["local"] else "no",
                      ", ".join(row["peers"]) or "—", row["runs"]]
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
@@ -217,7 +207,7 @@ class ModelsPage(QWidget):
         self._update_buttons()
         try:
             entry = await asyncio.to_thread(job, progress, self._cancel)
-            self.message.setText(f"{entry.name} is ready ({size_text(entry.manifest.size)}).")
+            self.message.setText(f"{entry.name} is ready ({human_bytes(entry.manifest.size)}).")
             self.url.clear()
         except ModelStoreError as exc:
             self.message.setText(str(exc))
@@ -232,9 +222,9 @@ class ModelsPage(QWidget):
         if total:
             self.progress.setMaximum(max(total >> 20, 1))
             self.progress.setValue(done >> 20)
-            self.message.setText(f"{what}: {size_text(done)} of {size_text(total)}")
+            self.message.setText(f"{what}: {human_bytes(done)} of {human_bytes(total)}")
         else:
-            self.message.setText(f"{what}: {size_text(done)}")
+            self.message.setText(f"{what}: {human_bytes(done)}")
 
     def _copy(self) -> None:
         row = self.selected()

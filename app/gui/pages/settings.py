@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 from app.gui import autostart
 from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
-from swarm.node.local_facts import memory_bytes
+from backends.memory import memory_bytes
 
 MIN_SHARE_MIB = 256
 
@@ -32,7 +32,7 @@ class SettingsPage(QWidget):
     def __init__(self, controller: Controller) -> None:
         super().__init__()
         self.controller = controller
-        total_mib = max(memory_bytes()[0] >> 20, MIN_SHARE_MIB * 2)
+        total_mib = max(memory_bytes().total >> 20, MIN_SHARE_MIB * 2)
 
         self.share = QSlider(Qt.Orientation.Horizontal)
         self.share.setRange(MIN_SHARE_MIB, total_mib)

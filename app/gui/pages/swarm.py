@@ -26,8 +26,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.elapsed import ago
 from app.gui.controller import Controller
-from app.gui.widgets import read_only_table
+from app.gui.widgets import button, read_only_table
+from backends.sizes import human_bytes
 from swarm.trust.token import TokenError, parse_token
 
 PEER_COLUMNS = ("Name", "OS", "RAM", "Donated", "Role", "State", "Last seen")
@@ -46,20 +48,6 @@ def check_token(text: str, current: str) -> str | None:
     return None
 
 
-def gib(n: int | None) -> str:
-    return "—" if not n else f"{n / (1 << 30):.1f} GiB"
-
-
-def ago(seconds: float) -> str:
-    if seconds < 5:
-        return "now"
-    if seconds < 120:
-        return f"{int(seconds)} s ago"
-    if seconds < 7200:
-        return f"{int(seconds // 60)} min ago"
-    return f"{int(seconds // 3600)} h ago"
-
-
 def peer_row(peer: dict[str, Any], now: float) -> list[str]:
     worker = peer.get("worker") or {}
     roles = list(peer.get("roles") or [])
@@ -71,11 +59,12 @@ def peer_row(peer: dict[str, Any], now: float) -> list[str]:
         state = "serving " + (worker.get("leased_by_name") or "a peer")
     else:
         state = "online" + (" (this machine)" if peer.get("self") else "")
+    ram, donated = peer.get("ram_total"), worker.get("donated_bytes")
     return [
         peer.get("name", "?"),
         str(peer.get("os", "")),
-        gib(peer.get("ram_total")),
-        gib(worker.get("donated_bytes")) if worker else "—",
+        human_bytes(ram) if ram else "—",
+        human_bytes(donated) if donated else "—",
         ", ".join(roles) or "member",
         state,
         "now" if peer.get("self") else ago(now - float(peer.get("last_seen") or now)),
@@ -150,12 +139,9 @@ class SwarmPage(QWidget):
         show.setCheckable(True)
         show.toggled.connect(lambda on: self.token_field.setEchoMode(
             QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
-        copy = QPushButton("Copy token")
-        copy.clicked.connect(self._copy_token)
-        self.create_button = QPushButton("Create new swarm")
-        self.create_button.clicked.connect(self._create)
-        self.leave_button = QPushButton("Leave swarm")
-        self.leave_button.clicked.connect(self._leave)
+        copy = button("Copy token", self._copy_token)
+        self.create_button = button("Create new swarm", self._create)
+        self.leave_button = button("Leave swarm", self._leave)
         headless = QLabel("On a machine without a screen: <code>covey node --token TOKEN</code>")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
