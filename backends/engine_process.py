@@ -24,8 +24,8 @@ from typing import IO, Any
 
 from backends import engine_protocol as proto
 from backends import ggml
-from backends.chat_template import ChatTemplateError, render_chat
-from backends.stop_strings import StopMatcher
+from backends.text.chat_template import ChatTemplateError, render_chat
+from backends.text.stop_strings import StopMatcher
 
 _LAYER_LINE = re.compile(r"layer\s+(\d+) assigned to device (\S+),")
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 2, 3, 5

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
+from backends.store.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from swarm.client.sync_client import NodeClient  # noqa: E402
 from swarm.trust.token import new_token  # noqa: E402
 from tests.support.netns import Netns, call_in  # noqa: E402

@@ -24,7 +24,7 @@ from PySide6.QtCore import QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app.gui import app_settings  # noqa: E402
-from backends.model_store import DEFAULT_MODEL  # noqa: E402
+from backends.store.model_store import DEFAULT_MODEL  # noqa: E402
 
 TARGET_MS = 50.0
 TICK_MS = 5

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.engine import Engine  # noqa: E402
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token  # noqa: E402
-from backends.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
+from backends.store.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from swarm.trust.token import new_token  # noqa: E402
 from tests.support.netns import Netns, call_in  # noqa: E402
 from tests.support.node_harness import RunningNode, start_node, wait_until  # noqa: E402

@@ -49,7 +49,7 @@ def virtual_display() -> Iterator[None]:
 async def shoot(out: Path) -> None:
     from app.gui import app_settings
     from app.gui.desktop import CoveyApp
-    from backends.model_store import DEFAULT_MODEL
+    from backends.store.model_store import DEFAULT_MODEL
 
     data_dir = Path(tempfile.mkdtemp(prefix="covey-shots-"))
     app_settings.save(data_dir, app_settings.AppSettings(

@@ -18,7 +18,7 @@ from app.common.chat_request import ChatSettings, generate_request
 from backends import ggml
 from backends.engine import Done, Engine, EngineConfig, EngineError, GenerateRequest, Loaded
 from backends.errors import ModelStoreError
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 
 JSON_VERSION = 1
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from backends.errors import ModelStoreError
-from backends.model_store import ModelStore
 from backends.sizes import human_bytes
+from backends.store.model_store import ModelStore
 from swarm.client.core import NodeClientError
 from swarm.client.sync_client import NodeClient
 

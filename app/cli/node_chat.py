@@ -12,7 +12,7 @@ from typing import Any
 
 from app.cli.chat import chat_settings, interactive, status, system_messages
 from app.common.chat_request import CHAT_PATH, ChatReply, chat_body
-from backends.model_store import DEFAULT_MODEL
+from backends.store.model_store import DEFAULT_MODEL
 from swarm.client.core import NodeClientError
 from swarm.client.sync_client import NodeClient
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from backends.model_store import check_name
+from backends.store.model_store import check_name
 
 log = logging.getLogger(__name__)
 

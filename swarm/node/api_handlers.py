@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.memory import memory_bytes
-from backends.model_store import DEFAULT_MODEL, ModelExists
+from backends.store.model_store import DEFAULT_MODEL, ModelExists
 from swarm.api.body import null_ok, parse_body
 from swarm.api.server import HttpError, LocalApi, Request, Response
 from swarm.ledger.entries import MAX_NAME_CHARS, ROLES

@@ -24,7 +24,7 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
 from swarm.api.server import LocalApi, Request, Response

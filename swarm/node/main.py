@@ -106,7 +106,7 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
     from backends.memory import memory_bytes
-    from backends.model_store import DEFAULT_MODEL
+    from backends.store.model_store import DEFAULT_MODEL
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
     from swarm.node.local_facts import default_node_name

@@ -28,7 +28,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from backends.errors import ModelStoreError
-from backends.model_store import DiskFull, Manifest, ModelExists, ModelStore
+from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import (

@@ -19,7 +19,7 @@ import trio
 
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
-from backends.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
+from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
 from swarm.routes.route import Busy, ModelUnknown, RequestRefused
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
-from backends.model_store import DEFAULT_MODEL, ModelStore
+from backends.store.model_store import DEFAULT_MODEL, ModelStore
 from swarm.exception_groups import first_leaf
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover

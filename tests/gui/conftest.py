@@ -22,7 +22,7 @@ from PySide6.QtCore import QEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app.gui import app_settings  # noqa: E402
-from backends.model_store import ModelStore  # noqa: E402
+from backends.store.model_store import ModelStore  # noqa: E402
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TEST_TIMEOUT_S = 120

@@ -132,7 +132,7 @@ def test_bundled_model_answers_the_readme_question(tmp_path: Path) -> None:
 def test_models_download_shows_progress_and_lands_in_the_store(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    from backends.download import sha256_file
+    from backends.store.download import sha256_file
     from tests.support.fault_server import FaultServer
 
     with FaultServer() as server:

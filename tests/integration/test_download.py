@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.download import (
+from backends.store.download import (
     DownloadCancelled,
     DownloadError,
     download_to_partial,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.routes.federated import Candidate, pick
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, netns_skip_reason

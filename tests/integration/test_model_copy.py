@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from backends.model_store import Manifest, ModelStore
+from backends.store.model_store import Manifest, ModelStore
 from swarm.ledger.entries import SharedModel, parse_shared
 from swarm.node.model_copy import (
     CopyError,

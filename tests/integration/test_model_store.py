@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.model_store import (
+from backends.store.model_store import (
     DEFAULT_MODEL,
     DiskFull,
     DownloadCancelled,
@@ -433,7 +433,8 @@ def test_name_held_by_another_process_until_it_dies(
     here; once that process is gone, even killed, the name is free and nothing is left over."""
     root = tmp_path / "models"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom backends.model_store import ModelStore\n"
+        [sys.executable, "-c",
+         "import sys, time\nfrom backends.store.model_store import ModelStore\n"
          "ModelStore(sys.argv[1]).claim('tiny')\nprint('held', flush=True)\ntime.sleep(60)",
          str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     store = ModelStore(root)

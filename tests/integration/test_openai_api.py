@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from app.common.chat_request import DEFAULTS
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, netns_skip_reason
 from tests.support.node_harness import RunningNode, start_node

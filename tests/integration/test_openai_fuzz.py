@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.api.openai_api import BadRequest, parse_completion
 from swarm.api.openapi import openapi_document
 from swarm.trust.token import new_token

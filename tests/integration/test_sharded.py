@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from backends.layer_split import layers_per_device
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, netns_skip_reason
 from tests.support.node_harness import REPO, RunningNode, start_node, wait_until

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 
 RETRY_FOR_S = 10
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from backends.ggml import RPC_PROTOCOL_VERSION
-from backends.model_store import Manifest
+from backends.store.model_store import Manifest
 from swarm.ledger.entries import (
     FEDERATED_KEY,
     MAX_SHARED,

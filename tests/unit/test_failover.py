@@ -17,7 +17,7 @@ from backends import ggml
 from backends.engine import EngineError, WorkerLost
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Timings, Token
 from backends.gguf_info import estimate_memory, read_gguf_info
-from backends.model_store import ModelStore
+from backends.store.model_store import ModelStore
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import (
     AttemptFailed,

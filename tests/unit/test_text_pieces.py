@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from backends import engine_protocol as proto
-from backends.chat_template import FALLBACK_STOPS, ChatTemplateError, render_chat
 from backends.layer_split import layer_devices, layers_per_device
-from backends.stop_strings import StopMatcher
+from backends.text.chat_template import FALLBACK_STOPS, ChatTemplateError, render_chat
+from backends.text.stop_strings import StopMatcher
 
 USER_X = {"role": "user", "content": "x"}
 

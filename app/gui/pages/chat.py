@@ -34,7 +34,7 @@ from app.common.chat_request import ChatReply
 from app.gui.controller import Controller
 from app.gui.conversations import Message
 from app.gui.widgets import button
-from backends.model_store import DEFAULT_MODEL
+from backends.store.model_store import DEFAULT_MODEL
 
 REDRAW_EVERY_MS = 50
 SAVE_EVERY_S = 1.0

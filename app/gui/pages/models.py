@@ -31,8 +31,8 @@ from PySide6.QtWidgets import (
 
 from app.gui.controller import Controller
 from app.gui.widgets import button, read_only_table
-from backends.model_store import ModelStore, ModelStoreError
 from backends.sizes import human_bytes
+from backends.store.model_store import ModelStore, ModelStoreError
 
 COLUMNS = ("Model", "Size", "On this machine", "Offered by", "Runs")
 PROGRESS_EVERY_S = 0.1

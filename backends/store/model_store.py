@@ -31,8 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from backends import file_lock
-from backends.download import (
+from backends.errors import ModelStoreError
+from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
+from backends.store import file_lock
+from backends.store.download import (
     DiskFull,
     DownloadCancelled,
     DownloadError,
@@ -41,8 +43,6 @@ from backends.download import (
     sha256_file,
     sidecar_path,
 )
-from backends.errors import ModelStoreError
-from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
 
 __all__ = [
     "DEFAULT_MODEL",

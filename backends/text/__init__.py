@@ -1,0 +1,1 @@
+"""Text around the engine: chat templates and stop strings."""
