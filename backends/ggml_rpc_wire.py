@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -192,7 +192,7 @@ assert _TENSOR.size == RPC_TENSOR_SIZE
 
 def unpack_tensor(buffer: bytes | memoryview, offset: int = 0) -> WireTensor:
     f = _TENSOR.unpack_from(buffer, offset)
-    return WireTensor(f[0], f[1], f[2], f[3:7], f[7:11], f[13], f[14])  # type: ignore[arg-type]
+    return WireTensor(f[0], f[1], f[2], f[3:7], f[7:11], f[13], f[14])
 
 
 # Indexed by type number; the extra last slot stands for any number past the table.
@@ -211,7 +211,7 @@ def tensor_nbytes(t: np.ndarray) -> np.ndarray:
     return np.where((ne == 0).any(axis=1), np.uint64(0), first + rest)
 
 
-def pack_tensors(tensors: list[dict[str, object]]) -> bytes:
+def pack_tensors(tensors: list[dict[str, Any]]) -> bytes:
     """rpc_tensor structs from field values (the rest zero), e.g. to craft requests in tests."""
     packed = np.zeros(len(tensors), dtype=RPC_TENSOR_DTYPE)
     for row, fields in zip(packed, tensors, strict=True):

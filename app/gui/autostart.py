@@ -46,7 +46,9 @@ def macos_agent(cmd: list[str]) -> bytes:
 
 
 def _windows_set(enabled: bool, cmd: list[str]) -> None:
-    import winreg  # type: ignore[import-not-found]
+    if sys.platform != "win32":  # also tells type checkers that winreg exists below
+        raise OSError("the Run key exists only on Windows")
+    import winreg
 
     key = winreg.OpenKey(winreg.HKEY_CURRENT_USER,
                          r"Software\Microsoft\Windows\CurrentVersion\Run", 0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ class Controller(QObject):
 
     # -- what pages ask for --------------------------------------------------------------------
 
-    def chat(self, model: str, history: list[dict[str, str]]) -> AsyncIterator[dict[str, Any]]:
+    def chat(self, model: str, history: list[dict[str, str]]
+             ) -> AsyncGenerator[dict[str, Any], None]:
         """The node's streamed reply to `history`, sampled as `covey chat` samples."""
         link = self.link
         if link is None:

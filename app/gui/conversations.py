@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from builtins import list as List  # `ConversationStore.list` hides the builtin in its class body
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class ConversationStore:
         with self._db:
             self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
 
-    def messages(self, conversation_id: int) -> list[Message]:
+    def messages(self, conversation_id: int) -> List[Message]:
         rows = self._db.execute(
             "SELECT id, role, content, meta FROM messages WHERE conversation_id=? ORDER BY id",
             (conversation_id,))

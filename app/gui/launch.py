@@ -50,6 +50,7 @@ def run(data_dir: Path) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     qt_app = QApplication.instance() or QApplication(sys.argv[:1])
+    assert isinstance(qt_app, QApplication)  # instance() is typed as the base class
     qt_app.setApplicationName("Covey")
     # Names the installed .desktop file, so Wayland docks show Covey's icon and name.
     qt_app.setDesktopFileName("org.covey.covey")

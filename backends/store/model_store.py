@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from builtins import list as List  # `ModelStore.list` hides the builtin in its class body
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -567,7 +568,7 @@ class ModelStore:
 
     # -- copying from a peer (the transfer itself is the swarm's) -------------------------
 
-    def shareable(self) -> list[Manifest]:
+    def shareable(self) -> List[Manifest]:
         """Models whose hash is known and whose file is whole: what peers may copy."""
         found = []
         for name in self.names():

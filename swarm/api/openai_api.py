@@ -12,7 +12,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,7 +275,7 @@ def note_served(covey: dict[str, Any], served: Served) -> None:
         covey["notice"] = served.notice
 
 
-async def _drain(first: Token | Done, events: AsyncIterator[Token | Done | Served],
+async def _drain(first: Token | Done, events: AsyncGenerator[Token | Done | Served, None],
                  covey: dict[str, Any]) -> Done:
     try:
         event: Token | Done | Served = first
@@ -293,8 +293,8 @@ async def _drain(first: Token | Done, events: AsyncIterator[Token | Done | Serve
 
 
 async def _stream(c: Completion, first: Token | Done,
-                  events: AsyncIterator[Token | Done | Served], created: int,
-                  covey: dict[str, Any]) -> AsyncIterator[bytes]:
+                  events: AsyncGenerator[Token | Done | Served, None], created: int,
+                  covey: dict[str, Any]) -> AsyncGenerator[bytes, None]:
     try:
         if c.kind == "chat":
             yield sse(chunk(c, created, covey, first=True))

@@ -222,7 +222,7 @@ def _completion_schemas() -> dict[str, Schema]:
 
     def completion(obj: str, choice: str, description: str, *, chunk: bool = False) -> Schema:
         usage = or_null(schema_ref("Usage")) if chunk else schema_ref("Usage")
-        properties = {"id": string, "object": {"const": obj}, "created": integer,
+        properties: dict[str, Schema] = {"id": string, "object": {"const": obj}, "created": integer,
                       "model": string, "choices": {"type": "array", "items": schema_ref(choice)},
                       "usage": usage, "covey": schema_ref("CoveyRouting")}
         required = ["id", "object", "created", "model", "choices", "covey"]

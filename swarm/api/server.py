@@ -12,13 +12,17 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import h11
 import trio
+
+if TYPE_CHECKING:
+    # libp2p installs trio-typing, whose stubs shadow trio's own and define TaskStatus here.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ def split_target(target: str) -> tuple[str, dict[str, str]]:
     return path, dict(parse_qsl(query, keep_blank_values=True))
 
 
-def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in raw:
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
@@ -248,7 +252,7 @@ class LocalApi:
         self.routes.setdefault(path, {})[method.upper()] = handler
 
     async def serve(self, port: int, *, host: str = "127.0.0.1",
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on loopback until cancelled; port 0 picks a free one, reported via started()."""
         check_bind_host(host)
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -259,7 +263,7 @@ class LocalApi:
         await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
 
     async def serve_network(self, host: str, port: int, *,
-                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                            task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED
                             ) -> None:
         """Listen on a network address: only for an API whose secret is a deliberate API key.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class NodeLink:
             raise core.no_answer(self.port, timeout) from None
         return core.decode_reply(status, data)
 
-    async def stream(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, path: str, body: Any) -> AsyncGenerator[dict[str, Any], None]:
         """POST `body` and yield each server-sent event until `[DONE]`.
 
         Closing the generator early (`aclose`, or cancelling its consumer) hangs up, which
@@ -75,7 +75,7 @@ class NodeLink:
 
     @contextlib.asynccontextmanager
     async def _exchange(self, method: str, path: str, body: Any, accept: str
-                        ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+                        ) -> AsyncGenerator[tuple[int, AsyncGenerator[bytes, None]], None]:
         payload = core.json_body(body)
         headers = list(core.request_headers(self.port, self.secret, accept, payload).items())
         try:
@@ -117,7 +117,7 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader,
         conn.receive_data(data)
 
 
-async def _body(conn: h11.Connection, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+async def _body(conn: h11.Connection, reader: asyncio.StreamReader) -> AsyncGenerator[bytes, None]:
     while True:
         event = await _next_event(conn, reader)
         if isinstance(event, h11.Data):

@@ -27,6 +27,8 @@ from libp2p import new_host
 from libp2p.abc import IHost, IMuxedConn, INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.metrics.swarm import SwarmEvent
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
@@ -136,12 +138,13 @@ _original_inbound = Swarm._do_handle_inbound_connection
 
 
 async def _inbound_released_on_close(
-    self: Swarm, read_write_closer: object, maddr: multiaddr.Multiaddr, failure_event: object
+    self: Swarm, read_write_closer: ReadWriteCloser | IMuxedConn, maddr: multiaddr.Multiaddr,
+    failure_event: SwarmEvent,
 ) -> None:
     """Swarm._do_handle_inbound_connection, but holding its slot only while the connection
     lives (the original waits for the whole swarm to finish)."""
     if isinstance(read_write_closer, IMuxedConn):  # QUIC and the like: not used by Covey
-        await _original_inbound(self, read_write_closer, maddr, failure_event)
+        await _original_inbound(self, read_write_closer, maddr, failure_event)  # type: ignore[arg-type]
         return
     remote = self._build_remote_multiaddr(read_write_closer)
     if remote is not None and not await self.connection_gate.is_allowed(remote):
@@ -165,7 +168,7 @@ async def _inbound_released_on_close(
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(swarm_stopped)
-        await muxed.event_closed.wait()
+        await muxed.event_closed.wait()  # type: ignore[attr-defined]  # Yamux has it; the ABC not
         nursery.cancel_scope.cancel()
 
 

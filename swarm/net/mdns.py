@@ -236,6 +236,8 @@ def _confine_listen_socket(zc: Zeroconf, ips: Sequence[str]) -> None:
         # Private attribute: the engine keeps no public handle on the shared receive socket.
         sock: socket.socket = zc.engine._listen_transport.sock  # type: ignore[union-attr]
         _attach_filter(sock, ifindex_filter(indexes))
+        if zc.loop is None:
+            raise ValueError("zeroconf has no event loop yet")
         asyncio.run_coroutine_threadsafe(_purge_cache(zc), zc.loop).result(_PURGE_TIMEOUT_S)
     except (AttributeError, OSError, ValueError, TimeoutError) as e:
         _warn_once("confine", "mDNS: cannot confine receiving to %s: %s", list(ips), e)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -144,7 +144,7 @@ class FederatedService:
                               self.local.gate.max_waiting).to_value()
 
     async def run_local(self, request: GenerateRequest, model: str
-                        ) -> AsyncIterator[Token | Done]:
+                        ) -> AsyncGenerator[Token | Done, None]:
         self.in_flight += 1
         self._on_change()
         try:
@@ -219,7 +219,7 @@ class FederatedRoute:
         return sorted(c.name for c in self._found(model))
 
     def generate(self, request: GenerateRequest, model: str
-                 ) -> AsyncIterator[Token | Done | Served]:
+                 ) -> AsyncGenerator[Token | Done | Served, None]:
         failed: set[str] = set()  # peer ids that failed this reply
         return with_failover(
             request, lambda part, progress: self._attempt(part, model, progress, failed),
@@ -254,7 +254,7 @@ class FederatedRoute:
             self._dispatched[target.peer_id] -= 1
 
     async def _events(self, target: Candidate, request: GenerateRequest, model: str
-                      ) -> AsyncIterator[Token | Done]:
+                      ) -> AsyncGenerator[Token | Done, None]:
         if target.peer_id == self.host.get_id().to_base58():
             try:
                 async with aclosing(self.service.run_local(request, model)) as events:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ class EngineGate:
         return self._lock.locked() or self.waiting > 0
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def turn(self) -> AsyncGenerator[None, None]:
         if self.waiting >= self.max_waiting:
             retry = max(1, int(self._recent_s * (self.waiting + 1) / 2))
             raise Busy(f"{self._what} is busy ({self.waiting} requests waiting); "
@@ -69,7 +69,7 @@ class EngineGate:
 
 
 async def engine_events(engine: Engine, request: GenerateRequest
-                        ) -> AsyncIterator[Token | Done]:
+                        ) -> AsyncGenerator[Token | Done, None]:
     """The events of one generation on `engine` (its API blocks, so it runs on a thread).
 
     A consumer that stops reading (the client disconnected) stops the generation, and this
@@ -166,7 +166,8 @@ class LocalRoute:
     def machines(self, model: str) -> list[str]:
         return [self.machine]
 
-    async def generate(self, request: GenerateRequest, model: str) -> AsyncIterator[Token | Done]:
+    async def generate(self, request: GenerateRequest, model: str
+                       ) -> AsyncGenerator[Token | Done, None]:
         async with self.gate.turn():
             try:
                 engine = await self._engine_for(model, request.deterministic)

@@ -13,7 +13,7 @@ waiting, and `Busy` (an HTTP 429 with Retry-After) beyond that. A consumer that 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,7 +75,7 @@ class Route(Protocol):
 
     def generate(
         self, request: GenerateRequest, model: str
-    ) -> AsyncIterator[Token | Done | Served]: ...
+    ) -> AsyncGenerator[Token | Done | Served, None]: ...
 
 
 def choose_route(requested: str, routes: Sequence[Route], model: str) -> Route:

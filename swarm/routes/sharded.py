@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,7 +149,7 @@ class ShardedRoute:
     # -- generating --------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest, model: str
-                       ) -> AsyncIterator[Token | Done | Served]:
+                       ) -> AsyncGenerator[Token | Done | Served, None]:
         async with self.gate.turn(), aclosing(with_failover(
                 request, lambda part, progress: self._attempt(part, model, progress),
                 MAX_ATTEMPTS, _give_up)) as events:

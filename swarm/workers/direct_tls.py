@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -338,7 +339,8 @@ class _Tls:
                 # asking would only raise SSLWantReadError, which costs more than a read.
                 break
             try:
-                k = self._ssl.read(_PLAIN_BYTES - n, self._plain[n:])
+                # With a buffer, read() returns a count; typeshed only knows the bytes form.
+                k = cast(int, self._ssl.read(_PLAIN_BYTES - n, self._plain[n:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:

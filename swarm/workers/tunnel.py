@@ -148,7 +148,8 @@ class _Splice:
             try:
                 with trio.CancelScope(shield=True):
                     if not data:
-                        await self.stream.close_write()  # yamux FIN: the far socket sees EOF
+                        # yamux FIN: the far socket sees EOF (NetStream has it, INetStream not)
+                        await self.stream.close_write()  # type: ignore[attr-defined]
                         return
                     await self.stream.write(data)
             except Exception as exc:  # noqa: BLE001 - libp2p raises assorted errors
@@ -206,7 +207,7 @@ async def _read_some(stream: INetStream, max_bytes: int) -> bytes:
     every reply, and a cancel landing in that write would desync Noise (see `_Splice`). Here
     the wait is the only cancel point, and the window update comes after the delivery.
     """
-    muxed = stream.muxed_stream
+    muxed = stream.muxed_stream  # type: ignore[attr-defined]  # NetStream's, not in INetStream
     if not isinstance(muxed, yamux.YamuxStream):
         try:
             return await stream.read(max_bytes)
@@ -220,7 +221,7 @@ async def _read_some(stream: INetStream, max_bytes: int) -> bytes:
 
 async def _credit(stream: INetStream, n: int) -> None:
     """Give the sender `n` bytes of yamux window back (shielded: it writes a frame)."""
-    muxed = stream.muxed_stream
+    muxed = stream.muxed_stream  # type: ignore[attr-defined]  # NetStream's, not in INetStream
     if isinstance(muxed, yamux.YamuxStream):
         with trio.CancelScope(shield=True):
             await muxed._auto_tune_and_send_window_update(bytes_read=n)
