@@ -79,12 +79,12 @@ def run_node(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def run_peers(args: argparse.Namespace, data_dir: Path) -> int:
-    from swarm.client.core import ApiError, NodeNotRunning
+    from swarm.client.core import NodeClientError
     from swarm.client.sync_client import NodeClient
 
     try:
         body = NodeClient.from_data_dir(data_dir).get_json("/api/peers")
-    except (NodeNotRunning, ApiError) as exc:
+    except NodeClientError as exc:
         print(f"covey: {exc}", file=sys.stderr)
         return 1
     if args.json:

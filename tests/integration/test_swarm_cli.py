@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,14 @@ def test_peers_without_a_running_node(tmp_path: Path) -> None:
     out = covey("peers", "--data-dir", str(tmp_path))
     assert out.returncode == 1
     assert "No Covey node is running" in out.stderr and "covey node --token" in out.stderr
+
+
+def test_peers_with_an_unreadable_api_secret_says_which_file(tmp_path: Path) -> None:
+    """A node that looks alive (its pid runs) but whose secret is gone: a message, no traceback."""
+    (tmp_path / "api.json").write_text(json.dumps({"version": 1, "port": 9, "pid": os.getpid()}))
+    out = covey("peers", "--data-dir", str(tmp_path))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and str(tmp_path / "api-secret") in out.stderr
 
 
 def test_peers_table_lists_this_node_first_then_online_then_offline() -> None:
