@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli.options import shared_options
-from app.elapsed import ago
+from app.common.elapsed import ago
 from backends.sizes import GiB, human_bytes
 from swarm.trust.token import TokenError, new_token
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.elapsed import ago
+from app.common.elapsed import ago
 from backends.sizes import GiB, KiB, MiB, human_bytes
 
 

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.elapsed import ago
+from app.common.elapsed import ago
 from app.gui.controller import Controller
 from app.gui.widgets import button, read_only_table
 from backends.sizes import human_bytes
