@@ -314,7 +314,12 @@ def _node_schemas() -> dict[str, Schema]:
                    "over the libp2p tunnel since the node started, over the direct TLS path "
                    "since worker mode was turned on (null while there is none). Bytes growing "
                    "on the tunnel, or direct connections refused, mean a slower path."),
-            }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic"]),
+                "rpc_violations": {"type": "integer", "minimum": 0, "description":
+                                   "Lease holders cut off (lease revoked, barred for an hour) "
+                                   "for sending RPC commands the worker's filter refuses, "
+                                   "since the node started."},
+            }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic",
+                "rpc_violations"]),
             "sharded_links": {
                 "type": "object", "additionalProperties": {
                     "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},

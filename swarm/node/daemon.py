@@ -137,8 +137,9 @@ class Node:
         self.federated_route = FederatedRoute(self.host, self.federated,
                                               self._federated_candidates, self._federated_models)
         self.worker = WorkerService(config.data_dir, self.changed, self._lease_ended,
-                                    direct_bind=listen_ips(config.listen)[0])
-        self.tunnels = TunnelServer(self.worker.tunnel_target)
+                                    direct_bind=listen_ips(config.listen)[0],
+                                    name_of=lambda peer: self._names().get(peer, peer))
+        self.tunnels = TunnelServer(self.worker.tunnel_target, self.worker.lease_guard)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route)
         self.openai = OpenAiApi(

@@ -58,6 +58,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from swarm.trust.private_file import narrow_mode, write_private
+from swarm.workers.rpc_filter import Violation
+from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 from swarm.workers.tunnel import LinkStats, parse_loopback_endpoint
 
 log = logging.getLogger(__name__)
@@ -409,6 +411,7 @@ class _Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sockets = [sock]
         self.secret: bytes | None = None  # the server's, once admitted
+        self.lease: LeaseGuard | None = None  # the server's: the filter of the admitting lease
         self.is_cut = False
         self._lock = threading.Lock()  # also keeps close() from racing a cut on the same fd
 
@@ -548,37 +551,48 @@ class _Endpoint:
             with self._lock:
                 self._conns.discard(conn)
 
-    def _relay(self, conn: _Conn, plain: socket.socket, tls: _Tls, *, client: bool) -> None:
-        """Pump both ways (the second direction in a thread of its own) until both end."""
+    def _relay(self, conn: _Conn, plain: socket.socket, tls: _Tls, *, client: bool,
+               guard: GuardedConnection | None = None) -> None:
+        """Pump both ways (the second direction in a thread of its own) until both end.
+        With `guard` (the worker: `plain` is its RPC server), every chunk passes the filter."""
         from_plain, from_tls = ("bytes_up", "bytes_down") if client else ("bytes_down",
                                                                          "bytes_up")
         self.stats.add("active")
         try:
-            other = self._spawn("pump", self._tls_to_plain, conn, tls, plain, from_tls)
-            self._plain_to_tls(conn, plain, tls, from_plain)
+            other = self._spawn("pump", self._tls_to_plain, conn, tls, plain, from_tls, guard)
+            self._plain_to_tls(conn, plain, tls, from_plain, guard)
             other.join()
         finally:
+            if guard is not None:
+                guard.close()
             self.stats.add("active", -1)
 
-    def _plain_to_tls(self, conn: _Conn, plain: socket.socket, tls: _Tls, counter: str) -> None:
+    def _plain_to_tls(self, conn: _Conn, plain: socket.socket, tls: _Tls, counter: str,
+                      guard: GuardedConnection | None) -> None:
         buf = memoryview(bytearray(READ_BYTES))
         try:
             while n := plain.recv_into(buf):
+                if guard is not None:
+                    guard.check_reply(buf[:n])
                 tls.send(buf[:n])
                 self.stats.add(counter, n)
             if not conn.is_cut:  # (a cut wakes recv_into with an EOF too)
                 tls.close_write()
-        except OSError as exc:  # ssl.SSLError included
+        except (OSError, Violation) as exc:  # ssl.SSLError included
             self._broken(conn, exc)
 
-    def _tls_to_plain(self, conn: _Conn, tls: _Tls, plain: socket.socket, counter: str) -> None:
+    def _tls_to_plain(self, conn: _Conn, tls: _Tls, plain: socket.socket, counter: str,
+                      guard: GuardedConnection | None) -> None:
         try:
             while data := tls.recv():
-                plain.sendall(data)
+                if guard is not None:
+                    plain.sendall(guard.feed(data))  # b"": the rest of a frame is to come
+                else:
+                    plain.sendall(data)
                 self.stats.add(counter, len(data))
             if not conn.is_cut:
                 plain.shutdown(socket.SHUT_WR)
-        except OSError as exc:
+        except (OSError, Violation) as exc:
             self._broken(conn, exc)
 
     def _broken(self, conn: _Conn, exc: BaseException) -> None:
@@ -592,7 +606,8 @@ class DirectServer(_Endpoint):
     to `target`, the worker's loopback RPC endpoint ("127.0.0.1:50052").
 
     A client is admitted when its preamble carries a secret given to `allow` and not yet
-    revoked; `revoke` also cuts the connections that secret let in.
+    revoked; `revoke` also cuts the connections that secret let in. A secret allowed with a
+    `LeaseGuard` has every byte of its connections pass that lease's RPC command filter.
     """
 
     def __init__(self, cert: Certificate, target: str, bind: str = "0.0.0.0", port: int = 0,
@@ -604,7 +619,7 @@ class DirectServer(_Endpoint):
         self.port = port
         self.admit_timeout = admit_timeout
         self._context = _server_context(cert)
-        self._secrets: set[bytes] = set()
+        self._secrets: dict[bytes, LeaseGuard | None] = {}
 
     def start(self) -> int:
         """Bind, start accepting, and return the port."""
@@ -619,16 +634,16 @@ class DirectServer(_Endpoint):
                  _where(self.target))
         return self.port
 
-    def allow(self, secret: bytes) -> None:
+    def allow(self, secret: bytes, lease: LeaseGuard | None = None) -> None:
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"a secret is {SECRET_BYTES} bytes")
         with self._lock:
-            self._secrets.add(bytes(secret))
+            self._secrets[bytes(secret)] = lease
 
     def revoke(self, secret: bytes) -> int:
         """Admit `secret` no more and cut the connections it let in; returns how many."""
         with self._lock:  # the same lock admission holds: no connection slips in between
-            self._secrets.discard(secret)
+            self._secrets.pop(secret, None)
             cut = [c for c in self._conns
                    if c.secret is not None and hmac.compare_digest(c.secret, secret)]
         for conn in cut:
@@ -648,10 +663,11 @@ class DirectServer(_Endpoint):
             return
         secret = preamble[len(MAGIC):]
         with self._lock:
-            admitted = hmac.compare_digest(preamble[:len(MAGIC)], MAGIC) and any(
-                hmac.compare_digest(secret, s) for s in self._secrets)
+            known = [s for s in self._secrets if hmac.compare_digest(secret, s)]
+            admitted = hmac.compare_digest(preamble[:len(MAGIC)], MAGIC) and bool(known)
             if admitted:
                 conn.secret = secret
+                conn.lease = self._secrets[known[0]]
         if not admitted:
             self._refuse(conn, "its secret is not accepted here", logging.INFO)
             return
@@ -671,7 +687,8 @@ class DirectServer(_Endpoint):
             return
         tls.admitted()
         self.stats.add("connections")
-        self._relay(conn, target, tls, client=False)
+        guard = conn.lease.connection() if conn.lease is not None else None
+        self._relay(conn, target, tls, client=False, guard=guard)
 
     def _refuse(self, conn: _Conn, why: str, level: int) -> None:
         self.stats.add("refused")

@@ -6,7 +6,8 @@ holder releases it or hangs up, or when worker mode is turned off, in which case
 says "revoked" so the holder can finish its reply and move elsewhere.
 
 Frames (JSON): holder {"version": 1, "op": "acquire" | "renew" | "release"}; worker
-{"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked", "message"}. The
+{"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked" | "barred",
+"message"} ("barred": the worker cut this peer off for breaking the RPC rules, for a while). The
 reply to acquire may carry more: "direct_secret" (hex) admits the holder to the worker's direct
 TLS path (swarm/workers/direct_tls.py); a holder that does not know a field ignores it.
 """
@@ -77,6 +78,7 @@ class LeaseDesk:
         self._on_change = on_change
         self._on_end = on_end  # e.g. cut the old holder's tunnels
         self._on_grant = on_grant  # extra fields for the holder, e.g. its direct-path secret
+        self._barred: dict[str, float] = {}  # peer -> trio time its bar ends
 
     @property
     def holder(self) -> str | None:
@@ -91,6 +93,10 @@ class LeaseDesk:
         if not self.accepting:
             await write_json_frame(stream, {"ok": False, "code": "off",
                                             "message": "worker mode is off on this machine"})
+            return
+        if self._barred.get(peer, -1.0) > trio.current_time():
+            await write_json_frame(stream, {"ok": False, "code": "barred", "message":
+                                            "this worker cut you off for an RPC violation"})
             return
         if self._held is not None and self._held.peer_id != peer:
             await write_json_frame(stream, {"ok": False, "code": "busy",
@@ -119,6 +125,16 @@ class LeaseDesk:
             self._on_end(peer)
             held.ended.set()
             log.info("lease of %s ended", peer)
+
+    def evict(self, peer_id: str, bar_s: float) -> None:
+        """End `peer_id`'s lease now, without a grace period, and grant it no new one for
+        `bar_s`: it broke the RPC rules. Its tunnels and direct connections go with the lease
+        (`on_end`)."""
+        now = trio.current_time()
+        self._barred = {p: t for p, t in self._barred.items() if t > now}
+        self._barred[peer_id] = now + bar_s
+        if self._held is not None and self._held.peer_id == peer_id:
+            self._held.scope.cancel()
 
     async def revoke(self, grace_s: float) -> None:
         """Stop granting; tell the holder, give it `grace_s` to finish and release."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -178,15 +179,25 @@ class RpcFilter:
 
     # ---- client -> server ------------------------------------------------------------
 
-    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
-        """The bytes of `data` (and of earlier chunks held back) the server may now receive."""
+    @overload
+    def feed(self, data: bytes | bytearray) -> bytes: ...
+    @overload
+    def feed(self, data: memoryview) -> bytes | memoryview: ...
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """The bytes of `data` (and of earlier chunks held back) the server may now receive.
+
+        A chunk inside a SET_TENSOR's data comes back as it is, not copied: a memoryview
+        stays a view of the caller's buffer, to be sent before that buffer is reused.
+        """
         try:
             return self._feed(data, memoryview(data))
         except Violation as exc:
             self._failed = self._failed or exc.reason
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview, view: memoryview) -> bytes:
+    def _feed(self, data: bytes | bytearray | memoryview, view: memoryview
+              ) -> bytes | memoryview:
         if self._failed:
             raise Violation(self._failed)
         out: list[bytes | memoryview] = []
@@ -194,7 +205,7 @@ class RpcFilter:
         while pos < end:
             if self._stream_left:
                 n = min(self._stream_left, end - pos)
-                if n == end and isinstance(data, bytes):
+                if n == end and not isinstance(data, bytearray):
                     self._stream_left -= n
                     return data  # a chunk inside a SET_TENSOR's data: no copy
                 out.append(view[pos:pos + n])
@@ -464,12 +475,16 @@ class RpcFilter:
 
         Call it with each chunk the server sends, before the client may see it.
         """
+        self.check_reply(data)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def check_reply(self, data: bytes | bytearray | memoryview) -> None:
+        """`feed_reply` for a relay that forwards `data` itself afterwards (no copy)."""
         try:
             self._feed_reply(memoryview(data))
         except Violation as exc:
             self._failed = self._failed or exc.reason
             raise
-        return data if isinstance(data, bytes) else bytes(data)
 
     def _feed_reply(self, view: memoryview) -> None:
         if self._failed:

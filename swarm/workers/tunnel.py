@@ -30,6 +30,8 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux import yamux
 
 from backends.endpoints import is_loopback, split_host_port
+from swarm.workers.rpc_filter import Violation
+from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +106,15 @@ class _Splice:
     """
 
     def __init__(
-        self, sock: trio.SocketStream, stream: INetStream, stats: LinkStats, *, client: bool
+        self, sock: trio.SocketStream, stream: INetStream, stats: LinkStats, *, client: bool,
+        guard: GuardedConnection | None = None,
     ) -> None:
         self.sock = sock
         self.stream = stream
         self.stats = stats
         self.client = client  # on the client the socket is llama.cpp's; up = socket -> stream
+        # The worker's filter: the socket is its RPC server's, the stream the lease holder's.
+        self.guard = guard
         self.broken = False
         self._scope = trio.CancelScope()
 
@@ -151,7 +156,12 @@ class _Splice:
                         # yamux FIN: the far socket sees EOF (NetStream has it, INetStream not)
                         await self.stream.close_write()  # type: ignore[attr-defined]
                         return
+                    if self.guard is not None:
+                        self.guard.check_reply(data)
                     await self.stream.write(data)
+            except Violation:
+                self._break()  # the guard reported it
+                return
             except Exception as exc:  # noqa: BLE001 - libp2p raises assorted errors
                 log.debug("tunnel stream write failed: %r", exc)
                 self._break()
@@ -173,8 +183,10 @@ class _Splice:
                         return
                     await self.sock.send_eof()
                     return
-                await self.sock.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                approved = data if self.guard is None else self.guard.feed(data)
+                if approved:
+                    await self.sock.send_all(approved)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, Violation):
                 self._break()
                 return
             self._count(len(data), from_socket=False)
@@ -255,11 +267,17 @@ class TunnelServer:
     endpoint ("127.0.0.1:port") for the peer holding the lease, or None to refuse, and a
     refused stream is reset without a byte. When a lease ends, `revoke(peer_id)` cuts that
     peer's open tunnels (the callback alone only stops new ones).
+
+    With `guard`, every byte passes the RPC command filter of the peer's lease
+    (swarm/workers/rpc_guard.py): `guard(peer_id)` is asked once per admitted stream, and a
+    peer it has no `LeaseGuard` for is refused too. Without it (tests), bytes pass unchanged.
     """
 
-    def __init__(self, allowed: Callable[[str], str | None]) -> None:
+    def __init__(self, allowed: Callable[[str], str | None],
+                 guard: Callable[[str], LeaseGuard | None] | None = None) -> None:
         tune_yamux()
         self._allowed = allowed
+        self._guard = guard
         self.stats = LinkStats()
         self._open: dict[str, set[trio.CancelScope]] = {}
 
@@ -267,7 +285,8 @@ class TunnelServer:
         """The stream handler to register (the node wraps it in its gatekeeper guard)."""
         peer = stream.muxed_conn.peer_id.to_base58()
         endpoint = self._allowed(peer)
-        if endpoint is None:
+        lease = self._guard(peer) if self._guard is not None else None
+        if endpoint is None or (self._guard is not None and lease is None):
             self.stats.refused += 1
             log.info("refused an RPC tunnel from %s: it holds no lease here", peer)
             await _reset_stream(stream)
@@ -286,11 +305,14 @@ class TunnelServer:
         self.stats.connections += 1
         self.stats.active += 1
         scopes = self._open.setdefault(peer, set())
+        guard = lease.connection() if lease is not None else None
         with trio.CancelScope() as scope:
             scopes.add(scope)
             try:
-                await _Splice(sock, stream, self.stats, client=False).run()
+                await _Splice(sock, stream, self.stats, client=False, guard=guard).run()
             finally:
+                if guard is not None:
+                    guard.close()
                 self.stats.active -= 1
                 scopes.discard(scope)
                 if not scopes and self._open.get(peer) is scopes:

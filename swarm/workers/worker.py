@@ -6,6 +6,8 @@ libp2p RPC tunnel, or over the direct TLS path (`swarm/workers/direct_tls.py`) w
 lease carries. Off: stop granting leases, let the holder finish (it re-plans), then stop the
 process. The ledger's "worker" entry says what this worker donates, who holds it, and where the
 direct path listens with which certificate (the ledger is signed, so clients can pin it).
+Every byte a holder sends or receives passes its lease's RPC command filter
+(`swarm/workers/rpc_guard.py`); a holder that breaks the rules is cut off and barred.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from backends.rpc_worker import resolve_share
 from swarm.ledger.entries import WorkerEntry
 from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
 from swarm.workers.lease import LeaseDesk
+from swarm.workers.rpc_guard import LeaseGuard
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 REVOKE_GRACE_S = 20.0  # how long a holder may finish its reply after worker mode goes off
 STOP_TIMEOUT_S = 5.0
+VIOLATION_BAR_S = 3600.0  # how long a holder cut off for an RPC violation gets no new lease
 
 
 class WorkerStartFailed(OSError):
@@ -53,9 +57,11 @@ def share_bytes(share_mib: int | None, share_percent: float | None, total: int) 
 
 class WorkerService:
     def __init__(self, data_dir: Path, on_change: Callable[[], None],
-                 on_lease_end: Callable[[str], None], direct_bind: str | None = None) -> None:
+                 on_lease_end: Callable[[str], None], direct_bind: str | None = None,
+                 name_of: Callable[[str], str] = str) -> None:
         """`direct_bind`: the address the direct TLS path listens on (the node's libp2p listen
-        address, so it is reachable exactly where the node is); None turns the path off."""
+        address, so it is reachable exactly where the node is); None turns the path off.
+        `name_of(peer_id)`: how the log names a peer."""
         self.data_dir = data_dir
         self.cache_dir = data_dir / "tensor-cache"
         self.share_bytes = 0
@@ -69,18 +75,43 @@ class WorkerService:
         self._process: trio.Process | None = None
         self._on_change = on_change
         self._lock = trio.Lock()
+        self._guards: dict[str, LeaseGuard] = {}  # lease holder -> its RPC filters
+        self._name_of = name_of
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self.violations = 0  # holders cut off for breaking the RPC rules
 
     def _granted(self, peer_id: str) -> dict[str, Any]:
         """A fresh secret per lease: only the holder (told over the Noise-authenticated lease
         stream) can open the direct path, and only while it holds the lease."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        guard = LeaseGuard(peer_id, self.share_bytes, self._violation_seen)
+        self._guards[peer_id] = guard
         if self.direct is None:
             return {}
         secret = secrets.token_bytes(32)
         self._secrets[peer_id] = secret
-        self.direct.allow(secret)
+        self.direct.allow(secret, guard)
         return {"direct_secret": secret.hex()}
 
+    def lease_guard(self, peer_id: str) -> LeaseGuard | None:
+        """The RPC filters of the lease holder's connections; None for anyone else."""
+        return self._guards.get(peer_id) if peer_id == self.desk.holder else None
+
+    def _violation_seen(self, peer_id: str, reason: str) -> None:
+        """From a relay (a direct-path thread, or trio's): cut the holder off in trio."""
+        assert self._trio_token is not None  # set when the lease was granted
+        self._trio_token.run_sync_soon(self._cut_off, peer_id, reason)
+
+    def _cut_off(self, peer_id: str, reason: str) -> None:
+        self.violations += 1
+        log.warning("%s (%s) broke the RPC rules (%s): cutting its connections, revoking its "
+                    "lease, and granting it none for %d s", self._name_of(peer_id), peer_id,
+                    reason, VIOLATION_BAR_S)
+        self._lease_ended(peer_id)  # both paths at once; the lease's own end repeats it harmlessly
+        self.desk.evict(peer_id, VIOLATION_BAR_S)
+
     def _lease_ended(self, peer_id: str) -> None:
+        self._guards.pop(peer_id, None)
         secret = self._secrets.pop(peer_id, None)
         if secret is not None and self.direct is not None:
             self.direct.revoke(secret)  # its open connections are cut at once
@@ -101,7 +132,8 @@ class WorkerService:
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,
                 "state": "leased" if self.desk.holder else "idle",
                 "leased_by": self.desk.holder,
-                "direct_port": self.direct.port if self.direct is not None else None}
+                "direct_port": self.direct.port if self.direct is not None else None,
+                "rpc_violations": self.violations}
 
     def tunnel_target(self, peer_id: str) -> str | None:
         """The RPC endpoint for the lease holder; nobody else gets through."""
