@@ -38,7 +38,9 @@ from swarm.workers.direct_tls import (
     load_or_create_certificate,
     new_secret,
 )
+from swarm.workers.rpc_guard import LeaseGuard
 from tests.conftest import Worker, greedy_on_worker
+from tests.support.rpc_attacks import check_each_attack_is_cut_off
 
 pytestmark = pytest.mark.processes
 
@@ -534,6 +536,46 @@ def test_llama_cpp_rpc_through_the_direct_path_matches_loopback(
     assert client.stats.bytes_up > 0 and client.stats.bytes_down > 0
     wait_for(lambda: server.stats.active == 0)
     assert server.stats.failed == 0
+
+
+def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules(
+        tiny_model: Path, cert: Certificate, rpc_workers: Callable[..., Worker]) -> None:
+    """With the worker's filter on the direct path: llama.cpp's own RPC passes unchanged
+    (its buffers back in the share once it is done); a custom op, an out-of-bounds write or an
+    allocation beyond the share is stopped before the worker sees it, and reported."""
+    worker = rpc_workers()
+    share = 64 << 20
+    direct = greedy_on_worker(tiny_model, worker.endpoint)
+    server = DirectServer(cert, worker.endpoint, bind="127.0.0.1")
+    port = server.start()
+    clients: list[DirectClient] = []
+    leases: list[LeaseGuard] = []
+
+    def new_lease() -> tuple[str, list[tuple[str, str]]]:
+        """A fresh secret and filter, and a client endpoint that uses them."""
+        reported: list[tuple[str, str]] = []
+        secret = new_secret()
+
+        def cut_off(peer: str, reason: str) -> None:
+            reported.append((peer, reason))
+            server.revoke(secret)  # what the worker does on a violation
+
+        leases.append(LeaseGuard("holder", share, cut_off))
+        server.allow(secret, leases[-1])
+        clients.append(DirectClient(("127.0.0.1", port), cert.sha256, secret))
+        return clients[-1].start(), reported
+
+    try:
+        endpoint, reported = new_lease()
+        assert greedy_on_worker(tiny_model, endpoint).tokens == direct.tokens
+        wait_for(lambda: server.stats.active == 0)
+        assert reported == [] and leases[-1].share.used_bytes == 0
+        check_each_attack_is_cut_off(new_lease, lambda: worker.proc.poll() is None, share)
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+    assert direct_threads() == []
 
 
 def test_worker_dying_mid_generation_fails_the_engine_promptly(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -15,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from backends.ggml_rpc_wire import GGML_OP, Cmd, frame, pack_tensors
+from backends.ggml_rpc_wire import Cmd
 from swarm.workers.rpc_filter import RpcFilter, ShareAccount, Violation
 from tests.conftest import Worker, greedy_on_worker
+from tests.support.rpc_attacks import hostile_custom_op
 
 pytestmark = pytest.mark.processes
 
 SHARE = 2 * 2**30
-GGML_TENSOR_FLAG_COMPUTE = 16  # ggml.h: the CPU backend skips nodes without it
 
 
 @dataclass
@@ -92,46 +91,6 @@ def proxy_to(worker: Worker) -> Iterator[FilteringProxy]:
         yield p
     finally:
         p.close()
-
-
-def recv_reply(sock: socket.socket) -> bytes:
-    size = struct.unpack("<Q", recv_exact(sock, 8))[0]
-    return recv_exact(sock, size)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def hostile_custom_op(endpoint: str) -> bytes:
-    """Speak RPC like llama.cpp up to a graph whose node calls address 0x41414141; returns
-    whatever the far end sends after it (b"" once it hangs up)."""
-    host, port = endpoint.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(frame(Cmd.HELLO, bytes(24)))
-        recv_reply(s)
-        s.sendall(frame(Cmd.ALLOC_BUFFER, struct.pack("<IQ", 0, 4096)))
-        buffer = struct.unpack("<QQ", recv_reply(s))[0]
-        s.sendall(frame(Cmd.BUFFER_GET_BASE, struct.pack("<Q", buffer)))
-        base = struct.unpack("<Q", recv_reply(s))[0]
-        common = {"buffer": buffer, "ne": (16, 1, 1, 1), "nb": (4, 64, 64, 64)}
-        src = {**common, "id": 1, "data": base}
-        evil = {**common, "id": 2, "data": base + 64, "op": GGML_OP["CUSTOM"],
-                "src": [1] + [0] * 9, "op_params": [0x41414141, 0, 1, 0] + [0] * 12,
-                "flags": GGML_TENSOR_FLAG_COMPUTE}
-        body = struct.pack("<IIQI", 0, 1, 2, 2) + pack_tensors([src, evil])
-        try:
-            s.sendall(frame(Cmd.GRAPH_COMPUTE, body))
-            s.sendall(frame(Cmd.GET_ALIGNMENT, struct.pack("<I", 0)))  # answered if it lived
-            return s.recv(64)
-        except OSError:
-            return b""
 
 
 def alive(worker: Worker, wait_s: float = 1.0) -> bool:

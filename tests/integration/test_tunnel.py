@@ -31,6 +31,7 @@ from backends.engine import (
 )
 from swarm.net.host import build_host, isolate
 from swarm.trust.identity import Identity
+from swarm.workers.rpc_guard import LeaseGuard
 from swarm.workers.tunnel import (
     TUNNEL_PROTOCOL,
     TunnelClient,
@@ -38,6 +39,7 @@ from swarm.workers.tunnel import (
     parse_loopback_endpoint,
 )
 from tests.conftest import Worker, greedy_on_worker
+from tests.support.rpc_attacks import check_each_attack_is_cut_off
 
 pytestmark = pytest.mark.processes
 
@@ -111,7 +113,8 @@ async def record_until_eof(sock: trio.SocketStream, far: Far) -> None:
 
 @asynccontextmanager
 async def tunnel(
-    handler: FarHandler = echo, allow: bool = True
+    handler: FarHandler = echo, allow: bool = True,
+    guard: Callable[[str], LeaseGuard | None] | None = None,
 ) -> AsyncIterator[Tunnel]:
     far = Far()
 
@@ -131,7 +134,7 @@ async def tunnel(
         async with running_host() as worker_host, running_host() as client_host:
             client_id = client_host.get_id().to_base58()
             server = TunnelServer(
-                lambda peer: far.endpoint if allow and peer == client_id else None
+                lambda peer: far.endpoint if allow and peer == client_id else None, guard
             )
             worker_host.set_stream_handler(TProtocol(TUNNEL_PROTOCOL),
                                            isolate("tunnel", server.handle))
@@ -445,6 +448,50 @@ def test_llama_cpp_rpc_through_the_tunnel_matches_loopback(
             assert len(tunnelled.tokens) == 24
             stats = t.client.stats
             assert stats.connections >= 1 and stats.bytes_up > 0 and stats.bytes_down > 0
+
+    run(main)
+
+
+def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules(
+    tiny_model: Path, rpc_workers: Callable[..., Worker]
+) -> None:
+    """With the worker's filter on the tunnel: llama.cpp's own RPC passes unchanged (its
+    buffers back in the share once it is done); a custom op, an out-of-bounds write or an
+    allocation beyond the share is stopped before the worker sees it, and reported."""
+    worker = rpc_workers()
+    share = 64 << 20
+    direct = greedy_on_worker(tiny_model, worker.endpoint)
+    leases: list[LeaseGuard] = []
+
+    async def main() -> None:
+        async def relay(sock: trio.SocketStream, far: Far) -> None:
+            raise AssertionError("the tunnel must reach the real worker, not this")
+
+        async with tunnel(relay, guard=lambda peer: leases[-1]) as t:
+            t.far.endpoint = worker.endpoint
+            assert t.client.endpoint is not None
+            client_id = t.client_host.get_id().to_base58()
+
+            def new_lease() -> tuple[str, list[tuple[str, str]]]:
+                assert t.client.endpoint is not None
+                reported: list[tuple[str, str]] = []
+
+                def cut_off(peer: str, reason: str) -> None:
+                    reported.append((peer, reason))
+                    t.server.revoke(peer)  # what the worker does on a violation
+
+                leases.append(LeaseGuard(client_id, share, cut_off))
+                return t.client.endpoint, reported
+
+            _, reported = new_lease()
+            filtered = await trio.to_thread.run_sync(greedy_on_worker, tiny_model,
+                                                     t.client.endpoint)
+            assert filtered.tokens == direct.tokens and reported == []
+            await wait_for(lambda: t.server.stats.active == 0)
+            assert leases[-1].share.used_bytes == 0
+            await trio.to_thread.run_sync(
+                check_each_attack_is_cut_off, new_lease, lambda: worker.proc.poll() is None,
+                share)
 
     run(main)
 
