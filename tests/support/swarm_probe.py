@@ -11,8 +11,8 @@ never listens, never runs mDNS, and passes no verdicts; `tests/integration/test_
 decides what the observations mean. Admission, sealing and signing reuse the swarm's own pure
 modules so that "valid" here means what it means to a node.
 
-Scenarios: wrong-token, plain, silent, snoop, garbage, forge, midsync, cycles, join (see
-each function).
+Scenarios: wrong-token, plain, silent, snoop, garbage, forge, midsync, cycles, join,
+rpc-attack (see each function).
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ from swarm.trust.identity import Identity
 from swarm.trust.keys import SwarmKeys
 from swarm.trust.seal import seal
 from swarm.trust.token import new_token, parse_token
+from swarm.workers.direct_tls import DirectClient
 from swarm.workers.lease import PROTOCOL as LEASE_PROTOCOL
-from swarm.workers.tunnel import TUNNEL_PROTOCOL
+from swarm.workers.lease import LeaseRefused, hold
+from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelClient
+from tests.support import rpc_attacks
 
 log = logging.getLogger("swarm_probe")
 
@@ -789,6 +792,50 @@ async def scenario_join(args: argparse.Namespace, target: PeerInfo) -> Observati
     return obs
 
 
+async def scenario_rpc_attack(args: argparse.Namespace, target: PeerInfo) -> Observations:
+    """A member that leases the target's worker, then plays RPC attack --attack
+    (tests/support/rpc_attacks.py) over --path (tunnel or direct), with a second connection of
+    the lease waiting on the other path. Reports what the attack got back, whether the other
+    connection was cut, how soon the lease was lost, and what a new acquire gets."""
+    keys = keys_for(args.token)
+    identity = new_identity()
+    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
+    worker = target.peer_id.to_base58()
+    async with running_host(identity) as host, trio.open_nursery() as nursery:
+        await join_as_member(host, target, keys.admission_key, SyncServer([]), obs)
+        if not obs.get("admitted"):
+            return obs
+        lease = await nursery.start(hold, host, worker)
+        tunnel = TunnelClient(host, worker)
+        endpoints = {"tunnel": await nursery.start(tunnel.open)}
+        direct = DirectClient(("127.0.0.1", args.direct_port), args.direct_sha256,
+                              bytes.fromhex(lease.granted["direct_secret"]))
+        endpoints["direct"] = await trio.to_thread.run_sync(direct.start)
+        other = "direct" if args.path == "tunnel" else "tunnel"
+        waiting: list[Any] = []
+        started = trio.current_time()
+        reply = await trio.to_thread.run_sync(
+            rpc_attacks.attack, endpoints[args.path], args.attack, args.share_bytes,
+            lambda: waiting.append(rpc_attacks.bystander(endpoints[other])))
+        obs["reply_bytes"] = len(reply)
+        with waiting[0] as sock:
+            obs["other_path_cut"] = await trio.to_thread.run_sync(rpc_attacks.is_cut, sock)
+        with trio.move_on_after(DISCONNECT_WAIT_S):
+            await lease.lost.wait()
+        obs["lease_lost_s"] = (round(trio.current_time() - started, 2) if lease.lost.is_set()
+                               else None)
+        try:
+            again = await nursery.start(hold, host, worker)
+            obs["reacquire"] = "granted"
+            again.release()
+        except LeaseRefused as exc:
+            obs["reacquire"] = exc.code
+        tunnel.close()
+        await trio.to_thread.run_sync(direct.close)
+        nursery.cancel_scope.cancel()
+    return obs
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace, PeerInfo], Awaitable[Observations]]] = {
     "wrong-token": scenario_wrong_token,
     "plain": scenario_plain,
@@ -799,6 +846,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, PeerInfo], Awaitable[Observat
     "midsync": scenario_midsync,
     "cycles": scenario_cycles,
     "join": scenario_join,
+    "rpc-attack": scenario_rpc_attack,
 }
 
 
@@ -818,6 +866,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exit-after", type=float, default=0.0,
                         help="midsync exit: seconds between the last entry and os._exit")
     parser.add_argument("--parallel", type=int, default=10, help="cycles: concurrent peers")
+    parser.add_argument("--attack", choices=sorted(rpc_attacks.ATTACKS), default="custom-op",
+                        help="rpc-attack: what to send")
+    parser.add_argument("--path", choices=("tunnel", "direct"), default="tunnel",
+                        help="rpc-attack: the path the attack takes (the other waits)")
+    parser.add_argument("--direct-port", type=int, default=0, help="rpc-attack: worker's")
+    parser.add_argument("--direct-sha256", default="", help="rpc-attack: its certificate's")
+    parser.add_argument("--share-bytes", type=int, default=0, help="rpc-attack: its share")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this")
     return parser.parse_args(argv)
 
