@@ -1,0 +1,48 @@
+"""One lease's filters: a shared share, one report per lease, and every connection ended."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from backends.ggml_rpc_wire import Cmd, frame
+from swarm.workers.rpc_filter import Violation
+from swarm.workers.rpc_guard import LeaseGuard
+
+SHARE = 1 << 20
+HELLO = frame(Cmd.HELLO, bytes(24))
+
+
+def alloc(size: int) -> bytes:
+    return frame(Cmd.ALLOC_BUFFER, struct.pack("<IQ", 0, size))
+
+
+def test_connections_of_a_lease_draw_on_one_share_and_give_it_back() -> None:
+    reported: list[tuple[str, str]] = []
+    lease = LeaseGuard("peer", SHARE, lambda *r: reported.append(r))
+    first, second = lease.connection(), lease.connection()
+    for conn in (first, second):
+        assert conn.feed(HELLO) == HELLO
+    assert first.feed(alloc(SHARE // 2)) == alloc(SHARE // 2)
+    assert lease.share.used_bytes == SHARE // 2
+    first.close()  # the server frees a closed connection's buffers
+    assert lease.share.used_bytes == 0
+    assert second.feed(alloc(SHARE)) == alloc(SHARE) and reported == []
+
+
+def test_the_first_violation_is_reported_once_and_ends_every_connection() -> None:
+    reported: list[tuple[str, str]] = []
+    lease = LeaseGuard("peer", SHARE, lambda *r: reported.append(r))
+    bad, other = lease.connection(), lease.connection()
+    bad.feed(HELLO)
+    other.feed(HELLO)
+    with pytest.raises(Violation):
+        bad.feed(alloc(SHARE + 1))
+    assert reported == [("peer", f"ALLOC_BUFFER of {SHARE + 1} bytes; {SHARE} of the share left")]
+    for step in (other.feed, other.check_reply, bad.feed):
+        with pytest.raises(Violation, match="cut off"):
+            step(b"\0" * 8)
+    with pytest.raises(Violation):
+        lease.connection().feed(HELLO)  # a connection opened late is no way round it
+    assert len(reported) == 1
