@@ -4,12 +4,12 @@ connection, and what happens on the first violation.
 A lease holder reaches the worker's RPC server over the libp2p tunnel (swarm/workers/tunnel.py,
 trio) and the direct TLS path (swarm/workers/direct_tls.py, two threads per connection), and
 llama.cpp opens several connections per lease. `LeaseGuard` holds the lease's `ShareAccount`
-(the worker's donated share, drawn on by all of them) and hands each connection a
-`GuardedConnection`, whose `feed`/`feed_reply` the relay calls on every chunk before
-forwarding it. One lock per lease serialises the filters, which are not thread-safe and share
-the account. The first `Violation` on any connection marks the whole lease: its other
-connections fail at their next chunk, and `on_violation(peer_id, reason)` is called once, from
-whichever thread saw it, to cut the holder off and revoke its lease.
+(the worker's donated share plus room for compute buffers, drawn on by all of them) and hands
+each connection a `GuardedConnection`, whose `feed`/`check_reply` the relay calls on every
+chunk before forwarding it. One lock per lease serialises the filters, which are not
+thread-safe and share the account. The first `Violation` on any connection marks the whole
+lease: its other connections fail at their next chunk, and `on_violation(peer_id, reason)` is
+called once, from whichever thread saw it, to cut the holder off and revoke its lease.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from swarm.workers.rpc_filter import RpcFilter, ShareAccount, Violation
 # (the cache flag cleared); reading what the worker cached itself stays allowed.
 CACHE_WRITES = False
 
+# What a lease may allocate beyond the share. The client's placement fits the weights and the
+# KV cache into each worker's share; llama.cpp then allocates its compute buffer (the graph's
+# intermediates) on every device on top: on the worker holding the output layer that is
+# n_ubatch x n_vocab logits, 70 MiB for the tests' tiny model, 512 MiB for a 256k vocabulary.
+COMPUTE_HEADROOM_BYTES = 1 << 30
+
 _R = TypeVar("_R")
 
 
@@ -34,7 +40,7 @@ class LeaseGuard:
     def __init__(self, peer_id: str, share_bytes: int,
                  on_violation: Callable[[str, str], None]) -> None:
         self.peer_id = peer_id
-        self.share = ShareAccount(share_bytes)
+        self.share = ShareAccount(share_bytes + COMPUTE_HEADROOM_BYTES)
         self.violation: str | None = None  # the first one's reason
         self._on_violation = on_violation
         self._lock = threading.Lock()

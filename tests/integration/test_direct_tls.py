@@ -38,7 +38,7 @@ from swarm.workers.direct_tls import (
     load_or_create_certificate,
     new_secret,
 )
-from swarm.workers.rpc_guard import LeaseGuard
+from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES, LeaseGuard
 from tests.conftest import Worker, greedy_on_worker
 from tests.support.rpc_attacks import check_each_attack_is_cut_off
 
@@ -570,7 +570,8 @@ def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules
         assert greedy_on_worker(tiny_model, endpoint).tokens == direct.tokens
         wait_for(lambda: server.stats.active == 0)
         assert reported == [] and leases[-1].share.used_bytes == 0
-        check_each_attack_is_cut_off(new_lease, lambda: worker.proc.poll() is None, share)
+        check_each_attack_is_cut_off(new_lease, lambda: worker.proc.poll() is None,
+                                     share + COMPUTE_HEADROOM_BYTES)
     finally:
         for client in clients:
             client.close()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from swarm.trust.token import new_token
+from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES
 from tests.integration.test_sharded import ShardSwarm
 from tests.support.netns import Netns, netns_skip_reason
 from tests.support.node_harness import REPO, RunningNode
@@ -57,7 +58,8 @@ def probe_attack(swarm: ShardSwarm, worker: RunningNode, attack: str, path: str,
         "--target", worker.status["addresses"][0], "--token", swarm.token,
         "--attack", attack, "--path", path,
         "--direct-port", str(status["worker"]["direct_port"]), "--direct-sha256", sha256,
-        "--share-bytes", str(status["worker"]["share_bytes"]), "--timeout", "60"],
+        "--share-bytes", str(status["worker"]["share_bytes"] + COMPUTE_HEADROOM_BYTES),
+        "--timeout", "60"],
         cwd=REPO, timeout=90)
     out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return out

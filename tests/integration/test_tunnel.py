@@ -31,7 +31,7 @@ from backends.engine import (
 )
 from swarm.net.host import build_host, isolate
 from swarm.trust.identity import Identity
-from swarm.workers.rpc_guard import LeaseGuard
+from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES, LeaseGuard
 from swarm.workers.tunnel import (
     TUNNEL_PROTOCOL,
     TunnelClient,
@@ -491,7 +491,7 @@ def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules
             assert leases[-1].share.used_bytes == 0
             await trio.to_thread.run_sync(
                 check_each_attack_is_cut_off, new_lease, lambda: worker.proc.poll() is None,
-                share)
+                share + COMPUTE_HEADROOM_BYTES)
 
     run(main)
 

@@ -872,7 +872,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rpc-attack: the path the attack takes (the other waits)")
     parser.add_argument("--direct-port", type=int, default=0, help="rpc-attack: worker's")
     parser.add_argument("--direct-sha256", default="", help="rpc-attack: its certificate's")
-    parser.add_argument("--share-bytes", type=int, default=0, help="rpc-attack: its share")
+    parser.add_argument("--share-bytes", type=int, default=0, help="rpc-attack: lease limit")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this")
     return parser.parse_args(argv)
 
