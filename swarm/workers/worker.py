@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from backends import ggml
+from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.rpc_worker import resolve_share
 from swarm.ledger.entries import WorkerEntry
 from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
@@ -95,7 +96,8 @@ class WorkerService:
         port, sha256 = ((self.direct.port, self._direct_sha256) if self.direct is not None
                         else (None, None))
         return WorkerEntry(self.share_bytes, free_bytes, cores, ggml.RPC_PROTOCOL_VERSION,
-                           "leased" if holder else "idle", holder, port, sha256).to_value()
+                           "leased" if holder else "idle", holder, port, sha256,
+                           ggml_op_count=GGML_OP_COUNT).to_value()
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,
