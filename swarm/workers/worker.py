@@ -63,7 +63,7 @@ class WorkerService:
     def __init__(self, data_dir: Path, on_change: Callable[[], None],
                  on_lease_end: Callable[[str], None], direct_bind: str | None = None,
                  tunnel_bytes: Callable[[], int] = lambda: 0,
-                 policy: RestartPolicy = RestartPolicy()) -> None:
+                 policy: RestartPolicy | None = None) -> None:
         """`direct_bind`: the address the direct TLS path listens on (the node's libp2p listen
         address, so it is reachable exactly where the node is); None turns the path off.
         `tunnel_bytes`: RPC bytes the libp2p tunnel relayed so far (a lease that carries none
@@ -75,7 +75,7 @@ class WorkerService:
         self.desk = LeaseDesk(on_change, self._lease_ended, on_grant=self._granted,
                               relayed=self._relayed)
         self.nursery: trio.Nursery | None = None  # the node's, set when it runs: the watchers
-        self.policy = policy
+        self.policy = policy or RestartPolicy()
         self.restarts = 0  # since worker mode was turned on
         self.last_exit: str | None = None  # how the RPC process last died unexpectedly
         self.error: str | None = None  # why worker mode stopped by itself
@@ -208,8 +208,7 @@ class WorkerService:
                     log.warning("restarting the RPC server failed: %s", exc)
                     continue
                 self.restarts += 1
-                log.info("RPC server restarted (pid %d) on %s", self._process.pid,
-                         self.endpoint)
+                log.info("RPC server restarted on %s", self.endpoint)
                 return
 
     async def disable(self) -> None:
