@@ -101,13 +101,13 @@ async def _killed_comes_back(tmp_path: Path) -> None:
         holder_side, worker_side = trio.testing.memory_stream_pair()
         holder = End(holder_side)
         nursery.start_soon(service.desk.handle, End(worker_side))
-        await write_json_frame(holder, {"version": 1, "op": "acquire"})  # type: ignore[arg-type]
-        assert (await read_json_frame(holder, 1024))["ok"] is True  # type: ignore[arg-type]
+        await write_json_frame(holder, {"version": 1, "op": "acquire"})
+        assert (await read_json_frame(holder, 1024))["ok"] is True
         assert service.desk.holder == HOLDER
 
         service._process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         with trio.fail_after(2):  # the holder hears it now, not at its next renewal
-            said = await read_json_frame(holder, 1024)  # type: ignore[arg-type]
+            said = await read_json_frame(holder, 1024)
         assert (said["code"], said["message"]) == ("revoked", "the worker's RPC server stopped")
         await _until(lambda: ended == [HOLDER], 2)  # ... and its relays were cut
         await _until(lambda: service.status()["rpc_server"]["pid"] not in (None, first), 5)
