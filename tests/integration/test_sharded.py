@@ -295,6 +295,9 @@ def test_a_killed_rpc_server_is_back_at_once_and_no_chat_waits_on_it(shards: Sha
     assert took < 15, (took, reply)  # not the 30 s an engine waits on a dead worker
     # It completes, on the workers or (w2 lost under it) on the client; never hangs.
     assert status == 200 and reply["choices"][0]["message"]["content"], reply
+    # The lease ended with the server, so the client knows which worker went: w2, not "a
+    # worker" (and w1, which did nothing wrong, is not distrusted with it).
+    assert reply["covey"].get("notice") in (None, "w2 failed; continuing on this machine"), reply
     # The restarted server serves: once the client has let the dead session go, a chat is
     # sharded over w1 and w2 again.
     def sharded_again() -> bool:
