@@ -318,8 +318,21 @@ def _node_schemas() -> dict[str, Schema]:
                                    "Lease holders cut off (lease revoked, barred for an hour) "
                                    "for sending RPC commands the worker's filter refuses, "
                                    "since the node started."},
+                "rpc_server": _object({
+                    "pid": or_null({"type": "integer", "description":
+                                    "The RPC server process; null while none runs."}),
+                    "restarts": {"type": "integer", "minimum": 0, "description":
+                                 "Times it was started again after dying unexpectedly, since "
+                                 "worker mode was turned on."},
+                    "last_exit": or_null({"type": "string", "description":
+                                          "How it last died unexpectedly, e.g. signal SIGKILL."}),
+                    "error": or_null({"type": "string", "description":
+                                      "Why worker mode stopped by itself (the RPC server "
+                                      "keeps crashing); null otherwise."}),
+                }, ["pid", "restarts", "last_exit", "error"],
+                   "The ggml RPC server this node runs for worker mode, and how it fared."),
             }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic",
-                "rpc_violations"]),
+                "rpc_violations", "rpc_server"]),
             "sharded_links": {
                 "type": "object", "additionalProperties": {
                     "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},

@@ -143,6 +143,9 @@ class WorkerEntry:
     # and the SHA-256 of the certificate the client pins. None when the worker offers none.
     direct_port: int | None = None
     direct_sha256: str | None = None
+    # GGML_OP_COUNT of the worker's libggml: a graph's op numbers mean the same ops on both
+    # ends only when the counts agree. None: an older worker that does not say (unknown).
+    ggml_op_count: int | None = None
     version: int = WORKER_VALUE_VERSION
 
     def to_value(self) -> dict[str, Any]:
@@ -152,6 +155,8 @@ class WorkerEntry:
             "rpc_protocol": self.rpc_protocol, "state": self.state, "leased_by": self.leased_by}
         if self.direct_port is not None:
             value["direct"] = {"port": self.direct_port, "cert_sha256": self.direct_sha256}
+        if self.ggml_op_count is not None:  # absent, not null: older readers never see it
+            value["ggml_op_count"] = self.ggml_op_count
         return value
 
     @classmethod
@@ -175,6 +180,7 @@ class WorkerEntry:
             leased_by=leased_by,
             direct_port=port,
             direct_sha256=sha256,
+            ggml_op_count=_count(value, "ggml_op_count") if "ggml_op_count" in value else None,
         )
 
 

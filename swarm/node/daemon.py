@@ -138,7 +138,8 @@ class Node:
                                               self._federated_candidates, self._federated_models)
         self.worker = WorkerService(config.data_dir, self.changed, self._lease_ended,
                                     direct_bind=listen_ips(config.listen)[0],
-                                    name_of=lambda peer: self._names().get(peer, peer))
+                                    name_of=lambda peer: self._names().get(peer, peer),
+                                    tunnel_bytes=self._tunnel_bytes)
         self.tunnels = TunnelServer(self.worker.tunnel_target, self.worker.lease_guard)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route)
@@ -204,6 +205,7 @@ class Node:
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             self.sharded_route.nursery = nursery
+            self.worker.nursery = nursery
             nursery.start_soon(self.gatekeeper.run)
             nursery.start_soon(self.sync.run_gossip)
             nursery.start_soon(self._heartbeat)
@@ -320,6 +322,9 @@ class Node:
 
     def _lease_ended(self, peer_id: str) -> None:
         self.tunnels.revoke(peer_id)
+
+    def _tunnel_bytes(self) -> int:
+        return self.tunnels.stats.bytes_up + self.tunnels.stats.bytes_down
 
     def copy_offers(self) -> list[Offer]:
         return copy_offers(self.sync.ledger, self.admitted_ids(), self.peer_id.to_base58(),

@@ -38,13 +38,15 @@ def _major_minor(version: str) -> tuple[int, int] | None:
 
 def usable_workers(
     offers: Sequence[WorkerOffer], rpc_protocol: str, me: str, unusable: Collection[str],
-    names: Mapping[str, str] | None = None,
+    names: Mapping[str, str] | None = None, ggml_op_count: int | None = None,
 ) -> tuple[list[WorkerOffer], list[Excluded]]:
     """Split offers into those this node (peer id `me`) can use now and those it cannot.
 
     `unusable` holds peer ids that failed recently; `names` (peer id -> machine name) makes
     a lease holder readable in the reason. RPC compatibility follows ggml-rpc, where
-    the patch number does not change the wire format.
+    the patch number does not change the wire format; but a libggml built with other ops
+    numbers them differently under the same protocol, so a worker whose op count differs from
+    `ggml_op_count` (ours) is left out too. A count either side does not know passes.
     """
     ours = _major_minor(rpc_protocol)
     usable: list[WorkerOffer] = []
@@ -53,6 +55,9 @@ def usable_workers(
         theirs = _major_minor(offer.rpc_protocol)
         if theirs is None or theirs != ours:
             reason = f"RPC protocol {offer.rpc_protocol}, this node speaks {rpc_protocol}"
+        elif _ops_differ(offer.ggml_op_count, ggml_op_count):
+            reason = (f"its ggml has {offer.ggml_op_count} ops, this node's has "
+                      f"{ggml_op_count}: graphs would mean other ops there")
         elif offer.state == "leased" and offer.leased_by != me:
             holder = offer.leased_by or "?"
             reason = f"leased by {(names or {}).get(holder, holder)}"
@@ -65,6 +70,10 @@ def usable_workers(
             continue
         excluded.append(Excluded(offer.name, offer.peer_id, reason))
     return usable, excluded
+
+
+def _ops_differ(theirs: int | None, ours: int | None) -> bool:
+    return theirs is not None and ours is not None and theirs != ours
 
 
 class PlacementError(Exception):

@@ -29,6 +29,7 @@ from backends import ggml
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
+from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.gguf_info import estimate_memory
 from backends.store.model_store import DEFAULT_MODEL, ModelStore
 from swarm.exception_groups import first_leaf
@@ -121,7 +122,8 @@ class ShardedRoute:
         now = time.monotonic()
         unusable = {p for p, until in self._unusable.items() if until > now}
         return usable_workers(self._offers(), ggml.RPC_PROTOCOL_VERSION,
-                              self.host.get_id().to_base58(), unusable, self._names())
+                              self.host.get_id().to_base58(), unusable, self._names(),
+                              ggml_op_count=GGML_OP_COUNT)
 
     def model_ids(self) -> list[str]:
         """This node's models that the swarm's free workers can hold now."""

@@ -3,7 +3,9 @@
 The lease lives on one stream of `/covey/worker-lease/1.0.0`. The holder acquires it, then
 renews it every `RENEW_EVERY_S`; the worker ends it when renewals stop (`TTL_S`), when the
 holder releases it or hangs up, or when worker mode is turned off, in which case it first
-says "revoked" so the holder can finish its reply and move elsewhere.
+says "revoked" so the holder can finish its reply and move elsewhere. It also ends a lease
+that carried no RPC bytes for `IDLE_S`: the RPC server serves one connection at a time, so a
+holder that renews but sends nothing must not keep it from everyone else for ever.
 
 Frames (JSON): holder {"version": 1, "op": "acquire" | "renew" | "release"}; worker
 {"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked" | "barred",
@@ -41,6 +43,9 @@ RENEW_EVERY_S = 4.0
 MAX_FRAME_BYTES = 1024
 CONNECT_TIMEOUT_S = 10.0
 CHECK_TIMEOUT_S = 3.0  # a renewal unanswered this long: the worker or the link is gone
+# Twice what an honest client keeps an idle session (swarm/routes/sharded.py IDLE_RELEASE_S).
+IDLE_S = 600.0
+TURNED_OFF = "worker mode was turned off"
 
 
 class LeaseRefused(Exception):
@@ -59,9 +64,25 @@ def parse_op(data: bytes) -> str:
 
 
 @dataclass
+class IdleClock:
+    """Whether a counter of relayed bytes has stood still longer than `idle_s`."""
+
+    idle_s: float
+    seen: int | None = None
+    since: float = 0.0
+
+    def expired(self, count: int, now: float) -> bool:
+        if count != self.seen:
+            self.seen, self.since = count, now
+            return False
+        return now - self.since > self.idle_s
+
+
+@dataclass
 class _Held:
     peer_id: str
     stream: INetStream
+    idle: IdleClock
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     ended: trio.Event = field(default_factory=trio.Event)
 
@@ -71,9 +92,13 @@ class LeaseDesk:
 
     def __init__(self, on_change: Callable[[], None], on_end: Callable[[str], None],
                  ttl_s: float = TTL_S,
-                 on_grant: Callable[[str], dict[str, Any]] = lambda peer: {}) -> None:
+                 on_grant: Callable[[str], dict[str, Any]] = lambda peer: {},
+                 relayed: Callable[[], int] = lambda: 0, idle_s: float = IDLE_S) -> None:
         self.accepting = False
+        self.refusal = "worker mode is off on this machine"  # why, while not accepting
         self.ttl_s = ttl_s
+        self.idle_s = idle_s
+        self._relayed = relayed  # RPC bytes relayed so far, both ways: the holder's use
         self._held: _Held | None = None
         self._on_change = on_change
         self._on_end = on_end  # e.g. cut the old holder's tunnels
@@ -92,7 +117,7 @@ class LeaseDesk:
             raise ValueError("a lease starts with acquire")
         if not self.accepting:
             await write_json_frame(stream, {"ok": False, "code": "off",
-                                            "message": "worker mode is off on this machine"})
+                                            "message": self.refusal})
             return
         if self._barred.get(peer, -1.0) > trio.current_time():
             await write_json_frame(stream, {"ok": False, "code": "barred", "message":
@@ -105,7 +130,8 @@ class LeaseDesk:
         if self._held is not None:  # the same holder again (it reconnected): the new one wins
             self._held.scope.cancel()
             await self._held.ended.wait()
-        held = _Held(peer, stream)
+        held = _Held(peer, stream, IdleClock(self.idle_s))
+        held.idle.expired(self._relayed(), trio.current_time())
         self._held = held
         self._on_change()
         try:
@@ -116,6 +142,13 @@ class LeaseDesk:
                     with trio.fail_after(self.ttl_s):
                         op = parse_op(await read_frame(stream, MAX_FRAME_BYTES))
                     if op == "release":
+                        return
+                    if held.idle.expired(self._relayed(), trio.current_time()):
+                        log.info("ending the lease of %s: no RPC bytes for %.0f s", peer,
+                                 self.idle_s)
+                        await write_json_frame(stream, {
+                            "ok": False, "code": "revoked",
+                            "message": f"the lease carried nothing for {self.idle_s:.0f} s"})
                         return
                     await write_json_frame(stream, {"ok": True, "ttl_s": self.ttl_s})
         finally:
@@ -136,8 +169,9 @@ class LeaseDesk:
         if self._held is not None and self._held.peer_id == peer_id:
             self._held.scope.cancel()
 
-    async def revoke(self, grace_s: float) -> None:
-        """Stop granting; tell the holder, give it `grace_s` to finish and release."""
+    async def revoke(self, grace_s: float, message: str = TURNED_OFF) -> None:
+        """Stop granting; tell the holder (`message` says why), give it `grace_s` to finish
+        and release. With no grace the lease ends at once, and with it the holder's relays."""
         self.accepting = False
         held = self._held
         if held is None:
@@ -145,7 +179,7 @@ class LeaseDesk:
         try:
             with trio.move_on_after(2):
                 await write_json_frame(held.stream, {"ok": False, "code": "revoked",
-                                                     "message": "worker mode was turned off"})
+                                                     "message": message})
         except Exception as exc:  # noqa: BLE001 - the holder may be gone already
             log.debug("could not tell %s of the revoke: %r", held.peer_id, exc)
         with trio.move_on_after(grace_s):

@@ -8,6 +8,12 @@ process. The ledger's "worker" entry says what this worker donates, who holds it
 direct path listens with which certificate (the ledger is signed, so clients can pin it).
 Every byte a holder sends or receives passes its lease's RPC command filter
 (`swarm/workers/rpc_guard.py`); a holder that breaks the rules is cut off and barred.
+
+The node watches its RPC process: one that dies unexpectedly (killed, or aborted by a bad
+frame) ends the lease at once, so its holder fails over now rather than timing out, takes the
+worker entry out of the ledger, and is started again with the same share after a short
+backoff (swarm/workers/restarts.py), which republishes the entry; a crash loop stops worker
+mode with an error in /api/status.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from typing import Any
 import trio
 
 from backends import ggml
+from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.rpc_worker import resolve_share
 from swarm.ledger.entries import WorkerEntry
 from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
 from swarm.workers.lease import LeaseDesk
+from swarm.workers.restarts import CRASH_LOOP, RestartPolicy, exit_text
 from swarm.workers.rpc_guard import LeaseGuard
 
 log = logging.getLogger(__name__)
@@ -58,15 +66,27 @@ def share_bytes(share_mib: int | None, share_percent: float | None, total: int) 
 class WorkerService:
     def __init__(self, data_dir: Path, on_change: Callable[[], None],
                  on_lease_end: Callable[[str], None], direct_bind: str | None = None,
-                 name_of: Callable[[str], str] = str) -> None:
+                 name_of: Callable[[str], str] = str,
+                 tunnel_bytes: Callable[[], int] = lambda: 0,
+                 policy: RestartPolicy | None = None) -> None:
         """`direct_bind`: the address the direct TLS path listens on (the node's libp2p listen
         address, so it is reachable exactly where the node is); None turns the path off.
-        `name_of(peer_id)`: how the log names a peer."""
+        `name_of(peer_id)`: how the log names a peer. `tunnel_bytes`: RPC bytes the libp2p
+        tunnel relayed so far (a lease that carries none for long ends)."""
         self.data_dir = data_dir
         self.cache_dir = data_dir / "tensor-cache"
         self.share_bytes = 0
         self.endpoint: str | None = None
-        self.desk = LeaseDesk(on_change, self._lease_ended, on_grant=self._granted)
+        self.desk = LeaseDesk(on_change, self._lease_ended, on_grant=self._granted,
+                              relayed=self._relayed)
+        self.nursery: trio.Nursery | None = None  # the node's, set when it runs: the watchers
+        self.policy = policy or RestartPolicy()
+        self.restarts = 0  # since worker mode was turned on
+        self.last_exit: str | None = None  # how the RPC process last died unexpectedly
+        self.error: str | None = None  # why worker mode stopped by itself
+        self._wanted = False  # worker mode is on (the process may be restarting)
+        self._crashes: list[float] = []
+        self._tunnel_bytes = tunnel_bytes
         self.direct: DirectServer | None = None
         self._direct_bind = direct_bind
         self._direct_sha256 = ""
@@ -117,6 +137,10 @@ class WorkerService:
             self.direct.revoke(secret)  # its open connections are cut at once
         self._on_lease_end(peer_id)
 
+    def _relayed(self) -> int:
+        direct = self.direct.stats.counters() if self.direct is not None else {}
+        return self._tunnel_bytes() + direct.get("bytes_up", 0) + direct.get("bytes_down", 0)
+
     @property
     def enabled(self) -> bool:
         return self._process is not None
@@ -126,14 +150,18 @@ class WorkerService:
         port, sha256 = ((self.direct.port, self._direct_sha256) if self.direct is not None
                         else (None, None))
         return WorkerEntry(self.share_bytes, free_bytes, cores, ggml.RPC_PROTOCOL_VERSION,
-                           "leased" if holder else "idle", holder, port, sha256).to_value()
+                           "leased" if holder else "idle", holder, port, sha256,
+                           ggml_op_count=GGML_OP_COUNT).to_value()
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,
                 "state": "leased" if self.desk.holder else "idle",
                 "leased_by": self.desk.holder,
                 "direct_port": self.direct.port if self.direct is not None else None,
-                "rpc_violations": self.violations}
+                "rpc_violations": self.violations,
+                "rpc_server": {"pid": self._process.pid if self._process is not None else None,
+                               "restarts": self.restarts, "last_exit": self.last_exit,
+                               "error": self.error}}
 
     def tunnel_target(self, peer_id: str) -> str | None:
         """The RPC endpoint for the lease holder; nobody else gets through."""
@@ -148,14 +176,75 @@ class WorkerService:
                 return
             await self._stop_process()
             self.share_bytes = share
-            self._process, self.endpoint = await self._start_process(share)
-            await self._start_direct(self.endpoint)
-            self.desk.accepting = True
-            self._on_change()
+            self._wanted, self.error, self.last_exit = False, None, None
+            self.restarts, self._crashes = 0, []
+            await self._launch()
+            self._wanted = True
             log.info("worker mode on: donating %d MiB on %s", share >> 20, self.endpoint)
+
+    async def _launch(self) -> None:
+        """Start the RPC process and the direct path to it, watch it, and take leases."""
+        self._process, self.endpoint = await self._start_process(self.share_bytes)
+        await self._start_direct(self.endpoint)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._watch, self._process)
+        self.desk.refusal = "worker mode is off on this machine"
+        self.desk.accepting = True
+        self._on_change()
+
+    async def _watch(self, process: trio.Process) -> None:
+        await process.wait()
+        if self._process is not process:
+            return  # stopped on purpose
+        try:
+            await self._recover(process)
+        except Exception:  # noqa: BLE001 - the node's nursery must outlive its worker
+            log.exception("recovering from the RPC server's exit failed")
+
+    async def _recover(self, process: trio.Process) -> None:
+        how = exit_text(process.returncode)
+        log.warning("the RPC server (pid %d) stopped unexpectedly (%s); ending its lease",
+                    process.pid, how)
+        async with self._lock:
+            if self._process is not process:
+                return
+            self.last_exit = how
+            self.desk.refusal = "the worker's RPC server is restarting"
+            # Nothing is left to finish: the holder fails over now, its relays cut.
+            await self.desk.revoke(0, "the worker's RPC server stopped")
+            await self._stop_process()
+            self._on_change()  # the entry goes until the server is back
+        await self._restart()
+
+    async def _restart(self) -> None:
+        """Start the RPC process again after the policy's backoff, or give up on a crash
+        loop. Turning worker mode off or on meanwhile wins."""
+        while True:
+            now = trio.current_time()
+            self._crashes = [*self.policy.recent(self._crashes, now), now]
+            delay = self.policy.delay(self._crashes, now)
+            if delay is None:
+                log.error("%s (%d times in %.0f s); turn worker mode on again to retry",
+                          CRASH_LOOP, len(self._crashes), self.policy.window_s)
+                self._wanted, self.error = False, CRASH_LOOP
+                self._on_change()
+                return
+            await trio.sleep(delay)
+            async with self._lock:
+                if not self._wanted or self._process is not None:
+                    return
+                try:
+                    await self._launch()
+                except OSError as exc:  # WorkerStartFailed, or no process at all
+                    log.warning("restarting the RPC server failed: %s", exc)
+                    continue
+                self.restarts += 1
+                log.info("RPC server restarted on %s", self.endpoint)
+                return
 
     async def disable(self) -> None:
         async with self._lock:
+            self._wanted = False
             await self.desk.revoke(REVOKE_GRACE_S)
             await self._stop_process()
             self._on_change()
@@ -218,5 +307,6 @@ class WorkerService:
                 await process.wait()
 
     async def close(self) -> None:
+        self._wanted = False
         self.desk.accepting = False
         await self._stop_process()

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +261,50 @@ def test_a_worker_killed_mid_reply_the_reply_completes(shards: ShardSwarm) -> No
     before = text_of(chunks[:switch])
     assert before and whole["choices"][0]["message"]["content"].startswith(before)
     assert len(text_of(chunks[switch:])) > 0
+
+
+def test_a_killed_rpc_server_is_back_at_once_and_no_chat_waits_on_it(shards: ShardSwarm) -> None:
+    """The RPC child of w2 dies (SIGKILL): w2 ends the client's lease, comes back with a new
+    child within 5 s, idle in its ledger entry; a chat started right then does not wait 30 s
+    for the dead server."""
+    client, w2 = shards.nodes["client"], shards.nodes["w2"]
+    status, first = shards.chat(client, "sharded")  # the client now holds w2's lease
+    assert status == 200, first
+    before = w2.api("/api/status")["worker"]
+    old = before["rpc_server"]["pid"]
+    assert before["leased_by"] == client.peer_id and old, before
+    os.kill(old, signal.SIGKILL)
+    killed = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        chat = pool.submit(shards.chat, client, "sharded")
+
+        def back() -> Any:
+            worker = w2.api("/api/status")["worker"]
+            mine = next(p["worker"] for p in w2.peers() if p["self"])
+            fresh = worker["rpc_server"]["pid"] not in (None, old)
+            return worker if fresh and worker["enabled"] and mine == {
+                "donated_bytes": 10 << 20, "state": "idle", "leased_by": None} else None
+
+        worker = wait_until(back, 5, "w2's RPC server back and its entry idle",
+                            list(shards.nodes.values()), every=0.1)
+        assert worker["rpc_server"]["restarts"] == 1, worker
+        assert worker["rpc_server"]["last_exit"] == "signal SIGKILL", worker
+        assert worker["rpc_server"]["error"] is None, worker
+        status, reply = chat.result(timeout=60)
+    took = time.monotonic() - killed
+    assert took < 15, (took, reply)  # not the 30 s an engine waits on a dead worker
+    # It completes, on the workers or (w2 lost under it) on the client; never hangs.
+    assert status == 200 and reply["choices"][0]["message"]["content"], reply
+    # The lease ended with the server, so the client knows which worker went: w2, not "a
+    # worker" (and w1, which did nothing wrong, is not distrusted with it).
+    assert reply["covey"].get("notice") in (None, "w2 failed; continuing on this machine"), reply
+    # The restarted server serves: once the client has let the dead session go, a chat is
+    # sharded over w1 and w2 again.
+    def sharded_again() -> bool:
+        status, reply = shards.chat(client, "sharded")
+        return status == 200 and "w2" in layer_counts(reply["covey"]["machines"])
+    wait_until(sharded_again, 90, "a sharded reply over the restarted w2",
+               list(shards.nodes.values()), every=2)
 
 
 def test_worker_mode_turned_off_mid_reply_the_reply_completes(shards: ShardSwarm) -> None:

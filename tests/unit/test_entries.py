@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from backends.ggml import RPC_PROTOCOL_VERSION
+from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.store.model_store import Manifest
 from swarm.ledger.entries import (
     FEDERATED_KEY,
@@ -80,7 +81,7 @@ def test_the_wire_format_is_the_one_the_last_version_sends() -> None:
 def test_what_the_services_publish_reads_back(tmp_path: Path) -> None:
     worker = WorkerService(tmp_path, lambda: None, lambda peer: None)
     assert WorkerEntry.from_value(worker.ledger_value(5 * GiB, 4)) == WorkerEntry(
-        0, 5 * GiB, 4, RPC_PROTOCOL_VERSION, "idle")
+        0, 5 * GiB, 4, RPC_PROTOCOL_VERSION, "idle", ggml_op_count=GGML_OP_COUNT)
     local: Any = SimpleNamespace(gate=SimpleNamespace(max_waiting=4))
     federated = FederatedService(local, lambda: None)
     federated.models, federated.in_flight = ["tiny"], 3
@@ -111,9 +112,20 @@ def test_node_info_refuses_what_no_node_sends(changes: dict[str, Any]) -> None:
         NodeInfo.from_value({**INFO.to_value(), **changes})
 
 
+def test_the_ggml_op_count_is_optional_on_the_wire() -> None:
+    counted = WorkerEntry(1, 2, 3, "7.0.0", "idle", ggml_op_count=101)
+    assert counted.to_value()["ggml_op_count"] == 101
+    assert WorkerEntry.from_value(over_the_wire(counted.to_value())) == counted
+    # A worker of the previous version says nothing: unknown, not refused.
+    older = over_the_wire(WorkerEntry(1, 2, 3, "7.0.0", "idle").to_value())
+    assert "ggml_op_count" not in older
+    assert WorkerEntry.from_value(older).ggml_op_count is None
+
+
 @pytest.mark.parametrize("changes", [
     {"version": 2}, {"version": False}, {"leased_by": "p" * 129}, {"rpc_protocol": None},
-    {"free_bytes": None}, {"cores": 2**0.5},
+    {"free_bytes": None}, {"cores": 2**0.5}, {"ggml_op_count": None},
+    {"ggml_op_count": True}, {"ggml_op_count": -1}, {"ggml_op_count": "101"},
 ])
 def test_worker_entry_refuses_what_no_worker_sends(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

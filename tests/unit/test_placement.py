@@ -47,9 +47,10 @@ def offer(
     protocol: str = "7.0.0",
     state: str = "idle",
     leased_by: str | None = None,
+    ops: int | None = None,
 ) -> WorkerOffer:
     return WorkerOffer(donated, donated, cores, protocol, state, leased_by,
-                       peer_id=f"peer-{name}", name=name)
+                       ggml_op_count=ops, peer_id=f"peer-{name}", name=name)
 
 
 def names(p: Placement) -> list[str]:
@@ -245,6 +246,21 @@ def test_incompatible_rpc_protocol_is_excluded_with_reason() -> None:
     assert [w.name for w in usable] == ["patch"]
     assert excluded[0] == Excluded("old", "peer-old", "RPC protocol 6.0.0, this node speaks 7.0.0")
     assert [e.name for e in excluded] == ["old", "minor", "junk"]
+
+
+def test_a_different_ggml_op_count_is_excluded_with_reason() -> None:
+    offers = [offer("same", GiB, ops=101), offer("newer", GiB, ops=102),
+              offer("unknown", GiB), offer("older", GiB, ops=95)]
+    usable, excluded = usable_workers(offers, "7.0.0", ME, (), ggml_op_count=101)
+    assert [w.name for w in usable] == ["same", "unknown"]  # an older worker does not say
+    assert excluded == [
+        Excluded("newer", "peer-newer",
+                 "its ggml has 102 ops, this node's has 101: graphs would mean other ops there"),
+        Excluded("older", "peer-older",
+                 "its ggml has 95 ops, this node's has 101: graphs would mean other ops there")]
+    # Placement says so when memory runs short because of it.
+    with pytest.raises(NotEnoughMemory, match=r"newer \(its ggml has 102 ops"):
+        plan_placement(uniform(4, GiB), 4, usable, excluded=excluded)
 
 
 def test_leased_by_someone_else_is_excluded_and_leased_by_me_is_usable() -> None:
