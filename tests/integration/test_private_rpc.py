@@ -151,12 +151,12 @@ def test_a_worker_node_answers_ggml_rpc_on_no_tcp_port(
                       "--listen", "/ip4/127.0.0.1/tcp/0", "--worker", "--share-mib", "30")
     wait_until(lambda: bool(node.api("/api/status").get("worker", {}).get("enabled")), 30,
                "worker mode on", [node])
+    assert call_in(ns, tcp_ports_answering_hello) == []
     folder = node.data_dir / "rpc"
     sock = folder / "rpc.sock"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert call_in(ns, answers_hello, socket.AF_UNIX, str(sock))
-    assert call_in(ns, tcp_ports_answering_hello) == []
 
 
 def test_the_patch_applies_to_the_sdist(tmp_path: Path) -> None:
