@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from backends.endpoints import UNIX_PREFIX
+from backends.endpoints import UNIX_PREFIX, connect_local, local_endpoint
 from backends.ggml_rpc_wire import REPLY_HEADER, REPLY_SIZE, RPC_CONN_CAPS_SIZE, Cmd, frame
 from swarm.trust.token import new_token
+from swarm.workers.tunnel import open_local
 from tests.conftest import Worker
 from tests.support.netns import Netns, call_in, netns_skip_reason
 from tests.support.node_harness import REPO, start_node, wait_until
@@ -30,7 +32,7 @@ HELLO = frame(Cmd.HELLO, bytes(RPC_CONN_CAPS_SIZE))
 HELLO_REPLY = REPLY_HEADER.pack(REPLY_SIZE[Cmd.HELLO]) + bytes([7, 0, 0])  # protocol 7.0.0
 
 
-def answers_hello(family: socket.AddressFamily, address: object) -> bool:
+def answers_hello(family: socket.AddressFamily, address: str | tuple[str, int]) -> bool:
     """Whatever listens at `address` answers a ggml RPC HELLO as an RPC server does."""
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -189,3 +191,30 @@ def test_the_wheel_cache_key_follows_the_patches(tmp_path: Path) -> None:
     (one / "x.patch").write_text("--- a/f\n+++ b/f\n@@\n")
     assert llama_source.patch_hash(one) != before
     assert len(llama_source.patch_hash()) == 64
+
+
+def test_the_relays_openers_reach_a_socket_worker_and_nothing_off_the_machine(
+    rpc_workers: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """DirectServer's threads (`connect_local`) and the tunnel (`open_local`) open "unix:PATH";
+    an endpoint off this machine is refused before any connection."""
+    worker = rpc_workers("--socket", str(private_socket_dir(tmp_path) / "rpc.sock"))
+    target = local_endpoint(worker.endpoint)
+    with connect_local(target, timeout=3) as s:
+        s.sendall(HELLO)
+        assert s.recv(len(HELLO_REPLY), socket.MSG_WAITALL) == HELLO_REPLY
+
+    async def via_trio() -> bytes:
+        stream = await open_local(target)
+        async with stream:
+            await stream.send_all(HELLO)
+            reply = b""
+            while len(reply) < len(HELLO_REPLY):
+                reply += await stream.receive_some(len(HELLO_REPLY) - len(reply))
+            return reply
+
+    assert trio.run(via_trio) == HELLO_REPLY
+    for bad in ("unix:relative/rpc.sock", "10.0.0.5:50052", "example.org:50052"):
+        with pytest.raises(ValueError):
+            local_endpoint(bad)
+    assert str(target) == worker.endpoint
