@@ -47,7 +47,10 @@ def patch_command(patch: Path, *, dry_run: bool = False) -> list[str]:
 
 def apply_patches(source: Path, patch_dir: Path = PATCH_DIR, *, dry_run: bool = False) -> None:
     for patch in patches(patch_dir):
-        subprocess.run(patch_command(patch, dry_run=dry_run), cwd=source, check=True)
+        # stdout carries only the source folder (setup.sh reads it), so the tools' talk goes
+        # to stderr
+        subprocess.run(patch_command(patch, dry_run=dry_run), cwd=source, check=True,
+                       stdout=sys.stderr)
 
 
 def sdist_cache(cache_home: Path) -> Path:
@@ -61,7 +64,7 @@ def download_sdist(python: str, version: str, cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
                         ":all:", "-d", str(cache_dir), f"llama-cpp-python=={version}"],
-                       check=True)
+                       check=True, stdout=sys.stderr)
     return sdist
 
 
