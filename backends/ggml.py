@@ -1,10 +1,10 @@
 """ctypes bindings to the ggml libraries that ship inside llama-cpp-python.
 
 Covers what Covey needs and llama-cpp-python does not expose: the device list with memory,
-registering RPC servers as devices, and running an RPC server. The libraries are opened by
-their SONAME files (`libggml.so.0`), the same copies libllama maps; opening `libggml.so`
-would map a second library with its own device registry and every layer would silently stay
-on the local CPU.
+registering RPC servers as devices, and running an RPC server (on a private Unix socket,
+which Covey's patch to ggml-rpc adds). The libraries are opened by their SONAME files
+(`libggml.so.0`), the same copies libllama maps; opening `libggml.so` would map a second
+library with its own device registry and every layer would silently stay on the local CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ def check_rpc_support() -> Path:
     return lib
 
 
+def check_unix_socket_support() -> None:
+    """Raise GgmlUnavailable unless the RPC server can listen on "unix:PATH": Covey's patch
+    (patches/ggml-rpc-unix-socket.patch), applied by the setup that built llama_cpp."""
+    lib = _rpc()
+    supported = getattr(lib, "covey_rpc_unix_socket_supported", None)
+    if supported is None or not supported():
+        raise GgmlUnavailable(
+            "the installed llama-cpp-python was built without Covey's private RPC socket "
+            "(patches/ggml-rpc-unix-socket.patch), so worker mode cannot keep its RPC server "
+            "to itself. Run ./start.sh (or scripts/setup.sh) again: it rebuilds llama.cpp "
+            "with the patch."
+        )
+
+
 @functools.cache
 def _ggml() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(llama_cpp_lib_dir() / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
@@ -96,6 +110,9 @@ def _rpc() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_void_p),
     ]
     lib.ggml_backend_rpc_start_server.restype = None
+    if hasattr(lib, "covey_rpc_unix_socket_supported"):
+        lib.covey_rpc_unix_socket_supported.argtypes = []
+        lib.covey_rpc_unix_socket_supported.restype = ctypes.c_int
     return lib
 
 

@@ -1,14 +1,16 @@
 """A bare ggml RPC worker process: serves this machine's CPU to one llama.cpp client.
 
-It listens on loopback only; other machines reach it through Covey's authenticated tunnel,
-because a ggml RPC server itself has no authentication or encryption at all. Prints one
-JSON ready line on stdout, then serves until SIGTERM.
-Run as `covey worker-rpc` or `python -m backends.rpc_worker`.
+A ggml RPC server has no authentication or encryption at all, so it listens on loopback
+only, and a node's worker (`--socket`) on a Unix socket only its own user can open (mode
+0600, in a folder of mode 0700): no other process reaches it, and other machines reach it
+through the node's authenticated relays. Prints one JSON ready line on stdout, then serves
+until SIGTERM. Run as `covey worker-rpc` or `python -m backends.rpc_worker`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from backends import ggml
-from backends.endpoints import is_loopback
+from backends.endpoints import UNIX_PREFIX, connect_local, is_loopback, local_endpoint
 from backends.memory import memory_bytes
 
 READY_VERSION = 1
@@ -55,6 +57,16 @@ def check_bind(host: str, unsafe_bind: bool) -> None:
         )
 
 
+def check_socket_path(path: str) -> None:
+    """Refuse a socket path whose folder other users could enter (the socket's own mode
+    is set when it is made; the folder keeps anyone out even before that)."""
+    folder = os.path.dirname(path)
+    if not os.path.isabs(path) or not os.path.isdir(folder):
+        raise BindRefused(f"--socket {path}: give an absolute path in an existing folder")
+    if os.stat(folder).st_mode & 0o077:
+        raise BindRefused(f"--socket {path}: its folder must be private (mode 700)")
+
+
 def resolve_share(share_mib: int | None, total_bytes: int) -> int:
     """Bytes donated: the asked share, else half the machine's memory."""
     if share_mib is None:
@@ -73,11 +85,11 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _wait_listening(host: str, port: int, server: threading.Thread, timeout: float) -> bool:
+def _wait_listening(endpoint: str, server: threading.Thread, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and server.is_alive():
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with connect_local(local_endpoint(endpoint), timeout=0.5):
                 return True
         except OSError:
             time.sleep(0.05)
@@ -88,6 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="covey worker-rpc", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
     p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
+    p.add_argument("--socket", metavar="PATH",
+                   help="listen on a Unix socket (mode 0600) at PATH instead of TCP; its "
+                        "folder must be private (mode 700)")
     p.add_argument("--share-mib", type=int, help="memory donated, MiB (default: half of RAM)")
     p.add_argument("--cache-dir", help="tensor cache folder (speeds up reloading big models)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -100,16 +115,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        check_bind(args.host, args.unsafe_bind)
+        if args.socket:
+            check_socket_path(args.socket)
+        else:
+            check_bind(args.host, args.unsafe_bind)
         share = resolve_share(args.share_mib, memory_bytes().total)
         ggml.check_rpc_support()
+        if args.socket:
+            ggml.check_unix_socket_support()
     except (BindRefused, ValueError, ggml.GgmlUnavailable) as exc:
         print(f"covey worker-rpc: error: {exc}", file=sys.stderr)
         return 2
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # ggml's banner and logs go to stderr; stdout carries only the ready line
-    port = args.port or free_port(args.host)
-    endpoint = f"{args.host}:{port}"
+    if args.socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)  # a socket left by a worker that was killed
+        endpoint = UNIX_PREFIX + args.socket
+    else:
+        endpoint = f"{args.host}:{args.port or free_port(args.host)}"
     if args.cache_dir:
         os.makedirs(args.cache_dir, exist_ok=True)
     stopping = threading.Event()
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon=True,
     )
     server.start()
-    if not _wait_listening(args.host, port, server, timeout=10):
+    if not _wait_listening(endpoint, server, timeout=10):
         print(f"covey worker-rpc: error: could not listen on {endpoint}", file=sys.stderr)
         return 1
     ready = WorkerReady(endpoint, share, ggml.RPC_PROTOCOL_VERSION, os.getpid(), args.cache_dir)
@@ -135,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         if not server.is_alive():
             print("covey worker-rpc: error: the RPC server stopped", file=sys.stderr)
             return 1
+    if args.socket:
+        with contextlib.suppress(OSError):
+            os.unlink(args.socket)
     # The ggml server has no stop call and blocks in C; leaving the process ends it.
     os._exit(0)
 

@@ -14,9 +14,9 @@ briefcase.toml and Briefcase:
 * a tools venv with the pinned Briefcase (on Linux made from /usr/bin/python3: a "system"
   package is built with, and for, the system Python);
 * the wheelhouse: llama-cpp-python built with the CMAKE_ARGS briefcase.toml gives for the
-  OS (RPC on, native CPU flags off; on Linux the wheel scripts/setup.sh already built is
-  reused), plus, where Briefcase installs binary wheels only (macOS, Windows), wheels for
-  any requirement PyPI has only as source;
+  OS (RPC on, native CPU flags off) from the source scripts/llama_source.py patches (on
+  Linux the wheel scripts/setup.sh already built is reused), plus, where Briefcase installs
+  binary wheels only (macOS, Windows), wheels for any requirement PyPI has only as source;
 * the app icons in each OS's format, made from resources/icons;
 * on Linux, a check that every shared library a bundled binary links to comes from the
   bundle or from a package the .deb depends on.
@@ -48,6 +48,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import llama_source  # noqa: E402  (scripts/ is no package; setup.sh runs it as a script)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILE = REPO / "briefcase.toml"
@@ -292,10 +295,11 @@ def toml_dumps(data: Mapping[str, Any], _prefix: tuple[str, ...] = ()) -> str:
 # --- llama-cpp-python ---------------------------------------------------------------------
 
 
-def llama_cache_key(version: str, cmake_args: str, cache_tag: str, machine: str) -> str:
+def llama_cache_key(version: str, cmake_args: str, cache_tag: str, machine: str,
+                    patch_hash: str) -> str:
     """The wheel cache key scripts/setup.sh uses (`llama_key`): a wheel built with other
-    flags, for another interpreter or machine, is never picked up."""
-    text = f"{version}|{cmake_args}|{cache_tag}|{machine}"
+    flags or patches, for another interpreter or machine, is never picked up."""
+    text = f"{version}|{cmake_args}|{cache_tag}|{machine}|{patch_hash}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -500,11 +504,6 @@ def python_facts(python: Path) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def cache_home() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) if xdg else Path.home() / ".cache"
-
-
 def build_env(target: Target, config: Mapping[str, Any]) -> dict[str, str]:
     """The environment for building wheels on `target`."""
     env = dict(os.environ)
@@ -523,8 +522,8 @@ def llama_wheel(target: Target, config: Mapping[str, Any], python: Path) -> Path
     _, version = requirement_pin(llama["requirement"])
     cmake_args = llama[target.name]
     cache_tag, machine = python_facts(python)
-    wheels = llama_cache_dir(version, llama_cache_key(version, cmake_args, cache_tag, machine),
-                             cache_home())
+    key = llama_cache_key(version, cmake_args, cache_tag, machine, llama_source.patch_hash())
+    wheels = llama_cache_dir(version, key, llama_source.cache_home())
     found = sorted(wheels.glob("llama_cpp_python-*.whl"))
     if found:
         say(f"llama-cpp-python: using {found[0]}")
@@ -534,11 +533,14 @@ def llama_wheel(target: Target, config: Mapping[str, Any], python: Path) -> Path
     tmp = wheels.with_name(wheels.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    src = wheels.with_name(wheels.name + ".src")
+    source = llama_source.prepare(version, src, llama_source.cache_home(), str(python))
     env = build_env(target, config) | {"CMAKE_ARGS": cmake_args, "FORCE_CMAKE": "1"}
     # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back a wheel
     # built without RPC.
-    run([python, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps",
-         "--no-binary", "llama-cpp-python", "-w", tmp, llama["requirement"]], env=env)
+    run([python, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "-w", tmp, source],
+        env=env)
+    shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(wheels, ignore_errors=True)
     tmp.rename(wheels)
     return sorted(wheels.glob("llama_cpp_python-*.whl"))[0]

@@ -2,7 +2,8 @@
 # Sets up whatever is missing to run Covey from this checkout, and nothing more:
 #   1. the Debian packages the build needs (installed when run as root, named otherwise),
 #   2. the virtual environment at .venv,
-#   3. llama-cpp-python built from source with RPC on and native CPU flags off,
+#   3. llama-cpp-python built from source with RPC on, native CPU flags off and Covey's
+#      patches (patches/*.patch: the worker's private RPC socket) applied,
 #   4. Covey itself (editable) with its test tools.
 # A second run on a set-up machine only compares a few fingerprints and returns in seconds.
 set -euo pipefail
@@ -31,6 +32,8 @@ missing_debian_packages() {
     "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     # llama.cpp is C++ built with cmake (cmake and ninja come from PyPI); no Python headers.
     { command -v cc && command -v c++ && command -v make; } >/dev/null || missing+=(build-essential)
+    # Covey's patches to llama.cpp (build-essential brings it, through dpkg-dev).
+    command -v patch >/dev/null || missing+=(patch)
     # py-libp2p needs fastecdsa 2.3.2, which PyPI has only as source: a C extension over GMP.
     "$PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
@@ -87,12 +90,23 @@ Install them as root, then run this command again:
     fi
 }
 
-# One wheel per (version, flags, interpreter, machine): a wheel built with other flags is
-# never picked up, and pip's own cache (which ignores CMAKE_ARGS) is never consulted.
+# One wheel per (version, flags, interpreter, machine, patches): a wheel built with other
+# flags or patches is never picked up, and pip's own cache (which ignores CMAKE_ARGS) is never
+# consulted.
 llama_key() {
-    printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$LLAMA_CMAKE_ARGS" \
+    printf '%s|%s|%s|%s|%s' "$LLAMA_VERSION" "$LLAMA_CMAKE_ARGS" \
         "$("$VENV/bin/python" -c 'import sys; print(sys.implementation.cache_tag)')" "$(uname -m)" \
+        "$("$VENV/bin/python" "$ROOT/scripts/llama_source.py" patch-hash)" \
         | sha256sum | cut -c1-16
+}
+
+# The patched source (scripts/llama_source.py), then the wheel built from it.
+build_patched_wheel() {
+    local out="$1" src="$2" source
+    source="$("$VENV/bin/python" "$ROOT/scripts/llama_source.py" prepare "$LLAMA_VERSION" "$src")"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 "$VENV/bin/python" -m pip wheel -q \
+        --no-cache-dir --no-deps -w "$out" "$source"
+    rm -rf "$src"
 }
 
 build_llama_wheel() {
@@ -100,9 +114,7 @@ build_llama_wheel() {
     rm -rf "$tmp" && mkdir -p "$tmp"
     say "building llama-cpp-python $LLAMA_VERSION with RPC (first time only: 10-20 minutes on 2 cores)"
     say "build log: $log"
-    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 "$VENV/bin/python" -m pip wheel -q \
-        --no-cache-dir --no-binary llama-cpp-python --no-deps -w "$tmp" \
-        "llama-cpp-python==$LLAMA_VERSION" >"$log" 2>&1 &
+    build_patched_wheel "$tmp" "$1.src" >"$log" 2>&1 &
     local pid=$! start=$SECONDS next=60
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1

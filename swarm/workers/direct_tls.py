@@ -1,13 +1,13 @@
 """The direct TLS path: ggml RPC bytes between a client machine and a worker, without libp2p.
 
 Owns the worker's direct-path certificate (`load_or_create_certificate`), the admission
-preamble, and both ends of the path. On the worker, a `DirectServer` listens on the network
-and turns each admitted TLS connection into one TCP connection to the worker's loopback RPC
-endpoint. On the client, a `DirectClient` listens on a loopback port for llama.cpp's RPC
-client (the engine's `rpc_endpoints` entry), and each connection accepted there becomes one
-TLS connection to the worker. `DirectClient.probe` tells whether the path works at all, so the
-caller can choose between it and the libp2p tunnel (swarm/workers/tunnel.py), whose semantics
-it keeps.
+preamble, and both ends of the path. On the worker, a `DirectServer` listens on the network and
+turns each admitted TLS connection into one connection to the worker's RPC server (its private
+Unix socket). On the client, a `DirectClient` listens on a loopback port for llama.cpp's RPC
+client (the engine's `rpc_endpoints` entry), and each connection accepted there becomes one TLS
+connection to the worker. `DirectClient.probe` tells whether the path works at all, so the
+caller can choose between it and the libp2p tunnel (swarm/workers/tunnel.py), whose semantics it
+keeps.
 
 Wire: TLS 1.3 only. No CA is involved: the worker's certificate is self-signed, and the client
 pins its SHA-256 (published in the signed ledger) and hangs up before sending a byte if it
@@ -57,10 +57,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from backends.endpoints import connect_local, local_endpoint
 from swarm.trust.private_file import narrow_mode, write_private
 from swarm.workers.rpc_filter import Violation
 from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
-from swarm.workers.tunnel import LinkStats, parse_loopback_endpoint
+from swarm.workers.tunnel import LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +604,7 @@ class _Endpoint:
 
 class DirectServer(_Endpoint):
     """The worker side: listens on (`bind`, `port`) and relays each admitted TLS connection
-    to `target`, the worker's loopback RPC endpoint ("127.0.0.1:50052").
+    to `target`, the worker's local RPC endpoint ("unix:PATH", or "127.0.0.1:50052").
 
     A client is admitted when its preamble carries a secret given to `allow` and not yet
     revoked; `revoke` also cuts the connections that secret let in. A secret allowed with a
@@ -614,7 +615,7 @@ class DirectServer(_Endpoint):
                  *, admit_timeout: float = ADMIT_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__(max_connections)
-        self.target = parse_loopback_endpoint(target)  # only ever relays to this machine
+        self.target = local_endpoint(target)  # only ever relays to this machine
         self.bind = bind
         self.port = port
         self.admit_timeout = admit_timeout
@@ -631,7 +632,7 @@ class DirectServer(_Endpoint):
             listener = socket.create_server((self.bind, self.port))
         self.port = self._listen(listener)
         log.info("direct TLS: listening on %s for %s", _where((self.bind, self.port)),
-                 _where(self.target))
+                 self.target)
         return self.port
 
     def allow(self, secret: bytes, lease: LeaseGuard | None = None) -> None:
@@ -672,14 +673,13 @@ class DirectServer(_Endpoint):
             self._refuse(conn, "its secret is not accepted here", logging.INFO)
             return
         try:
-            target = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT_S)
+            target = connect_local(self.target, timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
-            self._refuse(conn, f"the RPC endpoint {_where(self.target)} is down ({exc})",
+            self._refuse(conn, f"the RPC endpoint {self.target} is down ({exc})",
                          logging.WARNING)
             return
         conn.add(target)
         target.settimeout(None)
-        _nodelay(target)
         try:
             tls.send(ACCEPTED)
         except OSError as exc:

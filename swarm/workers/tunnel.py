@@ -4,9 +4,10 @@ Owns the `/covey/rpc-tunnel/1.0.0` protocol. On the client, a `TunnelClient` lis
 loopback port for one leased worker; llama.cpp's RPC client (in the engine process) connects
 there, and each accepted connection becomes one stream to the worker's node. On the worker, a
 `TunnelServer` turns each stream from a peer that its `allowed` callback lets in (the lease
-holder) into one TCP connection to the worker's loopback RPC endpoint. Between a socket and a
-stream, bytes are pumped both ways; an EOF travels as a half-close, and a reset or a failure
-on either side resets the other, so llama.cpp never hangs on a tunnel whose far end is gone.
+holder) into one connection to the worker's RPC server (its private Unix socket). Between a
+socket and a stream, bytes are pumped both ways; an EOF travels as a half-close, and a reset
+or a failure on either side resets the other, so llama.cpp never hangs on a tunnel whose far
+end is gone.
 
 Also owns `tune_yamux`, the frame-size change the tunnel's throughput depends on.
 """
@@ -29,7 +30,7 @@ from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux import yamux
 
-from backends.endpoints import is_loopback, split_host_port
+from backends.endpoints import LocalEndpoint, is_loopback, local_endpoint, split_host_port
 from swarm.workers.rpc_filter import Violation
 from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 
@@ -88,6 +89,17 @@ def parse_loopback_endpoint(endpoint: str) -> tuple[str, int]:
     if not is_loopback(host):
         raise ValueError(f"{endpoint}: not a loopback address")
     return host, port
+
+
+async def open_local(endpoint: LocalEndpoint) -> trio.SocketStream:
+    """A stream to the worker's RPC server: the async twin of `connect_local`."""
+    sock = trio.socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        await sock.connect(endpoint.address)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # it turns TCP_NODELAY on where there is TCP
 
 
 def _nodelay(sock: trio.SocketStream) -> None:
@@ -263,8 +275,8 @@ async def _reset_socket(sock: trio.SocketStream) -> None:
 class TunnelServer:
     """The worker side: serves `TUNNEL_PROTOCOL` streams.
 
-    `allowed(peer_id)` is asked once per stream: it returns the worker's loopback RPC
-    endpoint ("127.0.0.1:port") for the peer holding the lease, or None to refuse, and a
+    `allowed(peer_id)` is asked once per stream: it returns the worker's local RPC endpoint
+    ("unix:PATH", or "127.0.0.1:port") for the peer holding the lease, or None to refuse, and a
     refused stream is reset without a byte. When a lease ends, `revoke(peer_id)` cuts that
     peer's open tunnels (the callback alone only stops new ones).
 
@@ -292,16 +304,15 @@ class TunnelServer:
             await _reset_stream(stream)
             return
         try:
-            host, port = parse_loopback_endpoint(endpoint)
+            target = local_endpoint(endpoint)
             with trio.fail_after(CONNECT_TIMEOUT_S):
-                sock = await trio.open_tcp_stream(host, port)
+                sock = await open_local(target)
         except (OSError, ValueError, trio.TooSlowError) as exc:
             self.stats.failed += 1
             log.warning("RPC tunnel from %s: cannot reach the worker at %s (%s)",
                         peer, endpoint, exc)
             await _reset_stream(stream)
             return
-        _nodelay(sock)
         self.stats.connections += 1
         self.stats.active += 1
         scopes = self._open.setdefault(peer, set())

@@ -1,11 +1,13 @@
 """Worker mode: this machine donates memory to the swarm through a ggml RPC worker process.
 
-On: start `backends.rpc_worker` on 127.0.0.1 with a tensor cache in the data directory, grant
-one lease at a time (`swarm/workers/lease.py`), and let only the lease holder through: over the
-libp2p RPC tunnel, or over the direct TLS path (`swarm/workers/direct_tls.py`) with the secret its
-lease carries. Off: stop granting leases, let the holder finish (it re-plans), then stop the
-process. The ledger's "worker" entry says what this worker donates, who holds it, and where the
-direct path listens with which certificate (the ledger is signed, so clients can pin it).
+On: start `backends.rpc_worker` on a Unix socket only this node can open (mode 0600, in a folder
+of mode 0700 under the data directory; loopback TCP on Windows), with a tensor cache in the data
+directory, grant one lease at a time (`swarm/workers/lease.py`), and let only the lease holder
+through: over the libp2p RPC tunnel, or over the direct TLS path (`swarm/workers/direct_tls.py`)
+with the secret its lease carries. Off: stop granting leases, let the holder finish (it
+re-plans), then stop the process. The ledger's "worker" entry says what this worker donates, who
+holds it, and where the direct path listens with which certificate (the ledger is signed, so
+clients can pin it).
 Every byte a holder sends or receives passes its lease's RPC command filter
 (`swarm/workers/rpc_guard.py`); a holder that breaks the rules is cut off and barred.
 
@@ -25,6 +27,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,9 @@ READY_TIMEOUT_S = 30.0
 REVOKE_GRACE_S = 20.0  # how long a holder may finish its reply after worker mode goes off
 STOP_TIMEOUT_S = 5.0
 VIOLATION_BAR_S = 3600.0  # how long a holder cut off for an RPC violation gets no new lease
+SOCKET_NAME = "rpc.sock"
+# sun_path holds 108 bytes on Linux and 104 on macOS, the terminating NUL included.
+MAX_SOCKET_PATH = 100
 
 
 class WorkerStartFailed(OSError):
@@ -61,6 +67,25 @@ def share_bytes(share_mib: int | None, share_percent: float | None, total: int) 
             raise ValueError("the share must be between 1 and 100 percent of RAM")
         return int(total * share_percent / 100)
     return resolve_share(share_mib, total)
+
+
+def private_socket_dir(data_dir: Path) -> Path:
+    """A folder of mode 0700 for the RPC server's socket: "rpc" in the data directory, or a
+    fresh one in the temporary directory where that path is too long for a socket."""
+    folder = data_dir / "rpc"
+    if len(str(folder / SOCKET_NAME)) > MAX_SOCKET_PATH:
+        return Path(tempfile.mkdtemp(prefix="covey-rpc-"))  # made with mode 0700
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # a folder made before, or under another umask
+    return folder
+
+
+def listen_args(data_dir: Path) -> list[str]:
+    """Where the RPC worker listens: a private Unix socket, or loopback TCP on Windows (its
+    ggml build has no Unix sockets)."""
+    if sys.platform == "win32":
+        return ["--host", "127.0.0.1"]
+    return ["--socket", str(private_socket_dir(data_dir) / SOCKET_NAME)]
 
 
 class WorkerService:
@@ -252,7 +277,7 @@ class WorkerService:
 
     async def _start_process(self, share: int) -> tuple[trio.Process, str]:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "backends.rpc_worker", "--host", "127.0.0.1",
+        argv = [sys.executable, "-m", "backends.rpc_worker", *listen_args(self.data_dir),
                 "--share-mib", str(max(share >> 20, 1)), "--cache-dir", str(self.cache_dir),
                 "--parent-pid", str(os.getpid())]  # a node killed outright takes it along
         env = {**os.environ, "GGML_NO_BACKTRACE": "1", "OMP_WAIT_POLICY": "passive"}

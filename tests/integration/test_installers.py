@@ -85,15 +85,21 @@ def test_llama_flags_match_setup_and_keep_rpc_on_everywhere(config: dict) -> Non
 
 
 def test_llama_cache_key_is_setup_sh_key() -> None:
-    """The driver finds the wheel scripts/setup.sh built: same key, computed as setup.sh does."""
+    """The driver finds the wheel scripts/setup.sh built: same key, computed as setup.sh does
+    (its `llama_key`, patch hash included)."""
     flags = "-DGGML_RPC=on -DGGML_NATIVE=off -DLLAVA_BUILD=off"
+    patches = build.llama_source.patch_hash()
     out = subprocess.run(
-        ["bash", "-c", f"printf '%s|%s|%s|%s' 0.3.36 '{flags}' cpython-311 x86_64"
+        ["bash", "-c", f"printf '%s|%s|%s|%s|%s' 0.3.36 '{flags}' cpython-311 x86_64 "
+                       f"\"$({sys.executable} {ROOT}/scripts/llama_source.py patch-hash)\""
                        " | sha256sum | cut -c1-16"],
         capture_output=True, text=True, check=True).stdout.strip()
-    assert build.llama_cache_key("0.3.36", flags, "cpython-311", "x86_64") == out
+    assert build.llama_cache_key("0.3.36", flags, "cpython-311", "x86_64", patches) == out
     assert build.llama_cache_key("0.3.36", flags + " -DGGML_NATIVE=on", "cpython-311",
-                                 "x86_64") != out
+                                 "x86_64", patches) != out
+    assert build.llama_cache_key("0.3.36", flags, "cpython-311", "x86_64", "0" * 64) != out
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert '"$ROOT/scripts/llama_source.py" patch-hash' in setup.split("llama_key() {")[1]
 
 
 def test_deb_depends_cover_what_the_startup_check_names(config: dict) -> None:
