@@ -26,6 +26,7 @@ from swarm.workers.lease import Lease
 from swarm.workers.rpc_link import DIRECT, TUNNEL, direct_target, open_link
 from swarm.workers.tunnel import TUNNEL_PROTOCOL, TunnelServer, parse_loopback_endpoint
 from tests.conftest import greedy_on_worker
+from tests.integration.test_rpc_filter_live import FilteringProxy
 from tests.integration.test_tunnel import run, running_host
 
 pytestmark = pytest.mark.processes
@@ -192,54 +193,13 @@ def racer_outcome(proc: subprocess.Popen[str]) -> str:
     return out.strip()
 
 
-class RecordingRelay:
-    """A loopback relay to the real RPC worker that keeps the first bytes each connection
-    sent: whatever reached the worker's side of the link."""
-
-    def __init__(self, target: str) -> None:
-        self.target = parse_loopback_endpoint(target)
-        self.first: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self.target)
-                record: list[bytes] = []
-                self.first.append(b"")
-                index = len(self.first) - 1
-
-                def keep(chunk: bytes, index: int = index, record: list[bytes] = record) -> None:
-                    if not record:
-                        record.append(chunk)
-                        self.first[index] = chunk
-
-                for src, dst, seen in ((client, server, keep), (server, client, None)):
-                    threading.Thread(target=self._pump, args=(src, dst, seen),
-                                     daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, seen: Any) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := src.recv(1024 * 1024):
-                if seen is not None:
-                    seen(chunk)
-                dst.sendall(chunk)
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 @pytest.mark.parametrize("path", [DIRECT, TUNNEL])
 def test_a_process_racing_the_engine_to_the_link_is_refused_and_the_engine_served(
         path: str, tiny_model: Path, rpc_workers: Callable[..., Any], tmp_path: Path) -> None:
     worker = rpc_workers()
     alone = greedy_on_worker(tiny_model, worker.endpoint)
-    relay = RecordingRelay(worker.endpoint)
+    # The worker's side of the link: a relay whose command filter would flag MARKER.
+    relay = FilteringProxy(worker.endpoint)
     cert = load_or_create_certificate(tmp_path)
     direct = DirectServer(cert, relay.endpoint, bind="127.0.0.1")
     secret = new_secret()
@@ -290,8 +250,7 @@ def test_a_process_racing_the_engine_to_the_link_is_refused_and_the_engine_serve
         relay.close()
     assert outcomes == ["closed", "closed"]  # refused without a byte back
     assert done.tokens == alone.tokens and len(done.tokens) == 24  # the engine got through
-    assert relay.first, "the engine's connections reached the worker"
-    assert not any(first.startswith(MARKER) for first in relay.first)
+    assert relay.violations == []  # no byte of a racer reached the worker
     server_stats = direct.stats if path == DIRECT else tunnels.stats
-    assert server_stats.connections == len(relay.first)
+    assert server_stats.connections == len(relay.filters) > 0  # the engine's, all of them
     assert server_stats.refused == 0  # refused on the client machine, not by the worker
