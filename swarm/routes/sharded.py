@@ -38,6 +38,7 @@ from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
 from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
 from swarm.routes.placement import Placement, PlacementError, plan_placement, usable_workers
 from swarm.routes.route import RequestRefused, RouteError, Served
+from swarm.workers.engine_only import EngineOnly
 from swarm.workers.lease import Lease, hold
 from swarm.workers.rpc_link import open_link
 
@@ -72,6 +73,7 @@ class Session:
     leases: dict[str, Lease]
     endpoints: list[str] = field(default_factory=list)  # the links' local ends
     paths: dict[str, str] = field(default_factory=dict)  # worker name -> direct TLS or tunnel
+    gate: EngineOnly = field(default_factory=EngineOnly)  # the links admit `engine` alone
     engine: Engine | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_used: float = field(default_factory=time.monotonic)
@@ -260,8 +262,14 @@ class ShardedRoute:
         config = EngineConfig(model_path=str(entry.path), rpc_endpoints=tuple(session.endpoints),
                               tensor_split=placement.tensor_split, n_ctx=self._n_ctx,
                               n_threads=self.fallback.n_threads, deterministic=deterministic)
+
+        def spawn(config: EngineConfig) -> Engine:
+            engine = self._engine_factory(config)
+            session.gate.expect_pid(engine.pid)  # its early connections wait for this
+            return engine
+
         try:
-            session.engine = await start_engine(self._engine_factory, config)
+            session.engine = await start_engine(spawn, config)
         except EngineError as exc:
             await self._forget(session, exc)
             raise
@@ -286,7 +294,8 @@ class ShardedRoute:
                         raise WorkerFailed(worker.peer_id, exc) from None
                 for worker in placement.workers:
                     endpoint, path = await nursery.start(
-                        open_link, self.host, worker, session.leases[worker.peer_id])
+                        open_link, self.host, worker, session.leases[worker.peer_id],
+                        session.gate)
                     session.endpoints.append(endpoint)
                     session.paths[worker.name] = path
                 task_status.started(session)

@@ -59,6 +59,7 @@ from cryptography.x509.oid import NameOID
 
 from backends.endpoints import connect_local, local_endpoint
 from swarm.trust.private_file import narrow_mode, write_private
+from swarm.workers.engine_only import EngineOnly, connection_ends
 from swarm.workers.rpc_filter import Violation
 from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 from swarm.workers.tunnel import LinkStats
@@ -705,12 +706,14 @@ class DirectClient(_Endpoint):
     connection accepted there into one TLS connection to the worker at `address`, whose
     certificate must have the SHA-256 `pinned_sha256`, admitted by `secret`.
 
-    A connection the worker cannot take is reset. `close` (the lease is lost) resets every
-    relayed connection, so llama.cpp sees it at once.
+    Only connections that `gate` admits (the engine's, see swarm/workers/engine_only.py) are
+    relayed; any other is reset before the worker is dialled. A connection the worker cannot
+    take is reset. `close` (the lease is lost) resets every relayed connection, so llama.cpp
+    sees it at once.
     """
 
     def __init__(self, address: tuple[str, int], pinned_sha256: str, secret: bytes,
-                 *, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 *, gate: EngineOnly | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__(max_connections)
         if len(secret) != SECRET_BYTES:
@@ -721,6 +724,7 @@ class DirectClient(_Endpoint):
         self.address = address
         self.pinned_sha256 = pinned
         self.connect_timeout = connect_timeout
+        self.gate = gate or EngineOnly()
         self.endpoint: str | None = None
         self._secret = bytes(secret)
         self._context = _client_context()
@@ -752,6 +756,12 @@ class DirectClient(_Endpoint):
     def _serve(self, conn: _Conn) -> None:
         plain = conn.sockets[0]
         _nodelay(plain)
+        ends = connection_ends(plain)
+        if ends is None or not self.gate.admits(*ends, stop=lambda: conn.is_cut):
+            self.stats.add("refused")
+            self.gate.refused(f"direct TLS to {_where(self.address)}", ends)
+            conn.cut()
+            return
         self.stats.add("connections")
         try:
             tls = self._dial(self.connect_timeout, conn)

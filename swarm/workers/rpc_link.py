@@ -4,7 +4,8 @@ The direct TLS path (`swarm/workers/direct_tls.py`) is several times faster than
 Python, so it is the first choice whenever the worker offers it in the signed ledger, its lease
 carried a secret, and a probe gets through from here (same LAN, no firewall in the way). When
 any of that fails, the libp2p tunnel (`swarm/workers/tunnel.py`), which reaches every admitted peer,
-carries the bytes instead. Either way llama.cpp sees one loopback endpoint per worker.
+carries the bytes instead. Either way llama.cpp sees one loopback endpoint per worker, which
+admits only the engine process named to its `EngineOnly` gate (swarm/workers/engine_only.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from libp2p.abc import IHost
 
 from swarm.ledger.entries import WorkerOffer
 from swarm.workers.direct_tls import DirectClient, DirectUnavailable
+from swarm.workers.engine_only import EngineOnly
 from swarm.workers.lease import Lease
 from swarm.workers.tunnel import TunnelClient
 
@@ -43,13 +45,14 @@ def direct_target(offer: WorkerOffer, lease: Lease) -> tuple[tuple[str, int], st
     return (lease.remote_ip, offer.direct_port), offer.direct_sha256, secret
 
 
-async def open_link(host: IHost, offer: WorkerOffer, lease: Lease, *,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve one loopback endpoint that reaches `offer`'s RPC server; hands
+async def open_link(host: IHost, offer: WorkerOffer, lease: Lease, gate: EngineOnly | None = None,
+                    *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve one loopback endpoint that reaches `offer`'s RPC server and admits only the
+    process `gate` names (the engine; without a gate, only this process); hands
     (endpoint, path name) to `task_status`, then runs until cancelled."""
     target = direct_target(offer, lease)
     if target is not None:
-        client = DirectClient(*target)
+        client = DirectClient(*target, gate=gate)
         try:
             await trio.to_thread.run_sync(client.probe, PROBE_TIMEOUT_S)
         except DirectUnavailable as exc:
@@ -59,7 +62,7 @@ async def open_link(host: IHost, offer: WorkerOffer, lease: Lease, *,
             await _serve_direct(client, lease, task_status)
             return
     async with trio.open_nursery() as nursery:
-        endpoint = await nursery.start(TunnelClient(host, offer.peer_id).open)
+        endpoint = await nursery.start(TunnelClient(host, offer.peer_id, gate).open)
         task_status.started((endpoint, TUNNEL))
 
 

@@ -31,6 +31,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux import yamux
 
 from backends.endpoints import LocalEndpoint, is_loopback, local_endpoint, split_host_port
+from swarm.workers.engine_only import EngineOnly, connection_ends, trio_admits
 from swarm.workers.rpc_filter import Violation
 from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 
@@ -74,7 +75,7 @@ class LinkStats:
 
     connections: int = 0  # connections relayed (server: admitted; client: accepted locally)
     active: int = 0  # relayed connections now open
-    refused: int = 0  # server: not admitted; client: connections the path could not carry
+    refused: int = 0  # server: not admitted; client: not the engine's, or could not be carried
     failed: int = 0  # connections that ended by a reset or an error rather than by closing
     bytes_up: int = 0
     bytes_down: int = 0
@@ -341,19 +342,22 @@ class TunnelClient:
     """The client side of the tunnel to one worker node.
 
     `endpoint = await nursery.start(client.open)` listens on 127.0.0.1 and returns
-    "127.0.0.1:port" for the engine's `rpc_endpoints`. Each connection accepted there becomes
-    one stream to `peer_id`; if the stream cannot be opened (or the worker refuses it), the
-    connection is reset. `close()` or cancelling the task stops listening and resets every
-    tunnelled connection.
+    "127.0.0.1:port" for the engine's `rpc_endpoints`. Each connection accepted there that
+    `gate` admits (the engine's, see swarm/workers/engine_only.py) becomes one stream to
+    `peer_id`; any other is reset before a stream is opened. If the stream cannot be opened
+    (or the worker refuses it), the connection is reset. `close()` or cancelling the task
+    stops listening and resets every tunnelled connection.
     """
 
-    def __init__(self, host: IHost, peer_id: str) -> None:
+    def __init__(self, host: IHost, peer_id: str, gate: EngineOnly | None = None) -> None:
         tune_yamux()
         self.host = host
         self.peer_id = peer_id
+        self.gate = gate or EngineOnly()
         self.endpoint: str | None = None
         self.stats = LinkStats()
         self._scope = trio.CancelScope()
+        self._checks = trio.CapacityLimiter(2)  # a flood of local connections waits here
 
     async def open(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         peer = ID.from_base58(self.peer_id)
@@ -375,6 +379,12 @@ class TunnelClient:
 
     async def _serve(self, peer: ID, sock: trio.SocketStream) -> None:
         _nodelay(sock)
+        ends = connection_ends(sock.socket)
+        if ends is None or not await trio_admits(self.gate, *ends, limiter=self._checks):
+            self.stats.refused += 1
+            self.gate.refused(f"RPC tunnel to {self.peer_id}", ends)
+            await _reset_socket(sock)
+            return
         self.stats.connections += 1
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from backends.engine import (
-    Done,
     Engine,
     EngineConfig,
     EngineError,
@@ -524,12 +523,9 @@ def test_llama_cpp_rpc_through_the_direct_path_matches_loopback(
         tiny_model: Path, worker_path: tuple[Worker, DirectServer, DirectClient]) -> None:
     worker, server, client = worker_path
 
-    def generate(endpoint: str) -> Done:
-        return greedy_on_worker(tiny_model, endpoint)
-
-    direct = generate(worker.endpoint)
+    direct = greedy_on_worker(tiny_model, worker.endpoint)
     assert client.endpoint is not None
-    relayed = generate(client.endpoint)
+    relayed = greedy_on_worker(tiny_model, client.endpoint, client.gate.expect_pid)
     assert relayed.tokens == direct.tokens
     assert len(relayed.tokens) == 24
     assert client.stats.connections >= 1
@@ -588,6 +584,7 @@ def test_worker_dying_mid_generation_fails_the_engine_promptly(
                           rpc_endpoints=(client.endpoint,))
     outcome, after_s = "finished", 0.0
     with Engine(config, watchdog=Watchdog(token_s=60.0)) as engine:
+        client.gate.expect_pid(engine.pid)
         engine.wait_loaded()
         killed_at = 0.0
         try:

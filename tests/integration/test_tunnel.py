@@ -21,7 +21,6 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
 from backends.engine import (
-    Done,
     Engine,
     EngineConfig,
     EngineError,
@@ -31,6 +30,7 @@ from backends.engine import (
 )
 from swarm.net.host import build_host, isolate
 from swarm.trust.identity import Identity
+from swarm.workers.engine_only import EngineOnly
 from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES, LeaseGuard
 from swarm.workers.tunnel import (
     TUNNEL_PROTOCOL,
@@ -431,10 +431,7 @@ def test_llama_cpp_rpc_through_the_tunnel_matches_loopback(
 ) -> None:
     worker = rpc_workers()
 
-    def generate(endpoint: str) -> Done:
-        return greedy_on_worker(tiny_model, endpoint)
-
-    direct = generate(worker.endpoint)
+    direct = greedy_on_worker(tiny_model, worker.endpoint)
 
     async def main() -> None:
         async def relay(sock: trio.SocketStream, far: Far) -> None:
@@ -443,7 +440,8 @@ def test_llama_cpp_rpc_through_the_tunnel_matches_loopback(
         async with tunnel(relay) as t:
             t.far.endpoint = worker.endpoint
             assert t.client.endpoint is not None
-            tunnelled = await trio.to_thread.run_sync(generate, t.client.endpoint)
+            tunnelled = await trio.to_thread.run_sync(
+                greedy_on_worker, tiny_model, t.client.endpoint, t.client.gate.expect_pid)
             assert tunnelled.tokens == direct.tokens
             assert len(tunnelled.tokens) == 24
             stats = t.client.stats
@@ -504,9 +502,10 @@ def test_worker_dying_mid_generation_fails_the_engine_promptly(
     worker = rpc_workers()
     request = GenerateRequest(id="k", prompt="Once upon a time", max_tokens=200, temperature=0)
 
-    def generate_until_killed(endpoint: str) -> tuple[str, float]:
+    def generate_until_killed(endpoint: str, gate: EngineOnly) -> tuple[str, float]:
         config = EngineConfig(model_path=str(tiny_model), n_ctx=256, rpc_endpoints=(endpoint,))
         with Engine(config, watchdog=Watchdog(token_s=60.0)) as engine:
+            gate.expect_pid(engine.pid)
             engine.wait_loaded()
             try:
                 for event in engine.generate(request):
@@ -522,7 +521,7 @@ def test_worker_dying_mid_generation_fails_the_engine_promptly(
             t.far.endpoint = worker.endpoint
             assert t.client.endpoint is not None
             outcome, after_s = await trio.to_thread.run_sync(generate_until_killed,
-                                                             t.client.endpoint)
+                                                             t.client.endpoint, t.client.gate)
             assert outcome != "finished"
             assert after_s < 10, f"the engine took {after_s:.1f} s to notice ({outcome})"
             await wait_for(lambda: t.client.stats.active == 0 and t.server.stats.active == 0)
