@@ -563,7 +563,8 @@ def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules
 
     try:
         endpoint, reported = new_lease()
-        assert greedy_on_worker(tiny_model, endpoint).tokens == direct.tokens
+        assert greedy_on_worker(tiny_model, endpoint,
+                                clients[-1].gate.expect_pid).tokens == direct.tokens
         wait_for(lambda: server.stats.active == 0)
         assert reported == [] and leases[-1].share.used_bytes == 0
         check_each_attack_is_cut_off(new_lease, lambda: worker.proc.poll() is None,

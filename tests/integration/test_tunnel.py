@@ -483,7 +483,7 @@ def test_the_worker_side_filters_rpc_and_cuts_off_a_holder_that_breaks_the_rules
 
             _, reported = new_lease()
             filtered = await trio.to_thread.run_sync(greedy_on_worker, tiny_model,
-                                                     t.client.endpoint)
+                                                     t.client.endpoint, t.client.gate.expect_pid)
             assert filtered.tokens == direct.tokens and reported == []
             await wait_for(lambda: t.server.stats.active == 0)
             assert leases[-1].share.used_bytes == 0
