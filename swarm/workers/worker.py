@@ -42,6 +42,7 @@ from swarm.workers.direct_tls import DirectServer, load_or_create_certificate
 from swarm.workers.lease import LeaseDesk
 from swarm.workers.restarts import CRASH_LOOP, RestartPolicy, exit_text
 from swarm.workers.rpc_guard import LeaseGuard
+from swarm.workers.tensor_cache import prune as prune_cache
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ class WorkerService:
             self.share_bytes = share
             self._wanted, self.error, self.last_exit = False, None, None
             self.restarts, self._crashes = 0, []
+            await trio.to_thread.run_sync(prune_cache, self.cache_dir, share)
             await self._launch()
             self._wanted = True
             log.info("worker mode on: donating %d MiB on %s", share >> 20, self.endpoint)

@@ -1,10 +1,11 @@
 """The worker watches its RPC server: a child that dies ends the lease at once and comes back
-with the same share; a crash loop stops worker mode with an error. The restart policy and the
-lease's idle clock, on their own."""
+with the same share; a crash loop stops worker mode with an error. The restart policy, the
+lease's idle clock and the tensor cache's cap, on their own."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import trio.testing
 from swarm.net.host import read_json_frame, write_json_frame
 from swarm.workers.lease import IdleClock
 from swarm.workers.restarts import CRASH_LOOP, RestartPolicy, exit_text
+from swarm.workers.tensor_cache import CachedFile, files_to_evict
 from swarm.workers.worker import WorkerService
 
 HOLDER = "peer-holder"
@@ -152,3 +154,37 @@ async def _crash_loop(tmp_path: Path) -> None:
         await service.close()
         nursery.cancel_scope.cancel()
 
+
+
+def _cached(folder: Path, name: str, size: int, mtime: float) -> Path:
+    path = folder / name
+    path.write_bytes(b"w" * size)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_the_oldest_cached_tensors_go_until_the_cache_fits() -> None:
+    files = [CachedFile(Path(n), size, mtime)
+             for n, size, mtime in [("new", 40, 30.0), ("old", 50, 10.0), ("mid", 30, 20.0)]]
+    assert [f.path.name for f in files_to_evict(files, 70)] == ["old"]
+    assert [f.path.name for f in files_to_evict(files, 40)] == ["old", "mid"]
+    assert files_to_evict(files, 120) == []
+    assert len(files_to_evict(files, 0)) == 3
+
+
+@pytest.mark.processes
+def test_turning_worker_mode_on_prunes_the_tensor_cache_to_the_share(tmp_path: Path) -> None:
+    cache = tmp_path / "tensor-cache"
+    cache.mkdir()
+    old = _cached(cache, "0123456789abcdef", 3 << 20, 1_000.0)
+    newer = _cached(cache, "fedcba9876543210", 2 << 20, 2_000.0)
+
+    async def run() -> None:
+        service = _service(tmp_path, [], RestartPolicy())
+        async with trio.open_nursery() as nursery:
+            service.nursery = nursery
+            await service.enable(2 << 20)
+            await service.close()
+
+    trio.run(run)
+    assert not old.exists() and newer.exists()  # 5 MiB on disk for a 2 MiB share
