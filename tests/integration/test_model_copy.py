@@ -259,3 +259,31 @@ def test_a_damaged_source_is_rejected_and_the_store_is_unchanged(
     assert not (models_dir / f"{MODEL}.gguf").exists()
     assert list((models_dir / ".partial").iterdir()) == []  # nothing left to resume from
     assert MODEL not in {m["id"] for m in client.api("/v1/models")["data"]}
+
+
+def test_a_name_clash_without_a_majority_is_left_to_the_user(copy_swarm: CopySwarm) -> None:
+    other = write_tiny_gguf(copy_swarm.workdir / "other.gguf", seed=7)  # same name, other file
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    ModelStore(copy_swarm.workdir / "impostor" / "models").import_file(other, MODEL)
+    copy_swarm.start("source", with_model=True, limit=False)
+    copy_swarm.start("impostor", with_model=True, limit=False)
+    client = copy_swarm.start("client", with_model=False)
+    copy_swarm.wait_offered(client, 2)
+
+    def cli(*extra: str) -> Any:
+        return copy_swarm.netns.run(
+            copy_swarm.ns, [sys.executable, "-m", "app.cli", "models", "copy", MODEL, *extra,
+                            "--data-dir", str(client.data_dir)], cwd=REPO, timeout=120,
+            check=False)
+
+    asked = cli()
+    assert asked.returncode == 1, asked.stderr
+    assert f"sha256 {copy_swarm.sha256} (" in asked.stderr, asked.stderr
+    assert f"sha256 {other_sha} (" in asked.stderr, asked.stderr
+    assert "--sha256" in asked.stderr, asked.stderr
+    assert client.api("/api/models")["copies"] == []  # nothing started, nothing written
+    assert not list((client.data_dir / "models").rglob("*.copy*"))
+    chosen = cli("--sha256", copy_swarm.sha256)
+    assert chosen.returncode == 0, chosen.stderr
+    assert f"copied {MODEL} from source (sha256 {copy_swarm.sha256} verified)" in chosen.stdout
+    assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
