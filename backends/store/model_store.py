@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -581,21 +582,39 @@ class ModelStore:
                 continue  # removed while listing
         return found
 
+    def _copy_partial_path(self, name: str) -> Path:
+        return self.partial_dir / f"{name}.gguf.copy"
+
+    def copy_resumable(self, name: str, sha256: str, size: int) -> int:
+        """How many bytes of (`name`, `sha256`, `size`) an earlier copy left to resume (0 if
+        none, or if what is there is not that file); reads only, writes nothing."""
+        partial = self._copy_partial_path(name)
+        previous: Any = None
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(sidecar_path(partial).read_text(encoding="utf-8"))
+        with contextlib.suppress(OSError):
+            if previous == {"sha256": sha256, "size": size}:
+                have = partial.stat().st_size
+                return have if have <= size else 0
+        return 0
+
+    def free_bytes(self) -> int:
+        """Free space on the disk that holds (or will hold) the store."""
+        where = self.root
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        return shutil.disk_usage(where).free
+
     def copy_partial(self, name: str, sha256: str, size: int) -> Path:
         """The partial file a copy of (`name`, `sha256`) appends to, kept between tries.
 
         What is there is resumed only if it was a copy of the same file; anything else there
         is started over."""
         self._prepare()
-        partial = self.partial_dir / f"{name}.gguf.copy"
-        sidecar = sidecar_path(partial)
-        wanted = {"sha256": sha256, "size": size}
-        previous: Any = None
-        with contextlib.suppress(OSError, ValueError):
-            previous = json.loads(sidecar.read_text(encoding="utf-8"))
-        if previous != wanted or (partial.exists() and partial.stat().st_size > size):
+        partial = self._copy_partial_path(name)
+        if not self.copy_resumable(name, sha256, size):
             partial.unlink(missing_ok=True)
-            _write_atomic(sidecar, json.dumps(wanted))
+            _write_atomic(sidecar_path(partial), json.dumps({"sha256": sha256, "size": size}))
         return partial
 
     def finish_copy(self, name: str, partial: Path, sha256: str, source: str) -> ModelEntry:

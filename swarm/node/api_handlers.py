@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.memory import memory_bytes
-from backends.store.model_store import DEFAULT_MODEL, ModelExists
+from backends.store.model_store import DEFAULT_MODEL, DiskFull, ModelExists
 from swarm.api.body import null_ok, parse_body
 from swarm.api.server import HttpError, LocalApi, Request, Response
 from swarm.ledger.entries import MAX_NAME_CHARS, ROLES
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import is_live
-from swarm.node.model_copy import CopyError
+from swarm.node.model_copy import AmbiguousModel, CopyError
 from swarm.workers.worker import share_bytes
 
 if TYPE_CHECKING:
@@ -200,6 +200,10 @@ class NodeApi:
             job = copier.start(self.node.nursery, wanted.model, wanted.sha256)
         except ModelExists as exc:
             raise HttpError(409, str(exc), code="model_exists", param="model") from None
+        except AmbiguousModel as exc:
+            raise HttpError(409, str(exc), code="sha256_required", param="sha256") from None
+        except DiskFull as exc:
+            raise HttpError(507, str(exc), code="insufficient_storage", param="model") from None
         except CopyError as exc:
             raise HttpError(404, str(exc), code="model_not_found", param="model") from None
         return Response.json(job.to_dict())

@@ -6,6 +6,9 @@
 - `Copier` runs copy jobs: byte ranges appended to a partial file in the store, resuming what
   an earlier try left, moving to another peer with the same file when one leaves, and checked
   against the published sha256 before the store takes the model.
+- What a peer announces is not trusted: a copy that would leave less than `DISK_MARGIN_BYTES`
+  free is refused before any byte is written, no more than the announced size is read, and
+  when peers disagree on what a name means with no majority, the user picks by sha256.
 
 Wire: a request frame {"version", "model", "sha256", "offset", "length"}; the reply is a frame
 {"ok": true} followed by exactly `length` raw bytes, or a frame {"ok": false, "code", "message"}.
@@ -28,6 +31,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from backends.errors import ModelStoreError
+from backends.sizes import human_bytes
 from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
@@ -48,10 +52,15 @@ BLOCK_BYTES = 256 << 10
 MAX_REQUEST_BYTES = 4096
 CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
+DISK_MARGIN_BYTES = 1 << 30  # a copy must leave this much free on the store's disk
 
 
 class CopyError(ModelStoreError):
     """A copy that cannot start or cannot finish; the message says why and what to do."""
+
+
+class AmbiguousModel(CopyError):
+    """Peers offer different files under one name and most of them do not agree on one."""
 
 
 @dataclass(frozen=True)
@@ -83,16 +92,37 @@ def offers(ledger: Ledger, admitted: set[str], self_id: str, now: float,
 
 
 def choose_file(found: Sequence[Offer], name: str, sha256: str | None) -> SharedModel:
-    """The file to copy for `name`: the one with `sha256` if given, else the one most peers
-    have (peers could disagree on what a name means)."""
-    files = [o.model for o in found if o.model.name == name
-             and (sha256 is None or o.model.sha256 == sha256.lower())]
-    if not files:
+    """The file to copy for `name`: the one with `sha256` if given, else the one most of the
+    peers offering `name` have. Peers could disagree on what a name means, and a hostile one
+    could offer its own file: with no majority, AmbiguousModel names the candidates."""
+    matching = [o for o in found if o.model.name == name
+                and (sha256 is None or o.model.sha256 == sha256.lower())]
+    if not matching:
         have = sorted({o.model.name for o in found})
         offered = ", ".join(have) if have else "none"
         what = f"{name!r} with sha256 {sha256}" if sha256 else repr(name)
         raise CopyError(f"No peer online offers {what} (peers offer: {offered}).")
-    return max(set(files), key=lambda f: (files.count(f), f.sha256))
+    machines: dict[SharedModel, set[str]] = {}
+    for o in matching:
+        machines.setdefault(o.model, set()).add(o.machine)
+    peers = len({o.peer_id for o in matching})
+    ranked = sorted(machines, key=lambda f: (-len(machines[f]), f.sha256))
+    if len(ranked) == 1 or 2 * len(machines[ranked[0]]) > peers:
+        return ranked[0]
+    files = "; ".join(f"sha256 {f.sha256} ({f.size} bytes, on {', '.join(sorted(machines[f]))})"
+                      for f in ranked)
+    raise AmbiguousModel(
+        f"Peers offer different files named {name!r} and no file is offered by most of them: "
+        f"{files}. Choose one by its hash: covey models copy {name} --sha256 SHA256.")
+
+
+def check_room(name: str, need: int, free: int, margin: int = DISK_MARGIN_BYTES) -> None:
+    """DiskFull unless `need` more bytes leave at least `margin` free."""
+    if need > free - margin:
+        raise DiskFull(
+            f"Not enough disk space to copy {name!r}: it needs {human_bytes(need)} more, "
+            f"{human_bytes(free)} is free and Covey keeps {human_bytes(margin)} free. Free "
+            "some space and copy again.")
 
 
 def next_range(done: int, size: int, range_bytes: int = RANGE_BYTES) -> tuple[int, int]:
@@ -184,9 +214,11 @@ class Copier:
     """This node's copy jobs, one per model name."""
 
     def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
-                 on_added: Callable[[], None], rng: random.Random | None = None) -> None:
+                 on_added: Callable[[], None], rng: random.Random | None = None,
+                 free_bytes: Callable[[], int] | None = None) -> None:
         self.host = host
         self.store = store
+        self._free_bytes = free_bytes or store.free_bytes
         self._found = found
         self._on_added = on_added
         self._rng = rng or random.Random()
@@ -195,13 +227,16 @@ class Copier:
 
     def start(self, nursery: trio.Nursery, name: str, sha256: str | None = None) -> CopyJob:
         """Start copying `name` (or return the copy already running); CopyError if nobody
-        offers it, ModelExists if the store has it."""
+        offers it (AmbiguousModel if peers disagree on it), ModelExists if the store has it,
+        DiskFull if it does not fit, before anything is written."""
         running = self.jobs.get(name)
         if running is not None and running.active:
             return running
         if name in self.store.names():
             raise ModelExists(f"{name!r} is already in this node's store.")
         chosen = choose_file(self._found(), name, sha256)
+        check_room(chosen.name, chosen.size - self.store.copy_resumable(
+            chosen.name, chosen.sha256, chosen.size), self._free_bytes())
         job = CopyJob(chosen.name, chosen.sha256, chosen.size)
         self.store.claim(job.model)  # released when the job ends
         try:
@@ -290,6 +325,7 @@ class Copier:
                 left = length
                 while left:
                     with trio.fail_after(STALL_TIMEOUT_S):
+                        # Never more than the range: what a peer sends past it is not read.
                         data = await stream.read(min(BLOCK_BYTES, left))
                     if not data:
                         raise EOFError("the peer closed the stream mid-range")

@@ -10,6 +10,11 @@
 
 Wire format on `/covey/federated/1.0.0`: one request frame (JSON), then reply frames (JSON):
 {"type": "token", "text"}, then {"type": "done", ...}; or {"type": "error", "code", "message"}.
+
+The client trusts a serving node with nothing unbounded (`ReplyLimits`): a reply ends at the
+request's `max_tokens` (finish_reason "length", the stream closed), and a node whose frame or
+reply is too big, whose frames are not reply frames, or that does not finish in time fails
+like a node that vanished.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
 
 from backends.engine import EngineError
@@ -47,10 +54,32 @@ log = logging.getLogger(__name__)
 PROTOCOL = "/covey/federated/1.0.0"
 WIRE_VERSION = 1
 MAX_REQUEST_BYTES = 1024 * 1024
-MAX_REPLY_FRAME_BYTES = 64 * 1024
+# One reply frame: a token, or the done frame that repeats the whole text (JSON-escaped).
+MAX_REPLY_FRAME_BYTES = 1 << 20
+MAX_REPLY_BYTES = 8 << 20  # every frame of one attempt together
 CONNECT_TIMEOUT_S = 10.0
-TOKEN_TIMEOUT_S = 120.0
+TOKEN_TIMEOUT_S = 120.0  # silence between two frames
+DONE_GRACE_S = 10.0  # after max_tokens tokens, the wait for the done frame
+# An attempt must finish within base + per token of max_tokens, and never later than max.
+REPLY_DEADLINE_BASE_S = 120.0
+REPLY_DEADLINE_PER_TOKEN_S = 1.0
+REPLY_DEADLINE_MAX_S = 3600.0
 MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What a client takes from a serving node in one attempt (see the constants)."""
+
+    max_frame_bytes: int = MAX_REPLY_FRAME_BYTES
+    max_reply_bytes: int = MAX_REPLY_BYTES
+    deadline_base_s: float = REPLY_DEADLINE_BASE_S
+    deadline_per_token_s: float = REPLY_DEADLINE_PER_TOKEN_S
+    deadline_max_s: float = REPLY_DEADLINE_MAX_S
+
+    def deadline_s(self, max_tokens: int) -> float:
+        return min(self.deadline_base_s + max_tokens * self.deadline_per_token_s,
+                   self.deadline_max_s)
 
 
 @dataclass(frozen=True)
@@ -126,6 +155,47 @@ def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
     return model, request
 
 
+def parse_reply_frame(data: bytes) -> dict[str, Any]:
+    """A reply frame as a JSON object with a known type; ValueError for anything else."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or reply.get("type") not in ("token", "done", "error"):
+        raise ValueError("not a federated reply frame")
+    return reply
+
+
+class ReplyTally:
+    """One attempt's reply as it streams in: its tokens' text, and the bytes it took."""
+
+    def __init__(self, limits: ReplyLimits, max_tokens: int) -> None:
+        self.limits = limits
+        self.max_tokens = max_tokens
+        self.texts: list[str] = []
+        self.bytes = 0
+
+    def take(self, data: bytes) -> dict[str, Any]:
+        """Count one frame and parse it; ValueError if it breaks a limit or is not a reply."""
+        self.bytes += len(data)
+        if self.bytes > self.limits.max_reply_bytes:
+            raise ValueError(f"the reply is over the {self.limits.max_reply_bytes}-byte limit")
+        reply = parse_reply_frame(data)
+        if reply["type"] == "token":
+            self.texts.append(str(reply.get("text", "")))
+        return reply
+
+    @property
+    def full(self) -> bool:
+        """The reply has `max_tokens` tokens: only a done frame may follow."""
+        return len(self.texts) >= self.max_tokens
+
+    def cut(self, request_id: str) -> Done:
+        """The reply ended here at `max_tokens`, whatever the node sends next."""
+        texts = self.texts[:self.max_tokens]
+        return Done(request_id, "length", "".join(texts), 0, (-1,) * len(texts), Timings())
+
+
 class FederatedService:
     """This node's side: whether it serves, and the serving protocol's handler."""
 
@@ -193,7 +263,8 @@ class _Failed(Exception):
 def _give_up(causes: Sequence[BaseException]) -> RouteError:
     if any(isinstance(c, _Failed) and c.busy for c in causes):
         return Busy("every federated node serving this model is busy", 5)
-    return RouteError("every federated node serving this model failed")
+    last = f" (last: {causes[-1]})" if causes and str(causes[-1]) else ""
+    return RouteError(f"every federated node serving this model failed{last}")
 
 
 class FederatedRoute:
@@ -203,8 +274,9 @@ class FederatedRoute:
 
     def __init__(self, host: IHost, service: FederatedService,
                  found: Callable[[str], list[Candidate]], all_models: Callable[[], list[str]],
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, limits: ReplyLimits | None = None) -> None:
         self.host = host
+        self.limits = limits or ReplyLimits()
         self.service = service
         self._found = found
         self._all_models = all_models
@@ -263,27 +335,56 @@ class FederatedRoute:
             except Busy as exc:
                 raise _Failed(str(exc), busy=True) from None
             return
-        with trio.fail_after(CONNECT_TIMEOUT_S):
+        budget_s = self.limits.deadline_s(request.max_tokens)
+        started = trio.current_time()
+        deadline = started + budget_s
+        with trio.fail_at(min(deadline, started + CONNECT_TIMEOUT_S)):
             stream = await self.host.new_stream(ID.from_base58(target.peer_id),
                                                 [TProtocol(PROTOCOL)])
         try:
             await write_frame(stream, request_frame(model, request))
-            streamed = 0
+            tally = ReplyTally(self.limits, request.max_tokens)
             while True:
-                with trio.fail_after(TOKEN_TIMEOUT_S):
-                    reply = json.loads(await read_frame(stream, MAX_REPLY_FRAME_BYTES))
-                kind = reply.get("type")
+                try:
+                    data = await self._next_frame(stream, tally, deadline)
+                except trio.TooSlowError:
+                    if tally.full:  # the done frame never came: the reply is whole anyway
+                        yield tally.cut(request.id)
+                        return
+                    if trio.current_time() >= deadline:
+                        raise _Failed(f"{target.name} did not finish the reply within "
+                                      f"{budget_s:.0f} s") from None
+                    raise
+                reply = tally.take(data)
+                kind = reply["type"]
+                if kind == "token" and len(tally.texts) > request.max_tokens:
+                    # A node that streams past max_tokens is cut: the reply has them all.
+                    log.warning("federated node %s sent more than max_tokens", target.name)
+                    yield tally.cut(request.id)
+                    return
                 if kind == "token":
-                    streamed += 1
-                    yield Token(request.id, -1, str(reply.get("text", "")))
+                    yield Token(request.id, -1, tally.texts[-1])
                 elif kind == "done":
                     # A token's id is the serving node's; what counts is how many came.
                     yield Done(request.id, str(reply.get("finish_reason", "stop")),
                                str(reply.get("text", "")), int(reply.get("prompt_tokens", 0)),
-                               (-1,) * streamed, Timings())
+                               (-1,) * len(tally.texts), Timings())
                     return
                 else:
                     raise _Failed(str(reply.get("message", "error")),
                                   busy=reply.get("code") == "busy")
+        except MessageTooLarge as exc:
+            raise _Failed(f"{target.name} sent a reply frame over the "
+                          f"{self.limits.max_frame_bytes}-byte limit") from exc
+        except (ValueError, TypeError, ParseError) as exc:  # over the reply's limit, or garbage
+            raise _Failed(f"{target.name} sent a bad reply: {exc}") from exc
         finally:
             await reset_quietly(stream)
+
+    async def _next_frame(self, stream: INetStream, tally: ReplyTally, deadline: float
+                          ) -> bytes:
+        """The next frame within the silence timeout and the attempt's deadline; once the
+        reply is full, only a short wait for its done frame."""
+        wait_s = DONE_GRACE_S if tally.full else TOKEN_TIMEOUT_S
+        with trio.fail_at(min(deadline, trio.current_time() + wait_s)):
+            return await read_frame(stream, self.limits.max_frame_bytes)

@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 
-from backends.store.model_store import Manifest, ModelStore
+from backends.store.model_store import DiskFull, Manifest, ModelStore
 from swarm.ledger.entries import SharedModel, parse_shared
 from swarm.node.model_copy import (
+    DISK_MARGIN_BYTES,
+    AmbiguousModel,
     CopyError,
     Offer,
+    check_room,
     choose_file,
     parse_request,
     shared_value,
@@ -53,6 +56,35 @@ def test_choose_file_prefers_the_file_most_peers_have_or_the_hash_asked_for() ->
     assert choose_file(found, "m", SHA_A.upper()) == a
     with pytest.raises(CopyError, match=r"No peer online offers 'n' \(peers offer: m\)"):
         choose_file(found, "n", None)
+
+
+def test_a_name_clash_without_a_majority_asks_for_the_hash() -> None:
+    a, b, c = (SharedModel("m", 10, SHA_A), SharedModel("m", 11, SHA_B),
+               SharedModel("m", 12, "c" * 64))
+    tie = [Offer(a, "p1", "one"), Offer(b, "p2", "two")]
+    with pytest.raises(AmbiguousModel) as asked:
+        choose_file(tie, "m", None)
+    message = str(asked.value)
+    assert f"sha256 {SHA_A} (10 bytes, on one)" in message, message
+    assert f"sha256 {SHA_B} (11 bytes, on two)" in message, message
+    assert "covey models copy m --sha256 SHA256" in message, message
+    assert choose_file(tie, "m", SHA_B) == b  # the user chose
+    # Most of the offers, but not most of the peers: still asked.
+    plurality = [*tie, Offer(c, "p3", "three"), Offer(c, "p4", "four")]
+    with pytest.raises(AmbiguousModel):
+        choose_file(plurality, "m", None)
+    # One peer offering the same file twice counts once.
+    with pytest.raises(AmbiguousModel):
+        choose_file([*tie, Offer(b, "p2", "two")], "m", None)
+    assert choose_file([*plurality, Offer(c, "p5", "five")], "m", None) == c
+
+
+def test_a_copy_must_leave_the_margin_free() -> None:
+    check_room("m", 100, DISK_MARGIN_BYTES + 100)
+    with pytest.raises(DiskFull, match=r"Not enough disk space to copy 'm'"):
+        check_room("m", 101, DISK_MARGIN_BYTES + 100)
+    with pytest.raises(DiskFull):
+        check_room("m", 1, 0)
 
 
 def test_copy_requests_are_checked() -> None:
@@ -227,3 +259,31 @@ def test_a_damaged_source_is_rejected_and_the_store_is_unchanged(
     assert not (models_dir / f"{MODEL}.gguf").exists()
     assert list((models_dir / ".partial").iterdir()) == []  # nothing left to resume from
     assert MODEL not in {m["id"] for m in client.api("/v1/models")["data"]}
+
+
+def test_a_name_clash_without_a_majority_is_left_to_the_user(copy_swarm: CopySwarm) -> None:
+    other = write_tiny_gguf(copy_swarm.workdir / "other.gguf", seed=7)  # same name, other file
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    ModelStore(copy_swarm.workdir / "impostor" / "models").import_file(other, MODEL)
+    copy_swarm.start("source", with_model=True, limit=False)
+    copy_swarm.start("impostor", with_model=True, limit=False)
+    client = copy_swarm.start("client", with_model=False)
+    copy_swarm.wait_offered(client, 2)
+
+    def cli(*extra: str) -> Any:
+        return copy_swarm.netns.run(
+            copy_swarm.ns, [sys.executable, "-m", "app.cli", "models", "copy", MODEL, *extra,
+                            "--data-dir", str(client.data_dir)], cwd=REPO, timeout=120,
+            check=False)
+
+    asked = cli()
+    assert asked.returncode == 1, asked.stderr
+    assert f"sha256 {copy_swarm.sha256} (" in asked.stderr, asked.stderr
+    assert f"sha256 {other_sha} (" in asked.stderr, asked.stderr
+    assert "--sha256" in asked.stderr, asked.stderr
+    assert client.api("/api/models")["copies"] == []  # nothing started, nothing written
+    assert not list((client.data_dir / "models").rglob("*.copy*"))
+    chosen = cli("--sha256", copy_swarm.sha256)
+    assert chosen.returncode == 0, chosen.stderr
+    assert f"copied {MODEL} from source (sha256 {copy_swarm.sha256} verified)" in chosen.stdout
+    assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
