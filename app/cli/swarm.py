@@ -73,7 +73,8 @@ def run_token(args: argparse.Namespace) -> int:
         return 2
     print(token.encode())
     if sys.stderr.isatty():
-        print("Join other machines with: covey node --token <the line above>", file=sys.stderr)
+        print("Join other machines with: covey node --token-file FILE (FILE holding the line "
+              "above), or covey node --token - (pasting it)", file=sys.stderr)
     return 0
 
 
