@@ -23,3 +23,10 @@ def first_leaf(exc: BaseException, kind: type[E]) -> E | None:
                 return found
         return None
     return exc if isinstance(exc, kind) else None
+
+
+def only_of(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when `exc` is a `kind`, or a group (however nested) holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_of(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)

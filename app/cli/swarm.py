@@ -29,7 +29,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="a reachable node of this swarm, /ip4/…/tcp/…/p2p/…; repeatable")
 
     node = sub.add_parser("node", parents=[here], help="run this machine's swarm node")
-    node.add_argument("--token", help="the swarm token (remembered after the first time)")
+    tokens = node.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="read the swarm token from FILE (remembered after the first time)")
+    tokens.add_argument("--token", metavar="TOKEN",
+                        help="the swarm token; `-` reads it from standard input. Given here, "
+                             "other users of this machine can read it: prefer --token-file")
     node.add_argument("--name", help="the name other machines see (default: host name)")
     node.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
                       help="default /ip4/0.0.0.0/tcp/0 (all interfaces, any free port)")
@@ -68,7 +73,8 @@ def run_token(args: argparse.Namespace) -> int:
         return 2
     print(token.encode())
     if sys.stderr.isatty():
-        print("Join other machines with: covey node --token <the line above>", file=sys.stderr)
+        print("Join other machines with: covey node --token-file FILE (FILE holding the line "
+              "above), or covey node --token - (pasting it)", file=sys.stderr)
     return 0
 
 

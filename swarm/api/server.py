@@ -1,9 +1,9 @@
 """The node's local HTTP API: an h11 server on trio that listens on loopback only.
 
 It owns the transport and the gate in front of every handler: the Host check (against DNS
-rebinding), the bearer secret, size and time limits, OpenAI-style JSON errors, and chunked
-streaming. The files through which a client finds it (`api-secret`, `api.json`) belong to
-swarm.api.files.
+rebinding), the bearer secret, size and time limits, a cap on open connections (see
+swarm.api.limits), OpenAI-style JSON errors, and chunked streaming. The files through which
+a client finds it (`api-secret`, `api.json`) belong to swarm.api.files.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
+from swarm.api.limits import ConnectionSlots, Slot
+
 if TYPE_CHECKING:
     # libp2p installs trio-typing, whose stubs shadow trio's own and define TaskStatus here.
     from trio_typing import TaskStatus
@@ -29,7 +31,14 @@ log = logging.getLogger(__name__)
 LOOPBACK_BIND_HOSTS = ("127.0.0.1", "::1")
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
+# A connection may wait IDLE_TIMEOUT_S for the first byte of a request (keep-alive), then has
+# HEAD_TIMEOUT_S to finish the head: a head trickled in byte by byte (slowloris) is cut off.
+IDLE_TIMEOUT_S = 10.0
 HEAD_TIMEOUT_S = 10.0
+# Per listener; the local API and --api-listen each have their own. Far below the 1,024 open
+# files a desktop allows by default, so a flood of sockets never starves the rest of the node.
+MAX_CONNECTIONS = 128
+FULL_WARNING_EVERY_S = 60.0
 BODY_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 30.0
 # After an error response the client may still be sending; reading it off before closing
@@ -184,8 +193,9 @@ class _Closed(Exception):
 class _Conn:
     """One accepted socket and its h11 state, with deadline-bound reads and writes."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, slot: Slot) -> None:
         self.stream = stream
+        self.slot = slot
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
 
     async def next_event(self, deadline: float) -> Any:
@@ -193,11 +203,29 @@ class _Conn:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_at(deadline) as scope:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            if scope.cancelled_caught:
-                raise TimeoutError
+            self.h11.receive_data(await self._receive_by(deadline))
+
+    async def next_head(self, idle_timeout: float, head_timeout: float) -> Any:
+        """The event that starts the next request: `idle_timeout` for its first byte, then
+        `head_timeout` for the rest of the head. TimeoutError when either runs out."""
+        started = bool(self.h11.trailing_data[0])  # pipelined bytes already began it
+        deadline = trio.current_time() + (head_timeout if started else idle_timeout)
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self._receive_by(deadline)
+            if data and not started:
+                started = True
+                deadline = trio.current_time() + head_timeout
             self.h11.receive_data(data)
+
+    async def _receive_by(self, deadline: float) -> bytes:
+        with trio.move_on_at(deadline) as scope:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        if scope.cancelled_caught:
+            raise TimeoutError
+        return data
 
     async def send(self, *events: Any) -> None:
         data = b"".join(b for b in (self.h11.send(e) for e in events) if b)
@@ -233,7 +261,8 @@ class LocalApi:
     """Routes plus the loopback server that guards and dispatches them."""
 
     def __init__(self, secret: str, *, max_body: int = MAX_BODY_BYTES,
-                 head_timeout: float = HEAD_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S
+                 head_timeout: float = HEAD_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S,
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS
                  ) -> None:
         if not secret:
             # An empty secret would let "Authorization: Bearer " through.
@@ -242,6 +271,9 @@ class LocalApi:
         self.max_body = max_body
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
+        self.idle_timeout = idle_timeout
+        self.slots = ConnectionSlots(max_connections)
+        self._warned_full_at: float | None = None
         self.routes: dict[str, dict[str, Handler]] = {}
         self.port: int | None = None
 
@@ -282,22 +314,42 @@ class LocalApi:
         await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
 
     async def _serve_connection(self, stream: trio.abc.Stream, hosts: frozenset[str]) -> None:
-        conn = _Conn(stream)
+        evicted = trio.CancelScope()
+        slot = self.slots.admit(evicted.cancel, trio.current_time())
+        if slot is None:
+            self._warn_full()
+            await trio.aclose_forcefully(stream)
+            return
+        conn = _Conn(stream, slot)
         try:
-            while await self._serve_one(conn, hosts):
-                conn.h11.start_next_cycle()
-        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        except Exception:
-            # An escaping exception would cancel serve_listeners and take the API down.
-            log.exception("Local API connection failed")
+            with evicted:  # cancelled when a newcomer takes the slot of this waiting one
+                try:
+                    while await self._serve_one(conn, hosts):
+                        conn.h11.start_next_cycle()
+                except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                except Exception:
+                    # An escaping exception would cancel serve_listeners and take the API down.
+                    log.exception("Local API connection failed")
+                # Draining keeps the socket a while: it holds the slot, but gives it up first.
+                slot.waiting(trio.current_time())
+                await conn.close()
         finally:
-            await conn.close()
+            self.slots.release(slot)
+            await trio.aclose_forcefully(stream)  # a no-op unless eviction cut close() short
+
+    def _warn_full(self) -> None:
+        now = trio.current_time()
+        if self._warned_full_at is None or now - self._warned_full_at >= FULL_WARNING_EVERY_S:
+            self._warned_full_at = now
+            log.warning("API on port %s: all %d connections are busy; refusing new ones",
+                        self.port, self.slots.limit)
 
     async def _serve_one(self, conn: _Conn, hosts: frozenset[str]) -> bool:
         """Answer one request; True when the connection can carry another."""
+        conn.slot.waiting(trio.current_time())
         try:
-            event = await conn.next_event(trio.current_time() + self.head_timeout)
+            event = await conn.next_head(self.idle_timeout, self.head_timeout)
         except h11.RemoteProtocolError as exc:
             await self._send_error(conn, exc.error_status_hint, _protocol_message(exc))
             return False
@@ -309,6 +361,7 @@ class LocalApi:
         if isinstance(event, h11.ConnectionClosed):
             return False
         assert isinstance(event, h11.Request)
+        conn.slot.busy()
 
         method, target = event.method.decode("ascii"), event.target.decode("latin-1")
         headers = decode_headers(event.headers)

@@ -42,7 +42,8 @@ from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
 from swarm.node.api_handlers import NodeApi
-from swarm.node.local_facts import collect_node_info
+from swarm.node.background import keep_running
+from swarm.node.local_facts import collect_node_info, covey_version
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node.model_copy import Copier, CopyServer, Offer, shared_value
 from swarm.node.model_copy import offers as copy_offers
@@ -109,6 +110,7 @@ def expand_wildcards(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiad
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
+        covey_version()  # read once, now: later it may not be able to open a file (EMFILE)
         self.config = config
         self.name = config.name
         self.roles = config.roles
@@ -155,6 +157,7 @@ class Node:
         self._info_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._pulling: set[ID] = set()
+        self._roles_published: set[str] = set()  # survives a restart of the heartbeat
         self._add_routes()
 
     def stop(self) -> None:
@@ -206,12 +209,13 @@ class Node:
             self._nursery = nursery
             self.sharded_route.nursery = nursery
             self.worker.nursery = nursery
-            nursery.start_soon(self.gatekeeper.run)
-            nursery.start_soon(self.sync.run_gossip)
-            nursery.start_soon(self._heartbeat)
-            nursery.start_soon(self._sync_loop)
-            nursery.start_soon(self.discovery.run_dialer)
-            nursery.start_soon(self.discovery.run_wide_area)
+            for name, loop in (("admission", self.gatekeeper.run),
+                               ("gossip", self.sync.run_gossip),
+                               ("heartbeat", self._heartbeat),
+                               ("ledger sync", self._sync_loop),
+                               ("dialer", self.discovery.run_dialer),
+                               ("wide-area discovery", self.discovery.run_wide_area)):
+                nursery.start_soon(keep_running, name, loop)
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.worker.close)
             stack.push_async_callback(self.sharded_route.close)
@@ -273,17 +277,19 @@ class Node:
 
         Changes within `COALESCE_S` go out as one entry. Each entry goes to every directly
         connected peer at once as well as onto gossip (which may drop it in a burst)."""
-        was_on: set[str] = set()
         while True:
             ttl = self.config.entry_ttl_s
             for key, value in ((NODE_KEY, self.node_value()),
                                (MODELS_KEY, shared_value(self.store.shareable()))):
                 self._push_to_all(await self.sync.publish(key, value, ttl))
             for key, on, value in self._role_entries():
-                if on or key in was_on:
+                if on or key in self._roles_published:
                     # A role turned off says so at once (ttl 0) rather than going stale.
                     self._push_to_all(await self.sync.publish(key, value, ttl if on else 0))
-                was_on = (was_on | {key}) if on else (was_on - {key})
+                if on:
+                    self._roles_published.add(key)
+                else:
+                    self._roles_published.discard(key)
             with trio.move_on_after(self.config.heartbeat_s):
                 await self._info_changed.wait()
                 await trio.sleep(COALESCE_S)

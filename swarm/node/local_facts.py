@@ -3,6 +3,7 @@ ledger entry (swarm/ledger/entries.py) and for sizing what worker mode donates."
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -13,6 +14,7 @@ from backends.memory import memory_bytes
 from swarm.ledger.entries import MAX_NAME_CHARS, NodeInfo
 
 
+@functools.cache  # it scans the installed packages: cheap once, an EMFILE risk each time
 def covey_version() -> str:
     try:
         return importlib.metadata.version("covey")

@@ -1,24 +1,29 @@
 """`covey node`: turn command-line options and remembered settings into a running Node.
 
 A token given once is remembered (0600) in the data directory, so later starts need no
-options. SIGTERM and Ctrl-C stop the node cleanly: goodbye to peers, API file removed.
+options. It comes from a file (--token-file) or standard input (--token -) so that it never
+sits in the process's command line, which every local user can read; --token TOKEN still
+works, with a warning. SIGTERM and Ctrl-C stop the node cleanly: goodbye to peers, API file
+removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO
 
 import trio
 
 from backends.endpoints import split_host_port
 from swarm.api.server import MIN_NETWORK_KEY_CHARS
 from swarm.exception_groups import first_leaf
+from swarm.node.fd_limit import raise_open_file_limit
 from swarm.node.settings import Settings, SettingsError, load_settings, save_settings
 from swarm.trust.identity import IdentityError
 from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
@@ -26,16 +31,44 @@ from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
 log = logging.getLogger("covey.node")
 
 LOCK_FILE = "node.lock"
+STDIN_TOKEN = "-"
+TOKEN_ON_COMMAND_LINE = (
+    "covey: warning: a token given as --token TOKEN can be read by every user of this machine "
+    "while the node runs (it is on the command line). Use --token-file FILE, or --token - to "
+    "read it from standard input."
+)
+
+
+def token_option(token: str | None, token_file: Path | None, stdin: TextIO) -> str | None:
+    """The token given with --token, --token - (one line of `stdin`) or --token-file, or None
+    when none of them was; TokenError when the file or standard input gives nothing usable."""
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"cannot read the token from --token-file {token_file}: {exc}"
+                             ) from None
+        source = f"--token-file {token_file}"
+    elif token == STDIN_TOKEN:
+        text = getpass.getpass("Swarm token: ") if stdin.isatty() else stdin.readline()
+        source = "standard input (--token -)"
+    else:
+        return token
+    if not text.strip():
+        raise TokenError(f"no token in {source}: it is empty")
+    return text.strip()
 
 
 def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     """The settings to run with: options override what is remembered; raises on bad input."""
     saved = load_settings(data_dir)
-    token_text = args.token or (saved.token if saved else None)
+    given = token_option(args.token, getattr(args, "token_file", None), sys.stdin)
+    token_text = given or (saved.token if saved else None)
     if not token_text:
         raise TokenError(
             "This node has no swarm token yet. Create one with `covey token new`, or paste the "
-            "one from another machine: covey node --token TOKEN"
+            "one from another machine: covey node --token-file FILE (or --token -, reading "
+            "standard input)"
         )
     parse_token(token_text)
     for i, addr in enumerate(args.bootstrap, 1):
@@ -78,6 +111,9 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     # py-libp2p logs routine network churn as warnings; keep our own log readable.
     logging.getLogger("libp2p").setLevel(logging.ERROR)
+    if args.token not in (None, STDIN_TOKEN):
+        print(TOKEN_ON_COMMAND_LINE, file=sys.stderr)
+    raise_open_file_limit()
     try:
         settings = resolve_settings(args, data_dir)
         lock = lock_data_dir(data_dir)

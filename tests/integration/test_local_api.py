@@ -388,7 +388,7 @@ def test_client_hanging_up_mid_stream_releases_the_generator(server: Server) -> 
 
 
 def test_idle_connection_is_closed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    for server in run_server(tmp_path, caplog, head_timeout=0.2):
+    for server in run_server(tmp_path, caplog, head_timeout=0.2, idle_timeout=0.2):
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             began = time.monotonic()
             assert s.recv(100) == b""
@@ -396,6 +396,80 @@ def test_idle_connection_is_closed(tmp_path: Path, caplog: pytest.LogCaptureFixt
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(b"GET /ok HTTP/1.1\r\n")  # a head that never finishes
             assert recv_all(s).startswith(b"HTTP/1.1 408 ")
+        assert server.request("GET", "/ok")[0] == 200
+
+
+def test_a_head_trickled_in_is_cut_off_at_the_head_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Slowloris: a byte now and then keeps no connection open past the head timeout, though
+    an idle keep-alive connection may wait longer for its next request."""
+    for server in run_server(tmp_path, caplog, head_timeout=1.0, idle_timeout=20.0):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            began = time.monotonic()
+            s.sendall(b"GET /ok HTTP/1.1\r\n")
+            got = b""
+            for _ in range(40):  # well past the head timeout, if nothing cut it off
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    break
+                s.settimeout(0.1)
+                try:
+                    got += s.recv(4096)
+                except TimeoutError:
+                    continue
+                if got:
+                    break
+            assert got.startswith(b"HTTP/1.1 408 "), got
+            assert 0.9 < time.monotonic() - began < 3
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.settimeout(1.5)  # idle, it outlives the head timeout
+            with pytest.raises(TimeoutError):
+                s.recv(100)
+        assert server.request("GET", "/ok")[0] == 200
+
+
+def test_idle_connections_beyond_the_cap_give_way_to_new_callers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for server in run_server(tmp_path, caplog, max_connections=4):
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                for _ in range(12)]
+        try:
+            # Each newcomer evicted the one that had waited longest: the first eight are shut.
+            for s in idle[:8]:
+                assert s.recv(100) == b""
+            assert server.request("GET", "/ok")[0] == 200  # no waiting behind idle sockets
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_when_every_connection_is_busy_a_newcomer_is_refused_at_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    head = ("GET /stream-watched HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Authorization: Bearer {secret}\r\n\r\n")
+    for server in run_server(tmp_path, caplog, max_connections=2):
+        busy = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                for _ in range(2)]
+        try:
+            for s in busy:
+                s.sendall(head.format(port=server.port, secret=server.secret).encode())
+                got = b""
+                while b"data: tick" not in got:
+                    got += s.recv(65536)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as late:
+                late.sendall(b"GET /ok HTTP/1.1\r\n\r\n")
+                try:
+                    answer = recv_all(late)
+                except ConnectionResetError:  # closed with our request unread
+                    answer = b""
+                assert answer == b""
+            assert "all 2 connections are busy" in caplog.text
+        finally:
+            for s in busy:
+                s.close()
+        server.open_gate()
+        assert server.released.wait(5)
         assert server.request("GET", "/ok")[0] == 200
 
 

@@ -69,9 +69,10 @@ class RunningNode:
 
 def start_node(
     netns: Netns, ns: str, token: str, name: str, workdir: Path, *extra: str,
-    data_dir: Path | None = None,
+    data_dir: Path | None = None, **popen_kw: Any,
 ) -> RunningNode:
-    """Start `covey node` in `ns` and wait until its API answers."""
+    """Start `covey node` in `ns` and wait until its API answers; `popen_kw` go to Popen (a
+    token on stdin, limits set in preexec_fn)."""
     data_dir = data_dir or workdir / name
     log_path = workdir / f"{name}.log"
     argv = [sys.executable, "-m", "app.cli", "node", "--data-dir", str(data_dir),
@@ -79,7 +80,7 @@ def start_node(
     if token:
         argv += ["--token", token]
     log = log_path.open("ab")
-    proc = netns.popen(ns, argv, cwd=REPO, stdout=log, stderr=log)
+    proc = netns.popen(ns, argv, cwd=REPO, stdout=log, stderr=log, **popen_kw)
     node = RunningNode(netns, ns, name, data_dir, log_path, proc)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
