@@ -29,6 +29,8 @@ from backends.engine import (
     Watchdog,
 )
 from swarm.workers.direct_tls import (
+    MAX_CONNECTIONS,
+    UNPROVEN_PER_SOURCE,
     Certificate,
     DirectClient,
     DirectServer,
@@ -212,6 +214,19 @@ def ended_within(sock: socket.socket, seconds: float) -> float:
     return time.monotonic() - start
 
 
+def is_closed(sock: socket.socket) -> bool:
+    """True when `sock` has seen EOF or a reset already (anything received is discarded)."""
+    sock.settimeout(0.01)
+    try:
+        while sock.recv(MiB):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 def is_reset_within(sock: socket.socket, seconds: float) -> bool:
     """True once writing to `sock` fails: a RST came, not merely a half-close."""
     deadline = time.monotonic() + seconds
@@ -390,6 +405,32 @@ def test_connections_beyond_the_cap_are_refused(make_path: Callable[..., Path_])
         sock.close()
     wait_for(lambda: not p.server._conns)
     p.client.probe()
+
+
+def test_idle_connections_from_one_address_do_not_keep_a_lease_holder_out(
+        make_path: Callable[..., Path_]) -> None:
+    p = make_path(admit_timeout=10.0)  # the flood's few places stay taken throughout
+    flood = []
+    for _ in range(MAX_CONNECTIONS + 40):  # without a per-address cap, every slot is taken
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))  # the lease holder dials from 127.0.0.1
+        sock.connect(("127.0.0.1", p.server.port))
+        flood.append(sock)
+    wait_for(lambda: p.server.stats.refused == len(flood) - UNPROVEN_PER_SOURCE)
+    assert len(p.server._conns) == UNPROVEN_PER_SOURCE
+    # The flood's excess was closed at once; its few places end at the preamble deadline.
+    assert sum(is_closed(sock) for sock in flood) == len(flood) - UNPROVEN_PER_SOURCE
+    # Meanwhile the lease holder gets in, and its bytes go through, more than once.
+    p.client.probe()
+    for _ in range(3):
+        with p.connect() as sock:
+            sock.sendall(b"ping")
+            assert sock.recv(10) == b"ping"
+    assert p.target.accepted == 4
+    for sock in flood:
+        sock.close()
+    # A holder's connection does not count as unproven: once in, the cap is back to empty.
+    wait_for(lambda: p.server._unproven.unproven == 0 and not p.server._conns)
 
 
 def test_revoke_cuts_live_connections(make_path: Callable[..., Path_]) -> None:
