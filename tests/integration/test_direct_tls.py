@@ -41,7 +41,7 @@ from swarm.workers.direct_tls import (
 )
 from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES, LeaseGuard
 from tests.conftest import Worker, greedy_on_worker
-from tests.support.rpc_attacks import check_each_attack_is_cut_off
+from tests.support.rpc_attacks import check_each_attack_is_cut_off, is_cut
 
 pytestmark = pytest.mark.processes
 
@@ -212,19 +212,6 @@ def ended_within(sock: socket.socket, seconds: float) -> float:
     except (ConnectionResetError, ssl.SSLError):
         pass
     return time.monotonic() - start
-
-
-def is_closed(sock: socket.socket) -> bool:
-    """True when `sock` has seen EOF or a reset already (anything received is discarded)."""
-    sock.settimeout(0.01)
-    try:
-        while sock.recv(MiB):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 def is_reset_within(sock: socket.socket, seconds: float) -> bool:
@@ -419,7 +406,7 @@ def test_idle_connections_from_one_address_do_not_keep_a_lease_holder_out(
     wait_for(lambda: p.server.stats.refused == len(flood) - UNPROVEN_PER_SOURCE)
     assert len(p.server._conns) == UNPROVEN_PER_SOURCE
     # The flood's excess was closed at once; its few places end at the preamble deadline.
-    assert sum(is_closed(sock) for sock in flood) == len(flood) - UNPROVEN_PER_SOURCE
+    assert sum(is_cut(sock, 0.01) for sock in flood) == len(flood) - UNPROVEN_PER_SOURCE
     # Meanwhile the lease holder gets in, and its bytes go through, more than once.
     p.client.probe()
     for _ in range(3):
