@@ -149,7 +149,8 @@ async def _inbound_released_on_close(
     failure_event: SwarmEvent,
 ) -> None:
     """Swarm._do_handle_inbound_connection, but holding its slot only while the connection
-    lives (the original waits for the whole swarm to finish)."""
+    lives (the original waits for the whole swarm to finish), and closing at once one that
+    the swarm's caps on unadmitted connections refuse."""
     if isinstance(read_write_closer, IMuxedConn):  # QUIC and the like: not used by Covey
         await _original_inbound(self, read_write_closer, maddr, failure_event)  # type: ignore[arg-type]
         return
@@ -158,7 +159,7 @@ async def _inbound_released_on_close(
         await _close_quietly(read_write_closer)
         return
     limits = limits_of(self)
-    ticket = limits.enter(read_write_closer.get_remote_address()) if limits else None
+    ticket = limits.enter(read_write_closer.get_remote_address()) if limits is not None else None
     if limits is not None and ticket is None:
         await _close_quietly(read_write_closer)  # before any handshake work: cheap
         return

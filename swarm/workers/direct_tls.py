@@ -728,7 +728,7 @@ class DirectServer(_Endpoint):
         return None
 
     def _release_unproven(self, conn: _Conn) -> None:
-        """Under `_lock`: `conn` showed a valid secret; it no longer counts as unproven."""
+        """Under `_lock`: `conn` showed a valid secret or ended; it no longer counts."""
         if conn.unproven is not None:
             self._unproven.leave(conn.unproven)
 
