@@ -3,7 +3,9 @@
 On each connection both sides start the challenge-response in `swarm.net.admission`. A peer is
 admitted once an exchange with it completes; until then every guarded handler resets its
 streams without a byte of answer. A peer that fails (wrong token, garbage, no Covey at all,
-or silence past the grace period) is disconnected and kept out for `ban_s` seconds.
+or silence past `ADMISSION_TIMEOUT_S`) is disconnected and kept out for `ban_s` seconds.
+Until admitted, a peer's inbound connection counts toward the host's caps on unadmitted
+connections (`swarm.net.unadmitted`); the gatekeeper tells them when it is admitted.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from multiaddr import Multiaddr
 
 from swarm.net import admission
 from swarm.net.host import StreamHandler, isolate, read_exactly, reset_quietly
+from swarm.net.unadmitted import ADMISSION_TIMEOUT_S, limits_of
 
 log = logging.getLogger(__name__)
-
-ADMISSION_TIMEOUT_S = 10.0
 
 
 class Gatekeeper:
@@ -44,6 +45,10 @@ class Gatekeeper:
         self._in_progress: set[ID] = set()
         self._new_conns: trio.MemorySendChannel[ID]
         self._new_conns, self._conn_events = trio.open_memory_channel[ID](1024)
+        # Before the host runs, so no inbound connection stops counting before its admission.
+        self._limits = limits_of(host.get_network())
+        if self._limits is not None:
+            self._limits.watch(self.admitted.__contains__)
 
     def install(self) -> None:
         self.host.set_stream_handler(
@@ -145,6 +150,8 @@ class Gatekeeper:
         if peer in self.admitted or not self._connected(peer):
             return
         self.admitted.add(peer)
+        if self._limits is not None:
+            self._limits.admitted()
         log.info("admitted peer %s", peer)
         await self._on_admitted(peer)
 

@@ -12,6 +12,9 @@ Faults handled here (see README, "Facts learned here"):
 - Every dial waited a fixed 250 ms "happy eyeballs" delay after succeeding; one connection per
   peer ends the wait at once.
 - An exception escaping a stream handler stops the host: `isolate` catches and resets.
+- Idle connections from outsiders could take every inbound slot: each one now asks the
+  swarm's `UnadmittedLimits` (swarm/net/unadmitted.py) first, and the handshake has
+  `HANDSHAKE_TIMEOUT_S` instead of 10 s.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from swarm.net.unadmitted import HANDSHAKE_TIMEOUT_S, UnadmittedLimits, limits_of
 from swarm.trust.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -52,16 +56,19 @@ def build_host(
     fix_inbound_slot_leak()
     key_pair = identity.key_pair
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         transports=[TCP()],
         enable_quic=False,
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=ConnectionConfig(max_connections_per_peer=1,
+                                           inbound_upgrade_timeout=HANDSHAKE_TIMEOUT_S),
         addrs_factory=addrs_factory,
         disable_identify_address_discovery=True,
     )
+    UnadmittedLimits().attach(host.get_network())
+    return host
 
 
 def parse_multiaddrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
@@ -142,34 +149,50 @@ async def _inbound_released_on_close(
     failure_event: SwarmEvent,
 ) -> None:
     """Swarm._do_handle_inbound_connection, but holding its slot only while the connection
-    lives (the original waits for the whole swarm to finish)."""
+    lives (the original waits for the whole swarm to finish), and closing at once one that
+    the swarm's caps on unadmitted connections refuse."""
     if isinstance(read_write_closer, IMuxedConn):  # QUIC and the like: not used by Covey
         await _original_inbound(self, read_write_closer, maddr, failure_event)  # type: ignore[arg-type]
         return
     remote = self._build_remote_multiaddr(read_write_closer)
     if remote is not None and not await self.connection_gate.is_allowed(remote):
-        with _quiet():
-            await read_write_closer.close()
+        await _close_quietly(read_write_closer)
         return
-    raw = RawConnection(read_write_closer, False)
+    limits = limits_of(self)
+    ticket = limits.enter(read_write_closer.get_remote_address()) if limits is not None else None
+    if limits is not None and ticket is None:
+        await _close_quietly(read_write_closer)  # before any handshake work: cheap
+        return
     try:
-        muxed = await self.upgrade_inbound_raw_conn(raw, maddr)
-    except Exception as exc:  # noqa: BLE001 - a failed handshake must not reach the swarm
-        log.debug("inbound connection from %s failed its handshake: %r", remote, exc)
-        with _quiet():
-            await raw.close()
-        return
-    # The TCP server closes the socket when this returns, so stay until the connection ends
-    # (or the swarm stops).
-    async with trio.open_nursery() as nursery:
+        raw = RawConnection(read_write_closer, False)
+        try:
+            muxed = await self.upgrade_inbound_raw_conn(raw, maddr)
+        except Exception as exc:  # noqa: BLE001 - a failed handshake must not reach the swarm
+            log.debug("inbound connection from %s failed its handshake: %r", remote, exc)
+            await _close_quietly(raw)
+            return
+        # The TCP server closes the socket when this returns, so stay until the connection
+        # ends (or the swarm stops).
+        async with trio.open_nursery() as nursery:
 
-        async def swarm_stopped() -> None:
-            await self.manager.wait_finished()
+            async def swarm_stopped() -> None:
+                await self.manager.wait_finished()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(swarm_stopped)
+            if limits is not None and ticket is not None:
+                peer = muxed.peer_id
+                nursery.start_soon(limits.hold, ticket, peer, lambda: self.close_peer(peer))
+            await muxed.event_closed.wait()  # type: ignore[attr-defined]  # Yamux has it
             nursery.cancel_scope.cancel()
+    finally:
+        if limits is not None and ticket is not None:
+            limits.leave(ticket)
 
-        nursery.start_soon(swarm_stopped)
-        await muxed.event_closed.wait()  # type: ignore[attr-defined]  # Yamux has it; the ABC not
-        nursery.cancel_scope.cancel()
+
+async def _close_quietly(closer: ReadWriteCloser) -> None:
+    with _quiet():
+        await closer.close()
 
 
 def fix_inbound_slot_leak() -> None:

@@ -15,7 +15,9 @@ differs. The client then sends `MAGIC` + the 32-byte lease secret the worker gav
 holder; the worker answers `ACCEPTED` (one byte) or closes without a byte, and from then on
 the connection carries RPC bytes unchanged both ways. A peer that does not finish the
 handshake and the preamble within `ADMIT_TIMEOUT_S` is dropped, and at most
-`MAX_CONNECTIONS` connections live at once, so junk cannot hold threads for long.
+`MAX_CONNECTIONS` connections live at once, so junk cannot hold threads for long. Of those, at
+most `MAX_UNPROVEN` (and `UNPROVEN_PER_SOURCE` from one address) may not have shown a valid
+secret yet (swarm/net/source_caps.py), so idle connections cannot keep lease holders out.
 
 Threads, not trio: blocking sockets relayed by threads move several times the bytes that
 trio's SSLStream does, because `ssl` releases the GIL while it works. The trio side calls only
@@ -58,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from backends.endpoints import connect_local, local_endpoint
+from swarm.net.source_caps import SourceCaps, Ticket
 from swarm.trust.private_file import narrow_mode, write_private
 from swarm.workers.engine_only import EngineOnly, connection_ends
 from swarm.workers.rpc_filter import Violation
@@ -71,9 +74,11 @@ SECRET_BYTES = 32
 PREAMBLE_BYTES = len(MAGIC) + SECRET_BYTES
 ACCEPTED = b"\x01"
 
-ADMIT_TIMEOUT_S = 5.0  # the worker: TCP accept to the whole preamble
+ADMIT_TIMEOUT_S = 3.0  # the worker: TCP accept to the whole preamble (1.5 round trips)
 CONNECT_TIMEOUT_S = 10.0  # the client: dial, handshake, pin check, preamble and answer
 MAX_CONNECTIONS = 64  # per endpoint, admitted or not yet
+MAX_UNPROVEN = 16  # the worker: connections without a valid secret yet, from everyone
+UNPROVEN_PER_SOURCE = 8  # ... and from one address (an IPv6 /64)
 JOIN_TIMEOUT_S = 5.0  # close(): how long to wait for the threads to end
 READ_BYTES = 1024 * 1024  # one socket read; big pieces keep the per-call costs down
 # Decrypting a full socket read yields at most READ_BYTES plus one record carried over.
@@ -414,6 +419,7 @@ class _Conn:
         self.sockets = [sock]
         self.secret: bytes | None = None  # the server's, once admitted
         self.lease: LeaseGuard | None = None  # the server's: the filter of the admitting lease
+        self.unproven: Ticket | None = None  # the server's, until the secret is accepted
         self.is_cut = False
         self._lock = threading.Lock()  # also keeps close() from racing a cut on the same fd
 
@@ -530,17 +536,29 @@ class _Endpoint:
         sock.settimeout(None)
         conn = _Conn(sock)
         with self._lock:
-            admit = not self._closed and len(self._conns) < self._max_connections
-            if admit:
+            refusal = self._refusal(conn)
+            if refusal is None:
                 self._conns.add(conn)
-        if not admit:
+        if refusal is not None:
             self.stats.add("refused")
-            log.info("direct TLS: %d connections open already; refusing one more",
-                     self._max_connections)
+            why, level = refusal
+            log.log(level, "direct TLS: refusing a connection: %s", why)
             conn.cut()
             conn.close()
             return
         self._spawn("conn", self._serve_conn, conn)
+
+    def _refusal(self, conn: _Conn) -> tuple[str, int] | None:
+        """Under `_lock`: why `conn` is not served (and the log level), or None to serve it."""
+        if self._closed:
+            return "closing", logging.DEBUG
+        if len(self._conns) >= self._max_connections:
+            return f"{self._max_connections} connections open already", logging.INFO
+        return None
+
+    def _forget(self, conn: _Conn) -> None:
+        """Under `_lock`: `conn` has ended."""
+        self._conns.discard(conn)
 
     def _serve_conn(self, conn: _Conn) -> None:
         try:
@@ -551,7 +569,7 @@ class _Endpoint:
         finally:
             conn.close()
             with self._lock:
-                self._conns.discard(conn)
+                self._forget(conn)
 
     def _relay(self, conn: _Conn, plain: socket.socket, tls: _Tls, *, client: bool,
                guard: GuardedConnection | None = None) -> None:
@@ -614,7 +632,8 @@ class DirectServer(_Endpoint):
 
     def __init__(self, cert: Certificate, target: str, bind: str = "0.0.0.0", port: int = 0,
                  *, admit_timeout: float = ADMIT_TIMEOUT_S,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, max_unproven: int = MAX_UNPROVEN,
+                 unproven_per_source: int = UNPROVEN_PER_SOURCE) -> None:
         super().__init__(max_connections)
         self.target = local_endpoint(target)  # only ever relays to this machine
         self.bind = bind
@@ -622,6 +641,7 @@ class DirectServer(_Endpoint):
         self.admit_timeout = admit_timeout
         self._context = _server_context(cert)
         self._secrets: dict[bytes, LeaseGuard | None] = {}
+        self._unproven = SourceCaps(unproven_per_source, max_unproven)
 
     def start(self) -> int:
         """Bind, start accepting, and return the port."""
@@ -670,6 +690,7 @@ class DirectServer(_Endpoint):
             if admitted:
                 conn.secret = secret
                 conn.lease = self._secrets[known[0]]
+                self._release_unproven(conn)
         if not admitted:
             self._refuse(conn, "its secret is not accepted here", logging.INFO)
             return
@@ -690,6 +711,30 @@ class DirectServer(_Endpoint):
         self.stats.add("connections")
         guard = conn.lease.connection() if conn.lease is not None else None
         self._relay(conn, target, tls, client=False, guard=guard)
+
+    def _refusal(self, conn: _Conn) -> tuple[str, int] | None:
+        refusal = super()._refusal(conn)
+        if refusal is not None:
+            return refusal
+        try:
+            source = conn.sockets[0].getpeername()[0]
+        except OSError:
+            return "it left at once", logging.DEBUG
+        conn.unproven = self._unproven.enter(source)
+        if conn.unproven is None:
+            # Debug only: a flood would otherwise write a line per connection.
+            return (f"{self._unproven.unproven} connections without a secret yet, "
+                    f"{self._unproven.held_by(source)} of them from {source}"), logging.DEBUG
+        return None
+
+    def _release_unproven(self, conn: _Conn) -> None:
+        """Under `_lock`: `conn` showed a valid secret or ended; it no longer counts."""
+        if conn.unproven is not None:
+            self._unproven.leave(conn.unproven)
+
+    def _forget(self, conn: _Conn) -> None:
+        super()._forget(conn)
+        self._release_unproven(conn)
 
     def _refuse(self, conn: _Conn, why: str, level: int) -> None:
         self.stats.add("refused")

@@ -29,6 +29,8 @@ from backends.engine import (
     Watchdog,
 )
 from swarm.workers.direct_tls import (
+    MAX_CONNECTIONS,
+    UNPROVEN_PER_SOURCE,
     Certificate,
     DirectClient,
     DirectServer,
@@ -39,7 +41,7 @@ from swarm.workers.direct_tls import (
 )
 from swarm.workers.rpc_guard import COMPUTE_HEADROOM_BYTES, LeaseGuard
 from tests.conftest import Worker, greedy_on_worker
-from tests.support.rpc_attacks import check_each_attack_is_cut_off
+from tests.support.rpc_attacks import check_each_attack_is_cut_off, is_cut
 
 pytestmark = pytest.mark.processes
 
@@ -390,6 +392,32 @@ def test_connections_beyond_the_cap_are_refused(make_path: Callable[..., Path_])
         sock.close()
     wait_for(lambda: not p.server._conns)
     p.client.probe()
+
+
+def test_idle_connections_from_one_address_do_not_keep_a_lease_holder_out(
+        make_path: Callable[..., Path_]) -> None:
+    p = make_path(admit_timeout=10.0)  # the flood's few places stay taken throughout
+    flood = []
+    for _ in range(MAX_CONNECTIONS + 40):  # without a per-address cap, every slot is taken
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))  # the lease holder dials from 127.0.0.1
+        sock.connect(("127.0.0.1", p.server.port))
+        flood.append(sock)
+    wait_for(lambda: p.server.stats.refused == len(flood) - UNPROVEN_PER_SOURCE)
+    assert len(p.server._conns) == UNPROVEN_PER_SOURCE
+    # The flood's excess was closed at once; its few places end at the preamble deadline.
+    assert sum(is_cut(sock, 0.01) for sock in flood) == len(flood) - UNPROVEN_PER_SOURCE
+    # Meanwhile the lease holder gets in, and its bytes go through, more than once.
+    p.client.probe()
+    for _ in range(3):
+        with p.connect() as sock:
+            sock.sendall(b"ping")
+            assert sock.recv(10) == b"ping"
+    assert p.target.accepted == 4
+    for sock in flood:
+        sock.close()
+    # A holder's connection does not count as unproven: once in, the cap is back to empty.
+    wait_for(lambda: p.server._unproven.unproven == 0 and not p.server._conns)
 
 
 def test_revoke_cuts_live_connections(make_path: Callable[..., Path_]) -> None:

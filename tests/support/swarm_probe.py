@@ -70,7 +70,7 @@ from tests.support import rpc_attacks
 log = logging.getLogger("swarm_probe")
 
 IO_TIMEOUT_S = 5.0
-# How long a scenario waits for the node to drop it; the gatekeeper's own timeout is 10 s.
+# How long a scenario waits for the node to drop it; the gatekeeper's own timeout is 5 s.
 DISCONNECT_WAIT_S = 15.0
 ENTRY_TTL_S = 600.0  # long enough that nothing the probe writes expires during a test
 
