@@ -3,7 +3,8 @@
 On each connection both sides start the challenge-response in `swarm.net.admission`. A peer is
 admitted once an exchange with it completes; until then every guarded handler resets its
 streams without a byte of answer. A peer that fails (wrong token, garbage, no Covey at all,
-or silence past the grace period) is disconnected and kept out for `ban_s` seconds.
+or silence past the grace period) is disconnected and kept out for `ban_s` seconds. Identify
+answers admitted peers only (see `swarm.net.members_only`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from swarm.net import admission
+from swarm.net import admission, members_only
 from swarm.net.host import StreamHandler, isolate, read_exactly, reset_quietly
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Gatekeeper:
         self.admitted: set[ID] = set()
         self._banned_until: dict[ID, float] = {}
         self._in_progress: set[ID] = set()
+        self._verdicts = trio.Event()  # set, and replaced, whenever `admitted` may have changed
         self._new_conns: trio.MemorySendChannel[ID]
         self._new_conns, self._conn_events = trio.open_memory_channel[ID](1024)
 
@@ -50,6 +52,7 @@ class Gatekeeper:
             TProtocol(admission.PROTOCOL_ID), isolate("admission", self._respond)
         )
         self.host.get_network().register_notifee(_Events(self))
+        members_only.install_identify(self.host, self)
 
     def guard(self, name: str, handler: StreamHandler) -> StreamHandler:
         """`handler` for admitted peers only; everyone else's stream is reset unanswered."""
@@ -62,6 +65,23 @@ class Gatekeeper:
             await handler(stream)
 
         return isolate(name, guarded)
+
+    def is_admitted(self, peer: ID) -> bool:
+        return peer in self.admitted
+
+    async def wait_admitted(self, peer: ID) -> bool:
+        """True once `peer` is admitted; False as soon as it is refused or gone, or once the
+        admission window has passed."""
+        with trio.move_on_after(ADMISSION_TIMEOUT_S):
+            while peer not in self.admitted:
+                if self.is_banned(peer) or not self._connected(peer):
+                    return False
+                await self._verdicts.wait()
+        return peer in self.admitted
+
+    def _verdict_changed(self) -> None:
+        self._verdicts.set()
+        self._verdicts = trio.Event()
 
     def is_banned(self, peer: ID) -> bool:
         until = self._banned_until.get(peer)
@@ -145,6 +165,7 @@ class Gatekeeper:
         if peer in self.admitted or not self._connected(peer):
             return
         self.admitted.add(peer)
+        self._verdict_changed()
         log.info("admitted peer %s", peer)
         await self._on_admitted(peer)
 
@@ -153,6 +174,7 @@ class Gatekeeper:
         log.warning("refused peer %s: %s", peer, why)
         self.admitted.discard(peer)
         self._banned_until[peer] = self._clock() + self._ban_s
+        self._verdict_changed()
         await self._disconnect(peer)
 
     async def _disconnect(self, peer: ID) -> None:
@@ -173,6 +195,7 @@ class Gatekeeper:
     def connection_closed(self, peer: ID) -> None:
         if not self._connected(peer):
             self.admitted.discard(peer)
+            self._verdict_changed()
 
 
 def _why(exc: Exception) -> str:
