@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import inspect
 import struct
-from collections.abc import Awaitable, Callable
 
 import psutil
 import pytest
@@ -19,22 +18,21 @@ from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from swarm.net.yamux_limits import WindowedYamux
-from tests.support.inprocess_swarm import echo_works, join, member, new_keys, outsider, wait_for
+from tests.support.inprocess_swarm import (
+    echo_works,
+    join,
+    member,
+    new_keys,
+    outsider,
+    run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.processes
 
 FRAME_BYTES = 1024 * 1024  # each frame alone is four times a new stream's 256 KiB window
 FLOOD_BYTES = 256 * 1024 * 1024  # what py-libp2p alone would buffer: far past a 10% margin
 FLOOD_S = 5.0
-TIMEOUT_S = 60
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        with trio.fail_after(TIMEOUT_S):
-            await test()
-
-    trio.run(bounded)
 
 
 def rss() -> int:

@@ -9,7 +9,7 @@ the test's own business.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
+from swarm.exception_groups import first_leaf
 from swarm.ledger.sync import LedgerSync
 from swarm.net import admission
 from swarm.net.gatekeeper import Gatekeeper
@@ -32,6 +33,23 @@ from swarm.trust.token import new_token
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 ECHO_PROTOCOL = TProtocol("/covey-test/echo/1.0.0")
+
+
+def run(test: Callable[[], Awaitable[None]], timeout_s: float = 60) -> None:
+    """trio.run `test` with a deadline, raising the error that failed it rather than the
+    nested exception groups the hosts' nurseries wrap it in."""
+
+    async def bounded() -> None:
+        with trio.fail_after(timeout_s):
+            await test()
+
+    try:
+        trio.run(bounded)
+    except BaseExceptionGroup as group:
+        leaf = first_leaf(group, Exception)
+        if leaf is None:
+            raise
+        raise leaf from group
 
 
 def new_keys() -> SwarmKeys:
