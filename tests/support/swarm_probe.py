@@ -507,19 +507,29 @@ async def scenario_silent(args: argparse.Namespace, target: PeerInfo) -> Observa
     return obs
 
 
+@asynccontextmanager
+async def stalled_outsider(target: PeerInfo, token: str | None
+                           ) -> AsyncIterator[tuple[IHost | None, Observations]]:
+    """A fresh peer dialled to `target` that holds the node's admission attempt open (with
+    `token`'s key, or a foreign swarm's): connected but unadmitted for the node's whole
+    admission window. The host is None when the dial failed (`obs["dial"]` says why)."""
+    identity = new_identity()
+    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
+    async with running_host(identity) as host:
+        responder = AdmissionResponder(host, keys_for(token).admission_key, stall=True)
+        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
+                                isolate("admission", responder.handle))
+        obs["dial"] = await dial(host, target)
+        yield (host if obs["dial"] is None else None), obs
+
+
 async def scenario_snoop(args: argparse.Namespace, target: PeerInfo) -> Observations:
     """An outsider (another swarm's token) that holds the node's admission attempt open and
     meanwhile asks what py-libp2p answers by itself, outside the gatekeeper: identify (which
     protocols the node speaks) and the Kademlia DHT (FIND_NODE: which peers the node knows,
     with their addresses)."""
-    identity = new_identity()
-    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
-    async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys_for(args.token).admission_key, stall=True)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
-        obs["dial"] = await dial(host, target)
-        if obs["dial"] is not None:
+    async with stalled_outsider(target, args.token) as (host, obs):
+        if host is None:
             return obs
         node = target.peer_id
         obs["dht_peers"], obs["dht_ended"] = await find_node(host, node)
@@ -537,14 +547,8 @@ async def scenario_flood(args: argparse.Namespace, target: PeerInfo) -> Observat
     it opens identify (which the node answers only after admission, so it reads nothing) and
     sends DATA frames of 1 MiB, each four times a new stream's window, until `--mib` MiB are
     out, 5 s have passed or the node hangs up."""
-    identity = new_identity()
-    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
-    async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys_for(args.token).admission_key, stall=True)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
-        obs["dial"] = await dial(host, target)
-        if obs["dial"] is not None:
+    async with stalled_outsider(target, args.token) as (host, obs):
+        if host is None:
             return obs
         node = target.peer_id
         stream = await host.new_stream(node, [IDENTIFY_PROTOCOL])
