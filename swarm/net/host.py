@@ -42,7 +42,6 @@ from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT, Multise
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
@@ -63,14 +62,14 @@ def build_host(
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): yamux_limits.WindowedYamux},
         transports=[TCP()],
         enable_quic=False,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         addrs_factory=addrs_factory,
         disable_identify_address_discovery=True,
     )
-    yamux_limits.install(host)
+    yamux_limits.install(host)  # the library would build plain Yamux whatever the option says
     basic = cast(BasicHost, host)
     basic.multiselect = UnlistedMultiselect(basic.multiselect.handlers)
     return host

@@ -53,7 +53,7 @@ class WindowedYamux(Yamux):
         log.warning("peer %s sent %d bytes on yamux stream %d, over its %d-byte window: "
                     "resetting the stream and closing the connection",
                     self.peer_id, size, stream_id, stream.recv_window)
-        if self._nursery is not None:
+        if self._nursery is not None:  # None only before the frame loop runs, i.e. never here
             self._nursery.start_soon(self._drop, stream)
         return False
 
