@@ -33,6 +33,7 @@ from swarm.ledger.rules import (
     sign_entry,
 )
 from swarm.net.host import parse_versioned, read_frame, reset_quietly, write_frame, write_json_frame
+from swarm.net.members_only import Admissions, AdmittedPubsub
 from swarm.trust.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ MAX_SYNC_ENTRIES = 10_000
 MAX_DIGEST_BYTES = 1024 * 1024
 
 
-def make_gossip(host: IHost) -> tuple[Pubsub, GossipSub]:
+def make_gossip(host: IHost, admissions: Admissions) -> tuple[Pubsub, GossipSub]:
     router = GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=6,
@@ -59,7 +60,7 @@ def make_gossip(host: IHost) -> tuple[Pubsub, GossipSub]:
         max_messages_per_topic_per_second=100.0,
         eclipse_protection_enabled=False,
     )
-    return Pubsub(host, router), router
+    return AdmittedPubsub(host, router, admissions), router
 
 
 def digest(ledger: Ledger) -> dict[str, int]:
@@ -81,7 +82,7 @@ class LedgerSync:
         identity: Identity,
         ledger_key: bytes,
         topic: str,
-        is_admitted: Callable[[ID], bool],
+        admissions: Admissions,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
@@ -89,10 +90,10 @@ class LedgerSync:
         self.ledger = Ledger()
         self._key = ledger_key
         self._topic = topic
-        self._is_admitted = is_admitted
+        self._admissions = admissions
         self._clock = clock
         self._last_seq = 0
-        self.pubsub, self.router = make_gossip(host)
+        self.pubsub, self.router = make_gossip(host, admissions)
         self.changed = trio.Event()
 
     # -- publishing ------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class LedgerSync:
 
     async def _validate(self, forwarder: ID, message: Any) -> bool:
         # Async on purpose: an exception in a sync validator stops the whole host.
-        if forwarder != self.host.get_id() and not self._is_admitted(forwarder):
+        if forwarder != self.host.get_id() and not self._admissions.is_admitted(forwarder):
             return False
         try:
             open_entry(self._key, message.data)

@@ -5,7 +5,8 @@ admitted once an exchange with it completes; until then every guarded handler re
 streams without a byte of answer. A peer that fails (wrong token, garbage, no Covey at all,
 or silence past `ADMISSION_TIMEOUT_S`) is disconnected and kept out for `ban_s` seconds.
 Until admitted, a peer's inbound connection counts toward the host's caps on unadmitted
-connections (`swarm.net.unadmitted`); the gatekeeper tells them when it is admitted.
+connections (`swarm.net.unadmitted`); the gatekeeper tells them when it is admitted. Identify
+answers admitted peers only (see `swarm.net.members_only`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from swarm.net import admission
+from swarm.net import admission, members_only
 from swarm.net.host import StreamHandler, isolate, read_exactly, reset_quietly
 from swarm.net.unadmitted import ADMISSION_TIMEOUT_S, limits_of
 
@@ -43,6 +44,7 @@ class Gatekeeper:
         self.admitted: set[ID] = set()
         self._banned_until: dict[ID, float] = {}
         self._in_progress: set[ID] = set()
+        self._verdicts = trio.Event()  # set, and replaced, whenever `admitted` may have changed
         self._new_conns: trio.MemorySendChannel[ID]
         self._new_conns, self._conn_events = trio.open_memory_channel[ID](1024)
         # Before the host runs, so no inbound connection stops counting before its admission.
@@ -55,6 +57,7 @@ class Gatekeeper:
             TProtocol(admission.PROTOCOL_ID), isolate("admission", self._respond)
         )
         self.host.get_network().register_notifee(_Events(self))
+        members_only.install_identify(self.host, self)
 
     def guard(self, name: str, handler: StreamHandler) -> StreamHandler:
         """`handler` for admitted peers only; everyone else's stream is reset unanswered."""
@@ -67,6 +70,23 @@ class Gatekeeper:
             await handler(stream)
 
         return isolate(name, guarded)
+
+    def is_admitted(self, peer: ID) -> bool:
+        return peer in self.admitted
+
+    async def wait_admitted(self, peer: ID) -> bool:
+        """True once `peer` is admitted; False as soon as it is refused or gone, or once the
+        admission window has passed."""
+        with trio.move_on_after(ADMISSION_TIMEOUT_S):
+            while peer not in self.admitted:
+                if self.is_banned(peer) or not self._connected(peer):
+                    return False
+                await self._verdicts.wait()
+        return peer in self.admitted
+
+    def _verdict_changed(self) -> None:
+        self._verdicts.set()
+        self._verdicts = trio.Event()
 
     def is_banned(self, peer: ID) -> bool:
         until = self._banned_until.get(peer)
@@ -152,6 +172,7 @@ class Gatekeeper:
         self.admitted.add(peer)
         if self._limits is not None:
             self._limits.admitted()
+        self._verdict_changed()
         log.info("admitted peer %s", peer)
         await self._on_admitted(peer)
 
@@ -160,6 +181,7 @@ class Gatekeeper:
         log.warning("refused peer %s: %s", peer, why)
         self.admitted.discard(peer)
         self._banned_until[peer] = self._clock() + self._ban_s
+        self._verdict_changed()
         await self._disconnect(peer)
 
     async def _disconnect(self, peer: ID) -> None:
@@ -180,6 +202,7 @@ class Gatekeeper:
     def connection_closed(self, peer: ID) -> None:
         if not self._connected(peer):
             self.admitted.discard(peer)
+            self._verdict_changed()
 
 
 def _why(exc: Exception) -> str:

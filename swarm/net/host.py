@@ -15,6 +15,11 @@ Faults handled here (see README, "Facts learned here"):
 - Idle connections from outsiders could take every inbound slot: each one now asks the
   swarm's `UnadmittedLimits` (swarm/net/unadmitted.py) first, and the handshake has
   `HANDSHAKE_TIMEOUT_S` instead of 10 s.
+- A peer that ignores yamux flow control grows our memory without bound: `WindowedYamux`
+  (`swarm.net.yamux_limits`) cuts it off.
+- Multistream-select's `ls` lists every protocol to anyone: `UnlistedMultiselect` answers it
+  like an unknown protocol (nothing of ours uses it; see `swarm.net.members_only` for the rest
+  of what an unadmitted peer is not told).
 """
 
 from __future__ import annotations
@@ -22,26 +27,28 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, IMuxedConn, INetStream
+from libp2p.abc import IHost, IMultiselectCommunicator, IMuxedConn, INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import StreamHandlerFn, TProtocol
+from libp2p.host.basic_host import BasicHost
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.metrics.swarm import SwarmEvent
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
+from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT, Multiselect
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from swarm.net import yamux_limits
 from swarm.net.unadmitted import HANDSHAKE_TIMEOUT_S, UnadmittedLimits, limits_of
 from swarm.trust.identity import Identity
 
@@ -59,7 +66,7 @@ def build_host(
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): yamux_limits.WindowedYamux},
         transports=[TCP()],
         enable_quic=False,
         connection_config=ConnectionConfig(max_connections_per_peer=1,
@@ -68,7 +75,33 @@ def build_host(
         disable_identify_address_discovery=True,
     )
     UnadmittedLimits().attach(host.get_network())
+    yamux_limits.install(host)  # the library would build plain Yamux whatever the option says
+    basic = cast(BasicHost, host)
+    basic.multiselect = UnlistedMultiselect(basic.multiselect.handlers)
     return host
+
+
+class UnlistedMultiselect(Multiselect):
+    """Multistream-select that does not list our protocols to whoever sends `ls`."""
+
+    async def negotiate(
+        self, communicator: IMultiselectCommunicator,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> tuple[TProtocol | None, StreamHandlerFn | None]:
+        return await super().negotiate(_NoListing(communicator), negotiate_timeout)
+
+
+class _NoListing(IMultiselectCommunicator):
+    def __init__(self, inner: IMultiselectCommunicator) -> None:
+        self._inner = inner
+
+    async def read(self) -> str:
+        command = await self._inner.read()
+        # An empty command matches no protocol, so `ls` is answered "na" like a wrong guess.
+        return "" if command == "ls" else command
+
+    async def write(self, msg_str: str) -> None:
+        await self._inner.write(msg_str)
 
 
 def parse_multiaddrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:

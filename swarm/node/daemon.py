@@ -121,7 +121,7 @@ class Node:
         self.gatekeeper = Gatekeeper(self.host, self.keys.admission_key, self._on_admitted,
                                      ban_s=config.ban_s)
         self.sync = LedgerSync(self.host, self.identity, self.keys.ledger_key,
-                               self.keys.gossip_topic, lambda p: p in self.gatekeeper.admitted)
+                               self.keys.gossip_topic, self.gatekeeper)
         self.discovery = Discovery(
             self.host, self.keys, listen_ips(config.listen),
             [*config.token.bootstrap, *config.bootstrap], config.lan_only,

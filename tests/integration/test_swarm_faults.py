@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from swarm.ledger.rules import MAX_MESSAGE_BYTES
@@ -212,6 +213,25 @@ def test_outsider_learns_no_members_from_the_dht(swarm: Swarm) -> None:
     obs = swarm.probe("snoop")
     assert obs["dial"] is None, obs
     assert swarm.b.peer_id not in {p["id"] for p in obs["dht_peers"]}, obs
+    # Nor from identify: not one Covey protocol (nor gossipsub) is named to it.
+    assert obs["still_connected"] is True, obs
+    assert not [p for p in obs["identify_protocols"] if "covey" in p or "meshsub" in p], obs
+
+
+def test_window_flood_is_cut_at_once_and_costs_the_node_no_memory(swarm: Swarm) -> None:
+    node = psutil.Process(json.loads((swarm.a.data_dir / "api.json").read_text())["pid"])
+    before = node.memory_info().rss
+    obs = swarm.probe("flood", "--mib", "256")
+    after = node.memory_info().rss
+    assert obs["dial"] is None, obs
+    # py-libp2p alone took all 256 MiB in and kept it; the node hangs up at the first frame.
+    assert obs["cut_after_s"] is not None and obs["cut_after_s"] < 1.0, obs
+    assert obs["sent_mib"] < 256, obs
+    assert after <= before * 1.10, (before, after, obs)
+    assert obs["peer_id"] not in swarm.connected_to_a()
+    swarm.assert_b_still_fine()
+    join = swarm.probe("join", "--token", swarm.token)
+    assert join["admitted"] is True, join
 
 
 def test_garbage_on_every_protocol_leaves_the_node_serving(swarm: Swarm) -> None:

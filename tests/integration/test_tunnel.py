@@ -7,12 +7,11 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import multiaddr
 import pytest
 import trio
 from libp2p.abc import IHost
@@ -39,11 +38,11 @@ from swarm.workers.tunnel import (
     parse_loopback_endpoint,
 )
 from tests.conftest import Worker, greedy_on_worker
+from tests.support.inprocess_swarm import running
 from tests.support.rpc_attacks import check_each_attack_is_cut_off
 
 pytestmark = pytest.mark.processes
 
-LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 TIMEOUT_S = 30
 
 
@@ -55,15 +54,8 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     trio.run(bounded)
 
 
-@asynccontextmanager
-async def running_host() -> AsyncIterator[IHost]:
-    host = build_host(Identity(Ed25519PrivateKey.new().to_bytes()))
-    async with host.run(listen_addrs=[LOOPBACK]):
-        try:
-            yield host
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(3):
-                await host.close()
+def running_host() -> AbstractAsyncContextManager[IHost]:
+    return running(build_host(Identity(Ed25519PrivateKey.new().to_bytes())))
 
 
 @dataclass

@@ -11,7 +11,7 @@ never listens, never runs mDNS, and passes no verdicts; `tests/integration/test_
 decides what the observations mean. Admission, sealing and signing reuse the swarm's own pure
 modules so that "valid" here means what it means to a node.
 
-Scenarios: wrong-token, plain, silent, snoop, garbage, forge, midsync, cycles, join,
+Scenarios: wrong-token, plain, silent, snoop, flood, garbage, forge, midsync, cycles, join,
 rpc-attack (see each function).
 """
 
@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,11 +35,13 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.stream_muxer.yamux import yamux
 from libp2p.utils.varint import encode_uvarint, encode_varint_prefixed
 
 from swarm.ledger.entries import NodeInfo
@@ -504,19 +507,29 @@ async def scenario_silent(args: argparse.Namespace, target: PeerInfo) -> Observa
     return obs
 
 
+@asynccontextmanager
+async def stalled_outsider(target: PeerInfo, token: str | None
+                           ) -> AsyncIterator[tuple[IHost | None, Observations]]:
+    """A fresh peer dialled to `target` that holds the node's admission attempt open (with
+    `token`'s key, or a foreign swarm's): connected but unadmitted for the node's whole
+    admission window. The host is None when the dial failed (`obs["dial"]` says why)."""
+    identity = new_identity()
+    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
+    async with running_host(identity) as host:
+        responder = AdmissionResponder(host, keys_for(token).admission_key, stall=True)
+        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
+                                isolate("admission", responder.handle))
+        obs["dial"] = await dial(host, target)
+        yield (host if obs["dial"] is None else None), obs
+
+
 async def scenario_snoop(args: argparse.Namespace, target: PeerInfo) -> Observations:
     """An outsider (another swarm's token) that holds the node's admission attempt open and
     meanwhile asks what py-libp2p answers by itself, outside the gatekeeper: identify (which
     protocols the node speaks) and the Kademlia DHT (FIND_NODE: which peers the node knows,
     with their addresses)."""
-    identity = new_identity()
-    obs: Observations = {"peer_id": identity.peer_id.to_base58()}
-    async with running_host(identity) as host:
-        responder = AdmissionResponder(host, keys_for(args.token).admission_key, stall=True)
-        host.set_stream_handler(TProtocol(admission.PROTOCOL_ID),
-                                isolate("admission", responder.handle))
-        obs["dial"] = await dial(host, target)
-        if obs["dial"] is not None:
+    async with stalled_outsider(target, args.token) as (host, obs):
+        if host is None:
             return obs
         node = target.peer_id
         obs["dht_peers"], obs["dht_ended"] = await find_node(host, node)
@@ -527,6 +540,39 @@ async def scenario_snoop(args: argparse.Namespace, target: PeerInfo) -> Observat
                                            .get_protocols(node))
         obs["still_connected"] = connected(host, node)
     return obs
+
+
+async def scenario_flood(args: argparse.Namespace, target: PeerInfo) -> Observations:
+    """An outsider that ignores yamux flow control. Holding the node's admission attempt open,
+    it opens identify (which the node answers only after admission, so it reads nothing) and
+    sends DATA frames of 1 MiB, each four times a new stream's window, until `--mib` MiB are
+    out, 5 s have passed or the node hangs up."""
+    async with stalled_outsider(target, args.token) as (host, obs):
+        if host is None:
+            return obs
+        node = target.peer_id
+        stream = await host.new_stream(node, [IDENTIFY_PROTOCOL])
+        header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0,
+                             stream.muxed_stream.stream_id, FLOOD_FRAME_BYTES)  # type: ignore[attr-defined]
+        flood = header + os.urandom(FLOOD_FRAME_BYTES)
+        conn: Any = stream.muxed_conn
+        sent = 0
+        started = trio.current_time()
+        with trio.move_on_after(IO_TIMEOUT_S):
+            try:
+                while sent < args.mib * FLOOD_FRAME_BYTES and connected(host, node):
+                    await conn._write_frame(flood)  # the library's framing, minus its window
+                    sent += FLOOD_FRAME_BYTES
+            except Exception as exc:  # noqa: BLE001 - the node hanging up on us
+                obs["ended"] = describe(exc)
+        gone = await wait_disconnected(host, node, IO_TIMEOUT_S)
+        obs["sent_mib"] = sent // FLOOD_FRAME_BYTES
+        obs["cut_after_s"] = (None if gone is None
+                              else round(trio.current_time() - started, 3))
+    return obs
+
+
+FLOOD_FRAME_BYTES = 1024 * 1024
 
 
 async def find_node(host: IHost, node: ID) -> tuple[list[dict[str, Any]], str | None]:
@@ -841,6 +887,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, PeerInfo], Awaitable[Observat
     "plain": scenario_plain,
     "silent": scenario_silent,
     "snoop": scenario_snoop,
+    "flood": scenario_flood,
     "garbage": scenario_garbage,
     "forge": scenario_forge,
     "midsync": scenario_midsync,
@@ -873,6 +920,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--direct-port", type=int, default=0, help="rpc-attack: worker's")
     parser.add_argument("--direct-sha256", default="", help="rpc-attack: its certificate's")
     parser.add_argument("--share-bytes", type=int, default=0, help="rpc-attack: lease limit")
+    parser.add_argument("--mib", type=int, default=256, help="flood: MiB to send at most")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this")
     return parser.parse_args(argv)
 
