@@ -6,48 +6,26 @@ by name of the setting."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backends.store.model_store import ModelStore
 from swarm.trust.token import new_token
-from tests.support.netns import Netns, call_in, netns_skip_reason
-from tests.support.node_harness import REPO, RunningNode, start_node, wait_until
+from tests.integration.test_sharded import ShardSwarm
+from tests.support.netns import Netns, netns_skip_reason
+from tests.support.node_harness import REPO, RunningNode, wait_until
 
-pytestmark = pytest.mark.netns
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(netns_skip_reason() is not None, reason=str(netns_skip_reason())),
+]
 
-CHAT = [{"role": "user", "content": "Tell me a story"}]
 
-
-@dataclass
-class Swarm:
-    netns: Netns
-    ns: str
-    nodes: dict[str, RunningNode]
-
-    def chat(self, node: RunningNode, route: str) -> tuple[int, Any]:
-        port = json.loads((node.data_dir / "api.json").read_text())["port"]
-        key = (node.data_dir / "api-secret").read_text().strip()
-
-        def go() -> tuple[int, Any]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            conn.request("POST", "/v1/chat/completions", body=json.dumps({
-                "model": "tiny", "messages": CHAT, "max_tokens": 8, "temperature": 0,
-                "covey_route": route}), headers={"Authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            data = json.loads(resp.read())
-            conn.close()
-            return resp.status, data
-
-        return call_in(node.ns, go)
-
+class Swarm(ShardSwarm):
     def cli_chat(self, node: RunningNode, route: str) -> Any:
         return self.netns.run(self.ns, [
             sys.executable, "-m", "app.cli", "chat", "Tell me a story", "--route", route,
@@ -57,33 +35,21 @@ class Swarm:
 
 @pytest.fixture
 def swarm(tiny_model: Path, tmp_path: Path) -> Iterator[Swarm]:
-    if netns_skip_reason() is not None:
-        pytest.skip(str(netns_skip_reason()))
-    token = new_token().encode()
     with Netns() as netns:
-        ns = netns.add("auto")
-        nodes: dict[str, RunningNode] = {}
-
-        def start(name: str, *extra: str, model: bool = True) -> None:
-            data_dir = tmp_path / name
-            if model:
-                ModelStore(data_dir / "models").import_file(tiny_model, "tiny")
-            nodes[name] = start_node(netns, ns, token, name, tmp_path, "--lan-only",
-                                     "--listen", "/ip4/127.0.0.1/tcp/0", *extra,
-                                     data_dir=data_dir)
-
-        start("w1", "--worker", "--share-mib", "200", model=False)
-        start("f1", "--federated", "--model", "tiny")
-        start("client")
-        start("private", "--no-remote-prompts")
+        swarm = Swarm(netns, netns.add("auto"), new_token().encode(), tmp_path, {})
+        swarm.start("w1", "--worker", "--share-mib", "200")
+        swarm.start("f1", "--federated", "--model", "tiny", model=tiny_model)
+        swarm.start("client", model=tiny_model)
+        swarm.start("private", "--no-remote-prompts", model=tiny_model)
 
         def every_route(node: RunningNode) -> bool:
             models = {m["id"]: m["covey"] for m in node.api("/v1/models")["data"]}
             return models.get("tiny", {}).get("routes") == ["local", "federated", "sharded"]
 
+        nodes = swarm.nodes
         wait_until(lambda: every_route(nodes["client"]) and every_route(nodes["private"]), 30,
                    "the worker and the federated node", list(nodes.values()))
-        yield Swarm(netns, ns, nodes)
+        yield swarm
 
 
 def test_auto_runs_a_model_that_fits_here_and_says_why(swarm: Swarm) -> None:
