@@ -63,5 +63,6 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
 
 def _served(reply: dict[str, Any]) -> None:
     covey, usage = reply.get("covey") or {}, reply.get("usage") or {}
+    why = f": {covey['route_reason']}" if covey.get("route_reason") else ""
     status(f"[{usage.get('completion_tokens', '?')} tokens via the {covey.get('route', '?')} "
-           f"route on {', '.join(covey.get('machines', [])) or '?'}]")
+           f"route on {', '.join(covey.get('machines', [])) or '?'}{why}]")

@@ -16,6 +16,7 @@ from typing import Any
 from app.cli.options import shared_options
 from app.common.elapsed import ago
 from backends.sizes import GiB, human_bytes
+from swarm.routes.auto import PREFERABLE
 from swarm.trust.token import TokenError, new_token
 
 
@@ -60,6 +61,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="the API key for --api-listen (or set $COVEY_API_KEY)")
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm; repeatable")
+    node.add_argument("--remote-prompts", action=argparse.BooleanOptionalAction,
+                      help="may prompts go to other machines (federated and sharded routes); "
+                           "remembered, on at first")
+    node.add_argument("--prefer-route", choices=PREFERABLE,
+                      help="the route `auto` takes first when it can serve (remembered; "
+                           "default auto: this machine when the model fits)")
 
     peers = sub.add_parser("peers", parents=[here], help="list the machines in this node's swarm")
     peers.add_argument("--json", action="store_true", help="a machine-readable list")

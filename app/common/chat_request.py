@@ -80,7 +80,7 @@ class ChatReply:
     pieces: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    covey: dict[str, Any] | None = None  # the node's {route, machines, notice?}
+    covey: dict[str, Any] | None = None  # the node's {route, route_reason, machines, notice?}
     first_piece_at: float | None = None  # time.monotonic() of the first text
 
     @property
@@ -104,9 +104,11 @@ class ChatReply:
         return "".join(added)
 
     def served(self) -> dict[str, Any]:
-        """Where the reply came from, as far as the node has said: route, machines, notice."""
+        """Where the reply came from, as far as the node has said: route, why that route,
+        machines, notice."""
         covey = self.covey or {}
-        return {k: covey[k] for k in ("route", "machines", "notice") if covey.get(k)}
+        return {k: covey[k] for k in ("route", "route_reason", "machines", "notice")
+                if covey.get(k)}
 
     def tokens_per_s(self, now: float) -> float | None:
         """Generation speed from the first text to `now`; None before there is any."""

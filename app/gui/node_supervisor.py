@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.gui import app_settings
@@ -66,8 +66,9 @@ def save_token(data_dir: Path, token_text: str) -> None:
     """Remember the swarm to join (keeping this machine's name); TokenError if it is bad."""
     token = parse_token(token_text)
     saved = load_settings(data_dir)
-    save_settings(data_dir, Settings(token=token.encode(), name=saved.name if saved else None,
-                                     bootstrap=saved.bootstrap if saved else []))
+    # Keep this machine's name and every other choice; only the swarm changes.
+    save_settings(data_dir, replace(saved, token=token.encode()) if saved
+                  else Settings(token=token.encode()))
 
 
 class NodeSupervisor:

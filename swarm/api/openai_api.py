@@ -2,8 +2,9 @@
 /v1/completions, streamed (server-sent events ending in `data: [DONE]`) or not.
 
 Parsing and response shaping are pure functions; `OpenAiApi` only wires them to a route
-chosen by `swarm.routes.route.choose_route`. The `covey_route` extension field picks a route
-(`auto` by default) and every response carries `covey: {route, machines}`.
+chosen by `swarm.routes.router.Router`. The `covey_route` extension field picks a route
+(`auto` by default) and every response carries `covey: {route, route_reason, machines}`;
+`/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Token
 from swarm.api.server import HttpError, Request, Response, StreamingResponse
-from swarm.routes.route import ROUTE_NAMES, Busy, Route, RouteError, Served, choose_route
+from swarm.routes.route import ROUTE_NAMES, Busy, RouteError, Served
+from swarm.routes.router import Router
 
 MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
@@ -211,18 +213,22 @@ def error_event(message: str, kind: str) -> bytes:
 
 
 class OpenAiApi:
-    def __init__(self, routes: Callable[[], Sequence[Route]]) -> None:
-        self._routes = routes
+    def __init__(self, router: Router) -> None:
+        self._router = router
 
     async def models(self, request: Request) -> Response:
-        by_model: dict[str, dict[str, list[str]]] = {}
-        for route in self._routes():
+        by_model: dict[str, dict[str, Any]] = {}
+        for route in self._router.routes():
             for model in route.model_ids():
                 entry = by_model.setdefault(model, {"routes": [], "machines": []})
                 entry["routes"].append(route.name)
                 entry["machines"] += [
                     m for m in route.machines(model) if m not in entry["machines"]
                 ]
+        for model, entry in by_model.items():
+            choice = self._router.preview(model)
+            if choice is not None:
+                entry["auto"] = {"route": choice.route, "reason": choice.reason}
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
                 for m, where in sorted(by_model.items())]
         return Response.json({"object": "list", "data": data})
@@ -236,10 +242,10 @@ class OpenAiApi:
     async def _complete(self, request: Request, kind: str) -> Response | StreamingResponse:
         c = parse_completion(request.json(), kind)
         try:
-            route = choose_route(c.route, self._routes(), c.model)
+            route, reason = self._router.choose(c.route, c.model)
         except RouteError as exc:
             raise _route_error(exc) from None
-        covey: dict[str, Any] = {"route": route.name, "machines": []}
+        covey: dict[str, Any] = {"route": route.name, "route_reason": reason, "machines": []}
         created = int(time.time())
         events = route.generate(c.generate, c.model)
         # Start before answering, so that "busy" and load failures get a proper status.
@@ -263,7 +269,8 @@ class OpenAiApi:
 def _route_error(exc: RouteError) -> HttpError:
     headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, Busy) else None
     kind = "rate_limit_error" if isinstance(exc, Busy) else "invalid_request_error"
-    param = {"model_not_found": "model", "context_length_exceeded": "max_tokens"}.get(exc.code)
+    param = {"model_not_found": "model", "context_length_exceeded": "max_tokens",
+             "route_forbidden": "covey_route"}.get(exc.code)
     return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
 
 

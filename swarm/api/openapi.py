@@ -35,7 +35,9 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                         "asked for is not available (code `route_unavailable`)."),
     401: ("Unauthorized", "Missing or wrong API secret (type `authentication_error`)."),
     403: ("Forbidden", "The Host header does not name this API's address and port (type "
-                       "`permission_error`); a guard against DNS rebinding."),
+                       "`permission_error`); a guard against DNS rebinding. Or (code "
+                       "`route_forbidden`, param `covey_route`) this node's settings forbid "
+                       "sending prompts to other machines (`remote_prompts` off)."),
     404: ("NotFound", "No such endpoint, or (code `model_not_found`, param `model`) no route "
                       "serves the model (type `not_found_error` / `invalid_request_error`)."),
     405: ("MethodNotAllowed", "The path exists but not with this method; the Allow header lists "
@@ -160,7 +162,9 @@ def _request_schemas() -> dict[str, Schema]:
         "CoveyRoute": {
             "type": "string", "enum": list(ROUTE_NAMES), "default": "auto",
             "description": "Covey's extension: which route serves the request. `auto` takes "
-                           "the first of local, sharded, federated that has the model.",
+                           "this machine when the model fits its free memory, else a federated "
+                           "node that serves it, else the fewest workers that hold it; the "
+                           "reply's `covey.route_reason` says why.",
         },
         "StopSequences": {"oneOf": [
             {"type": "string", "minLength": 1},
@@ -234,8 +238,9 @@ def _completion_schemas() -> dict[str, Schema]:
                          ["prompt_tokens", "completion_tokens", "total_tokens"]),
         "CoveyRouting": _object({
             "route": {"type": "string", "description": "The route that served the request."},
+            "route_reason": {"type": "string", "description": "Why this route was chosen."},
             "machines": _string_list("The machines that took part."),
-        }, ["route", "machines"]),
+        }, ["route", "route_reason", "machines"]),
         "ChatCompletionChoice": _object({
             "index": integer,
             "message": _object({"role": {"const": "assistant"}, "content": string},
@@ -272,7 +277,10 @@ def _completion_schemas() -> dict[str, Schema]:
             "id": string, "object": {"const": "model"}, "created": integer,
             "owned_by": {"const": "covey"},
             "covey": _object({"routes": _string_list("The routes that serve the model."),
-                              "machines": _string_list("The machines that hold it.")},
+                              "machines": _string_list("The machines that hold it."),
+                              "auto": _object({"route": string, "reason": string},
+                                              ["route", "reason"],
+                                              "What `auto` would do with it now.")},
                              ["routes", "machines"]),
         }, ["id", "object", "created", "owned_by", "covey"]),
         "ModelList": _object({"object": {"const": "list"},

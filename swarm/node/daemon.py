@@ -33,7 +33,9 @@ from swarm.ledger.entries import (
     MODELS_KEY,
     NODE_KEY,
     WORKER_KEY,
+    NodeInfo,
     WorkerOffer,
+    read,
 )
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
@@ -47,10 +49,12 @@ from swarm.node.local_facts import collect_node_info, covey_version
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node.model_copy import Copier, CopyServer, Offer, shared_value
 from swarm.node.model_copy import offers as copy_offers
+from swarm.routes.auto import RoutePrefs
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.routes.federated import Candidate, FederatedRoute, FederatedService, served_models
 from swarm.routes.federated import candidates as federated_candidates
 from swarm.routes.local import LocalRoute
+from swarm.routes.router import Router
 from swarm.routes.sharded import ShardedRoute
 from swarm.trust.identity import load_or_create_identity
 from swarm.trust.keys import SwarmKeys
@@ -89,6 +93,7 @@ class NodeConfig:
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
+    routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -144,9 +149,11 @@ class Node:
                                     tunnel_bytes=self._tunnel_bytes)
         self.tunnels = TunnelServer(self.worker.tunnel_target, self.worker.lease_guard)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
-                                          self._names, self.local_route)
-        self.openai = OpenAiApi(
-            lambda: [self.local_route, self.federated_route, self.sharded_route])
+                                          self._names, self.local_route,
+                                          ram_of=self._ram_totals)
+        self.router = Router(self.local_route, self.federated_route, self.sharded_route,
+                             lambda: self.config.routing)
+        self.openai = OpenAiApi(self.router)
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
             if not config.api_key:
@@ -301,6 +308,15 @@ class Node:
     def _names(self) -> dict[str, str]:
         return {r.entry.owner: str(r.entry.value.get("name", "?"))
                 for r in self.sync.ledger.by_key(NODE_KEY)}
+
+    def _ram_totals(self) -> dict[str, int]:
+        """The RAM each peer's node entry reports: what a worker's donation is checked against."""
+        found = {}
+        for r in self.sync.ledger.by_key(NODE_KEY):
+            info = read(NodeInfo.from_value, r.entry.value)
+            if info is not None:
+                found[r.entry.owner] = info.ram_total
+        return found
 
     def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}

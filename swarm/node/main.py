@@ -73,10 +73,14 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     parse_token(token_text)
     for i, addr in enumerate(args.bootstrap, 1):
         check_bootstrap_address(addr, i)
+    remote = getattr(args, "remote_prompts", None)
+    prefer = getattr(args, "prefer_route", None)
     return Settings(
         token=token_text.strip(),
         name=args.name or (saved.name if saved else None),
         bootstrap=list(args.bootstrap) or (saved.bootstrap if saved else []),
+        remote_prompts=remote if remote is not None else (saved.remote_prompts if saved else True),
+        prefer_route=prefer or (saved.prefer_route if saved else "auto"),
     )
 
 
@@ -146,6 +150,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
     from swarm.node.local_facts import default_node_name
+    from swarm.routes.auto import RoutePrefs
     from swarm.workers.worker import share_bytes
 
     listen = tuple(args.listen) or DEFAULT_LISTEN
@@ -172,6 +177,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         threads=args.threads,
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes().total) if args.worker else None),
+        routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
     )
     return Node(config)
 

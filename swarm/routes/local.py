@@ -19,6 +19,9 @@ import trio
 
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
+from backends.errors import ModelStoreError
+from backends.gguf_info import estimate_memory
+from backends.memory import memory_bytes
 from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
 from swarm.routes.route import Busy, ModelUnknown, RequestRefused
 
@@ -45,13 +48,18 @@ class EngineGate:
         self._recent_s = 10.0  # a rough duration of one generation, for Retry-After
 
     @property
+    def full(self) -> bool:
+        """A request now would be answered `Busy`."""
+        return self.waiting >= self.max_waiting
+
+    @property
     def busy(self) -> bool:
         """A generation is running or waiting."""
         return self._lock.locked() or self.waiting > 0
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncGenerator[None, None]:
-        if self.waiting >= self.max_waiting:
+        if self.full:
             retry = max(1, int(self._recent_s * (self.waiting + 1) / 2))
             raise Busy(f"{self._what} is busy ({self.waiting} requests waiting); "
                        f"retry in {retry} s", retry)
@@ -149,6 +157,7 @@ class LocalRoute:
         engine_factory: Callable[[EngineConfig], Engine] = Engine,
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        available: Callable[[], int] = lambda: memory_bytes().available,
     ) -> None:
         self.store = store
         self.machine = machine
@@ -157,6 +166,8 @@ class LocalRoute:
         self.n_threads = n_threads  # None: the engine's choice (the physical cores)
         self._engine: Engine | None = None
         self._engine_model: tuple[str, bool] | None = None
+        self._engine_bytes = 0  # the loaded model's estimate: what dropping the engine frees
+        self._available = available
         self.gate = EngineGate(max_waiting, "this node's engine")
 
     def model_ids(self) -> list[str]:
@@ -165,6 +176,18 @@ class LocalRoute:
 
     def machines(self, model: str) -> list[str]:
         return [self.machine]
+
+    def need_bytes(self, model: str) -> int | None:
+        """Memory `model` takes on this machine's engine; None when the store cannot say (the
+        bundled default before it is registered, a model not here)."""
+        try:
+            return estimate_memory(self.store.get(model).info, self._n_ctx).total_bytes
+        except ModelStoreError:
+            return None
+
+    def free_bytes(self) -> int:
+        """This machine's available memory, counting what unloading its engine gives back."""
+        return self._available() + self._engine_bytes
 
     async def generate(self, request: GenerateRequest, model: str
                        ) -> AsyncGenerator[Token | Done, None]:
@@ -192,11 +215,13 @@ class LocalRoute:
                               n_threads=self.n_threads, deterministic=deterministic)
         engine = await start_engine(self._engine_factory, config)
         self._engine, self._engine_model = engine, (model, deterministic)
+        self._engine_bytes = self.need_bytes(model) or 0
         log.info("engine loaded %s", model)
         return engine
 
     async def _drop_engine(self) -> None:
         engine, self._engine, self._engine_model = self._engine, None, None
+        self._engine_bytes = 0
         if engine is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(engine.close)

@@ -39,6 +39,7 @@ def _major_minor(version: str) -> tuple[int, int] | None:
 def usable_workers(
     offers: Sequence[WorkerOffer], rpc_protocol: str, me: str, unusable: Collection[str],
     names: Mapping[str, str] | None = None, ggml_op_count: int | None = None,
+    ram_of: Mapping[str, int] | None = None,
 ) -> tuple[list[WorkerOffer], list[Excluded]]:
     """Split offers into those this node (peer id `me`) can use now and those it cannot.
 
@@ -47,6 +48,8 @@ def usable_workers(
     the patch number does not change the wire format; but a libggml built with other ops
     numbers them differently under the same protocol, so a worker whose op count differs from
     `ggml_op_count` (ours) is left out too. A count either side does not know passes.
+    With `ram_of` (peer id -> the RAM its node entry reports), a worker that donates more than
+    its machine has is not believed, nor one whose machine reports nothing.
     """
     ours = _major_minor(rpc_protocol)
     usable: list[WorkerOffer] = []
@@ -65,11 +68,23 @@ def usable_workers(
             reason = "failed recently"
         elif offer.donated_bytes <= 0:
             reason = "donates no memory"
+        elif ram_of is not None and (why := _implausible(offer, ram_of.get(offer.peer_id))):
+            reason = why
         else:
             usable.append(offer)
             continue
         excluded.append(Excluded(offer.name, offer.peer_id, reason))
     return usable, excluded
+
+
+def _implausible(offer: WorkerOffer, ram: int | None) -> str | None:
+    """Why a worker's donation cannot be true of its machine; None when it can."""
+    if ram is None:
+        return "its machine reports no RAM"
+    if offer.donated_bytes > ram:
+        return (f"donates {human_bytes(offer.donated_bytes)}, more than the "
+                f"{human_bytes(ram)} of RAM its machine reports")
+    return None
 
 
 def _ops_differ(theirs: int | None, ours: int | None) -> bool:

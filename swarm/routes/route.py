@@ -4,7 +4,8 @@ A route streams `Token` events then one `Done` for a `GenerateRequest`, with `Se
 naming the machine that serves. The routes are `local` (this machine's engine,
 `swarm/routes/local.py`), `sharded` (`swarm/routes/sharded.py`) and `federated`
 (`swarm/routes/federated.py`); their errors are `RouteError`s, which the API answers with
-their HTTP status. `choose_route` is pure: the API asks it, never the routes themselves.
+their HTTP status. Which one serves a request is decided in `swarm/routes/auto.py` (the pure
+policy) through `swarm/routes/router.py`, never by the routes themselves.
 
 Back-pressure lives in each route: one generation at a time per engine, a bounded number
 waiting, and `Busy` (an HTTP 429 with Retry-After) beyond that. A consumer that stops reading
@@ -13,16 +14,13 @@ waiting, and `Busy` (an HTTP 429 with Retry-After) beyond that. A consumer that 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
 from backends.engine_protocol import Done, GenerateRequest, Token
 
 ROUTE_NAMES = ("auto", "local", "sharded", "federated")
-# A federated node with the model first (it holds the whole model and is meant to serve),
-# then workers, then this machine alone.
-AUTO_ORDER = ("federated", "sharded", "local")
 
 
 class RouteError(Exception):
@@ -76,26 +74,3 @@ class Route(Protocol):
     def generate(
         self, request: GenerateRequest, model: str
     ) -> AsyncGenerator[Token | Done | Served, None]: ...
-
-
-def choose_route(requested: str, routes: Sequence[Route], model: str) -> Route:
-    """The route for `model`: the one asked for, or with "auto" the first that has it in
-    AUTO_ORDER. Raises RouteError / ModelUnknown with a message for the client."""
-    if requested not in ROUTE_NAMES:
-        raise RouteError(f"covey_route must be one of {', '.join(ROUTE_NAMES)}")
-    by_name = {r.name: r for r in routes}
-    if requested != "auto":
-        route = by_name.get(requested)
-        if route is None:
-            raise RouteError(f"the {requested} route is not available on this node")
-        if model not in route.model_ids():
-            why = getattr(route, "why_not", lambda _: None)(model)
-            if why:  # the route knows the model but cannot serve it now (no free workers)
-                raise RouteError(why)
-            raise ModelUnknown(f"model {model!r} is not served by the {requested} route")
-        return route
-    for name in AUTO_ORDER:
-        route = by_name.get(name)
-        if route is not None and model in route.model_ids():
-            return route
-    raise ModelUnknown(f"the model {model!r} does not exist in this swarm")

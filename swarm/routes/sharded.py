@@ -10,7 +10,9 @@ Failover: when a worker is lost mid-reply, ggml aborts the engine process. The r
 the lost worker unusable for a while, plans again with the rest (or, if nothing fits, runs
 on this machine alone), restarts the engine and replays the prompt plus the text produced
 so far (`swarm/routes/failover.py`), so the reply goes on; the stream carries a notice naming
-the lost machine. The session opener is injectable, so failover is tested in-process.
+the lost machine. This machine takes over only if the model fits its free memory; otherwise the
+reply ends saying so and which workers are missing. The session opener is injectable, so
+failover is tested in-process.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.gguf_info import estimate_memory
+from backends.sizes import human_bytes
 from backends.store.model_store import DEFAULT_MODEL, ModelStore
 from swarm.exception_groups import first_leaf
 from swarm.ledger.entries import WorkerOffer
+from swarm.routes.auto import fits
 from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
 from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
 from swarm.routes.placement import Placement, PlacementError, plan_placement, usable_workers
@@ -104,12 +108,14 @@ class ShardedRoute:
     def __init__(self, host: IHost, store: ModelStore, offers: Callable[[], list[WorkerOffer]],
                  names: Callable[[], dict[str, str]], fallback: LocalRoute, n_ctx: int = 4096,
                  engine_factory: Callable[[EngineConfig], Engine] = Engine,
-                 open_session: SessionOpener | None = None) -> None:
+                 open_session: SessionOpener | None = None,
+                 ram_of: Callable[[], dict[str, int]] | None = None) -> None:
         self.host = host
         self.store = store
         self.fallback = fallback
         self._offers = offers
         self._names = names
+        self._ram_of = ram_of  # peer id -> the RAM its node reports; None: no check
         self._n_ctx = n_ctx
         self._engine_factory = engine_factory
         self._open_session = open_session or self._open_on_workers
@@ -125,7 +131,8 @@ class ShardedRoute:
         unusable = {p for p, until in self._unusable.items() if until > now}
         return usable_workers(self._offers(), ggml.RPC_PROTOCOL_VERSION,
                               self.host.get_id().to_base58(), unusable, self._names(),
-                              ggml_op_count=GGML_OP_COUNT)
+                              ggml_op_count=GGML_OP_COUNT,
+                              ram_of=self._ram_of() if self._ram_of else None)
 
     def model_ids(self) -> list[str]:
         """This node's models that the swarm's free workers can hold now."""
@@ -135,15 +142,19 @@ class ShardedRoute:
 
     def why_not(self, model: str) -> str | None:
         """Why a model this node has cannot be sharded now (for a request that insists)."""
+        return self.planned(model)[1]
+
+    def planned(self, model: str) -> tuple[tuple[str, ...], str | None]:
+        """The workers a request for `model` would be spread over now (the fewest that hold
+        it), or none and why not (None: this node does not have the model)."""
         if model not in {*self.store.names(), DEFAULT_MODEL}:
-            return None
+            return (), None
         try:
-            self._plan(model)
+            return tuple(w.name for w in self._plan(model).workers), None
         except NoWorkers as exc:
-            return str(exc)
+            return (), str(exc)
         except ModelStoreError:  # the bundled default, not registered yet
-            return f"{model!r} is not ready in this node's store yet"
-        return None
+            return (), f"{model!r} is not ready in this node's store yet"
 
     def machines(self, model: str) -> list[str]:
         if self.session is not None and self.session.model == model:
@@ -180,6 +191,7 @@ class ShardedRoute:
             session = None
         if session is None:
             # Nothing left to shard on: this machine alone, if the model fits here.
+            self._check_fallback(model, progress)
             yield Served(self.fallback.machine, f"{progress.lost}; continuing on this machine")
             async with aclosing(self.fallback.generate(request, model)) as events:
                 async for event in events:
@@ -202,6 +214,18 @@ class ShardedRoute:
             raise AttemptFailed(lost) from exc
         finally:
             session.last_used = time.monotonic()
+
+    def _check_fallback(self, model: str, progress: Progress) -> None:
+        """Refuse to continue on this machine when the model does not fit its free memory
+        (it would swap for minutes): say so, and which workers are missing."""
+        need, free = self.fallback.need_bytes(model), self.fallback.free_bytes()
+        if fits(need, free):
+            return
+        missing = ", ".join(f"{e.name} ({e.reason})" for e in self._usable()[1]) or "none known"
+        raise RouteError(
+            f"{progress.lost}; this machine cannot take over: {model!r} needs "
+            f"{human_bytes(need or 0)} and {human_bytes(free)} is free here. Workers missing "
+            f"or unusable: {missing}")
 
     async def _forget(self, session: Session, exc: EngineError) -> list[str]:
         """The engine died: find the workers that left, keep them out of plans for a while,

@@ -132,6 +132,25 @@ def test_reply_footer_and_model_labels() -> None:
         ("small", True, "this machine"), ("big", False, "copy it here first")]
 
 
+def test_footer_and_picker_say_why_auto_chose_a_route() -> None:
+    """The picker shows the node's own `auto` decision, the footer the reason it reported."""
+    meta = {"route": "local", "route_reason": "fits this machine (needs 35.0 MiB, 3.0 GiB free "
+            "here)", "machines": ["desk"]}
+    assert served_line(meta) == ("local route (fits this machine (needs 35.0 MiB, 3.0 GiB free "
+                                 "here)) · desk")
+    choices = model_choices([{"id": "small", "covey": {
+        "routes": ["local", "sharded"], "machines": ["desk", "w1"],
+        "auto": {"route": "local", "reason": "fits this machine (needs 35.0 MiB, 3.0 GiB free "
+                 "here)"}}}])
+    assert choices == [("small", "small — fits this machine (needs 35.0 MiB, 3.0 GiB free "
+                        "here)")]
+    big = model_choices([{"id": "big", "covey": {
+        "routes": ["local", "sharded"], "machines": ["desk", "w1"],
+        "auto": {"route": "sharded", "reason": "needs 8.0 GiB, 3.0 GiB free here; spread "
+                 "over w1"}}}])
+    assert big == [("big", "big — needs 8.0 GiB, 3.0 GiB free here; spread over w1")]
+
+
 def test_closing_the_window_keeps_a_worker_in_the_tray_and_says_so_once(
         run_async, tmp_path: Path) -> None:  # noqa: ANN001
     async def body() -> None:

@@ -75,7 +75,8 @@ def swarm(tiny_model: Path, tmp_path: Path) -> Iterator[Swarm]:
                                       "--model", "tiny", data_dir=data_dir))
         client = start_node(netns, ns, token, "client", tmp_path, "--lan-only",
                             "--listen", "/ip4/127.0.0.1/tcp/0")
-        wait_until(lambda: json.dumps(client.api("/v1/models")).count('"federated"') == 1
+        wait_until(lambda: sum("federated" in m["covey"]["routes"]
+                               for m in client.api("/v1/models")["data"]) == 1
                    and len(client.others_online()) == 2, 20, "the federated nodes",
                    [client, *servers])
         port = json.loads((client.data_dir / "api.json").read_text())["port"]

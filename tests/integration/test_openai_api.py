@@ -92,7 +92,9 @@ def test_official_client_chat_not_streamed(api: Api) -> None:
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
     assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
-    assert reply.model_extra["covey"] == {"route": "local", "machines": ["api-node"]}
+    covey = dict(reply.model_extra["covey"])
+    assert covey.pop("route_reason").startswith("fits this machine (needs "), covey
+    assert covey == {"route": "local", "machines": ["api-node"]}
 
 
 def test_official_client_streams_the_same_text(api: Api) -> None:
@@ -332,7 +334,8 @@ def test_covey_chat_route_goes_through_the_node(api: Api) -> None:
     one = chat("hello", "--json")
     assert one.returncode == 0, one.stderr
     reply = json.loads(one.stdout)
-    assert reply["covey"] == {"route": "local", "machines": ["api-node"]}
+    assert reply["covey"] == {"route": "local", "route_reason": "asked for the local route",
+                              "machines": ["api-node"]}
     assert reply["usage"]["completion_tokens"] == 5 and reply["finish_reason"] == "length"
     # The same sampling straight through the API: `covey chat` sends its repeat penalty too.
     status, _, direct = api.post("/v1/chat/completions", {

@@ -75,6 +75,14 @@ def test_the_node_samples_a_route_chat_as_the_in_process_engine_does(argv: list[
         assert (in_process.repeat_penalty, in_process.seed) == (1.3, 7)
 
 
+def test_a_reply_keeps_why_its_route_was_chosen() -> None:
+    reply = ChatReply()
+    reply.add({"choices": [], "covey": {"route": "local", "machines": ["vm"],
+                                        "route_reason": "fits this machine"}})
+    assert reply.served() == {"route": "local", "route_reason": "fits this machine",
+                              "machines": ["vm"]}
+
+
 def test_a_streamed_reply_folds_into_text_route_usage_and_speed() -> None:
     covey = {"route": "local", "machines": ["vm"]}
     events: list[dict[str, Any]] = [

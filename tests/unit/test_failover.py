@@ -321,6 +321,21 @@ def test_with_nothing_left_to_shard_on_the_reply_goes_on_on_this_machine(
     assert done.prompt_tokens == PROMPT_TOKENS + len(REQUEST.continuation)
 
 
+def test_a_fallback_that_cannot_fit_this_machine_says_so_instead_of_swapping(
+        shards: Shards) -> None:
+    shards.route.fallback = LocalRoute(shards.route.store, "client", available=lambda: 1 << 20,
+                                       engine_factory=lambda config: shards.fallback_engine)
+    shards.engines += [FakeEngine("abcdefgh", shards.dead, die_after=3, dies_with=["peer-w2"]),
+                       FakeEngine("defgh", shards.dead, die_after=2, dies_with=["peer-w3"])]
+    with pytest.raises(RouteError) as failed:
+        run(shards.route.generate(REQUEST, "tiny"))
+    message = str(failed.value)
+    assert message.startswith("w3 left mid-reply; this machine cannot take over: 'tiny' needs ")
+    assert "and 1.0 MiB is free here" in message
+    assert message.endswith("w2 (failed recently), w3 (failed recently)"), message
+    assert not shards.fallback_engine.seen  # nothing ran here
+
+
 def test_a_sharded_engine_that_never_starts_is_a_clear_error(shards: Shards) -> None:
     shards.engines += [EngineError(f"load {i} failed") for i in range(4)]
     with pytest.raises(RouteError, match="the sharded engine failed repeatedly"):

@@ -49,3 +49,34 @@ def test_settings_round_trip_private(tmp_path: Path) -> None:
     (tmp_path / "swarm.json").write_text("[]")
     with pytest.raises(SettingsError, match="damaged"):
         load_settings(tmp_path)
+
+
+def test_where_prompts_may_go_is_remembered_until_changed(tmp_path: Path) -> None:
+    """`covey node --no-remote-prompts` once keeps prompts here at every later start."""
+    import json
+
+    from app.cli.command import build_parser
+    from swarm.node.main import resolve_settings
+    from swarm.trust.token import new_token
+
+    token = new_token().encode()
+
+    def start(*options: str) -> Settings:
+        args = build_parser().parse_args(["node", *options])
+        settings = resolve_settings(args, tmp_path)
+        save_settings(tmp_path, settings)
+        return settings
+
+    first = start("--token", token)
+    assert first.remote_prompts and first.prefer_route == "auto"
+    assert not start("--no-remote-prompts", "--prefer-route", "local").remote_prompts
+    again = start()
+    assert (again.remote_prompts, again.prefer_route) == (False, "local")
+    assert start("--remote-prompts").remote_prompts
+    # A file written before these settings existed reads with them on.
+    (tmp_path / "swarm.json").write_text(json.dumps({"token": token, "version": 1}))
+    assert load_settings(tmp_path) == Settings(token=token)
+    (tmp_path / "swarm.json").write_text(json.dumps(
+        {"token": token, "version": 1, "remote_prompts": "no"}))
+    with pytest.raises(SettingsError, match="remote_prompts must be true or false"):
+        load_settings(tmp_path)

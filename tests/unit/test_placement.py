@@ -279,6 +279,18 @@ def test_recently_failed_and_zero_donation_workers_are_excluded() -> None:
         ("flaky", "failed recently"), ("stingy", "donates no memory")]
 
 
+def test_a_worker_donating_more_than_its_machine_reports_is_not_believed() -> None:
+    """A member advertising a 1 TiB worker on an 8 GiB machine gets no layers."""
+    offers = [offer("liar", 1024 * GiB), offer("honest", 4 * GiB), offer("silent", GiB)]
+    ram = {"peer-liar": 8 * GiB, "peer-honest": 8 * GiB}
+    usable, excluded = usable_workers(offers, "7.0.0", ME, (), ram_of=ram)
+    assert [w.name for w in usable] == ["honest"]
+    assert [(e.name, e.reason) for e in excluded] == [
+        ("liar", "donates 1.0 TiB, more than the 8.0 GiB of RAM its machine reports"),
+        ("silent", "its machine reports no RAM")]
+    assert names(plan_placement(uniform(4, 512 * MiB), 4, usable)) == ["honest"]
+
+
 # --- properties -------------------------------------------------------------------------------
 
 layer_sizes = st.integers(min_value=0, max_value=500 * MiB)

@@ -41,10 +41,11 @@ SAVE_EVERY_S = 1.0
 
 
 def served_line(meta: dict[str, Any]) -> str:
-    """'local route · vm · 19.8 tokens/s' under a reply."""
+    """'local route (fits this machine …) · vm · 19.8 tokens/s' under a reply."""
     parts = []
     if meta.get("route"):
-        parts.append(f"{meta['route']} route")
+        why = f" ({meta['route_reason']})" if meta.get("route_reason") else ""
+        parts.append(f"{meta['route']} route{why}")
     if meta.get("machines"):
         parts.append(", ".join(meta["machines"]))
     if meta.get("tokens_per_s"):
@@ -76,12 +77,15 @@ def transcript_markdown(messages: list[Message], streaming: str | None = None) -
 
 
 def model_choices(runnable: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(model id, label) for the picker: where each model the swarm can run would run."""
+    """(model id, label) for the picker: where each model the swarm can run would run, as the
+    node's own `auto` policy says (its reason), or guessed from its routes for an older node."""
     choices = []
     for model in runnable:
         where = model.get("covey", {})
         routes = where.get("routes", [])
-        if "local" in routes:
+        if where.get("auto"):
+            how = where["auto"]["reason"]
+        elif "local" in routes:
             how = "fits this machine"
         elif "sharded" in routes:
             how = "spread over " + ", ".join(where.get("machines", [])[:3])
