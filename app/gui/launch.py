@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 NO_DISPLAY = (
     "covey: this machine has no display, so the desktop app cannot open.\n"
     "  Chat in the terminal:   covey chat\n"
-    "  Run the swarm node:     covey node --token TOKEN"
+    "  Run the swarm node:     covey node --token-file FILE"
 )
 
 

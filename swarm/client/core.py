@@ -29,7 +29,7 @@ class NodeNotRunning(NodeClientError):
     def __init__(self, data_dir: Path, detail: str = "") -> None:
         super().__init__(
             f"No Covey node is running for {data_dir}{f' ({detail})' if detail else ''}. "
-            "Start one with: covey node --token TOKEN"
+            "Start one with: covey node --token-file FILE"
         )
         self.data_dir = data_dir
 

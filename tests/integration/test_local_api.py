@@ -568,7 +568,7 @@ def test_node_not_running_without_api_json(tmp_path: Path) -> None:
     with pytest.raises(NodeNotRunning) as info:
         NodeClient.from_data_dir(tmp_path)
     assert str(info.value) == (f"No Covey node is running for {tmp_path}. "
-                               "Start one with: covey node --token TOKEN")
+                               "Start one with: covey node --token-file FILE")
 
 
 def test_node_not_running_when_pid_is_gone(tmp_path: Path) -> None:
