@@ -142,7 +142,8 @@ class SwarmPage(QWidget):
         copy = button("Copy token", self._copy_token)
         self.create_button = button("Create new swarm", self._create)
         self.leave_button = button("Leave swarm", self._leave)
-        headless = QLabel("On a machine without a screen: <code>covey node --token-file FILE</code>")
+        headless = QLabel("On a machine without a screen: "
+                          "<code>covey node --token-file FILE</code>")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
         row = QHBoxLayout()
