@@ -306,6 +306,13 @@ def _node_schemas() -> dict[str, Schema]:
                 "state": {"type": "string", "enum": ["idle", "leased"]},
                 "leased_by": or_null({"type": "string",
                                       "description": "Peer id of the lease holder."}),
+                "waiting": {"type": "integer", "minimum": 0, "description":
+                            "Other members that asked for the worker while it was leased; "
+                            "the holder keeps it at most 5 minutes (lease.HANDOVER_S) after "
+                            "the first asked."},
+                "free_within_s": or_null({"type": "integer", "minimum": 0, "description":
+                                          "Seconds until the holder must have handed the "
+                                          "worker over; null while nobody waits."}),
                 "direct_port": or_null({"type": "integer", "description":
                                         "The direct TLS path's port; null without it."}),
                 "rpc_traffic": _object({
@@ -332,8 +339,8 @@ def _node_schemas() -> dict[str, Schema]:
                                       "keeps crashing); null otherwise."}),
                 }, ["pid", "restarts", "last_exit", "error"],
                    "The ggml RPC server this node runs for worker mode, and how it fared."),
-            }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic",
-                "rpc_violations", "rpc_server"]),
+            }, ["enabled", "share_bytes", "state", "leased_by", "waiting", "free_within_s",
+                "direct_port", "rpc_traffic", "rpc_violations", "rpc_server"]),
             "sharded_links": {
                 "type": "object", "additionalProperties": {
                     "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},
@@ -395,6 +402,11 @@ def _node_schemas() -> dict[str, Schema]:
                 "donated_bytes": {"type": "integer", "minimum": 0},
                 "state": {"type": "string", "enum": ["idle", "leased"]},
                 "leased_by": or_null(string),
+                "waiting": {"type": "integer", "minimum": 1, "description":
+                            "Other members waiting for its lease; absent while none waits."},
+                "free_within_s": {"type": "integer", "minimum": 0, "description":
+                                  "Seconds until its holder must hand it over; absent while "
+                                  "nobody waits."},
             }, ["donated_bytes", "state", "leased_by"], "Null unless worker mode is on.")),
             "shares_models": _string_list("Models it offers for copying."),
         }, ["peer_id", "name", "os", "covey_version", "rpc_protocol", "cores", "ram_total",
