@@ -336,6 +336,19 @@ async def hold(host: IHost, peer_id: str, *,
         await reset_quietly(stream)
 
 
+async def ask_turn(host: IHost, peer_id: str) -> None:
+    """Ask for a worker another member holds, without waiting for it: the worker counts this
+    node as waiting, so its holder hands it over within HANDOVER_S. A worker that turns out to
+    be free (the ledger was behind) is given back at once. Never raises."""
+    try:
+        with trio.fail_after(2 * CONNECT_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                lease = await nursery.start(hold, host, peer_id)
+                lease.release()
+    except Exception as exc:  # noqa: BLE001 - "busy" is the answer expected
+        log.debug("asked for the worker of %s: %r", peer_id, exc)
+
+
 async def _keep(stream: INetStream, lease: Lease) -> None:
     try:
         while True:

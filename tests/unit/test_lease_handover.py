@@ -6,6 +6,7 @@ MockClock, so the minutes pass at once."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ from swarm.workers.lease import (
     Lease,
     LeaseDesk,
     LeaseRefused,
+    ask_turn,
     handover_phase,
     hold,
 )
@@ -91,8 +93,21 @@ async def lease(nursery: trio.Nursery, desk: LeaseDesk, who: str) -> Lease:
     return await nursery.start(hold, host, WORKER)
 
 
-def run(test: Any) -> None:
-    trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
+Body = Callable[[trio.Nursery, LeaseDesk, list[str]], Awaitable[None]]
+
+
+def run(body: Body) -> None:
+    """`body(nursery, desk, changes)` against a desk whose holder is busy, minutes passing at
+    once; `changes` records the desk's calls back (entry changed, lease ended)."""
+
+    async def main() -> None:
+        changes: list[str] = []
+        desk = busy_desk(changes)
+        async with trio.open_nursery() as nursery:
+            await body(nursery, desk, changes)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_phases() -> None:
@@ -103,81 +118,85 @@ def test_phases() -> None:
 
 
 def test_nobody_waiting_the_holder_keeps_the_worker() -> None:
-    async def main() -> None:
-        desk = busy_desk([])
-        async with trio.open_nursery() as nursery:
-            held = await lease(nursery, desk, ALICE)
-            for _ in range(4):
-                await trio.sleep(HANDOVER_S)
-                assert desk.holder == ALICE and not held.revoked.is_set()
-            assert desk.handover.free_within(trio.current_time()) is None
-            nursery.cancel_scope.cancel()
+    async def main(nursery: trio.Nursery, desk: LeaseDesk, changes: list[str]) -> None:
+        held = await lease(nursery, desk, ALICE)
+        for _ in range(4):
+            await trio.sleep(HANDOVER_S)
+            assert desk.holder == ALICE and not held.revoked.is_set()
+        assert desk.handover.free_within(trio.current_time()) is None
 
     run(main)
 
 
 def test_a_waiting_member_gets_the_worker_within_the_handover_time() -> None:
-    async def main() -> None:
-        changes: list[str] = []
-        desk = busy_desk(changes)
-        async with trio.open_nursery() as nursery:
-            held = await lease(nursery, desk, ALICE)
-            await trio.sleep(1000)  # Alice has had it a while already: that does not count
-            asked = trio.current_time()
-            changes.clear()
-            with pytest.raises(LeaseRefused) as refused:
-                await lease(nursery, desk, BOB)
-            assert refused.value.code == "busy"
-            assert f"within {HANDOVER_S + HANDOVER_GRACE_S:.0f} s" in str(refused.value)
-            assert changes == ["change"]  # the worker's entry is published again
-            assert desk.handover.waiting.keys() == {BOB}
-            # Asking again changes nothing: the clock started with the first ask.
-            await trio.sleep(60)
-            with pytest.raises(LeaseRefused):
-                await lease(nursery, desk, BOB)
-            assert desk.handover.due == asked + HANDOVER_S
+    async def main(nursery: trio.Nursery, desk: LeaseDesk, changes: list[str]) -> None:
+        held = await lease(nursery, desk, ALICE)
+        await trio.sleep(1000)  # Alice has had it a while already: that does not count
+        asked = trio.current_time()
+        changes.clear()
+        with pytest.raises(LeaseRefused) as refused:
+            await lease(nursery, desk, BOB)
+        assert refused.value.code == "busy"
+        assert f"within {HANDOVER_S + HANDOVER_GRACE_S:.0f} s" in str(refused.value)
+        assert changes == ["change"]  # the worker's entry is published again
+        assert desk.handover.waiting.keys() == {BOB}
+        # Asking again changes nothing: the clock started with the first ask.
+        await trio.sleep(60)
+        with pytest.raises(LeaseRefused):
+            await lease(nursery, desk, BOB)
+        assert desk.handover.due == asked + HANDOVER_S
 
-            await trio.sleep_until(asked + HANDOVER_S - 1)
-            assert not held.revoked.is_set() and desk.holder == ALICE
-            await trio.sleep_until(asked + HANDOVER_S + RENEW_EVERY_S + 0.5)
-            assert held.revoked.is_set() and held.why == WAITING  # Alice re-plans
-            assert not held.lost.is_set()  # ...and finishes its reply meanwhile
-            # Alice does not let go: the worker takes the lease back after the grace.
-            await held.lost.wait()
-            assert trio.current_time() <= asked + HANDOVER_S + HANDOVER_GRACE_S + RENEW_EVERY_S
-            assert desk.holder is None and f"end {ALICE}" in changes
-            # Alice cannot grab it back while Bob waits; Bob gets it.
-            with pytest.raises(LeaseRefused):
-                await lease(nursery, desk, ALICE)
-            bobs = await lease(nursery, desk, BOB)
-            assert desk.holder == BOB and not bobs.revoked.is_set()
-            assert desk.handover.due is None and desk.handover.waiting == {}
-            nursery.cancel_scope.cancel()
+        await trio.sleep_until(asked + HANDOVER_S - 1)
+        assert not held.revoked.is_set() and desk.holder == ALICE
+        await trio.sleep_until(asked + HANDOVER_S + RENEW_EVERY_S + 0.5)
+        assert held.revoked.is_set() and held.why == WAITING  # Alice re-plans
+        assert not held.lost.is_set()  # ...and finishes its reply meanwhile
+        # Alice does not let go: the worker takes the lease back after the grace.
+        await held.lost.wait()
+        assert trio.current_time() <= asked + HANDOVER_S + HANDOVER_GRACE_S + RENEW_EVERY_S
+        assert desk.holder is None and f"end {ALICE}" in changes
+        # Alice cannot grab it back while Bob waits; Bob gets it.
+        with pytest.raises(LeaseRefused):
+            await lease(nursery, desk, ALICE)
+        bobs = await lease(nursery, desk, BOB)
+        assert desk.holder == BOB and not bobs.revoked.is_set()
+        assert desk.handover.due is None and desk.handover.waiting == {}
 
     run(main)
 
 
 def test_an_honest_holder_releases_and_the_next_waiter_starts_the_clock_again() -> None:
-    async def main() -> None:
-        desk = busy_desk([])
-        async with trio.open_nursery() as nursery:
-            held = await lease(nursery, desk, ALICE)
-            for who in (BOB, CAROL):
-                with pytest.raises(LeaseRefused):
-                    await lease(nursery, desk, who)
-            await held.revoked.wait()
-            held.release()
-            await held.lost.wait()
-            await trio.sleep(0.1)
-            assert desk.holder is None
-            bobs = await lease(nursery, desk, BOB)
-            # Carol still waits: Bob has HANDOVER_S, not for ever.
-            assert desk.handover.waiting.keys() == {CAROL}
-            free = desk.handover.free_within(trio.current_time())
-            assert free == HANDOVER_S + HANDOVER_GRACE_S
-            await trio.sleep(HANDOVER_S + RENEW_EVERY_S + 1)
-            assert bobs.revoked.is_set()
-            nursery.cancel_scope.cancel()
+    async def main(nursery: trio.Nursery, desk: LeaseDesk, changes: list[str]) -> None:
+        held = await lease(nursery, desk, ALICE)
+        for who in (BOB, CAROL):
+            with pytest.raises(LeaseRefused):
+                await lease(nursery, desk, who)
+        await held.revoked.wait()
+        held.release()
+        await held.lost.wait()
+        await trio.sleep(0.1)
+        assert desk.holder is None
+        bobs = await lease(nursery, desk, BOB)
+        # Carol still waits: Bob has HANDOVER_S, not for ever.
+        assert desk.handover.waiting.keys() == {CAROL}
+        free = desk.handover.free_within(trio.current_time())
+        assert free == HANDOVER_S + HANDOVER_GRACE_S
+        await trio.sleep(HANDOVER_S + RENEW_EVERY_S + 1)
+        assert bobs.revoked.is_set()
+
+    run(main)
+
+
+def test_asking_for_a_turn_counts_as_waiting_and_gives_a_free_worker_back() -> None:
+    async def main(nursery: trio.Nursery, desk: LeaseDesk, changes: list[str]) -> None:
+        await ask_turn(FakeHost(BOB, desk, nursery), WORKER)  # type: ignore[arg-type]
+        await trio.sleep(1)
+        assert desk.holder is None and desk.handover.waiting == {}  # free: given back
+        held = await lease(nursery, desk, ALICE)
+        await ask_turn(FakeHost(BOB, desk, nursery), WORKER)  # type: ignore[arg-type]
+        assert desk.handover.waiting.keys() == {BOB}
+        await trio.sleep(HANDOVER_S + RENEW_EVERY_S + 1)
+        assert held.revoked.is_set()
 
     run(main)
 
