@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from swarm.ledger.rules import MAX_OWNER_BYTES, MAX_OWNER_ENTRIES, MAX_OWNERS
 from swarm.node.local_facts import covey_version
 
 # The limits the handlers enforce; tests/unit/test_openapi_doc.py checks them against the code.
@@ -313,6 +314,13 @@ def _node_schemas() -> dict[str, Schema]:
                 "state": {"type": "string", "enum": ["idle", "leased"]},
                 "leased_by": or_null({"type": "string",
                                       "description": "Peer id of the lease holder."}),
+                "waiting": {"type": "integer", "minimum": 0, "description":
+                            "Other members that asked for the worker while it was leased; "
+                            "the holder keeps it at most 5 minutes (lease.HANDOVER_S) after "
+                            "the first asked."},
+                "free_within_s": or_null({"type": "integer", "minimum": 0, "description":
+                                          "Seconds until the holder must have handed the "
+                                          "worker over; null while nobody waits."}),
                 "direct_port": or_null({"type": "integer", "description":
                                         "The direct TLS path's port; null without it."}),
                 "rpc_traffic": _object({
@@ -339,15 +347,39 @@ def _node_schemas() -> dict[str, Schema]:
                                       "keeps crashing); null otherwise."}),
                 }, ["pid", "restarts", "last_exit", "error"],
                    "The ggml RPC server this node runs for worker mode, and how it fared."),
-            }, ["enabled", "share_bytes", "state", "leased_by", "direct_port", "rpc_traffic",
-                "rpc_violations", "rpc_server"]),
+            }, ["enabled", "share_bytes", "state", "leased_by", "waiting", "free_within_s",
+                "direct_port", "rpc_traffic", "rpc_violations", "rpc_server"]),
             "sharded_links": {
                 "type": "object", "additionalProperties": {
                     "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},
                 "description": "Worker name -> how this node reaches it, for the sharded "
                                "session loaded now; empty without one."},
+            "ledger": _object({
+                "entries": {"type": "integer", "minimum": 0,
+                            "description": "Entries this node's replica holds."},
+                "owners": {"type": "integer", "minimum": 0,
+                           "description": "Machines with entries (or recent ones) in it."},
+                "refused_over_quota": {"type": "integer", "minimum": 0, "description":
+                                       "Entries refused since the node started because their "
+                                       f"owner was over its quota ({MAX_OWNER_ENTRIES} entries, "
+                                       f"{MAX_OWNER_BYTES >> 10} KiB) or the ledger already "
+                                       f"held {MAX_OWNERS:,} owners."},
+                "sync_failures": {"type": "integer", "minimum": 0,
+                                  "description": "Pulls from peers that failed since start."},
+                "last_sync_error": or_null({"type": "string", "description":
+                                            "Why the last failed pull failed; null if none."}),
+                "last_sync_error_peer": or_null({"type": "string",
+                                                 "description": "Whom it was pulled from."}),
+                "last_sync_error_at": or_null({"type": "number",
+                                               "description": "When (Unix seconds)."}),
+                "last_sync_ok_at": or_null({"type": "number", "description":
+                                            "When a pull last completed (Unix seconds)."}),
+            }, ["entries", "owners", "refused_over_quota", "sync_failures", "last_sync_error",
+                "last_sync_error_peer", "last_sync_error_at", "last_sync_ok_at"],
+               "The replicated ledger: its size, entries refused, and how pulls fare. A "
+               "failing pull means this node may not see other machines' changes."),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
-            "connected_peers", "federated", "worker", "sharded_links"]),
+            "connected_peers", "federated", "worker", "sharded_links", "ledger"]),
         "LinkCounters": _object({
             "connections": {"type": "integer", "minimum": 0,
                             "description": "Connections admitted and relayed."},
@@ -378,6 +410,11 @@ def _node_schemas() -> dict[str, Schema]:
                 "donated_bytes": {"type": "integer", "minimum": 0},
                 "state": {"type": "string", "enum": ["idle", "leased"]},
                 "leased_by": or_null(string),
+                "waiting": {"type": "integer", "minimum": 1, "description":
+                            "Other members waiting for its lease; absent while none waits."},
+                "free_within_s": {"type": "integer", "minimum": 0, "description":
+                                  "Seconds until its holder must hand it over; absent while "
+                                  "nobody waits."},
             }, ["donated_bytes", "state", "leased_by"], "Null unless worker mode is on.")),
             "shares_models": _string_list("Models it offers for copying."),
         }, ["peer_id", "name", "os", "covey_version", "rpc_protocol", "cores", "ram_total",

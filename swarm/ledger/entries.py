@@ -146,6 +146,11 @@ class WorkerEntry:
     # GGML_OP_COUNT of the worker's libggml: a graph's op numbers mean the same ops on both
     # ends only when the counts agree. None: an older worker that does not say (unknown).
     ggml_op_count: int | None = None
+    # Fair hand-over (swarm/workers/lease.py): how many other members wait for the lease, and
+    # within how many seconds of publishing the holder must have handed it over (None: nobody
+    # waits, or an older worker that does not say).
+    waiting: int = 0
+    free_within_s: int | None = None
     version: int = WORKER_VALUE_VERSION
 
     def to_value(self) -> dict[str, Any]:
@@ -157,6 +162,8 @@ class WorkerEntry:
             value["direct"] = {"port": self.direct_port, "cert_sha256": self.direct_sha256}
         if self.ggml_op_count is not None:  # absent, not null: older readers never see it
             value["ggml_op_count"] = self.ggml_op_count
+        if self.waiting and self.free_within_s is not None:  # absent too while nobody waits
+            value["handover"] = {"waiting": self.waiting, "free_within_s": self.free_within_s}
         return value
 
     @classmethod
@@ -171,6 +178,7 @@ class WorkerEntry:
         if leased_by is not None:
             _text(value, "leased_by", MAX_TEXT_CHARS)
         port, sha256 = _direct(value.get("direct"))
+        waiting, free_within_s = _handover(value.get("handover"))
         return cls(
             donated_bytes=_count(value, "donated_bytes"),
             free_bytes=_count(value, "free_bytes"),
@@ -181,6 +189,8 @@ class WorkerEntry:
             direct_port=port,
             direct_sha256=sha256,
             ggml_op_count=_count(value, "ggml_op_count") if "ggml_op_count" in value else None,
+            waiting=waiting,
+            free_within_s=free_within_s,
         )
 
 
@@ -196,6 +206,17 @@ def _direct(value: Any) -> tuple[int | None, str | None]:
             or not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256)):
         return None, None
     return port, sha256
+
+
+def _handover(value: Any) -> tuple[int, int | None]:
+    """(members waiting, seconds until free) of a well-formed hand-over; (0, None) otherwise:
+    like a bad direct offer, it is dropped rather than the entry refused."""
+    if not isinstance(value, dict):
+        return 0, None
+    try:
+        return _count(value, "waiting"), _count(value, "free_within_s")
+    except ValueError:
+        return 0, None
 
 
 @dataclass(frozen=True)

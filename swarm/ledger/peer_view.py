@@ -57,8 +57,14 @@ def _worker(ledger: Ledger, owner: str, now: float) -> dict[str, Any] | None:
     offer = read(WorkerEntry.from_value, record.entry.value)
     if offer is None:
         return None
-    return {"donated_bytes": offer.donated_bytes, "state": offer.state,
-            "leased_by": offer.leased_by}
+    view: dict[str, Any] = {"donated_bytes": offer.donated_bytes, "state": offer.state,
+                            "leased_by": offer.leased_by}
+    if offer.waiting and offer.free_within_s is not None:  # only while members wait
+        # Counted from when the worker published it.
+        age = max(0.0, now - record.entry.issued_at)
+        view["waiting"] = offer.waiting
+        view["free_within_s"] = max(0, round(offer.free_within_s - age))
+    return view
 
 
 def _shared(ledger: Ledger, owner: str, now: float) -> list[SharedModel]:

@@ -6,6 +6,11 @@ key. A newer `seq` replaces an older one; equal or lower sequence numbers are re
 carry a time to live: owners re-publish (heartbeat) well within it, so an entry whose owner
 stopped goes offline after its ttl and is dropped after `DROP_AFTER_S`.
 
+Each owner has a quota (`MAX_OWNER_ENTRIES` entries, `MAX_OWNER_BYTES` bytes) and the replica
+holds at most `MAX_OWNERS` owners: an entry beyond them is refused, so one member flooding the
+ledger cannot crowd out the others, and a sync digest (one line per owner) stays bounded. The
+sequence numbers remembered against replays are forgotten once no replay could be accepted.
+
 Everything here is pure: callers pass `now` (wall-clock seconds) and move the bytes.
 """
 
@@ -28,6 +33,14 @@ MAX_KEY_CHARS = 64
 MAX_TTL_S = 3600.0
 MAX_CLOCK_SKEW_S = 120.0
 DROP_AFTER_S = 300.0
+MAX_OWNER_CHARS = 64  # an Ed25519 peer id has 52
+# An honest node publishes four keys (node, models, worker, federated) of well under 40 KiB.
+MAX_OWNER_ENTRIES = 32
+MAX_OWNER_BYTES = 128 * 1024
+MAX_OWNERS = 4096
+# A slot's seq is kept this long after its newest entry was issued, then forgotten: by then
+# every entry with a seq as low is refused as expired anyway (its issued_at is no later).
+FORGET_SEQ_AFTER_S = MAX_TTL_S + 2 * MAX_CLOCK_SKEW_S
 
 
 class Rejected(ValueError):
@@ -114,6 +127,8 @@ def open_entry(ledger_key: bytes, message: bytes) -> SignedEntry:
 def check_shape(entry: Entry) -> None:
     if entry.version != ENTRY_VERSION:
         raise Rejected(f"entry version {entry.version} is not {ENTRY_VERSION}")
+    if not 0 < len(entry.owner) <= MAX_OWNER_CHARS:
+        raise Rejected("entry owner is empty or too long")
     if not 0 < len(entry.key) <= MAX_KEY_CHARS:
         raise Rejected("entry key is empty or too long")
     if entry.seq <= 0:
@@ -129,10 +144,40 @@ class Record:
     signed: SignedEntry
     received_at: float
     expires_at: float
+    size: int = 0  # bytes of the signed entry, counted against its owner's quota
 
     @property
     def entry(self) -> Entry:
         return self.signed.entry
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The highest seq accepted in a slot, and when that entry was issued."""
+
+    seq: int
+    issued_at: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one owner takes in the replica: slots remembered (held, or dropped but with
+    their seq still kept) and bytes of the entries held."""
+
+    slots: int = 0
+    bytes: int = 0
+
+
+def within_quota(use: Usage, new_slot: bool, freed: int, size: int) -> bool:
+    """Whether an owner using `use` may store an entry of `size` bytes in a slot it has no
+    seq for yet (`new_slot`), or in place of an entry of `freed` bytes (0: none held)."""
+    slots = use.slots + (1 if new_slot else 0)
+    return slots <= MAX_OWNER_ENTRIES and use.bytes - freed + size <= MAX_OWNER_BYTES
+
+
+def forgettable(seen: Seen, now: float) -> bool:
+    """Whether a dropped slot's seq can be forgotten: no replay of it would be accepted."""
+    return now - seen.issued_at > FORGET_SEQ_AFTER_S
 
 
 @dataclass
@@ -140,15 +185,18 @@ class Ledger:
     """The local replica. `apply` decides; it never raises for a well-formed SignedEntry."""
 
     records: dict[tuple[str, str], Record] = field(default_factory=dict)
-    # Highest seq ever accepted per key, kept after a record is dropped so that an old
-    # message replayed later cannot bring it back.
-    high_seq: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Highest seq accepted per key, kept after a record is dropped (until `forgettable`) so
+    # that an old message replayed later cannot bring it back.
+    seen: dict[tuple[str, str], Seen] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
 
     def apply(self, signed: SignedEntry, now: float) -> str:
-        """Returns "accepted", or why not: "duplicate", "replay", "future" or "expired"."""
+        """Returns "accepted", or why not: "duplicate", "replay", "future", "expired",
+        "quota" (over the owner's quota) or "full" (a new owner, with MAX_OWNERS held)."""
         entry = signed.entry
         slot = (entry.owner, entry.key)
-        high = self.high_seq.get(slot, 0)
+        seen = self.seen.get(slot)
+        high = seen.seq if seen is not None else 0
         if entry.seq == high:
             return "duplicate"
         if entry.seq < high:
@@ -157,14 +205,37 @@ class Ledger:
             return "future"
         if entry.issued_at + entry.ttl_s + MAX_CLOCK_SKEW_S < now:
             return "expired"
-        self.high_seq[slot] = entry.seq
-        self.records[slot] = Record(signed, now, expiry(entry, now))
+        use = self.usage.get(entry.owner)
+        if use is None and len(self.usage) >= MAX_OWNERS:
+            return "full"
+        use = use or Usage()
+        old = self.records.get(slot)
+        freed = old.size if old is not None else 0
+        size = len(signed.to_bytes())
+        if not within_quota(use, seen is None, freed, size):
+            return "quota"
+        self.seen[slot] = Seen(entry.seq, entry.issued_at)
+        self.records[slot] = Record(signed, now, expiry(entry, now), size)
+        self.usage[entry.owner] = Usage(use.slots + (1 if seen is None else 0),
+                                        use.bytes - freed + size)
         return "accepted"
 
     def drop_old(self, now: float) -> list[tuple[str, str]]:
+        """Drop entries long offline, and forget the seqs no replay could use any more."""
         gone = [slot for slot, r in self.records.items() if now - r.expires_at > DROP_AFTER_S]
         for slot in gone:
-            del self.records[slot]
+            size = self.records.pop(slot).size
+            use = self.usage[slot[0]]
+            self.usage[slot[0]] = Usage(use.slots, use.bytes - size)
+        forget = [slot for slot, s in self.seen.items()
+                  if slot not in self.records and forgettable(s, now)]
+        for slot in forget:
+            del self.seen[slot]
+            use = self.usage[slot[0]]
+            if use.slots > 1:
+                self.usage[slot[0]] = Usage(use.slots - 1, use.bytes)
+            else:
+                del self.usage[slot[0]]
         return gone
 
     def entries(self) -> list[SignedEntry]:
@@ -175,6 +246,13 @@ class Ledger:
 
     def by_key(self, key: str) -> list[Record]:
         return [r for (_, k), r in self.records.items() if k == key]
+
+    def by_owner(self) -> dict[str, list[Record]]:
+        """Every owner's records, each owner's sorted by key."""
+        out: dict[str, list[Record]] = {}
+        for slot in sorted(self.records):
+            out.setdefault(slot[0], []).append(self.records[slot])
+        return out
 
 
 def expiry(entry: Entry, now: float) -> float:

@@ -38,7 +38,7 @@ from swarm.ledger.entries import (
     read,
 )
 from swarm.ledger.rules import SignedEntry, is_live
-from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, LedgerSync
+from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, SYNC_PROTOCOL_V2, LedgerSync
 from swarm.net import mdns
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
@@ -194,6 +194,7 @@ class Node:
             self.gatekeeper.install()
             guarded = [
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
+                (SYNC_PROTOCOL_V2, "ledger-sync", self.sync.handle_sync_v2),
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
                 (FEDERATED_PROTOCOL, "federated", self.federated.handle),
                 (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
@@ -263,7 +264,7 @@ class Node:
         try:
             await self.sync.pull(peer)
         except Exception as exc:  # noqa: BLE001 - the peer left or misbehaved; next round
-            log.debug("ledger sync with %s failed: %r", peer, exc)
+            log.debug("ledger sync with %s failed: %r", peer, exc)  # warned of in sync.pull
         finally:
             self._pulling.discard(peer)
 

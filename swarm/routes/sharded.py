@@ -43,7 +43,7 @@ from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entr
 from swarm.routes.placement import Placement, PlacementError, plan_placement, usable_workers
 from swarm.routes.route import RequestRefused, RouteError, Served
 from swarm.workers.engine_only import EngineOnly
-from swarm.workers.lease import Lease, hold
+from swarm.workers.lease import Lease, ask_turn, hold
 from swarm.workers.rpc_link import open_link
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
 UNUSABLE_S = 60.0  # a worker that failed is left out of plans this long
 REFUSED_S = 10.0  # ... and one that refused its lease (the ledger will catch up)
+ASK_EVERY_S = 30.0  # how often a worker someone else holds is asked for again
 LOST_WAIT_S = 4.0  # after the engine dies, how long to wait for the lease that broke
 IDLE_RELEASE_S = 300.0
 
@@ -123,6 +124,7 @@ class ShardedRoute:
         self.nursery: trio.Nursery | None = None  # the node's, set when it runs
         self.session: Session | None = None
         self._unusable: dict[str, float] = {}  # peer id -> until (monotonic)
+        self._asked: dict[str, float] = {}  # leased worker -> when we asked for it (monotonic)
 
     # -- what the API asks -------------------------------------------------------------------
 
@@ -250,6 +252,17 @@ class ShardedRoute:
 
     # -- sessions ----------------------------------------------------------------------------
 
+    def _ask_turns(self) -> None:
+        """A chat found no room: ask the workers other members hold, so that each holder
+        hands its worker over within lease.HANDOVER_S (at most once per ASK_EVERY_S each)."""
+        now = time.monotonic()
+        self._asked = {p: t for p, t in self._asked.items() if now - t < ASK_EVERY_S}
+        for excluded in self._usable()[1]:
+            if excluded.reason.startswith("leased by") and excluded.peer_id not in self._asked:
+                self._asked[excluded.peer_id] = now
+                if self.nursery is not None:
+                    self.nursery.start_soon(ask_turn, self.host, excluded.peer_id)
+
     def _plan(self, model: str) -> Placement:
         info = self.store.get(model).info
         usable, excluded = self._usable()
@@ -261,7 +274,11 @@ class ShardedRoute:
 
     async def _session_for(self, model: str, deterministic: bool) -> Session:
         await model_entry(self.store, model)  # registers the bundled default if need be
-        placement = self._plan(model)
+        try:
+            placement = self._plan(model)
+        except NoWorkers:
+            self._ask_turns()
+            raise
         current = self.session
         if current is not None:
             same = (current.model == model and current.deterministic == deterministic

@@ -7,11 +7,18 @@ says "revoked" so the holder can finish its reply and move elsewhere. It also en
 that carried no RPC bytes for `IDLE_S`: the RPC server serves one connection at a time, so a
 holder that renews but sends nothing must not keep it from everyone else for ever.
 
+Fair hand-over: a member that asks for the worker while another holds it is told "busy" and
+counted as waiting; the holder then keeps the lease at most `HANDOVER_S` more, is told
+"revoked" (as when worker mode goes off: it finishes its reply within `HANDOVER_GRACE_S` and
+re-plans), and for `CLAIM_S` after that the worker is kept for those who waited. The worker's
+ledger entry says that members wait and when it will be free (`HandOver`).
+
 Frames (JSON): holder {"version": 1, "op": "acquire" | "renew" | "release"}; worker
 {"ok": true, "ttl_s"} or {"ok": false, "code": "busy" | "off" | "revoked" | "barred",
 "message"} ("barred": the worker cut this peer off for breaking the RPC rules, for a while). The
 reply to acquire may carry more: "direct_secret" (hex) admits the holder to the worker's direct
-TLS path (swarm/workers/direct_tls.py); a holder that does not know a field ignores it.
+TLS path (swarm/workers/direct_tls.py); "busy" may carry "free_within_s", when the holder must
+have handed over. A peer that does not know a field ignores it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,12 @@ CHECK_TIMEOUT_S = 3.0  # a renewal unanswered this long: the worker or the link 
 # Twice what an honest client keeps an idle session (swarm/routes/sharded.py IDLE_RELEASE_S).
 IDLE_S = 600.0
 TURNED_OFF = "worker mode was turned off"
+# How long a holder keeps the worker once another member asks for it: long enough to finish a
+# long reply, short enough that a member waiting for it is not shut out for an afternoon.
+HANDOVER_S = 300.0
+HANDOVER_GRACE_S = 20.0  # as when worker mode goes off: the holder finishes its reply
+CLAIM_S = 60.0  # after a hand-over, how long the worker is kept for the members who waited
+WAITING = "another member is waiting for this worker"
 
 
 class LeaseRefused(Exception):
@@ -78,6 +91,68 @@ class IdleClock:
         return now - self.since > self.idle_s
 
 
+def handover_phase(due: float | None, grace_s: float, now: float) -> str:
+    """Where a lease others wait for stands: "keep" (nobody waits, or before `due`), "finish"
+    (the holder is told and finishes its reply) or "end" (the grace is over)."""
+    if due is None or now < due:
+        return "keep"
+    return "finish" if now < due + grace_s else "end"
+
+
+@dataclass
+class HandOver:
+    """Who waits for a leased worker and when its holder must give it up (times in trio
+    seconds; pure). A member counts as waiting until it takes the lease, or for `wait_s`
+    after it last asked."""
+
+    after_s: float = HANDOVER_S
+    grace_s: float = HANDOVER_GRACE_S
+    claim_s: float = CLAIM_S
+    waiting: dict[str, float] = field(default_factory=dict)  # peer -> when it last asked
+    due: float | None = None  # when the holder is told to finish
+    yielded: dict[str, float] = field(default_factory=dict)  # former holder -> kept out until
+
+    @property
+    def wait_s(self) -> float:
+        return self.after_s + self.grace_s + self.claim_s
+
+    def forget_old(self, now: float) -> None:
+        self.waiting = {p: t for p, t in self.waiting.items() if now - t < self.wait_s}
+        self.yielded = {p: t for p, t in self.yielded.items() if t > now}
+
+    def asked(self, peer: str, now: float) -> bool:
+        """`peer` asked while someone holds the worker; True when that changes what the
+        worker's entry says (the first to wait starts the clock)."""
+        new = peer not in self.waiting
+        self.waiting[peer] = now
+        if self.due is None:
+            self.due = now + self.after_s
+            return True
+        return new
+
+    def kept_from(self, peer: str, now: float) -> bool:
+        """Whether `peer`, who just handed the worker over, must let the waiting take it."""
+        self.forget_old(now)
+        return peer in self.yielded and any(p != peer for p in self.waiting)
+
+    def granted(self, peer: str, now: float) -> None:
+        """`peer` holds the worker now: the clock starts again if others still wait."""
+        self.waiting.pop(peer, None)
+        self.forget_old(now)
+        self.due = now + self.after_s if self.waiting else None
+
+    def ended(self, peer: str, now: float, handed_over: bool) -> None:
+        self.due = None
+        if handed_over:
+            self.yielded[peer] = now + self.claim_s
+
+    def free_within(self, now: float) -> float | None:
+        """Seconds until the holder must have handed over; None while nobody waits."""
+        if self.due is None:
+            return None
+        return max(0.0, self.due + self.grace_s - now)
+
+
 @dataclass
 class _Held:
     peer_id: str
@@ -85,6 +160,7 @@ class _Held:
     idle: IdleClock
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     ended: trio.Event = field(default_factory=trio.Event)
+    told: bool = False  # that it must hand the worker over
 
 
 class LeaseDesk:
@@ -93,7 +169,8 @@ class LeaseDesk:
     def __init__(self, on_change: Callable[[], None], on_end: Callable[[str], None],
                  ttl_s: float = TTL_S,
                  on_grant: Callable[[str], dict[str, Any]] = lambda peer: {},
-                 relayed: Callable[[], int] = lambda: 0, idle_s: float = IDLE_S) -> None:
+                 relayed: Callable[[], int] = lambda: 0, idle_s: float = IDLE_S,
+                 handover: HandOver | None = None) -> None:
         self.accepting = False
         self.refusal = "worker mode is off on this machine"  # why, while not accepting
         self.ttl_s = ttl_s
@@ -104,6 +181,7 @@ class LeaseDesk:
         self._on_end = on_end  # e.g. cut the old holder's tunnels
         self._on_grant = on_grant  # extra fields for the holder, e.g. its direct-path secret
         self._barred: dict[str, float] = {}  # peer -> trio time its bar ends
+        self.handover = handover or HandOver()
 
     @property
     def holder(self) -> str | None:
@@ -123,17 +201,28 @@ class LeaseDesk:
             await write_json_frame(stream, {"ok": False, "code": "barred", "message":
                                             "this worker cut you off for an RPC violation"})
             return
+        now = trio.current_time()
         if self._held is not None and self._held.peer_id != peer:
+            if self.handover.asked(peer, now):
+                self._on_change()
+            free = self.handover.free_within(now) or 0.0
+            await write_json_frame(stream, {
+                "ok": False, "code": "busy", "free_within_s": free,
+                "message": f"leased by {self._held.peer_id}; handed over within {free:.0f} s"})
+            return
+        if self._held is None and self.handover.kept_from(peer, now):
             await write_json_frame(stream, {"ok": False, "code": "busy",
-                                            "message": f"leased by {self._held.peer_id}"})
+                                            "message": f"handed over: {WAITING}"})
             return
         if self._held is not None:  # the same holder again (it reconnected): the new one wins
             self._held.scope.cancel()
             await self._held.ended.wait()
         held = _Held(peer, stream, IdleClock(self.idle_s))
-        held.idle.expired(self._relayed(), trio.current_time())
+        held.idle.expired(self._relayed(), now)
         self._held = held
+        self.handover.granted(peer, now)
         self._on_change()
+        handed_over = False
         try:
             grant = {**self._on_grant(peer), "ok": True, "ttl_s": self.ttl_s}
             await write_json_frame(stream, grant)
@@ -143,7 +232,19 @@ class LeaseDesk:
                         op = parse_op(await read_frame(stream, MAX_FRAME_BYTES))
                     if op == "release":
                         return
-                    if held.idle.expired(self._relayed(), trio.current_time()):
+                    now = trio.current_time()
+                    phase = handover_phase(self.handover.due, self.handover.grace_s, now)
+                    if phase == "end":
+                        log.info("handing the worker over: %s had it %.0f s after another "
+                                 "member asked", peer, self.handover.after_s)
+                        handed_over = True
+                        return
+                    if phase == "finish" and not held.told:
+                        held.told = True
+                        await write_json_frame(stream, {"ok": False, "code": "revoked",
+                                                        "message": WAITING})
+                        continue
+                    if held.idle.expired(self._relayed(), now):
                         log.info("ending the lease of %s: no RPC bytes for %.0f s", peer,
                                  self.idle_s)
                         await write_json_frame(stream, {
@@ -154,6 +255,7 @@ class LeaseDesk:
         finally:
             if self._held is held:
                 self._held = None
+                self.handover.ended(peer, trio.current_time(), handed_over)
                 self._on_change()
             self._on_end(peer)
             held.ended.set()
@@ -234,6 +336,19 @@ async def hold(host: IHost, peer_id: str, *,
         await reset_quietly(stream)
 
 
+async def ask_turn(host: IHost, peer_id: str) -> None:
+    """Ask for a worker another member holds, without waiting for it: the worker counts this
+    node as waiting, so its holder hands it over within HANDOVER_S. A worker that turns out to
+    be free (the ledger was behind) is given back at once. Never raises."""
+    try:
+        with trio.fail_after(2 * CONNECT_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                lease = await nursery.start(hold, host, peer_id)
+                lease.release()
+    except Exception as exc:  # noqa: BLE001 - "busy" is the answer expected
+        log.debug("asked for the worker of %s: %r", peer_id, exc)
+
+
 async def _keep(stream: INetStream, lease: Lease) -> None:
     try:
         while True:
@@ -250,7 +365,8 @@ async def _keep(stream: INetStream, lease: Lease) -> None:
                 await _op(stream, "renew")
                 reply = await read_json_frame(stream, MAX_FRAME_BYTES)
             if isinstance(reply, dict) and reply.get("code") == "revoked":
-                lease.why = "worker mode was turned off there"
+                lease.why = (WAITING if reply.get("message") == WAITING
+                             else "worker mode was turned off there")
                 lease.revoked.set()
                 # Keep renewing quietly: the worker holds the lease through its grace period.
                 continue

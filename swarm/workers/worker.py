@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -175,14 +176,28 @@ class WorkerService:
         holder = self.desk.holder
         port, sha256 = ((self.direct.port, self._direct_sha256) if self.direct is not None
                         else (None, None))
+        waiting, free_within = self._handover()
         return WorkerEntry(self.share_bytes, free_bytes, cores, ggml.RPC_PROTOCOL_VERSION,
                            "leased" if holder else "idle", holder, port, sha256,
-                           ggml_op_count=GGML_OP_COUNT).to_value()
+                           ggml_op_count=GGML_OP_COUNT, waiting=waiting,
+                           free_within_s=free_within).to_value()
+
+    def _handover(self) -> tuple[int, int | None]:
+        """(members waiting for the lease, whole seconds until its holder must hand over)."""
+        handover = self.desk.handover
+        if not handover.waiting:
+            return 0, None
+        now = trio.current_time()
+        handover.forget_old(now)
+        free = handover.free_within(now) if self.desk.holder else None
+        return len(handover.waiting), None if free is None else math.ceil(free)
 
     def status(self) -> dict[str, Any]:
+        waiting, free_within = self._handover()
         return {"enabled": self.enabled, "share_bytes": self.share_bytes,
                 "state": "leased" if self.desk.holder else "idle",
                 "leased_by": self.desk.holder,
+                "waiting": waiting, "free_within_s": free_within,
                 "direct_port": self.direct.port if self.direct is not None else None,
                 "rpc_violations": self.violations,
                 "rpc_server": {"pid": self._process.pid if self._process is not None else None,
