@@ -36,6 +36,7 @@ MAX_ROLES = 8
 MAX_SHORT_CHARS = 32  # versions and role names
 MAX_TEXT_CHARS = 128  # protocol versions, peer ids, model names
 MAX_SHARED = 200  # keeps a "models" entry well under the ledger's value limit
+MAX_CACHED = 16  # models a worker says its tensor cache holds
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 E = TypeVar("E")
@@ -151,6 +152,9 @@ class WorkerEntry:
     # waits, or an older worker that does not say).
     waiting: int = 0
     free_within_s: int | None = None
+    # SHA-256s of the models whose large tensors the worker's tensor cache holds, so a load
+    # there sends hashes instead of weights: placement prefers it over an equal worker.
+    cached: tuple[str, ...] = ()
     version: int = WORKER_VALUE_VERSION
 
     def to_value(self) -> dict[str, Any]:
@@ -164,6 +168,8 @@ class WorkerEntry:
             value["ggml_op_count"] = self.ggml_op_count
         if self.waiting and self.free_within_s is not None:  # absent too while nobody waits
             value["handover"] = {"waiting": self.waiting, "free_within_s": self.free_within_s}
+        if self.cached:  # absent while empty, as older workers publish
+            value["cached"] = list(self.cached)
         return value
 
     @classmethod
@@ -191,6 +197,7 @@ class WorkerEntry:
             ggml_op_count=_count(value, "ggml_op_count") if "ggml_op_count" in value else None,
             waiting=waiting,
             free_within_s=free_within_s,
+            cached=_cached(value.get("cached")),
         )
 
 
@@ -206,6 +213,15 @@ def _direct(value: Any) -> tuple[int | None, str | None]:
             or not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256)):
         return None, None
     return port, sha256
+
+
+def _cached(value: Any) -> tuple[str, ...]:
+    """The model SHA-256s of a well-formed cache list; none otherwise (dropped like a bad
+    direct offer: the worker is still usable, only without the preference)."""
+    if (not isinstance(value, list) or len(value) > MAX_CACHED
+            or not all(isinstance(v, str) and _SHA256_RE.fullmatch(v) for v in value)):
+        return ()
+    return tuple(value)
 
 
 def _handover(value: Any) -> tuple[int, int | None]:

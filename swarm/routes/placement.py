@@ -3,7 +3,9 @@
 A pure planner over typed worker offers (`WorkerOffer`, read from the ledger by the caller
 through swarm/ledger/entries.py): filtering out workers this node cannot use, and planning a
 placement: the smallest, strongest set of workers whose donated memory holds the model, with
-a split that never gives a worker more bytes than it donated. No network, no I/O.
+a split that never gives a worker more bytes than it donated. The plan is stable: workers that
+already hold the model's layers are kept while they can hold it, so a worker that joins is
+used only when it adds needed capacity or replaces a lost one. No network, no I/O.
 """
 
 from __future__ import annotations
@@ -241,18 +243,27 @@ def plan_placement(
     offers: Sequence[WorkerOffer],
     *,
     excluded: Sequence[Excluded] = (),
+    holding: Sequence[str] = (),
+    cached: Collection[str] = (),
 ) -> Placement:
     """The smallest, strongest set of `offers` that holds the model, and its tensor_split.
 
-    Workers rank by donated memory, then cores (a weak node slows the whole ring), then peer id
-    so every node plans alike. `excluded` (from usable_workers) only feeds the error message.
-    Raises NotEnoughMemory when no set fits.
+    Workers in `holding` (peer ids holding the model's layers now, in device order) come first,
+    in that order: reloading costs the whole model's bytes and tens of seconds, so while they
+    hold it a plan over the same workers gives the same layout, and a newcomer only fills what
+    a lost or shrunk one leaves missing. The others rank by donated memory, then cores (a weak
+    node slows the whole ring), then whether `cached` (peer ids whose tensor cache holds the
+    model) names them, then peer id so every node plans alike. `excluded` (from
+    usable_workers) only feeds the error message. Raises NotEnoughMemory when no set fits.
     """
     slots = slot_bytes(estimate, n_layers)
     need = sum(slots)
+    position = {peer: i for i, peer in enumerate(holding)}
     ranked = sorted(
         (o for o in offers if o.donated_bytes > 0),
-        key=lambda o: (-o.donated_bytes, -o.cores, o.peer_id),
+        key=lambda o: (
+            (0, position[o.peer_id], 0, False, "") if o.peer_id in position
+            else (1, -o.donated_bytes, -o.cores, o.peer_id not in cached, o.peer_id)),
     )
     have = sum(o.donated_bytes for o in ranked)
     if ranked and have >= need:

@@ -3,8 +3,10 @@
 For a request, plan a placement over the idle workers in the ledger (`swarm/routes/placement.py`),
 lease each chosen worker, open an RPC tunnel to each, and run the engine with the tunnels as
 its RPC endpoints and the placement's `tensor_split`. The set (a "session") stays loaded for
-the next request while it still matches the plan; a worker that joins is used from the next
-request on, and an idle session gives its workers back after `IDLE_RELEASE_S`.
+the next request while it still matches the plan, and the plan keeps the loaded workers while
+they hold the model: a worker that joins is used from the next request on only if it adds
+needed capacity (no reload for nothing); an idle session gives its workers back after
+`IDLE_RELEASE_S`.
 
 Failover: when a worker is lost mid-reply, ggml aborts the engine process. The route marks
 the lost worker unusable for a while, plans again with the rest (or, if nothing fits, runs
@@ -264,13 +266,24 @@ class ShardedRoute:
                     self.nursery.start_soon(ask_turn, self.host, excluded.peer_id)
 
     def _plan(self, model: str) -> Placement:
-        info = self.store.get(model).info
+        entry = self.store.get(model)
         usable, excluded = self._usable()
+        sha256 = entry.manifest.sha256
+        cached = {o.peer_id for o in usable if sha256 is not None and sha256 in o.cached}
         try:
-            return plan_placement(estimate_memory(info, self._n_ctx), info.n_layers, usable,
-                                  excluded=excluded)
+            return plan_placement(estimate_memory(entry.info, self._n_ctx), entry.info.n_layers,
+                                  usable, excluded=excluded, holding=self._holding(model),
+                                  cached=cached)
         except PlacementError as exc:
             raise NoWorkers(f"cannot shard {model!r}: {exc}") from None
+
+    def _holding(self, model: str) -> tuple[str, ...]:
+        """The workers that hold `model`'s layers now, in device order (a lost one does not)."""
+        session = self.session
+        if session is None or session.model != model:
+            return ()
+        broken = set(session.broken())
+        return tuple(w.peer_id for w in session.placement.workers if w.peer_id not in broken)
 
     async def _session_for(self, model: str, deterministic: bool) -> Session:
         await model_entry(self.store, model)  # registers the bundled default if need be

@@ -122,6 +122,17 @@ def test_the_ggml_op_count_is_optional_on_the_wire() -> None:
     assert WorkerEntry.from_value(older).ggml_op_count is None
 
 
+def test_the_models_a_worker_caches_are_optional_on_the_wire() -> None:
+    caching = WorkerEntry(1, 2, 3, "7.0.0", "idle", cached=(SHA,))
+    assert caching.to_value()["cached"] == [SHA]
+    assert WorkerEntry.from_value(over_the_wire(caching.to_value())) == caching
+    assert "cached" not in WorkerEntry(1, 2, 3, "7.0.0", "idle").to_value()
+    # A malformed list costs only the preference, not the worker.
+    for bad in ([SHA.upper()], "x", [SHA] * 17, [None]):
+        entry = WorkerEntry.from_value({**caching.to_value(), "cached": bad})
+        assert entry == WorkerEntry(1, 2, 3, "7.0.0", "idle")
+
+
 @pytest.mark.parametrize("changes", [
     {"version": 2}, {"version": False}, {"leased_by": "p" * 129}, {"rpc_protocol": None},
     {"free_bytes": None}, {"cores": 2**0.5}, {"ggml_op_count": None},

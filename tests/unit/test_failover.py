@@ -234,6 +234,7 @@ class Shards:
     opened: list[Placement]
     dead: set[str]
     fallback_engine: FakeEngine
+    offers: list[WorkerOffer]
 
 
 def offer(name: str, donated: int, cores: int) -> WorkerOffer:
@@ -272,7 +273,7 @@ def shards(tmp_path: Path) -> Shards:
     fallback = LocalRoute(store, "client", engine_factory=local_engine)
     route = ShardedRoute(cast(Any, FakeHost()), store, lambda: offers, lambda: {}, fallback,
                          open_session=open_session)
-    return Shards(route, engines, opened, dead, fallback_engine)
+    return Shards(route, engines, opened, dead, fallback_engine, offers)
 
 
 def names(placement: Placement) -> list[str]:
@@ -300,6 +301,22 @@ def test_a_worker_lost_mid_reply_the_sharded_route_replans_and_continues(shards:
     assert "w2" not in shards.route.machines("tiny")[0]
     assert shards.route.session is not None and names(shards.route.session.placement) == [
         "w1", "w3"]
+
+
+def test_a_stronger_worker_joining_does_not_reload_the_loaded_session(shards: Shards) -> None:
+    shards.engines += [FakeEngine("abc", shards.dead), FakeEngine("abc", shards.dead)]
+    run(shards.route.generate(REQUEST, "tiny"))
+    loaded = shards.route.session
+    assert loaded is not None and names(loaded.placement) == ["w1", "w2"]
+    # w0 donates as much as each and has the most cores: a fresh plan would start with it.
+    shards.offers.append(offer("w0", shards.offers[0].donated_bytes, 16))
+    events = run(shards.route.generate(REQUEST, "tiny"))
+    assert reply_text(events) == "abc"
+    assert len(shards.opened) == 1 and shards.route.session is loaded  # no reload
+    assert shards.route.planned("tiny") == (("w1", "w2"), None)
+    # Once the session is gone, nothing holds the model: the next plan takes the strongest.
+    trio.run(shards.route.close_session)
+    assert shards.route.planned("tiny") == (("w0", "w1"), None)
 
 
 def test_with_nothing_left_to_shard_on_the_reply_goes_on_on_this_machine(

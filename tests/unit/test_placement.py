@@ -160,6 +160,69 @@ def test_the_next_worker_is_added_when_the_smallest_set_cannot_divide_the_layers
     check_fits(p, est, 3)
 
 
+# --- stability: what is loaded stays loaded -----------------------------------------------------
+
+
+def test_an_equal_newcomer_leaves_a_loaded_plan_unchanged() -> None:
+    est = uniform(24, 100 * MiB)  # 2.5 GiB: two 2 GiB workers
+    loaded = plan_placement(est, 24, [offer("b", 2 * GiB), offer("c", 2 * GiB)])
+    holding = [w.peer_id for w in loaded.workers]
+    # "a" sorts before both by peer id, and with more cores it outranks them too.
+    for newcomer in (offer("a", 2 * GiB), offer("a", 2 * GiB, cores=16)):
+        offers = [newcomer, offer("b", 2 * GiB), offer("c", 2 * GiB)]
+        assert names(plan_placement(est, 24, offers)) != names(loaded)  # ranked afresh
+        again = plan_placement(est, 24, offers, holding=holding)
+        assert again == loaded  # the same workers, order and split: nothing to reload
+
+
+def test_a_bigger_newcomer_that_alone_could_hold_the_model_changes_nothing() -> None:
+    est = uniform(24, 100 * MiB)
+    loaded = plan_placement(est, 24, [offer("b", 2 * GiB), offer("c", 2 * GiB)])
+    offers = [offer("big", 4 * GiB), offer("b", 2 * GiB), offer("c", 2 * GiB)]
+    assert names(plan_placement(est, 24, offers)) == ["big"]
+    assert plan_placement(est, 24, offers,
+                          holding=[w.peer_id for w in loaded.workers]) == loaded
+
+
+def test_the_holders_device_order_is_kept_even_when_ranking_would_reorder_them() -> None:
+    # Tied embeddings put the big worker last; ranked order alone would list it first.
+    est = uniform(24, 50 * MiB, output=1536 * MiB)
+    loaded = plan_placement(est, 24, [offer("alpha", 2 * GiB), offer("beta", 1 * GiB)])
+    assert names(loaded) == ["beta", "alpha"]
+    offers = [offer("alpha", 2 * GiB), offer("beta", 1 * GiB), offer("gamma", 1 * GiB)]
+    again = plan_placement(est, 24, offers, holding=["peer-beta", "peer-alpha"])
+    assert again == loaded
+
+
+def test_a_lost_holder_is_replaced_and_the_survivor_stays() -> None:
+    est = uniform(24, 100 * MiB)
+    # "b" held half the layers with "c"; "b" is gone, and the bigger "a" joined meanwhile.
+    offers = [offer("a", 4 * GiB), offer("c", 2 * GiB), offer("d", 2 * GiB)]
+    p = plan_placement(est, 24, offers, holding=["peer-b", "peer-c"])
+    assert names(p)[0] == "c" and len(p.workers) == 2
+    assert names(p)[1] == "a"  # the strongest newcomer fills what "b" held
+    check_fits(p, est, 24)
+
+
+def test_a_newcomer_is_used_when_the_holders_no_longer_hold_the_model() -> None:
+    est = uniform(24, 100 * MiB)  # 2.5 GiB
+    # "b" held it all with 3 GiB; it now donates 2 GiB, so "a" must add the rest.
+    offers = [offer("a", 1 * GiB), offer("b", 2 * GiB)]
+    p = plan_placement(est, 24, offers, holding=["peer-b"])
+    assert names(p) == ["b", "a"]
+    check_fits(p, est, 24)
+
+
+def test_a_worker_with_the_model_in_its_tensor_cache_wins_a_tie() -> None:
+    est = uniform(8, 100 * MiB)
+    offers = [offer("a", 1 * GiB), offer("b", 1 * GiB)]
+    assert names(plan_placement(est, 8, offers)) == ["a"]
+    assert names(plan_placement(est, 8, offers, cached={"peer-b"})) == ["b"]
+    # ... but only a tie: a cache does not beat more memory or more cores.
+    offers = [offer("a", 1 * GiB, cores=8), offer("b", 1 * GiB)]
+    assert names(plan_placement(est, 8, offers, cached={"peer-b"})) == ["a"]
+
+
 def test_need_counts_kv_cache_and_everything_outside_the_blocks() -> None:
     info = GGUFInfo(
         path=Path("x.gguf"), file_size=0, gguf_version=3, architecture="test", name=None,
