@@ -1,7 +1,8 @@
 """Sharded chat with real nodes: two workers with different shares and a client, in a network
 namespace. Greedy output over the workers equals local output; the layers follow the shares;
-the reply survives a worker killed or turned off mid-reply; a second client gets a clear
-refusal; a model too big for the swarm says how much memory is missing."""
+the reply survives a worker killed or turned off mid-reply; a worker that joins does not
+reload what is loaded; a second client gets a clear refusal; a model too big for the swarm
+says how much memory is missing."""
 
 from __future__ import annotations
 
@@ -230,6 +231,23 @@ def test_a_second_client_gets_a_clear_refusal(shards: ShardSwarm, tiny8: Path) -
     for name in ("w1", "w2"):
         assert f"{name} (leased by client)" in reply["error"]["message"], reply
     assert shards.chat(other, "local")[0] == 200  # its own engine still answers
+
+
+def test_a_worker_joining_does_not_reload_what_is_loaded(shards: ShardSwarm) -> None:
+    """w3 donates as much as w1 (more than w2): ranked afresh, w1 and w3 would hold the model,
+    but w1 and w2 hold it already, so the next chat runs on them without reloading."""
+    client = shards.nodes["client"]
+    status, first = shards.chat(client, "sharded")
+    assert status == 200, first
+    shards.start("w3", "--worker", "--share-mib", "30")
+    wait_until(lambda: any(p["name"] == "w3" and p["worker"] for p in client.peers()), 30,
+               "w3's worker entry", list(shards.nodes.values()))
+    status, second = shards.chat(client, "sharded")
+    assert status == 200, second
+    assert second["covey"]["machines"] == first["covey"]["machines"], second
+    assert sorted(layer_counts(second["covey"]["machines"])) == ["w1", "w2"]
+    assert client.log().count("sharded engine loaded") == 1, client.log()
+    assert shards.nodes["w3"].api("/api/status")["worker"]["state"] == "idle"
 
 
 def test_a_worker_killed_mid_reply_the_reply_completes(shards: ShardSwarm) -> None:
