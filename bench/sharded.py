@@ -7,8 +7,9 @@ engine pointed straight at them, with the same split.
 
 Prints generation tokens/s (streamed, timed at the reader) covey vs raw; model load time
 covey vs raw, first load and reload (the workers keep their tensor cache); bulk tunnel
-throughput next to raw loopback TCP (bench/tunnel.py's measurement); and the time from
-killing a worker mid-reply to the next token. Needs root.
+throughput next to raw loopback TCP (bench/tunnel.py's measurement); time to first token
+when an equal worker joins the loaded pair (target: no reload) and when a killed worker
+rejoins; and the time from killing a worker mid-reply to the next token. Needs root.
 
     .venv/bin/python bench/sharded.py [--rounds 3] [--tokens 64]
 """
@@ -178,19 +179,48 @@ def main() -> int:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
 
-        failover(netns, ns, token, work, nodes, client)
+        join(netns, ns, token, work, nodes, client)
+        victim = failover(nodes, client)
+        if victim is not None:
+            rejoin(netns, ns, token, work, nodes, client, victim)
     bulk_throughput()
     return 0
 
 
-def failover(netns: Netns, ns: str, token: str, work: Path, nodes: dict[str, RunningNode],
-             client: RunningNode) -> None:
-    """Kill a worker mid-reply with a spare worker online: seconds to the next token."""
-    nodes["w3"] = start_node(netns, ns, token, "w3", work, "--lan-only", "--listen",
+def start_worker(netns: Netns, ns: str, token: str, work: Path, nodes: dict[str, RunningNode],
+                 client: RunningNode, name: str) -> None:
+    """Start (or restart, same data dir and peer id) a worker and wait for the client to see
+    its worker entry."""
+    nodes[name] = start_node(netns, ns, token, name, work, "--lan-only", "--listen",
                              "/ip4/127.0.0.1/tcp/0", "--worker", "--share-mib", SHARE_MIB)
-    wait_until(lambda: any(p["name"] == "w3" and p["worker"] for p in client.peers()), 30,
-               "the spare worker", list(nodes.values()))
-    serving = call_in(ns, stream_chat, client, 4)["covey"]["machines"]
+    wait_until(lambda: any(p["name"] == name and p["worker"] for p in client.peers()), 30,
+               f"{name}'s worker entry", list(nodes.values()))
+
+
+def first_token_after(client: RunningNode, ns: str, change: Any) -> tuple[float, float, int]:
+    """(time to first token before `change()`, after it, engine loads in between): a warm
+    4-token request on the loaded session, then the change, then the next request."""
+    before = call_in(ns, stream_chat, client, 4)["first_s"]
+    loads = client.log().count("sharded engine loaded")
+    change()
+    after = call_in(ns, stream_chat, client, 4)["first_s"]
+    return before, after, client.log().count("sharded engine loaded") - loads
+
+
+def join(netns: Netns, ns: str, token: str, work: Path, nodes: dict[str, RunningNode],
+         client: RunningNode) -> None:
+    """A third worker with the same share joins the loaded pair (it is the spare the failover
+    step needs): the next request's time to first token, which a reload would add to."""
+    before, after, loads = first_token_after(
+        client, ns, lambda: start_worker(netns, ns, token, work, nodes, client, "w3"))
+    print(f"equal worker joins: first token {after:.2f} s after, {before:.2f} s before; "
+          f"engine reloads: {loads} (target 0)")
+
+
+def failover(nodes: dict[str, RunningNode], client: RunningNode) -> str | None:
+    """Kill a worker mid-reply with a spare worker online: seconds to the next token. Returns
+    the worker killed (None when the reply was too short to kill one in)."""
+    serving = call_in(client.ns, stream_chat, client, 4)["covey"]["machines"]
     victim = serving[-1].split(" (")[0]
     killed_at: list[float] = []
 
@@ -199,15 +229,26 @@ def failover(netns: Netns, ns: str, token: str, work: Path, nodes: dict[str, Run
             nodes[victim].proc.send_signal(signal.SIGKILL)
             killed_at.append(time.monotonic())
 
-    reply = call_in(ns, stream_chat, client, 160, kill)
+    reply = call_in(client.ns, stream_chat, client, 160, kill)
     if not killed_at:
         print(f"failover: not measured, the reply had only {len(reply['times'])} tokens "
               f"({reply['covey']})")
-        return
+        return None
     after = next(t for t in reply["times"] if t > killed_at[0])
     print(f"failover: killed {victim} after 16 tokens; next token {after - killed_at[0]:.2f} s "
           f"later (target <= 5 s), reply went on to {len(reply['times'])} tokens; "
           f"notice: {reply['covey'].get('notice')!r}")
+    return victim
+
+
+def rejoin(netns: Netns, ns: str, token: str, work: Path, nodes: dict[str, RunningNode],
+           client: RunningNode, victim: str) -> None:
+    """The killed worker comes back while the reply's new pair holds the model."""
+    nodes[victim].proc.wait()
+    before, after, loads = first_token_after(
+        client, ns, lambda: start_worker(netns, ns, token, work, nodes, client, victim))
+    print(f"killed worker rejoins: first token {after:.2f} s after, {before:.2f} s before; "
+          f"engine reloads: {loads} (target 0)")
 
 
 def bulk_throughput() -> None:
