@@ -16,6 +16,7 @@ from app.gui.conversations import Message
 from app.gui.route_words import served_line
 
 COPY_SCHEME = "copy"
+SEPARATOR = "\n\n---\n\n"  # between messages
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
 _CODE_SPAN = re.compile(r"(`+).+?\1")
 _ENTITY = re.compile(r"&(?=#?[0-9A-Za-z]+;)")
@@ -30,8 +31,15 @@ class CodeBlock:
 
 @dataclass
 class RenderedTranscript:
-    markdown: str
+    history: str  # the saved messages
+    streaming: str | None = None  # the reply still arriving, drawn after them
     code: list[CodeBlock] = field(default_factory=list)  # `copy:N` copies code[N]
+
+    @property
+    def markdown(self) -> str:
+        if self.streaming is None:
+            return self.history
+        return self.history + SEPARATOR + self.streaming if self.history else self.streaming
 
 
 def escape_inline(text: str) -> str:
@@ -102,9 +110,9 @@ def render_transcript(messages: list[Message], streaming: str | None = None
         if line:
             block += f"\n\n*{escape_inline(line)}*"
         blocks.append(block)
+    rendered.history = SEPARATOR.join(blocks)
     if streaming is not None:
-        blocks.append(f"**Covey**\n\n{message_markdown(streaming, rendered.code) or '…'}")
-    rendered.markdown = "\n\n---\n\n".join(blocks)
+        rendered.streaming = f"**Covey**\n\n{message_markdown(streaming, rendered.code) or '…'}"
     return rendered
 
 
