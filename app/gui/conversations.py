@@ -7,6 +7,7 @@ part of a reply that was still streaming since its last save.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from builtins import list as List  # `ConversationStore.list` hides the builtin in its class body
@@ -18,6 +19,7 @@ DB_FILE = "conversations.db"
 SCHEMA_VERSION = 1
 DEFAULT_TITLE = "New chat"
 TITLE_CHARS = 48
+SNIPPET_CHARS = 30
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -53,6 +55,26 @@ class Message:
     role: str
     content: str
     meta: dict[str, Any] = field(default_factory=dict)  # route, machines, tokens/s, notice
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A conversation that matched a search, with the text around the first match."""
+
+    conversation: Conversation
+    snippet: str
+    message_id: int | None  # None: the title matched
+
+
+def snippet(text: str, query: str, around: int = SNIPPET_CHARS) -> str:
+    """One line of `text` around the first place `query` occurs (any case)."""
+    line = " ".join(text.split())
+    at = line.lower().find(query.lower())
+    if at < 0:
+        return line[:2 * around]
+    start = max(at - around, 0)
+    end = at + len(query) + around
+    return ("…" if start else "") + line[start:end] + ("…" if end < len(line) else "")
 
 
 def title_from(text: str) -> str:
@@ -153,6 +175,28 @@ class ConversationStore:
     def delete_message(self, message_id: int) -> None:
         with self._db:
             self._db.execute("DELETE FROM messages WHERE id=?", (message_id,))
+
+    def delete_from(self, conversation_id: int, message_id: int) -> None:
+        """Drop `message_id` and every later message of the conversation (edit and resend)."""
+        with self._db:
+            self._db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?",
+                             (conversation_id, message_id))
+
+    def search(self, query: str) -> List[SearchHit]:
+        """Conversations whose title or any message contains `query` (ASCII letters in any
+        case), newest activity first."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query) + "%"
+        hits = []
+        for conv in self.list():
+            row = self._db.execute(
+                "SELECT id, content FROM messages WHERE conversation_id=? AND role!='system' "
+                "AND content LIKE ? ESCAPE '\\' ORDER BY id LIMIT 1", (conv.id, pattern),
+            ).fetchone()
+            if row:
+                hits.append(SearchHit(conv, snippet(row[1], query), row[0]))
+            elif query.lower() in conv.title.lower():
+                hits.append(SearchHit(conv, conv.title, None))
+        return hits
 
 
 def _meta(text: str) -> dict[str, Any]:

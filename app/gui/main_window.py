@@ -1,12 +1,15 @@
 """The main window: a page list on the left (Chat, Swarm, Models, Settings), the page on the
-right, and a status line saying what this machine's node is doing."""
+right, a status line saying what this machine's node is doing, and the keyboard shortcuts
+(Ctrl+1…4 pages, Ctrl+N new chat, Esc stops a reply, F2 renames the chat, Ctrl+F searches)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QCloseEvent, QIcon
+from PySide6.QtGui import QCloseEvent, QIcon, QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -64,9 +67,34 @@ class MainWindow(QMainWindow):
         controller.status.connect(self.show_status)
         controller.error.connect(lambda text: self.statusBar().showMessage(text, 15000))
         self.force_quit = False
+        self._add_shortcuts()
+
+    def _add_shortcuts(self) -> None:
+        def on_chat(action: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                self.show_page("Chat")
+                action()
+            return run
+
+        keys: list[tuple[str, Callable[[], None]]] = [
+            (f"Ctrl+{i}", partial(self.show_page, name)) for i, name in enumerate(PAGES, 1)]
+        keys += [
+            ("Ctrl+N", on_chat(self.chat.new_conversation)),
+            ("Esc", self.chat.escape),
+            ("F2", on_chat(self.chat.rename_current)),
+            ("Ctrl+F", on_chat(self.chat.search.setFocus)),
+        ]
+        self.shortcuts = {key: QShortcut(QKeySequence(key), self, action) for key, action in keys}
 
     def show_page(self, name: str) -> None:
         self.nav.setCurrentRow(PAGES.index(name))
+        if name == "Chat":
+            self.chat.focus_input()
+
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self.stack.currentWidget() is self.chat:
+            self.chat.focus_input()
 
     def show_node_state(self, state: NodeState) -> None:
         if state.phase == "running":

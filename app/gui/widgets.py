@@ -1,10 +1,14 @@
-"""Small widget builders the pages share."""
+"""Small widget builders the pages share, and the chat's message box."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtWidgets import QHeaderView, QPushButton, QTableWidget
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeyEvent
+from PySide6.QtWidgets import QHeaderView, QPlainTextEdit, QPushButton, QTableWidget
+
+ENTER_KEYS = (Qt.Key.Key_Return, Qt.Key.Key_Enter)
 
 
 def button(label: str, on_click: Callable[[], object]) -> QPushButton:
@@ -26,3 +30,24 @@ def read_only_table(name: str, columns: tuple[str, ...]) -> QTableWidget:
     table.setAlternatingRowColors(True)
     table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
     return table
+
+
+class MessageBox(QPlainTextEdit):
+    """Where a chat message is typed, as in every chat app: Enter sends, Shift+Enter starts a
+    new line, Tab moves on to the next control (a message has no use for tab characters)."""
+
+    submitted = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setTabChangesFocus(True)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 (Qt's name)
+        if event.key() in ENTER_KEYS:
+            if event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+                self.insertPlainText("\n")
+            else:
+                self.submitted.emit()
+            event.accept()
+            return
+        super().keyPressEvent(event)

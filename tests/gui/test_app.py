@@ -172,7 +172,7 @@ def test_chat_streams_and_survives_restart(run_async, tmp_path: Path,
             partial = [s for s in seen if "Covey" in s and reply.content[:40] not in s]
             assert partial, "no intermediate state of the reply was ever drawn"
             text = chat.transcript.toPlainText()
-            assert "local route" in text and "tokens/s" in text
+            assert "local route" in text and "tokens/s" in text and "Ran on this machine" in text
             assert chat.sidebar.item(0).text() == "Tell me about the swarm"
             return reply.content
 

@@ -117,14 +117,17 @@ def test_peer_rows_and_edges() -> None:
 def test_reply_footer_and_model_labels() -> None:
     meta = {"route": "sharded", "machines": ["w1 (7 layers)", "w2 (3 layers)"],
             "tokens_per_s": 12.345, "notice": "w3 left mid-reply; continuing on w1"}
-    assert served_line(meta) == "sharded route · w1 (7 layers), w2 (3 layers) · 12.3 tokens/s"
+    # The footer says in plain words where the reply ran, and explains the route's name.
+    assert served_line(meta) == ("Ran split across w1 (7 layers), w2 (3 layers) · sharded route: "
+                                 "each machine holds some of the model's layers · 12.3 tokens/s")
     text = transcript_markdown([Message(1, "user", "hi"), Message(2, "assistant", "hello", meta)])
-    assert "> ⚠ w3 left mid-reply" in text and "*sharded route" in text
+    assert "> ⚠ w3 left mid-reply" in text and "*Ran split across" in text
+    assert "sharded route" in text
     choices = model_choices([
         {"id": "small", "covey": {"routes": ["local", "federated"], "machines": ["vm"]}},
         {"id": "big", "covey": {"routes": ["sharded"], "machines": ["w1", "w2"]}}])
-    assert choices == [("small", "small — fits this machine"),
-                       ("big", "big — spread over w1, w2")]
+    assert choices == [("small", "small — runs on this machine"),
+                       ("big", "big — runs split across w1, w2")]
     rows = model_rows([{"name": "small", "size": 1 << 30}], {
         "swarm": [{"name": "big", "size": 8 << 30, "machines": ["w1"]}],
         "runnable": [{"id": "small", "covey": {"routes": ["local"]}}]})
@@ -136,19 +139,21 @@ def test_footer_and_picker_say_why_auto_chose_a_route() -> None:
     """The picker shows the node's own `auto` decision, the footer the reason it reported."""
     meta = {"route": "local", "route_reason": "fits this machine (needs 35.0 MiB, 3.0 GiB free "
             "here)", "machines": ["desk"]}
-    assert served_line(meta) == ("local route (fits this machine (needs 35.0 MiB, 3.0 GiB free "
-                                 "here)) · desk")
+    assert served_line(meta) == ("Ran on this machine (desk), because it fits in this machine's "
+                                 "free memory (needs 35.0 MiB; 3.0 GiB free) · local route: the "
+                                 "whole model ran here")
     choices = model_choices([{"id": "small", "covey": {
         "routes": ["local", "sharded"], "machines": ["desk", "w1"],
         "auto": {"route": "local", "reason": "fits this machine (needs 35.0 MiB, 3.0 GiB free "
                  "here)"}}}])
-    assert choices == [("small", "small — fits this machine (needs 35.0 MiB, 3.0 GiB free "
-                        "here)")]
+    assert choices == [("small", "small — runs on this machine, because it fits in this "
+                        "machine's free memory (needs 35.0 MiB; 3.0 GiB free)")]
     big = model_choices([{"id": "big", "covey": {
         "routes": ["local", "sharded"], "machines": ["desk", "w1"],
         "auto": {"route": "sharded", "reason": "needs 8.0 GiB, 3.0 GiB free here; spread "
                  "over w1"}}}])
-    assert big == [("big", "big — needs 8.0 GiB, 3.0 GiB free here; spread over w1")]
+    assert big == [("big", "big — runs split across w1, because it is too big for this "
+                    "machine's free memory alone (needs 8.0 GiB; 3.0 GiB free)")]
 
 
 def test_closing_the_window_keeps_a_worker_in_the_tray_and_says_so_once(

@@ -1,98 +1,68 @@
-"""The chat page: conversations in a sidebar, the transcript as Markdown, a model picker.
+"""The chat page: conversations in a sidebar (with search, export and import), the transcript
+as Markdown, a model picker, and a message box where Enter sends.
 
 Replies stream from the node's OpenAI API (`/v1/chat/completions`); the text is redrawn at most
 every 50 ms so a fast model never floods the Qt thread, and the reply is saved every second so
-a crash loses little. Under each reply: the route and machines that served it, its tokens/s,
-and any failover notice.
+a crash loses little. Under each reply: where it ran and why in plain words, its tokens/s, and
+any failover notice. Until the node and a model are ready, Send waits ("Starting Covey…") and a
+message typed meanwhile is sent when they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtGui import QGuiApplication, QTextCursor
 from PySide6.QtWidgets import (
     QComboBox,
+    QFileDialog,
     QHBoxLayout,
     QInputDialog,
     QLabel,
+    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QMessageBox,
-    QPlainTextEdit,
     QPushButton,
     QSplitter,
-    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
 
 from app.common.chat_request import ChatReply
+from app.gui.chat_markdown import render_transcript, transcript_markdown
 from app.gui.controller import Controller
+from app.gui.conversation_export import (
+    export_of,
+    from_json,
+    import_into,
+    to_json,
+    to_markdown,
+)
 from app.gui.conversations import Message
-from app.gui.widgets import button
+from app.gui.node_supervisor import NodeState
+from app.gui.route_words import model_choices, served_line
+from app.gui.transcript_view import TranscriptView
+from app.gui.widgets import MessageBox, button
 from backends.store.model_store import DEFAULT_MODEL
+
+__all__ = ["ChatPage", "model_choices", "served_line", "transcript_markdown"]
 
 REDRAW_EVERY_MS = 50
 SAVE_EVERY_S = 1.0
-
-
-def served_line(meta: dict[str, Any]) -> str:
-    """'local route (fits this machine …) · vm · 19.8 tokens/s' under a reply."""
-    parts = []
-    if meta.get("route"):
-        why = f" ({meta['route_reason']})" if meta.get("route_reason") else ""
-        parts.append(f"{meta['route']} route{why}")
-    if meta.get("machines"):
-        parts.append(", ".join(meta["machines"]))
-    if meta.get("tokens_per_s"):
-        parts.append(f"{meta['tokens_per_s']:.1f} tokens/s")
-    if meta.get("stopped"):
-        parts.append("stopped")
-    return " · ".join(parts)
-
-
-def transcript_markdown(messages: list[Message], streaming: str | None = None) -> str:
-    """The conversation as Markdown; `streaming` is the reply still arriving."""
-    blocks = []
-    for m in messages:
-        if m.role == "system":
-            continue
-        who = "You" if m.role == "user" else "Covey"
-        block = f"**{who}**\n\n{m.content}"
-        if m.meta.get("notice"):
-            block += f"\n\n> ⚠ {m.meta['notice']}"
-        if m.meta.get("error"):
-            block += f"\n\n> ✖ {m.meta['error']}"
-        line = served_line(m.meta) if m.role == "assistant" else ""
-        if line:
-            block += f"\n\n*{line}*"
-        blocks.append(block)
-    if streaming is not None:
-        blocks.append(f"**Covey**\n\n{streaming or '…'}")
-    return "\n\n---\n\n".join(blocks)
-
-
-def model_choices(runnable: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(model id, label) for the picker: where each model the swarm can run would run, as the
-    node's own `auto` policy says (its reason), or guessed from its routes for an older node."""
-    choices = []
-    for model in runnable:
-        where = model.get("covey", {})
-        routes = where.get("routes", [])
-        if where.get("auto"):
-            how = where["auto"]["reason"]
-        elif "local" in routes:
-            how = "fits this machine"
-        elif "sharded" in routes:
-            how = "spread over " + ", ".join(where.get("machines", [])[:3])
-        else:
-            how = "served by " + ", ".join(where.get("machines", [])[:3])
-        choices.append((model["id"], f"{model['id']} — {how}"))
-    return choices
+STARTING_PHASES = ("starting", "restarting")
+SEND = "Send"
+STARTING = "Starting Covey…"
+STARTING_NOTICE = "Covey is starting; your message will be sent as soon as it is ready."
+NO_MODEL_NOTICE = ("No model is available yet. Import or download one on the Models page, or "
+                   "join a swarm that has one; your message will be sent when one is.")
+WAITING_NOTICES = (STARTING_NOTICE, NO_MODEL_NOTICE)
+EDITING_NOTICE = ("Editing your last message: Enter sends it again in place of the old one; "
+                  "Esc cancels.")
 
 
 class ChatPage(QWidget):
@@ -104,44 +74,59 @@ class ChatPage(QWidget):
         self._reply: asyncio.Task[None] | None = None
         self._partial = ""
         self._messages: list[Message] = []
+        self._node_phase = ""  # as the supervisor last said; "" before it said anything
+        self._models_seen = False  # the node has listed its models since it started
+        self._queued = False  # a message waits in the box for the node or a model
+        self._editing: int | None = None  # the user message being edited, to resend
 
+        self.search = QLineEdit()
+        self.search.setObjectName("chatSearch")
+        self.search.setPlaceholderText("Search chats")
+        self.search.setClearButtonEnabled(True)
+        self.search.textChanged.connect(lambda _text: self._reload_sidebar())
         self.sidebar = QListWidget()
         self.sidebar.setObjectName("conversations")
         self.sidebar.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.sidebar.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.sidebar.currentItemChanged.connect(self._picked)
         new_button = button("New chat", self.new_conversation)
-        self.rename_button = button("Rename", self._rename)
+        self.rename_button = button("Rename", self.rename_current)
         self.delete_button = button("Delete", self._delete)
+        self.export_button = button("Export…", self._export)
+        self.import_button = button("Import…", self._import)
         side = QVBoxLayout()
         side.addWidget(new_button)
+        side.addWidget(self.search)
         side.addWidget(self.sidebar, 1)
-        row = QHBoxLayout()
-        row.addWidget(self.rename_button)
-        row.addWidget(self.delete_button)
-        side.addLayout(row)
+        for pair in ((self.rename_button, self.delete_button),
+                     (self.export_button, self.import_button)):
+            row = QHBoxLayout()
+            row.addWidget(pair[0])
+            row.addWidget(pair[1])
+            side.addLayout(row)
         side_widget = QWidget()
         side_widget.setLayout(side)
 
         self.model_picker = QComboBox()
         self.model_picker.setMinimumContentsLength(28)
-        self.transcript = QTextBrowser()
-        self.transcript.setObjectName("transcript")
-        self.transcript.setOpenExternalLinks(True)
+        self.transcript = TranscriptView()
         self.transcript.setPlaceholderText("Ask anything. Replies run on your own machines.")
-        self.input = QPlainTextEdit()
-        self.input.setPlaceholderText("Message Covey (Ctrl+Enter sends)")
+        self.transcript.copied.connect(lambda _code: self._say("Code copied."))
+        self.input = MessageBox()
+        self.input.setObjectName("messageBox")
+        self.input.setPlaceholderText("Message Covey (Enter sends, Shift+Enter adds a line)")
         self.input.setFixedHeight(80)
-        self.send_button = QPushButton("Send")
+        self.input.submitted.connect(self.send)
+        self.send_button = QPushButton(SEND)
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send)
         self.stop_button = button("Stop", self.stop)
         self.regenerate_button = button("Regenerate", self.regenerate)
+        self.edit_button = button("Edit last", self.edit_last)
         self.copy_button = button("Copy reply", self.copy_reply)
         self.notice = QLabel()
         self.notice.setWordWrap(True)
         self.notice.setObjectName("chatNotice")
-        QShortcut(QKeySequence("Ctrl+Return"), self.input, self.send)
 
         top = QHBoxLayout()
         top.addWidget(QLabel("Model:"))
@@ -149,6 +134,7 @@ class ChatPage(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.regenerate_button)
+        buttons.addWidget(self.edit_button)
         buttons.addWidget(self.copy_button)
         buttons.addStretch(1)
         buttons.addWidget(self.send_button)
@@ -161,46 +147,67 @@ class ChatPage(QWidget):
         main_widget = QWidget()
         main_widget.setLayout(main)
 
-        splitter = QSplitter()
-        splitter.addWidget(side_widget)
-        splitter.addWidget(main_widget)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([220, 700])
+        self.splitter = QSplitter()
+        self.splitter.addWidget(side_widget)
+        self.splitter.addWidget(main_widget)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([220, 700])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(splitter)
+        layout.addWidget(self.splitter)
 
         self._redraw_timer = QTimer(self)
         self._redraw_timer.setInterval(REDRAW_EVERY_MS)
         self._redraw_timer.timeout.connect(self._redraw)
         controller.models.connect(self._models_changed)
+        controller.node_state.connect(self._node_changed)
         self._reload_sidebar()
         self._update_buttons()
+
+    def focus_input(self) -> None:
+        self.input.setFocus(Qt.FocusReason.OtherFocusReason)
 
     # -- conversations -------------------------------------------------------------------------
 
     def _reload_sidebar(self, select: int | None = None) -> None:
         select = select if select is not None else self.conversation_id
+        query = self.search.text().strip()
         self.sidebar.blockSignals(True)
         self.sidebar.clear()
-        for conv in self.store.list():
-            item = QListWidgetItem(conv.title)
+        rows = ([(hit.conversation, f"{hit.conversation.title}\n{hit.snippet}")
+                 for hit in self.store.search(query)] if query
+                else [(conv, conv.title) for conv in self.store.list()])
+        for conv, text in rows:
+            item = QListWidgetItem(text)
             item.setData(Qt.ItemDataRole.UserRole, conv.id)
+            item.setToolTip(text)
             self.sidebar.addItem(item)
             if conv.id == select:
                 self.sidebar.setCurrentItem(item)
         self.sidebar.blockSignals(False)
+        if query:
+            return  # a search only lists; picking a hit opens it
         if self.sidebar.currentItem() is None and self.sidebar.count():
             self.sidebar.setCurrentRow(0)
         elif not self.sidebar.count():
             self._show(None)
 
     def _picked(self, item: QListWidgetItem | None, _old: QListWidgetItem | None = None) -> None:
+        if item is None and self.search.text().strip():
+            return  # the search left the open chat out of the list; it stays open
         if self._reply is not None:
             self.stop()
         self._show(item.data(Qt.ItemDataRole.UserRole) if item else None)
+        if item is not None and self.search.text().strip():
+            self._find_in_transcript(self.search.text().strip())
+
+    def _find_in_transcript(self, text: str) -> None:
+        self.transcript.moveCursor(QTextCursor.MoveOperation.Start)
+        self.transcript.find(text)
 
     def _show(self, conversation_id: int | None) -> None:
+        if conversation_id != self.conversation_id:
+            self.cancel_edit()
         self.conversation_id = conversation_id
         self._messages = self.store.messages(conversation_id) if conversation_id else []
         conv = self.store.get(conversation_id) if conversation_id else None
@@ -212,12 +219,13 @@ class ChatPage(QWidget):
         self._update_buttons()
 
     def new_conversation(self) -> None:
+        self.search.clear()
         conv = self.store.create(self.model_picker.currentData())
         self._reload_sidebar(select=conv.id)
         self._show(conv.id)
-        self.input.setFocus()
+        self.focus_input()
 
-    def _rename(self) -> None:
+    def rename_current(self) -> None:
         if self.conversation_id is None:
             return
         conv = self.store.get(self.conversation_id)
@@ -241,20 +249,81 @@ class ChatPage(QWidget):
             self.conversation_id = None
             self._reload_sidebar()
 
-    # -- models --------------------------------------------------------------------------------
+    def _export(self) -> None:
+        conv = self.store.get(self.conversation_id) if self.conversation_id else None
+        if conv is None:
+            return
+        name = "".join(c if c.isalnum() or c in " -_" else "_" for c in conv.title).strip()
+        path, kind = QFileDialog.getSaveFileName(
+            self, "Export chat", str(Path.home() / f"{name or 'chat'}.md"),
+            "Markdown (*.md);;JSON, to import again (*.json)")
+        if path:
+            if not Path(path).suffix:
+                path += ".json" if "json" in kind.lower() else ".md"
+            self.export_to(Path(path))
+
+    def export_to(self, path: Path) -> None:
+        """Save the open conversation: JSON for a .json file, Markdown otherwise."""
+        if self.conversation_id is None:
+            return
+        export = export_of(self.store, self.conversation_id)
+        text = to_json(export) if path.suffix.lower() == ".json" else to_markdown(export)
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            self._say(f"Could not save {path}: {exc.strerror or exc}")
+            return
+        self._say(f"Saved {path}.")
+
+    def _import(self) -> None:
+        path, _kind = QFileDialog.getOpenFileName(self, "Import chat", str(Path.home()),
+                                                  "Covey chat (*.json)")
+        if path:
+            self.import_from(Path(path))
+
+    def import_from(self, path: Path) -> None:
+        """Open a conversation exported as JSON, as a new conversation."""
+        try:
+            export = from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self._say(f"Could not import {path.name}: {exc}")
+            return
+        conv = import_into(self.store, export)
+        self.search.clear()
+        self._reload_sidebar(select=conv.id)
+        self._show(conv.id)
+        self._say(f"Imported {conv.title!r}.")
+
+    # -- the node and its models ---------------------------------------------------------------
+
+    def starting(self) -> bool:
+        """Whether the node is still coming up (or has not listed its models yet)."""
+        return self._node_phase in STARTING_PHASES or (
+            self._node_phase == "running" and not self._models_seen)
+
+    def _node_changed(self, state: NodeState) -> None:
+        self._node_phase = state.phase
+        if state.phase in STARTING_PHASES:
+            self._models_seen = False
+        self._update_buttons()
 
     def _models_changed(self, models: dict[str, Any]) -> None:
+        self._models_seen = True
         choices = model_choices(models.get("runnable", []))
         current = self.model_picker.currentData() or DEFAULT_MODEL
         if [(self.model_picker.itemData(i), self.model_picker.itemText(i))
-                for i in range(self.model_picker.count())] == choices:
-            return
-        self.model_picker.clear()
-        for model_id, label in choices:
-            self.model_picker.addItem(label, model_id)
-        index = self.model_picker.findData(current)
-        self.model_picker.setCurrentIndex(max(index, 0))
+                for i in range(self.model_picker.count())] != choices:
+            self.model_picker.clear()
+            for model_id, label in choices:
+                self.model_picker.addItem(label, model_id)
+            index = self.model_picker.findData(current)
+            self.model_picker.setCurrentIndex(max(index, 0))
+        if self.model_picker.count() and self.notice.text() in WAITING_NOTICES:
+            self._say("")
         self._update_buttons()
+        if self._queued and not self.starting() and self.model_picker.count():
+            self._queued = False
+            self.send()
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -263,13 +332,16 @@ class ChatPage(QWidget):
         if not text or self._reply is not None:
             return
         model = self.model_picker.currentData()
-        if not model:
-            self._say("No model is available yet. Import or download one on the Models page, "
-                      "or join a swarm that has one.")
+        if self.starting() or not model:
+            self._queued = True
+            self._say(STARTING_NOTICE if self.starting() else NO_MODEL_NOTICE)
             return
         if self.conversation_id is None:
             self.new_conversation()
         assert self.conversation_id is not None
+        if self._editing is not None:
+            self.store.delete_from(self.conversation_id, self._editing)
+            self._editing = None
         self.store.set_model(self.conversation_id, model)
         self.store.add(self.conversation_id, "user", text)
         self.input.clear()
@@ -284,6 +356,30 @@ class ChatPage(QWidget):
         model = self.model_picker.currentData()
         if model and self.conversation_id is not None:
             self._start_reply(model)
+
+    def edit_last(self) -> None:
+        """Put the last question back in the box; sending replaces it and its reply."""
+        asked = [m for m in self._messages if m.role == "user"]
+        if self._reply is not None or not asked:
+            return
+        self._editing = asked[-1].id
+        self.input.setPlainText(asked[-1].content)
+        self.input.moveCursor(QTextCursor.MoveOperation.End)
+        self.focus_input()
+        self._say(EDITING_NOTICE)
+
+    def cancel_edit(self) -> None:
+        if self._editing is not None:
+            self._editing = None
+            self.input.clear()
+            self._say("")
+
+    def escape(self) -> None:
+        """Esc: stop the reply, or else stop editing."""
+        if self._reply is not None:
+            self.stop()
+        else:
+            self.cancel_edit()
 
     def stop(self) -> None:
         if self._reply is not None:
@@ -305,7 +401,6 @@ class ChatPage(QWidget):
             self._stream(self.conversation_id, model, history))
         self._redraw_timer.start()
         self._update_buttons()
-
     async def _stream(self, conversation_id: int, model: str,
                       history: list[dict[str, str]]) -> None:
         saved = self.store.add(conversation_id, "assistant", "")
@@ -348,7 +443,7 @@ class ChatPage(QWidget):
         streaming = self._partial if self._reply is not None else None
         bar = self.transcript.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
-        self.transcript.setMarkdown(transcript_markdown(self._messages, streaming))
+        self.transcript.show_transcript(render_transcript(self._messages, streaming))
         if at_end:
             bar.setValue(bar.maximum())
 
@@ -357,10 +452,13 @@ class ChatPage(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self._reply is not None
-        self.send_button.setEnabled(not busy)
+        starting = self.starting()
+        self.send_button.setText(STARTING if starting else SEND)
+        self.send_button.setEnabled(not busy and not starting)
         self.stop_button.setEnabled(busy)
         has_reply = any(m.role == "assistant" for m in self._messages)
         self.regenerate_button.setEnabled(not busy and bool(self._messages))
+        self.edit_button.setEnabled(not busy and any(m.role == "user" for m in self._messages))
         self.copy_button.setEnabled(not busy and has_reply)
-        self.rename_button.setEnabled(self.conversation_id is not None)
-        self.delete_button.setEnabled(self.conversation_id is not None)
+        for action in (self.rename_button, self.delete_button, self.export_button):
+            action.setEnabled(self.conversation_id is not None)

@@ -1,0 +1,108 @@
+"""Where a reply runs and why, in plain words: the line under each reply and the model
+picker's labels are both written here, from the same phrases, so they agree.
+
+The node says which route it chose and why (`covey.route_reason`, written by
+swarm/routes/auto.py); these functions turn that into sentences for someone who has never heard
+of "sharded" or "federated", naming the route once so the word gets explained.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# What each route means, said once in every footer.
+ROUTE_MEANING = {
+    "local": "local route: the whole model ran here",
+    "sharded": "sharded route: each machine holds some of the model's layers",
+    "federated": "federated route: another machine in the swarm ran all of it",
+}
+
+# The reasons auto.py gives, first match wins (the more specific ones come first); each
+# phrase follows "because".
+_WHY = (
+    ("asked for the local route", "this chat asks for this machine"),
+    ("asked for the sharded route", "this chat asks for the swarm, split across machines"),
+    ("asked for the federated route", "this chat asks for another machine in the swarm"),
+    ("preferred in this node's settings", "Covey's settings prefer this route"),
+    ("queue is full; spread over", "this machine was busy with other replies"),
+    ("its queue is full", "it fits here, but this machine was busy, so it waited its turn"),
+    ("sending prompts to other machines is off",
+     "it is too big for the free memory here, and sending prompts to other machines is off"),
+    ("no other machine can take it",
+     "it is too big for the free memory here, and no other machine could take it"),
+    ("not on this machine", "this machine does not have the model"),
+    ("fits this machine", "it fits in this machine's free memory"),
+    ("served by", "it is too big for the free memory here"),
+    ("spread over", "it is too big for this machine's free memory alone"),
+)
+_MEMORY = re.compile(r"needs ([^,;()]+), ([^;()]+) free here")
+_CHOSEN = re.compile(r"(?:spread over|served by) ([^;]+)$")  # the machines auto picked
+
+
+def why_words(reason: str) -> str:
+    """The node's `route_reason` as a plain phrase that follows "because", with its memory
+    figures; an unknown reason (a newer node's) is given as the node wrote it."""
+    plain = next((words for key, words in _WHY if key in reason), None)
+    if plain is None:
+        return reason
+    memory = _MEMORY.search(reason)
+    if memory and "free memory" in plain:
+        plain += f" (needs {memory.group(1)}; {memory.group(2)} free)"
+    return plain
+
+
+def place_words(route: str, machines: list[str]) -> str:
+    """Where a route runs, after "ran" or "runs": 'on this machine (desk)', 'split across w1,
+    w2', 'on fed1'."""
+    names = ", ".join(machines)
+    if route == "local":
+        return "on this machine" + (f" ({names})" if names else "")
+    if route == "sharded":
+        return "split across " + (names or "machines in the swarm")
+    return "on " + (names or "another machine in the swarm")
+
+
+def _where_and_why(route: str, machines: list[str], reason: str | None) -> str:
+    where = place_words(route, machines)
+    return f"{where}, because {why_words(reason)}" if reason else where
+
+
+def served_line(meta: dict[str, Any]) -> str:
+    """The line under a reply: 'Ran on this machine (desk), because it fits in this machine's
+    free memory (needs …) · local route · 19.8 tokens/s'."""
+    parts = []
+    route = meta.get("route")
+    if route:
+        machines = list(meta.get("machines") or [])
+        parts.append("Ran " + _where_and_why(route, machines, meta.get("route_reason")))
+        parts.append(ROUTE_MEANING.get(route, f"{route} route"))
+    elif meta.get("machines"):
+        parts.append(", ".join(meta["machines"]))
+    if meta.get("tokens_per_s"):
+        parts.append(f"{meta['tokens_per_s']:.1f} tokens/s")
+    if meta.get("stopped"):
+        parts.append("stopped")
+    return " · ".join(parts)
+
+
+def model_choices(runnable: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(model id, label) for the picker: where each model the swarm can run would run and why,
+    as the node's own `auto` policy says (in the footer's words), or guessed from its routes
+    for an older node."""
+    choices = []
+    for model in runnable:
+        where = model.get("covey", {})
+        routes = where.get("routes", [])
+        machines = where.get("machines", [])[:3]
+        if where.get("auto"):
+            route, reason = where["auto"]["route"], where["auto"]["reason"]
+            chosen = _CHOSEN.search(reason)
+            names = chosen.group(1).split(", ") if chosen else machines
+            how = _where_and_why(route, [] if route == "local" else names, reason)
+        elif "local" in routes:
+            how = place_words("local", [])
+        else:
+            how = place_words("sharded" if "sharded" in routes else "federated", machines)
+        choices.append((model["id"], f"{model['id']} — runs {how}"))
+    return choices
