@@ -174,8 +174,9 @@ def relay_of(circuit: str) -> tuple[ID, str] | None:
     if not sep or not sep2 or not relay or "/" in relay:
         return None
     try:
+        multiaddr.Multiaddr(circuit)  # checks the relay's peer id is one
         return ID.from_base58(relay), transport
-    except Exception:  # noqa: BLE001 - base58 raises assorted types on garbage
+    except Exception:  # noqa: BLE001 - multiaddr and base58 raise assorted types on garbage
         return None
 
 

@@ -8,7 +8,7 @@ import trio
 from libp2p.peer.id import ID
 
 from swarm.net import relay as circuit
-from swarm.net.reach import Reach
+from swarm.net.reach import Held, Reach
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits, RelayRefused
 from tests.support.inprocess_swarm import (
     ECHO_PROTOCOL,
@@ -22,8 +22,8 @@ from tests.support.inprocess_swarm import (
 )
 
 
-def _offer_relay(node: Member, limits: RelayLimits = RelayLimits()) -> RelayHop:
-    hop = RelayHop(node.host, node.gatekeeper.is_admitted, limits)
+def _offer_relay(node: Member, limits: RelayLimits | None = None) -> RelayHop:
+    hop = RelayHop(node.host, node.gatekeeper.is_admitted, limits or RelayLimits())
     node.host.set_stream_handler(HOP_PROTOCOL, node.gatekeeper.guard("relay-hop", hop.handle))
     return hop
 
@@ -38,13 +38,7 @@ def _accept_circuits(node: Member) -> Reach:
 
 async def _hold_slot(reach: Reach, relay: ID) -> None:
     expires, _ = await circuit.reserve(reach.host, relay)
-    reach.held[relay] = circuit_held(expires)
-
-
-def circuit_held(expires: float):  # -> Held
-    from swarm.net.reach import Held
-
-    return Held(0.0, expires, ())
+    reach.held[relay] = Held(0.0, expires, ())
 
 
 def test_members_meet_through_a_relay_and_admit_each_other_over_it() -> None:
