@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from swarm.net import relay as circuit
@@ -142,5 +144,69 @@ def test_circuits_per_peer_are_capped() -> None:
             with pytest.raises(RelayRefused, match="RESOURCE_LIMIT_EXCEEDED"):
                 await circuit.dial(c.host, r.peer_id, b.peer_id)
             assert hop.slots.open_circuits == 1
+
+    run(body)
+
+
+SINK_PROTOCOL = TProtocol("/covey-test/sink/1.0.0")
+
+
+async def _sink(stream: INetStream) -> None:
+    while await stream.read(65536):
+        pass
+
+
+async def _flood(node: Member, target: ID, total: int) -> int:
+    """Send up to `total` bytes to `target`'s sink; how many went out before the circuit ended."""
+    sent = 0
+    try:
+        stream = await node.host.new_stream(target, [SINK_PROTOCOL])
+        while sent < total:
+            await stream.write(b"x" * 32768)
+            sent += 32768
+    except Exception:  # noqa: BLE001 - the relay reset the circuit: what is measured
+        pass
+    return sent
+
+
+def test_relay_limits_hold_under_load_and_the_relay_still_serves_its_own() -> None:
+    async def body() -> None:
+        keys = new_keys()
+        limits = RelayLimits(max_circuits=2, circuit_bytes=1024 * 1024,
+                             rate_bytes_s=4 * 1024 * 1024)
+        async with (member(keys) as r, member(keys) as b, member(keys) as a1,
+                    member(keys) as a2, member(keys) as a3, member(keys) as user):
+            hop = _offer_relay(r, limits)
+            reach_b = _accept_circuits(b)
+            b.host.set_stream_handler(SINK_PROTOCOL, b.gatekeeper.guard("sink", _sink))
+            for node in (b, a1, a2, a3, user):
+                await join(node, r)
+            await _hold_slot(reach_b, r.peer_id)
+            for source in (a1, a2):
+                _accept_circuits(source)
+                await circuit.dial(source.host, r.peer_id, b.peer_id)
+            with pytest.raises(RelayRefused, match="RESOURCE_LIMIT_EXCEEDED"):
+                await circuit.dial(a3.host, r.peer_id, b.peer_id)  # a third circuit: refused
+            await wait_for(lambda: all(b.peer_id in s.gatekeeper.admitted for s in (a1, a2)),
+                           10, "admission over both circuits")
+            slowest = 0.0
+            async with trio.open_nursery() as nursery:
+                sent: list[int] = []
+
+                async def flood(source: Member) -> None:
+                    sent.append(await _flood(source, b.peer_id, 8 * 1024 * 1024))
+
+                for source in (a1, a2):
+                    nursery.start_soon(flood, source)
+                while len(sent) < 2:  # meanwhile the relaying node answers its own peer
+                    began = trio.current_time()
+                    assert await echo_works(user.host, r.peer_id)
+                    slowest = max(slowest, trio.current_time() - began)
+                    await trio.sleep(0.05)
+            assert slowest < 0.5, f"the relay took {slowest:.2f} s to answer during the load"
+            # Each circuit ended at its byte cap (admission used a few hundred bytes of it).
+            assert limits.circuit_bytes < hop.bytes_relayed <= 2 * limits.circuit_bytes
+            assert all(s < 8 * 1024 * 1024 for s in sent)
+            await wait_for(lambda: hop.slots.open_circuits == 0, 10, "the circuits to close")
 
     run(body)
