@@ -227,7 +227,7 @@ class RelayHop:
         src = stream.muxed_conn.peer_id
         with trio.fail_after(MESSAGE_TIMEOUT_S):
             msg = await read_delimited_msg(stream, HopMessage)
-        if _is_relayed(self.host, src):
+        if is_relayed(self.host, src):
             # As the spec says: no reservations or circuits over a relayed connection.
             await self._status(stream, Status.PERMISSION_DENIED)
         elif msg.type == HopMessage.RESERVE:
@@ -318,7 +318,8 @@ class RelayHop:
             done.cancel()
 
 
-def _is_relayed(host: IHost, peer: ID) -> bool:
+def is_relayed(host: IHost, peer: ID) -> bool:
+    """Whether this node's connection to `peer` runs through a relay."""
     return any(relay_of_connection(c) is not None for c in host.get_network().get_connections(peer))
 
 

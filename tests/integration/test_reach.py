@@ -15,9 +15,16 @@ from typing import Any
 import pytest
 
 from backends.store.model_store import ModelStore
+from swarm.trust.identity import load_or_create_identity
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, nat_skip_reason, two_homes
-from tests.support.node_harness import REPO, RunningNode, start_node, wait_until
+from tests.support.node_harness import (
+    REPO,
+    RunningNode,
+    launch_node,
+    wait_started,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -65,7 +72,7 @@ def _tcp_connects(ip: str, port: int) -> bool:
         return False
 
 
-def _chat(node: RunningNode) -> tuple[int, Any]:
+def _chat(node: RunningNode, route: str = "federated") -> tuple[int, Any]:
     port = json.loads((node.data_dir / "api.json").read_text())["port"]
     key = (node.data_dir / "api-secret").read_text().strip()
 
@@ -73,7 +80,7 @@ def _chat(node: RunningNode) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": "tiny", "messages": CHAT, "max_tokens": 8, "temperature": 0,
-            "covey_route": "federated"}), headers={"Authorization": f"Bearer {key}"})
+            "covey_route": route}), headers={"Authorization": f"Bearer {key}"})
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
@@ -95,17 +102,27 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         # The topology holds what it promises: neither home can be dialled from outside.
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
-        started = time.monotonic()
-        relay = start_node(netns, net.public, token, "office", tmp_path, "--relay",
-                           "--listen", f"/ip4/{net.public_ip}/tcp/4001")
-        boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay.peer_id}"
+        # The relay's identity is made first, so every node can start at once knowing it.
+        relay_id = load_or_create_identity(tmp_path / "office").peer_id.to_base58()
+        boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay_id}"
         ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
-        home2 = start_node(netns, net.home2.ns, token, "home2", tmp_path, "--bootstrap", boot,
-                           "--listen", f"/ip4/{net.home2.ip}/tcp/4001", "--federated",
-                           "--model", "tiny")
-        home1 = start_node(netns, net.home1.ns, token, "home1", tmp_path, "--bootstrap", boot,
-                           "--listen", f"/ip4/{net.home1.ip}/tcp/4001")
-        nodes = [relay, home1, home2]
+        ModelStore(tmp_path / "home1" / "models").import_file(tiny_model, "tiny")
+        started = time.monotonic()
+        nodes = [
+            launch_node(netns, net.public, token, "office", tmp_path, "--relay",
+                        "--listen", f"/ip4/{net.public_ip}/tcp/4001"),
+            launch_node(netns, net.home2.ns, token, "home2", tmp_path, "--bootstrap", boot,
+                        "--listen", f"/ip4/{net.home2.ip}/tcp/4001", "--federated",
+                        "--model", "tiny"),
+            # A second machine in home 2 lends its memory: a sharded chat leases it.
+            launch_node(netns, net.home2.ns, token, "home2w", tmp_path, "--bootstrap", boot,
+                        "--listen", f"/ip4/{net.home2.ip}/tcp/4002", "--worker",
+                        "--share-mib", "64"),
+            launch_node(netns, net.home1.ns, token, "home1", tmp_path, "--bootstrap", boot,
+                        "--listen", f"/ip4/{net.home1.ip}/tcp/4001"),
+        ]
+        relay, home2, worker, home1 = (wait_started(n) for n in nodes)
+        print(f"reach: the four nodes answered {time.monotonic() - started:.1f} s after start")
         wait_until(lambda: _link(home1, "home2") == "relayed via office", 30,
                    "home1 to reach home2 through the relay", nodes)
         status, reply = _chat(home1)
@@ -115,7 +132,19 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         assert elapsed < 30, f"the first federated reply took {elapsed:.1f} s"
         assert _link(home2, "home1") == "relayed via office"
         assert _link(home1, "office") == "direct"
-        print(f"reach: home1 had home2's federated reply {elapsed:.1f} s after the relay started")
+        print(f"reach: home1 had home2's federated reply {elapsed:.1f} s after start")
+
+        wait_until(lambda: _link(home1, "home2w") == "relayed via office", 10,
+                   "home1 to reach the worker through the relay", nodes)
+        status, reply = _chat(home1, "sharded")
+        elapsed = time.monotonic() - started
+        assert status == 200, reply
+        assert reply["covey"]["route"] == "sharded" and reply["covey"]["machines"], reply
+        assert all(m.startswith("home2w") for m in reply["covey"]["machines"]), reply
+        # No direct path to a worker behind NAT: its RPC bytes went through the libp2p tunnel.
+        assert home1.api("/api/status")["sharded_links"] == {"home2w": "libp2p tunnel"}
+        assert elapsed < 30, f"the first sharded reply took {elapsed:.1f} s"
+        print(f"reach: and a sharded reply over home2w {elapsed:.1f} s after start")
 
         # A peer with another token, in home 1, gets neither a slot nor a circuit to home 2.
         out = netns.run(net.home1.ns, [sys.executable, "-c", _STRANGER, boot, relay.peer_id,

@@ -73,6 +73,16 @@ def start_node(
 ) -> RunningNode:
     """Start `covey node` in `ns` and wait until its API answers; `popen_kw` go to Popen (a
     token on stdin, limits set in preexec_fn)."""
+    return wait_started(launch_node(netns, ns, token, name, workdir, *extra, data_dir=data_dir,
+                                    **popen_kw))
+
+
+def launch_node(
+    netns: Netns, ns: str, token: str, name: str, workdir: Path, *extra: str,
+    data_dir: Path | None = None, **popen_kw: Any,
+) -> RunningNode:
+    """Start `covey node` in `ns` without waiting (several start side by side); then
+    `wait_started`."""
     data_dir = data_dir or workdir / name
     log_path = workdir / f"{name}.log"
     argv = [sys.executable, "-m", "app.cli", "node", "--data-dir", str(data_dir),
@@ -81,7 +91,12 @@ def start_node(
         argv += ["--token", token]
     log = log_path.open("ab")
     proc = netns.popen(ns, argv, cwd=REPO, stdout=log, stderr=log, **popen_kw)
-    node = RunningNode(netns, ns, name, data_dir, log_path, proc)
+    return RunningNode(netns, ns, name, data_dir, log_path, proc)
+
+
+def wait_started(node: RunningNode) -> RunningNode:
+    """`node` once its API answers (with its status read), or AssertionError with its log."""
+    name, proc, data_dir = node.name, node.proc, node.data_dir
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
