@@ -38,6 +38,16 @@ def _accept_circuits(node: Member) -> Reach:
     return reach
 
 
+async def _circuit_a_to_b(r: Member, a: Member, b: Member) -> None:
+    """a and b join relay r; b holds a slot there and a opens a circuit to it."""
+    _accept_circuits(a)
+    reach_b = _accept_circuits(b)
+    await join(a, r)
+    await join(b, r)
+    await _hold_slot(reach_b, r.peer_id)
+    await circuit.dial(a.host, r.peer_id, b.peer_id)
+
+
 async def _hold_slot(reach: Reach, relay: ID) -> None:
     expires, _ = await circuit.reserve(reach.host, relay)
     reach.held[relay] = Held(0.0, expires, ())
@@ -48,12 +58,7 @@ def test_members_meet_through_a_relay_and_admit_each_other_over_it() -> None:
         keys = new_keys()
         async with member(keys) as r, member(keys) as a, member(keys) as b:
             _offer_relay(r)
-            _accept_circuits(a)
-            reach_b = _accept_circuits(b)
-            await join(a, r)
-            await join(b, r)
-            await _hold_slot(reach_b, r.peer_id)
-            await circuit.dial(a.host, r.peer_id, b.peer_id)
+            await _circuit_a_to_b(r, a, b)
             await wait_for(lambda: b.peer_id in a.gatekeeper.admitted
                            and a.peer_id in b.gatekeeper.admitted, 10, "admission over the relay")
             assert await echo_works(a.host, b.peer_id)
@@ -106,12 +111,7 @@ def test_a_circuit_ends_when_its_bytes_are_spent() -> None:
         limits = RelayLimits(circuit_bytes=256 * 1024)
         async with member(keys) as r, member(keys) as a, member(keys) as b:
             hop = _offer_relay(r, limits)
-            _accept_circuits(a)
-            reach_b = _accept_circuits(b)
-            await join(a, r)
-            await join(b, r)
-            await _hold_slot(reach_b, r.peer_id)
-            await circuit.dial(a.host, r.peer_id, b.peer_id)
+            await _circuit_a_to_b(r, a, b)
             await wait_for(lambda: b.peer_id in a.gatekeeper.admitted, 10, "admission")
             stream = await a.host.new_stream(b.peer_id, [ECHO_PROTOCOL])
             with pytest.raises(Exception), trio.fail_after(20):  # noqa: B017
