@@ -101,6 +101,7 @@ class Reach:
         self.ledger = ledger
         self.reserves = reserves
         self.offers_relay = offers_relay
+        self.dials = True  # off for a LAN-only node: it meets peers by mDNS alone
         self._is_banned = is_banned
         self._changed = changed
         self.held: dict[ID, Held] = {}
@@ -133,7 +134,7 @@ class Reach:
                 entries = live_entries(self.ledger, me, time.time())
                 if self.reserves:
                     await self._keep_reservations(entries)
-                for owner, entry in entries.items():
+                for owner, entry in entries.items() if self.dials else ():
                     peer = ID.from_base58(owner)
                     if (peer not in self._dialing and not self._connected(peer)
                             and not self._is_banned(peer)):

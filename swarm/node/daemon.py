@@ -259,10 +259,11 @@ class Node:
 
     def _decide_reach(self) -> None:
         """Relay for the swarm when told to or when reachable from the internet; hold relay
-        slots when not reachable."""
+        slots when not reachable. A LAN-only node dials nobody it did not find by mDNS."""
         public = any(is_public(a) for a in self.addresses())
         self.reach.offers_relay = public if self.config.relay is None else self.config.relay
-        self.reach.reserves = not (self.reach.offers_relay or public)
+        self.reach.reserves = not (self.reach.offers_relay or public or self.config.lan_only)
+        self.reach.dials = not self.config.lan_only
 
     async def _close_host(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
