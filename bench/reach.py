@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.store.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from bench.federated import chat  # noqa: E402
-from swarm.trust.identity import load_or_create_identity  # noqa: E402
 from swarm.trust.token import new_token  # noqa: E402
 from tests.support.netns import Netns, call_in, two_homes  # noqa: E402
 from tests.support.node_harness import (  # noqa: E402
     RunningNode,
-    launch_node,
+    launch_homes,
     wait_started,
     wait_until,
 )
@@ -43,33 +42,23 @@ def ask(node: RunningNode, model: str, tokens: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=("tiny", "gemma"), default="gemma")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model", choices=("gemma", "tiny"), default="gemma")
     args = parser.parse_args()
+    model, token = DEFAULT_MODEL if args.model == "gemma" else "tiny", new_token().encode()
     with tempfile.TemporaryDirectory() as tmp, Netns() as netns:
         work = Path(tmp)
-        model = DEFAULT_MODEL if args.model == "gemma" else "tiny"
         store = ModelStore(work / "home2" / "models")
         if args.model == "tiny":
             store.import_file(write_tiny_gguf(work / "tiny.gguf"), "tiny")
         else:
             store.ensure_default()
         net = two_homes(netns)
-        token = new_token().encode()
-        relay_id = load_or_create_identity(work / "office").peer_id.to_base58()
-        boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay_id}"
         started = time.monotonic()
-        nodes = [
-            launch_node(netns, net.public, token, "office", work, "--relay",
-                        "--listen", f"/ip4/{net.public_ip}/tcp/4001"),
-            launch_node(netns, net.home2.ns, token, "home2", work, "--bootstrap", boot,
-                        "--listen", f"/ip4/{net.home2.ip}/tcp/4001", "--federated",
-                        "--model", model),
-            launch_node(netns, net.home1.ns, token, "home1", work, "--bootstrap", boot,
-                        "--listen", f"/ip4/{net.home1.ip}/tcp/4001"),
-        ]
+        nodes = launch_homes(netns, net, token, work, [
+            ("home2", net.home2, ["--federated", "--model", model]), ("home1", net.home1, [])])
         office, home2, home1 = (wait_started(n) for n in nodes)
 
         def first_reply() -> bool:

@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 
 from backends.store.model_store import ModelStore
-from swarm.trust.identity import load_or_create_identity
 from swarm.trust.token import new_token
 from tests.support.netns import Netns, call_in, nat_skip_reason, two_homes
 from tests.support.node_harness import (
     REPO,
     RunningNode,
-    launch_node,
+    launch_homes,
     wait_started,
     wait_until,
 )
@@ -102,25 +101,14 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         # The topology holds what it promises: neither home can be dialled from outside.
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
-        # The relay's identity is made first, so every node can start at once knowing it.
-        relay_id = load_or_create_identity(tmp_path / "office").peer_id.to_base58()
-        boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay_id}"
         ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
         ModelStore(tmp_path / "home1" / "models").import_file(tiny_model, "tiny")
         started = time.monotonic()
-        nodes = [
-            launch_node(netns, net.public, token, "office", tmp_path, "--relay",
-                        "--listen", f"/ip4/{net.public_ip}/tcp/4001"),
-            launch_node(netns, net.home2.ns, token, "home2", tmp_path, "--bootstrap", boot,
-                        "--listen", f"/ip4/{net.home2.ip}/tcp/4001", "--federated",
-                        "--model", "tiny"),
+        nodes = launch_homes(netns, net, token, tmp_path, [
+            ("home2", net.home2, ["--federated", "--model", "tiny"]),
             # A second machine in home 2 lends its memory: a sharded chat leases it.
-            launch_node(netns, net.home2.ns, token, "home2w", tmp_path, "--bootstrap", boot,
-                        "--listen", f"/ip4/{net.home2.ip}/tcp/4002", "--worker",
-                        "--share-mib", "64"),
-            launch_node(netns, net.home1.ns, token, "home1", tmp_path, "--bootstrap", boot,
-                        "--listen", f"/ip4/{net.home1.ip}/tcp/4001"),
-        ]
+            ("home2w", net.home2, ["--worker", "--share-mib", "64"]),
+            ("home1", net.home1, [])])
         relay, home2, worker, home1 = (wait_started(n) for n in nodes)
         print(f"reach: the four nodes answered {time.monotonic() - started:.1f} s after start")
         wait_until(lambda: _link(home1, "home2") == "relayed via office", 30,
@@ -147,6 +135,7 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         print(f"reach: and a sharded reply over home2w {elapsed:.1f} s after start")
 
         # A peer with another token, in home 1, gets neither a slot nor a circuit to home 2.
+        boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay.peer_id}"
         out = netns.run(net.home1.ns, [sys.executable, "-c", _STRANGER, boot, relay.peer_id,
                                        home2.peer_id], cwd=REPO, timeout=60).stdout
         assert out.strip() == "reserve: refused;dial: refused", out
