@@ -61,6 +61,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="the API key for --api-listen (or set $COVEY_API_KEY)")
     node.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a reachable node of this swarm; repeatable")
+    node.add_argument("--relay", action=argparse.BooleanOptionalAction,
+                      help="relay connections between the swarm's members that cannot reach "
+                           "each other (members only, with limits; default: when this machine "
+                           "has a public address)")
     node.add_argument("--remote-prompts", action=argparse.BooleanOptionalAction,
                       help="may prompts go to other machines (federated and sharded routes); "
                            "remembered, on at first")
@@ -123,7 +127,8 @@ def format_peers(peers: list[dict[str, Any]], now: float) -> str:
 
 def _row(p: dict[str, Any], now: float) -> tuple[str, ...]:
     status = "this node" if p.get("self") else ("online" if p.get("online") else "offline")
-    link = "-" if p.get("self") else ("direct" if p.get("connected") else "via swarm")
+    link = "-" if p.get("self") else (
+        (p.get("link") or "direct") if p.get("connected") else "via swarm")
     seen = "now" if p.get("self") else ago(now - p.get("last_seen", now), compact=True)
     ram = f"{p.get('ram_free', 0) / GiB:.1f}/{p.get('ram_total', 0) / GiB:.1f} GiB"
     worker = p.get("worker")

@@ -1,9 +1,10 @@
 """The schemas of every ledger entry a node publishes, one frozen dataclass per key.
 
 "node" (NodeInfo), "worker" (WorkerEntry; WorkerOffer adds who published it), "federated"
-(FederatedEntry) and "models" (ModelsEntry). `to_value()` gives the JSON value a node
-publishes; `from_value()` reads a peer's, which arrives from the network, so it checks every
-field's type and size and raises ValueError for anything a well-behaved node would not send.
+(FederatedEntry), "models" (ModelsEntry) and "reach" (ReachEntry). `to_value()` gives the
+JSON value a node publishes; `from_value()` reads a peer's, which arrives from the network,
+so it checks every field's type and size and raises ValueError for anything a well-behaved
+node would not send.
 Keys a value does not name are ignored, so a later version may add some. Pure: no I/O.
 """
 
@@ -23,11 +24,13 @@ NODE_KEY = "node"
 WORKER_KEY = "worker"
 FEDERATED_KEY = "federated"
 MODELS_KEY = "models"
+REACH_KEY = "reach"
 
 INFO_VERSION = 1
 WORKER_VALUE_VERSION = 1
 FEDERATED_VERSION = 1
 MODELS_VERSION = 1
+REACH_VERSION = 1
 
 ROLES = ("client", "worker", "federated")
 WORKER_STATES = ("idle", "leased")
@@ -37,6 +40,8 @@ MAX_SHORT_CHARS = 32  # versions and role names
 MAX_TEXT_CHARS = 128  # protocol versions, peer ids, model names
 MAX_SHARED = 200  # keeps a "models" entry well under the ledger's value limit
 MAX_CACHED = 16  # models a worker says its tensor cache holds
+MAX_ADDRS = 8
+MAX_ADDR_CHARS = 256
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 E = TypeVar("E")
@@ -331,3 +336,31 @@ def parse_shared(value: Any) -> list[SharedModel]:
     """The models a peer's "models" value offers; none when the value is refused."""
     entry = read(ModelsEntry.from_value, value)
     return [] if entry is None else list(entry.models)
+
+
+# -- "reach" ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReachEntry:
+    """How to reach a node: its direct addresses, the relay circuits it holds a slot on
+    (`…/p2p/RELAY/p2p-circuit`), and whether it relays for the swarm itself."""
+
+    addrs: tuple[str, ...]
+    circuits: tuple[str, ...]
+    relay: bool
+    version: int = REACH_VERSION
+
+    def to_value(self) -> dict[str, Any]:
+        return {"version": self.version, "addrs": list(self.addrs),
+                "circuits": list(self.circuits), "relay": self.relay}
+
+    @classmethod
+    def from_value(cls, value: Any) -> ReachEntry:
+        value = _fields(value, REACH_VERSION, "reach")
+        relay = value.get("relay")
+        if not isinstance(relay, bool):
+            raise ValueError("relay must be true or false")
+        addrs, circuits = (tuple(_checked_text(a, "an address", MAX_ADDR_CHARS)
+                                 for a in _list(value, name, MAX_ADDRS))
+                           for name in ("addrs", "circuits"))
+        return cls(addrs, circuits, relay)

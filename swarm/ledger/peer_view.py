@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from swarm.ledger.entries import (
@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def peers_view(
-    ledger: Ledger, self_id: str, connected: Collection[str], now: float
+    ledger: Ledger, self_id: str, connected: Collection[str], now: float,
+    links: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per peer with a valid "node" entry, this node included and flagged "self"."""
+    """One dict per peer with a valid "node" entry, this node included and flagged "self".
+
+    "link" says how a connected peer is reached ("direct", "relayed via NAME"; from `links`),
+    None for this node and for peers not connected."""
     rows = []
     for record in ledger.by_key(NODE_KEY):
         entry = record.entry
@@ -40,6 +44,7 @@ def peers_view(
                 "self": entry.owner == self_id,
                 "online": entry.owner == self_id or is_live(record, now),
                 "connected": entry.owner in connected,
+                "link": (links or {}).get(entry.owner) if entry.owner in connected else None,
                 "last_seen": round(record.received_at, 3),
                 "worker": _worker(ledger, entry.owner, now),
                 "shares_models": [m.name for m in _shared(ledger, entry.owner, now)],

@@ -124,7 +124,7 @@ class NodeApi:
     async def get_peers(self, request: Request) -> Response:
         node = self.node
         peers = peers_view(node.sync.ledger, node.peer_id.to_base58(), node.admitted_ids(),
-                           time.time())
+                           time.time(), node.links())
         return Response.json({"version": STATUS_VERSION, "peers": peers})
 
     async def get_ledger(self, request: Request) -> Response:

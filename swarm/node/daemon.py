@@ -32,6 +32,7 @@ from swarm.ledger.entries import (
     FEDERATED_KEY,
     MODELS_KEY,
     NODE_KEY,
+    REACH_KEY,
     WORKER_KEY,
     NodeInfo,
     WorkerOffer,
@@ -43,6 +44,8 @@ from swarm.net import mdns
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
+from swarm.net.reach import Reach, is_public
+from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits
 from swarm.node.api_handlers import NodeApi
 from swarm.node.background import keep_running
 from swarm.node.local_facts import collect_node_info, covey_version
@@ -94,6 +97,8 @@ class NodeConfig:
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
+    relay: bool | None = None  # relay for the swarm's members; None: when publicly reachable
+    relay_limits: RelayLimits = RelayLimits()
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -132,6 +137,9 @@ class Node:
             [*config.token.bootstrap, *config.bootstrap], config.lan_only,
             self.gatekeeper.is_banned,
         )
+        self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
+                           is_banned=self.gatekeeper.is_banned, changed=self.changed)
+        self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
         self.store = ModelStore(config.data_dir / "models")
@@ -192,6 +200,7 @@ class Node:
                     "or the address is not on this machine"
                 )
             self.gatekeeper.install()
+            self._decide_reach()
             guarded = [
                 (SYNC_PROTOCOL, "ledger-sync", self.sync.handle_sync),
                 (SYNC_PROTOCOL_V2, "ledger-sync", self.sync.handle_sync_v2),
@@ -200,7 +209,10 @@ class Node:
                 (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
                 (LEASE_PROTOCOL, "worker-lease", self.worker.desk.handle),
                 (TUNNEL_PROTOCOL, "rpc-tunnel", self.tunnels.handle),
+                (STOP_PROTOCOL, "relay-stop", self.reach.stop_side.handle),
             ]
+            if self.reach.offers_relay:
+                guarded.append((HOP_PROTOCOL, "relay-hop", self.relay_hop.handle))
             if self.discovery.dht is not None:
                 # KadDHT answers everyone by default: an outsider would learn the members'
                 # peer ids and addresses from its routing table.
@@ -222,7 +234,8 @@ class Node:
                                ("heartbeat", self._heartbeat),
                                ("ledger sync", self._sync_loop),
                                ("dialer", self.discovery.run_dialer),
-                               ("wide-area discovery", self.discovery.run_wide_area)):
+                               ("wide-area discovery", self.discovery.run_wide_area),
+                               ("reach", self.reach.run)):
                 nursery.start_soon(keep_running, name, loop)
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.worker.close)
@@ -244,6 +257,14 @@ class Node:
             await self._stop.wait()
             await self._say_goodbye()
             nursery.cancel_scope.cancel()
+
+    def _decide_reach(self) -> None:
+        """Relay for the swarm when told to or when reachable from the internet; hold relay
+        slots when not reachable. A LAN-only node dials nobody it did not find by mDNS."""
+        public = any(is_public(a) for a in self.addresses())
+        self.reach.offers_relay = public if self.config.relay is None else self.config.relay
+        self.reach.reserves = not (self.reach.offers_relay or public or self.config.lan_only)
+        self.reach.dials = not self.config.lan_only
 
     async def _close_host(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -288,7 +309,8 @@ class Node:
         while True:
             ttl = self.config.entry_ttl_s
             for key, value in ((NODE_KEY, self.node_value()),
-                               (MODELS_KEY, shared_value(self.store.shareable()))):
+                               (MODELS_KEY, shared_value(self.store.shareable())),
+                               (REACH_KEY, self.reach.entry(self.addresses()).to_value())):
                 self._push_to_all(await self.sync.publish(key, value, ttl))
             for key, on, value in self._role_entries():
                 if on or key in self._roles_published:
@@ -318,6 +340,10 @@ class Node:
             if info is not None:
                 found[r.entry.owner] = info.ram_total
         return found
+
+    def links(self) -> dict[str, str]:
+        """How each connected peer is reached, by peer id: "direct" or "relayed via NAME"."""
+        return self.reach.links(self._names())
 
     def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}
@@ -371,7 +397,8 @@ class Node:
         """Tell every connected peer directly (gossip may not have a mesh yet)."""
         with trio.move_on_after(2):
             goodbyes = [await self.sync.publish(NODE_KEY, self.node_value(), 0),
-                         await self.sync.publish(MODELS_KEY, shared_value([]), 0)]
+                         await self.sync.publish(MODELS_KEY, shared_value([]), 0),
+                         await self.sync.publish(REACH_KEY, self.reach.entry([]).to_value(), 0)]
             for key, on, value in self._role_entries():
                 if on:
                     goodbyes.append(await self.sync.publish(key, value, 0))

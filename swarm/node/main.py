@@ -178,6 +178,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
+        relay=getattr(args, "relay", None),
     )
     return Node(config)
 

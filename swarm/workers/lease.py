@@ -40,6 +40,7 @@ from swarm.net.host import (
     reset_quietly,
     write_json_frame,
 )
+from swarm.net.relay import is_relayed
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,9 @@ async def hold(host: IHost, peer_id: str, *,
             message = reply.get("message", "") if isinstance(reply, dict) else ""
             raise LeaseRefused(str(code), str(message))
         lease.granted = reply
-        address = stream.get_remote_address()
+        # Over a relayed connection the remote address is the relay's: no direct path to try.
+        address = None if is_relayed(host, stream.muxed_conn.peer_id) else \
+            stream.get_remote_address()
         lease.remote_ip = address[0] if address else None
         task_status.started(lease)
         await _keep(stream, lease)

@@ -112,6 +112,8 @@ def test_peer_rows_and_edges() -> None:
                                          "serving desk", "30 s ago"]
     assert peer_row(peers[2], 10_000.0)[5] == "offline"
     assert serving_edges(peers) == [("laptop", "desk")]
+    relayed = {**peers[1], "worker": None, "link": "relayed via office"}
+    assert peer_row(relayed, 130.0)[5] == "online · relayed via office"
 
 
 def test_reply_footer_and_model_labels() -> None:

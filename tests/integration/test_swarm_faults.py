@@ -283,7 +283,7 @@ def test_forged_tampered_replayed_foreign_and_oversized_entries_are_refused(
     assert obs["peer_id"] not in shown  # it never published a node entry of its own
     # The victim's entries: nothing added, its node entry not overwritten by the forgery.
     after = swarm.owned_by(victim)
-    assert set(after) == set(before) == {"node", "models"}, after
+    assert set(after) == set(before) == {"node", "models", "reach"}, after
     assert after["node"] < base + 10**9, after
     # The probe's own entries: exactly the valid ones, pushed or served to the node's pull; of
     # the replayed slot, the newer entry (offset 6), not the older one sent after it (5).

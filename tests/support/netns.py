@@ -72,6 +72,46 @@ class Router:
     gateway_b: str
 
 
+@dataclass(frozen=True)
+class NatHome:
+    """A namespace behind a NAT router: `ip` inside, seen as `wan_ip` from the outside."""
+
+    ns: str
+    router: str
+    ip: str
+    wan_ip: str
+
+
+@dataclass(frozen=True)
+class TwoHomes:
+    """Two homes behind their own NATs and one reachable namespace, on a "public" segment."""
+
+    public: str
+    public_ip: str
+    home1: NatHome
+    home2: NatHome
+
+
+def two_homes(netns: Netns, public_net: str = "198.51.100.0/24") -> TwoHomes:
+    """The everyday case reach is for: two homes that cannot dial each other (nor be dialled
+    from outside) and one machine both can reach. Needs iptables (see `nat_skip_reason`)."""
+    bridge = netns.bridge("internet")
+    public = netns.add("public")
+    public_ip = host_address(public_net, 2)
+    netns.attach(bridge, public, public_ip)
+    homes = [netns.nat_home(bridge, host_address(public_net, 10 + n), f"192.168.{n}.0/24",
+                            f"home{n}") for n in (1, 2)]
+    return TwoHomes(public, public_ip, homes[0], homes[1])
+
+
+def nat_skip_reason() -> str | None:
+    """Why NATed namespaces cannot be built here, or None when they can."""
+    reason = netns_skip_reason()
+    if reason is None and shutil.which("iptables") is None:
+        return "NAT routers need iptables (apt-get install iptables)"
+    return reason
+
+
 class Netns:
     """Creates namespaces, links and processes; `close()` undoes all of it."""
 
@@ -147,6 +187,30 @@ class Netns:
         _ip("-n", ns_a, "route", "add", net_b, "via", gw_a)
         _ip("-n", ns_b, "route", "add", net_a, "via", gw_b)
         return Router(ns=ns, ip_a=ip_a, ip_b=ip_b, gateway_a=gw_a, gateway_b=gw_b)
+
+    def nat_home(self, public_bridge: str, wan_ip: str, lan: str, label: str,
+                 public_prefix: int = 24) -> NatHome:
+        """A home network behind its own NAT router: namespace `label` on `lan` (.2), and a
+        router (`label`-nat, .1 on `lan`, `wan_ip` on the public bridge) that masquerades
+        outgoing connections and drops every inbound one that is not a reply.
+
+        The router has no default route: an address outside the public segment is
+        unreachable at once, as a private address in another home is from the internet."""
+        router, home = self.add(f"{label}-nat"), self.add(label)
+        wan = self.attach(public_bridge, router, wan_ip, public_prefix)
+        gateway, ip = host_address(lan, 1), host_address(lan, 2)
+        self.veth_pair(router, home, gateway, ip, ipaddress.ip_network(lan).prefixlen)
+        self.run(router, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+        _ip("-n", home, "route", "add", "default", "via", gateway)
+        for rule in (["-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE"],
+                     ["-A", "FORWARD", "-i", wan, "-m", "state", "--state",
+                      "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", wan, "-j", "DROP"],
+                     ["-A", "INPUT", "-i", wan, "-m", "state", "--state",
+                      "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-i", wan, "-j", "DROP"]):
+            self.run(router, ["iptables", "-w", *rule])
+        return NatHome(ns=home, router=router, ip=ip, wan_ip=wan_ip)
 
     def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start `argv` inside `ns` in its own process group; killed by `close()`."""

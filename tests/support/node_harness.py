@@ -11,12 +11,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.netns import Netns
+from swarm.trust.identity import load_or_create_identity
+from tests.support.netns import NatHome, Netns, TwoHomes
 
 REPO = Path(__file__).resolve().parents[2]
 _API_SNIPPET = """
@@ -73,6 +74,16 @@ def start_node(
 ) -> RunningNode:
     """Start `covey node` in `ns` and wait until its API answers; `popen_kw` go to Popen (a
     token on stdin, limits set in preexec_fn)."""
+    return wait_started(launch_node(netns, ns, token, name, workdir, *extra, data_dir=data_dir,
+                                    **popen_kw))
+
+
+def launch_node(
+    netns: Netns, ns: str, token: str, name: str, workdir: Path, *extra: str,
+    data_dir: Path | None = None, **popen_kw: Any,
+) -> RunningNode:
+    """Start `covey node` in `ns` without waiting (several start side by side); then
+    `wait_started`."""
     data_dir = data_dir or workdir / name
     log_path = workdir / f"{name}.log"
     argv = [sys.executable, "-m", "app.cli", "node", "--data-dir", str(data_dir),
@@ -81,7 +92,12 @@ def start_node(
         argv += ["--token", token]
     log = log_path.open("ab")
     proc = netns.popen(ns, argv, cwd=REPO, stdout=log, stderr=log, **popen_kw)
-    node = RunningNode(netns, ns, name, data_dir, log_path, proc)
+    return RunningNode(netns, ns, name, data_dir, log_path, proc)
+
+
+def wait_started(node: RunningNode) -> RunningNode:
+    """`node` once its API answers (with its status read), or AssertionError with its log."""
+    name, proc, data_dir = node.name, node.proc, node.data_dir
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -143,3 +159,18 @@ def rename_burst(node: RunningNode, count: int) -> str:
 
 def ledger_view(node: RunningNode) -> dict[tuple[str, str], int]:
     return {(e["owner"], e["key"]): e["seq"] for e in node.api("/api/ledger")["entries"]}
+
+
+def launch_homes(netns: Netns, net: TwoHomes, token: str, workdir: Path,
+                 homes: Sequence[tuple[str, NatHome, Sequence[str]]]) -> list[RunningNode]:
+    """The relaying member "office" on the public segment, then each (name, home, args) behind
+    its NAT, all launched side by side (each on its own port; the homes bootstrap from the
+    office, whose identity is made first so its peer id is known). Office first."""
+    relay_id = load_or_create_identity(workdir / "office").peer_id.to_base58()
+    boot = f"/ip4/{net.public_ip}/tcp/4001/p2p/{relay_id}"
+    nodes = [launch_node(netns, net.public, token, "office", workdir, "--relay",
+                         "--listen", f"/ip4/{net.public_ip}/tcp/4001")]
+    for port, (name, home, args) in enumerate(homes, 4001):
+        nodes.append(launch_node(netns, home.ns, token, name, workdir, "--bootstrap", boot,
+                                 "--listen", f"/ip4/{home.ip}/tcp/{port}", *args))
+    return nodes

@@ -59,6 +59,8 @@ def peer_row(peer: dict[str, Any], now: float) -> list[str]:
         state = "serving " + (worker.get("leased_by_name") or "a peer")
     else:
         state = "online" + (" (this machine)" if peer.get("self") else "")
+    if peer.get("online") and peer.get("link"):
+        state += f" · {peer['link']}"  # "direct" or "relayed via NAME"
     ram, donated = peer.get("ram_total"), worker.get("donated_bytes")
     return [
         peer.get("name", "?"),
