@@ -19,11 +19,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
 from backends import engine_protocol as proto
 from backends import ggml
+from backends.compute import physical_cores
 from backends.text.chat_template import ChatTemplateError, render_chat
 from backends.text.stop_strings import StopMatcher
 
@@ -66,18 +66,6 @@ class _LlamaLog:
             self.layer_devices[int(match.group(1))] = match.group(2)
         elif self._last_level in (_LOG_WARN, _LOG_ERROR):
             sys.stderr.write(line)
-
-
-def physical_cores() -> int:
-    """Cores, not hyperthreads: a second thread per core slows llama.cpp down."""
-    cores = set()
-    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((cpu / "physical_package_id").read_text(), (cpu / "core_id").read_text()))
-        except OSError:
-            continue
-    usable = len(os.sched_getaffinity(0))  # what this process may run on
-    return min(len(cores), usable) if cores else usable
 
 
 def _device_layers(
