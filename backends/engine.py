@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import os
 import queue
 import re
 import signal
@@ -25,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backends import engine_protocol as proto
+from backends.compute import compute_env
 from backends.endpoints import split_host_port
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Loaded, Token
 
@@ -146,7 +146,7 @@ class Engine:
         self._dead: EngineError | None = None
         self._send_lock = threading.Lock()
         self._closed = False
-        child_env = {**os.environ, "GGML_NO_BACKTRACE": "1", **(env or {})}
+        child_env = compute_env(env)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "backends.engine_process", proto.encode(config)],
             stdin=subprocess.PIPE,

@@ -19,11 +19,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
 from backends import engine_protocol as proto
 from backends import ggml
+from backends.compute import physical_cores
 from backends.text.chat_template import ChatTemplateError, render_chat
 from backends.text.stop_strings import StopMatcher
 
@@ -66,18 +66,6 @@ class _LlamaLog:
             self.layer_devices[int(match.group(1))] = match.group(2)
         elif self._last_level in (_LOG_WARN, _LOG_ERROR):
             sys.stderr.write(line)
-
-
-def physical_cores() -> int:
-    """Cores, not hyperthreads: a second thread per core slows llama.cpp down."""
-    cores = set()
-    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((cpu / "physical_package_id").read_text(), (cpu / "core_id").read_text()))
-        except OSError:
-            continue
-    usable = len(os.sched_getaffinity(0))  # what this process may run on
-    return min(len(cores), usable) if cores else usable
 
 
 def _device_layers(
@@ -197,12 +185,14 @@ class ModelRunner:
     def _arch(self) -> str:
         return self.llm.metadata.get("general.architecture", "llama")
 
-    def _prompt(self, request: proto.GenerateRequest) -> tuple[list[int], tuple[str, ...]]:
-        """The prompt's tokens, and the stop strings its chat format implies."""
+    def _prompt(self, request: proto.GenerateRequest) -> tuple[list[int], int, tuple[str, ...]]:
+        """The prompt's tokens (ending with the continuation), how many of them the request's
+        own prompt makes (what usage counts: a continuation is the reply's text), and the stop
+        strings its chat format implies."""
         llm = self.llm
         if request.messages is None:
-            text = (request.prompt or "") + request.continuation
-            return llm.tokenize(text.encode(), add_bos=True, special=True), ()
+            own = request.prompt or ""
+            return (*self._tokens(own, request.continuation, add_bos=True), ())
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
         chat = render_chat(
@@ -212,14 +202,21 @@ class ModelRunner:
             eos_token=eos,
         )
         add_bos = not (bos and chat.text.startswith(bos))
-        text = chat.text + request.continuation
-        return llm.tokenize(text.encode(), add_bos=add_bos, special=True), chat.stop
+        return (*self._tokens(chat.text, request.continuation, add_bos), chat.stop)
+
+    def _tokens(self, own: str, continuation: str, add_bos: bool) -> tuple[list[int], int]:
+        """The tokens of `own` + `continuation`, and how many `own` alone makes (the same as
+        the attempt before any failover counted)."""
+        tokens = self.llm.tokenize((own + continuation).encode(), add_bos=add_bos, special=True)
+        if not continuation:
+            return tokens, len(tokens)
+        return tokens, len(self.llm.tokenize(own.encode(), add_bos=add_bos, special=True))
 
     def generate(self, request: proto.GenerateRequest) -> proto.Done:
         import llama_cpp
 
         llm = self.llm
-        prompt, template_stops = self._prompt(request)
+        prompt, own_prompt_tokens, template_stops = self._prompt(request)
         if len(prompt) + request.max_tokens > llm.n_ctx():
             raise ChatTemplateError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) "
@@ -275,7 +272,7 @@ class ModelRunner:
             id=request.id,
             finish_reason=finish,
             text="".join(pieces),
-            prompt_tokens=len(prompt),
+            prompt_tokens=own_prompt_tokens,
             tokens=tuple(produced),
             timings=proto.Timings(
                 prompt_s=prompt_s,

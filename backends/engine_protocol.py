@@ -98,7 +98,7 @@ class Done:
     id: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     text: str
-    prompt_tokens: int
+    prompt_tokens: int  # the request's prompt, not counting its continuation
     tokens: tuple[int, ...]
     timings: Timings = field(default_factory=Timings)
 

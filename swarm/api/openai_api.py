@@ -242,6 +242,7 @@ class OpenAiApi:
     async def _complete(self, request: Request, kind: str) -> Response | StreamingResponse:
         c = parse_completion(request.json(), kind)
         try:
+            await self._router.ready(c.model)
             route, reason = self._router.choose(c.route, c.model)
         except RouteError as exc:
             raise _route_error(exc) from None

@@ -26,6 +26,8 @@ ROLES = ("client", "worker", "federated")
 MAX_NAME_CHARS = 64
 STATUS_VERSION = 1
 NODE_INFO_VERSION = 1
+REGISTRATION_VERSION = 1
+BUNDLED_WAIT_S = 120.0
 
 Schema = dict[str, Any]
 
@@ -354,6 +356,21 @@ def _node_schemas() -> dict[str, Schema]:
                     "type": "string", "enum": ["direct TLS", "libp2p tunnel"]},
                 "description": "Worker name -> how this node reaches it, for the sharded "
                                "session loaded now; empty without one."},
+            "default_models": {
+                "type": "object", "additionalProperties": _object({
+                    "version": {"const": REGISTRATION_VERSION},
+                    "state": {"type": "string", "enum": ["registering", "ready", "failed"]},
+                    "done_bytes": {"type": "integer", "minimum": 0},
+                    "total_bytes": or_null({"type": "integer", "minimum": 0, "description":
+                                            "Null until registering has begun."}),
+                    "error": or_null({"type": "string", "description":
+                                      "Why registering failed; a request for the model tries "
+                                      "again."}),
+                }, ["version", "state", "done_bytes", "total_bytes", "error"]),
+                "description": "Model name -> registering the bundled default models in this "
+                               "node's store as it starts; a request for one waits for it "
+                               f"(up to {BUNDLED_WAIT_S:.0f} s, then a 503 "
+                               "model_not_ready)."},
             "ledger": _object({
                 "entries": {"type": "integer", "minimum": 0,
                             "description": "Entries this node's replica holds."},
@@ -379,7 +396,8 @@ def _node_schemas() -> dict[str, Schema]:
                "The replicated ledger: its size, entries refused, and how pulls fare. A "
                "failing pull means this node may not see other machines' changes."),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
-            "connected_peers", "federated", "worker", "sharded_links", "ledger"]),
+            "connected_peers", "federated", "worker", "sharded_links", "default_models",
+            "ledger"]),
         "LinkCounters": _object({
             "connections": {"type": "integer", "minimum": 0,
                             "description": "Connections admitted and relayed."},

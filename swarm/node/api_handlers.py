@@ -115,6 +115,7 @@ class NodeApi:
             "federated": node.federated.ledger_value() | {"enabled": node.federated.enabled},
             "worker": node.worker.status() | {"rpc_traffic": traffic},
             "sharded_links": node.sharded_route.links(),
+            "default_models": node.bundled.status(),
             "ledger": node.sync.status(),
         }
 

@@ -57,6 +57,7 @@ from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.routes.federated import Candidate, FederatedRoute, FederatedService, served_models
 from swarm.routes.federated import candidates as federated_candidates
 from swarm.routes.local import LocalRoute
+from swarm.routes.preparing import BundledModels
 from swarm.routes.router import Router
 from swarm.routes.sharded import ShardedRoute
 from swarm.trust.identity import load_or_create_identity
@@ -96,6 +97,7 @@ class NodeConfig:
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
+    bundled_models: tuple[str, ...] = ()  # bundled defaults to register as the node starts
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
     relay: bool | None = None  # relay for the swarm's members; None: when publicly reachable
     relay_limits: RelayLimits = RelayLimits()
@@ -144,9 +146,12 @@ class Node:
         self.api_port: int | None = None
         self.store = ModelStore(config.data_dir / "models")
         self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
+        # The store registers one bundled model today, the default, whatever the name.
+        self.bundled = BundledModels(lambda _name, progress: self.store.ensure_default(progress),
+                                     config.bundled_models)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
         self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
-        self.federated = FederatedService(self.local_route, self.changed)
+        self.federated = FederatedService(self.local_route, self.changed, self.bundled)
         if config.federated_model:
             self.federated.models = [config.federated_model]
         self.federated_route = FederatedRoute(self.host, self.federated,
@@ -160,7 +165,7 @@ class Node:
                                           self._names, self.local_route,
                                           ram_of=self._ram_totals)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
-                             lambda: self.config.routing)
+                             lambda: self.config.routing, self.bundled)
         self.openai = OpenAiApi(self.router)
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
@@ -237,6 +242,7 @@ class Node:
                                ("wide-area discovery", self.discovery.run_wide_area),
                                ("reach", self.reach.run)):
                 nursery.start_soon(keep_running, name, loop)
+            await nursery.start(self.bundled.run)
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.worker.close)
             stack.push_async_callback(self.sharded_route.close)

@@ -175,6 +175,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
         threads=args.threads,
+        bundled_models=(DEFAULT_MODEL,),
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),

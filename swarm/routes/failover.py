@@ -64,11 +64,11 @@ def continue_request(request: GenerateRequest, carried: Sequence[Token]) -> Gene
 def stitch(request: GenerateRequest, carried: Sequence[Token], done: Done) -> Done:
     """The reply's one `Done`: the text and tokens of the failed attempts, then the last one's.
 
-    The last attempt's prompt ended with the carried tokens, so they count as completion,
-    not prompt: the total is the last attempt's context, each token counted once."""
+    Usage counts the original prompt and every token streamed: an engine counts a request's
+    prompt without its continuation (the carried text, which is completion), and the tokens
+    are every attempt's, each once."""
     return Done(request.id, done.finish_reason, "".join(t.text for t in carried) + done.text,
-                max(done.prompt_tokens - len(carried), 0),
-                (*(t.token for t in carried), *done.tokens), done.timings)
+                done.prompt_tokens, (*(t.token for t in carried), *done.tokens), done.timings)
 
 
 async def with_failover(request: GenerateRequest, attempt: Attempt, max_attempts: int,

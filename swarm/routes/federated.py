@@ -47,6 +47,7 @@ from swarm.routes.failover import (
     with_failover,
 )
 from swarm.routes.local import LocalRoute
+from swarm.routes.preparing import BundledModels
 from swarm.routes.route import Busy, ModelUnknown, RouteError, Served
 
 log = logging.getLogger(__name__)
@@ -199,11 +200,13 @@ class ReplyTally:
 class FederatedService:
     """This node's side: whether it serves, and the serving protocol's handler."""
 
-    def __init__(self, local: LocalRoute, on_change: Callable[[], None]) -> None:
+    def __init__(self, local: LocalRoute, on_change: Callable[[], None],
+                 bundled: BundledModels | None = None) -> None:
         self.local = local
         self.models: list[str] = []
         self.in_flight = 0
         self._on_change = on_change
+        self._bundled = bundled
 
     @property
     def enabled(self) -> bool:
@@ -218,6 +221,8 @@ class FederatedService:
         self.in_flight += 1
         self._on_change()
         try:
+            if self._bundled is not None:
+                await self._bundled.ready(model)
             async with aclosing(self.local.generate(request, model)) as events:
                 async for event in events:
                     yield event

@@ -12,17 +12,20 @@ from collections.abc import Callable, Sequence
 
 from swarm.routes.auto import RouteChoice, RouteFacts, RoutePrefs, decide
 from swarm.routes.local import LocalRoute
+from swarm.routes.preparing import BundledModels
 from swarm.routes.route import ROUTE_NAMES, Route, RouteError
 from swarm.routes.sharded import ShardedRoute
 
 
 class Router:
     def __init__(self, local: LocalRoute, federated: Route, sharded: ShardedRoute,
-                 prefs: Callable[[], RoutePrefs] = RoutePrefs) -> None:
+                 prefs: Callable[[], RoutePrefs] = RoutePrefs,
+                 bundled: BundledModels | None = None) -> None:
         self.local = local
         self.federated = federated
         self.sharded = sharded
         self._prefs = prefs
+        self._bundled = bundled
 
     def routes(self) -> Sequence[Route]:
         return [self.local, self.federated, self.sharded]
@@ -44,6 +47,12 @@ class Router:
             return decide("auto", self.facts(model), self._prefs())
         except RouteError:
             return None
+
+    async def ready(self, model: str) -> None:
+        """Wait for `model` if it is a bundled default still being registered: the routes can
+        only be weighed once the store has it (ModelNotReady past the wait)."""
+        if self._bundled is not None:
+            await self._bundled.ready(model)
 
     def choose(self, requested: str, model: str) -> tuple[Route, str]:
         """The route for a request and the reason; raises RouteError for the client."""

@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from backends import ggml
+from backends.compute import compute_env
 from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.rpc_worker import resolve_share
 from swarm.ledger.entries import WorkerEntry
@@ -297,7 +298,7 @@ class WorkerService:
         argv = [sys.executable, "-m", "backends.rpc_worker", *listen_args(self.data_dir),
                 "--share-mib", str(max(share >> 20, 1)), "--cache-dir", str(self.cache_dir),
                 "--parent-pid", str(os.getpid())]  # a node killed outright takes it along
-        env = {**os.environ, "GGML_NO_BACKTRACE": "1", "OMP_WAIT_POLICY": "passive"}
+        env = compute_env()
         process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, env=env,
                                                    start_new_session=True)
         assert process.stdout is not None

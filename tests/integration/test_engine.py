@@ -72,6 +72,21 @@ def test_local_generation_streams_tokens_and_reports(tiny_model: Path) -> None:
     assert done.timings.prompt_tokens_per_s > 0 and done.timings.generation_tokens_per_s > 0
 
 
+def test_a_continued_request_counts_only_its_own_prompt(tiny_model: Path) -> None:
+    """After a failover the next attempt's prompt ends with the reply so far; usage must still
+    count the original prompt, so the engine does not count the continuation as prompt."""
+    plain = GenerateRequest(id="p", prompt="Once upon a time", max_tokens=8, temperature=0)
+    with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
+        for request in (ask(8), plain):
+            first = list(engine.generate(request))[-1]
+            assert isinstance(first, Done) and len(first.tokens) == 8
+            continued = list(engine.generate(GenerateRequest(**{
+                **request.__dict__, "id": "c", "continuation": first.text})))[-1]
+            assert isinstance(continued, Done)
+            assert continued.prompt_tokens == first.prompt_tokens
+            assert continued.timings.prompt_eval_tokens > 0
+
+
 def test_loaded_reports_layers_on_cpu(tiny_model: Path) -> None:
     with Engine(EngineConfig(model_path=str(tiny_model), n_ctx=256)) as engine:
         loaded = engine.wait_loaded()

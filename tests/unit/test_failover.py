@@ -18,6 +18,7 @@ from backends.engine import EngineError, WorkerLost
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Timings, Token
 from backends.gguf_info import estimate_memory, read_gguf_info
 from backends.store.model_store import ModelStore
+from swarm.api.openai_api import usage
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.failover import (
     AttemptFailed,
@@ -39,7 +40,7 @@ from tests.support.tiny_gguf import write_tiny_gguf
 pytestmark = pytest.mark.timeout(30)
 
 REQUEST = GenerateRequest(id="r1", prompt="Once", max_tokens=10, continuation="upon")
-PROMPT_TOKENS = 7  # what each fake counts for the prompt, before any continuation
+PROMPT_TOKENS = 7  # what each fake engine counts for the request's prompt
 
 
 def tokens(text: str) -> list[Token]:
@@ -48,9 +49,9 @@ def tokens(text: str) -> list[Token]:
 
 
 def done_for(request: GenerateRequest, text: str) -> Done:
-    """What an engine that produced `text` for `request` reports: its prompt ends with the
-    continuation (one token a character here)."""
-    return Done(request.id, "length", text, PROMPT_TOKENS + len(request.continuation),
+    """What an engine that produced `text` for `request` reports: its prompt ended with the
+    continuation, but it counts the request's own prompt only, as the first attempt did."""
+    return Done(request.id, "length", text, PROMPT_TOKENS,
                 tuple(ord(c) for c in text), Timings(generation_s=1.5))
 
 
@@ -63,6 +64,14 @@ def run(events: AsyncIterator[Token | Done | Served]) -> list[Token | Done | Ser
 
 def reply_text(events: Sequence[Token | Done | Served]) -> str:
     return "".join(e.text for e in events if isinstance(e, Token))
+
+
+def assert_exact_usage(events: Sequence[Token | Done | Served]) -> None:
+    """The usage the client is told: the original prompt, and every token it was streamed."""
+    done, streamed = events[-1], sum(isinstance(e, Token) for e in events)
+    assert isinstance(done, Done)
+    assert usage(done) == {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": streamed,
+                           "total_tokens": PROMPT_TOKENS + streamed}
 
 
 def notices(events: Sequence[Token | Done | Served]) -> list[str]:
@@ -92,7 +101,7 @@ def test_a_stitched_done_counts_every_token_once() -> None:
     whole = stitch(REQUEST, carried, last)
     assert whole.text == "abcde"
     assert whole.tokens == tuple(ord(c) for c in "abcde")
-    assert whole.prompt_tokens == PROMPT_TOKENS + len("upon")  # the original request's
+    assert whole.prompt_tokens == PROMPT_TOKENS  # the original request's
     assert (whole.finish_reason, whole.timings) == ("length", last.timings)
 
 
@@ -136,7 +145,7 @@ def test_an_attempt_that_dies_after_some_tokens_the_next_one_continues_the_reply
     done = events[-1]
     assert isinstance(done, Done)
     assert done.text == "abcdefgh" and len(done.tokens) == 8
-    assert done.prompt_tokens == PROMPT_TOKENS + len(REQUEST.continuation)
+    assert_exact_usage(events)
     # Each attempt was asked to go on from where the reply stood, for what was left.
     assert [r.continuation for r in script.seen] == ["upon", "uponabc", "uponabc", "uponabcde"]
     assert [r.max_tokens for r in script.seen] == [10, 7, 7, 5]
@@ -296,7 +305,7 @@ def test_a_worker_lost_mid_reply_the_sharded_route_replans_and_continues(shards:
     done = events[-1]
     assert isinstance(done, Done)
     assert done.text == "abcdefgh" and len(done.tokens) == 8
-    assert done.prompt_tokens == PROMPT_TOKENS + len(REQUEST.continuation)
+    assert_exact_usage(events)
     # w2 stays out of plans for a while; the session on w1 and w3 is kept for the next reply.
     assert "w2" not in shards.route.machines("tiny")[0]
     assert shards.route.session is not None and names(shards.route.session.placement) == [
@@ -335,7 +344,7 @@ def test_with_nothing_left_to_shard_on_the_reply_goes_on_on_this_machine(
     assert [e.machine for e in events if isinstance(e, Served)][-1] == "client"
     done = events[-1]
     assert isinstance(done, Done) and done.text == "abcdefgh" and len(done.tokens) == 8
-    assert done.prompt_tokens == PROMPT_TOKENS + len(REQUEST.continuation)
+    assert_exact_usage(events)
 
 
 def test_a_fallback_that_cannot_fit_this_machine_says_so_instead_of_swapping(
@@ -393,7 +402,7 @@ class FakeFederated(FederatedRoute):
             raise _Failed("busy", busy=True)
         if end == "fail":
             raise ConnectionResetError("the node went away")
-        yield Done(request.id, "stop", text, PROMPT_TOKENS + len(request.continuation),
+        yield Done(request.id, "stop", text, PROMPT_TOKENS,
                    (-1,) * len(text), Timings())
 
 
@@ -407,7 +416,7 @@ def test_a_federated_node_dying_mid_reply_another_continues_it() -> None:
     assert notices(events) == [f"{first} failed mid-reply; continuing on another machine"]
     done = events[-1]
     assert isinstance(done, Done) and done.text == "abcdefg" and len(done.tokens) == 7
-    assert done.prompt_tokens == PROMPT_TOKENS + len(REQUEST.continuation)
+    assert_exact_usage(events)
     assert not any(route._dispatched.values())  # every dispatch was counted back
 
 

@@ -16,6 +16,7 @@ from swarm.api.openapi import openapi_document
 from swarm.ledger import entries
 from swarm.node import api_handlers
 from swarm.node import daemon as node
+from swarm.routes import preparing
 from swarm.routes import route as routes
 from swarm.workers.direct_tls import DirectStats
 from swarm.workers.tunnel import LinkStats
@@ -165,3 +166,5 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.MAX_NAME_CHARS == entries.MAX_NAME_CHARS
     assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
     assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION
+    assert openapi.REGISTRATION_VERSION == preparing.REGISTRATION_VERSION
+    assert openapi.BUNDLED_WAIT_S == preparing.WAIT_S
