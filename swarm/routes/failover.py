@@ -66,9 +66,11 @@ def stitch(request: GenerateRequest, carried: Sequence[Token], done: Done) -> Do
 
     The last attempt's prompt ended with the carried tokens, so they count as completion,
     not prompt: the total is the last attempt's context, each token counted once."""
+    lowered = done.max_tokens_lowered_to
     return Done(request.id, done.finish_reason, "".join(t.text for t in carried) + done.text,
                 max(done.prompt_tokens - len(carried), 0),
-                (*(t.token for t in carried), *done.tokens), done.timings)
+                (*(t.token for t in carried), *done.tokens), done.timings,
+                lowered + len(carried) if lowered is not None else None)
 
 
 async def with_failover(request: GenerateRequest, attempt: Attempt, max_attempts: int,

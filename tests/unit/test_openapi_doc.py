@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from swarm.api import openai_api, openapi
+from swarm.api import openai_api, openapi, sampling
 from swarm.api.openapi import openapi_document
 from swarm.ledger import entries
 from swarm.node import api_handlers
@@ -165,3 +165,20 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.MAX_NAME_CHARS == entries.MAX_NAME_CHARS
     assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
     assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION
+
+
+def test_sampling_limits_are_the_handlers_limits(doc: dict[str, Any]) -> None:
+    assert openapi.MAX_STOPS == sampling.MAX_STOPS == 16
+    assert openapi.MAX_TOP_LOGPROBS == sampling.MAX_TOP_LOGPROBS
+    assert openapi.MAX_TEXT_LOGPROBS == sampling.MAX_TEXT_LOGPROBS
+    assert openapi.MAX_LOGIT_BIAS == sampling.MAX_LOGIT_BIAS
+    assert openapi.STRICT_MAX_TOKENS_HEADER == sampling.STRICT_MAX_TOKENS_HEADER
+    assert openapi.LOWERED_HEADER == openai_api.LOWERED_HEADER
+    assert openapi.LOWERED_USAGE_KEY == openai_api.LOWERED_USAGE_KEY
+    schemas = doc["components"]["schemas"]
+    for name in ("top_k", "min_p", "presence_penalty", "frequency_penalty", "logit_bias",
+                 "logprobs"):
+        for request in ("ChatCompletionRequest", "CompletionRequest"):
+            assert name in schemas[request]["properties"], (request, name)
+    assert "top_logprobs" in schemas["ChatCompletionRequest"]["properties"]
+    assert {"echo", "suffix"} <= set(schemas["CompletionRequest"]["properties"])
