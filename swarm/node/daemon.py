@@ -66,6 +66,9 @@ from swarm.workers.worker import WorkerService
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+# The sharded route's context without --ctx: its memory is other machines', so no trained
+# context capped by this machine's memory.
+SHARDED_CTX = 4096
 COALESCE_S = 0.1
 
 
@@ -93,6 +96,7 @@ class NodeConfig:
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
+    ctx: int | None = None  # context length; None: the model's trained one, capped by memory
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
 
 
@@ -135,7 +139,8 @@ class Node:
         self.api = LocalApi(load_or_create_secret(config.data_dir))
         self.api_port: int | None = None
         self.store = ModelStore(config.data_dir / "models")
-        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
+        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads,
+                                      n_ctx=config.ctx)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
         self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
         self.federated = FederatedService(self.local_route, self.changed)
@@ -150,6 +155,7 @@ class Node:
         self.tunnels = TunnelServer(self.worker.tunnel_target, self.worker.lease_guard)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route,
+                                          n_ctx=config.ctx or SHARDED_CTX,
                                           ram_of=self._ram_totals)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing)

@@ -81,7 +81,15 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
         bootstrap=list(args.bootstrap) or (saved.bootstrap if saved else []),
         remote_prompts=remote if remote is not None else (saved.remote_prompts if saved else True),
         prefer_route=prefer or (saved.prefer_route if saved else "auto"),
+        ctx=_ctx_setting(getattr(args, "ctx", None), saved),
     )
+
+
+def _ctx_setting(given: int | None, saved: Settings | None) -> int | None:
+    """--ctx N is remembered; --ctx 0 goes back to automatic (None)."""
+    if given is None:
+        return saved.ctx if saved else None
+    return given or None
 
 
 class AlreadyRunning(Exception):
@@ -175,6 +183,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
         threads=args.threads,
+        ctx=settings.ctx,
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
