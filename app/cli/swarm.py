@@ -49,6 +49,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--api-listen", metavar="ADDR:PORT",
                       help="also serve the OpenAI API (/v1) on this network address; "
                            "needs an API key")
+    node.add_argument("--api-host", action="append", default=[], metavar="NAME",
+                      help="also answer API requests whose Host is NAME (e.g. "
+                           "host.docker.internal for a container); repeatable")
+    node.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                      help="let web pages from ORIGIN (e.g. http://localhost:3000) call the "
+                           "API from a browser; repeatable. Default: none")
     node.add_argument("--federated", action="store_true",
                       help="serve whole requests for the swarm (with --model, default bundled)")
     node.add_argument("--model", help="the model --federated serves (a name in the store)")

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Token, TokenLogprob
@@ -30,6 +31,7 @@ MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
 MAX_MESSAGES = 1024
 LOWERED_HEADER = "x-covey-max-tokens-lowered"
+MODELS_PATH = "/v1/models/"
 LOWERED_USAGE_KEY = "covey_max_tokens_lowered_to"
 
 
@@ -240,6 +242,18 @@ class OpenAiApi:
         self._router = router
 
     async def models(self, request: Request) -> Response:
+        return Response.json({"object": "list", "data": self._models()})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{model}: one entry of the list; 404 in OpenAI's shape if none."""
+        wanted = unquote(request.path.removeprefix(MODELS_PATH))
+        for entry in self._models():
+            if entry["id"] == wanted:
+                return Response.json(entry)
+        raise HttpError(404, f"The model {wanted!r} does not exist", "invalid_request_error",
+                        param="model", code="model_not_found")
+
+    def _models(self) -> list[dict[str, Any]]:
         by_model: dict[str, dict[str, Any]] = {}
         for route in self._router.routes():
             for model in route.model_ids():
@@ -252,9 +266,8 @@ class OpenAiApi:
             choice = self._router.preview(model)
             if choice is not None:
                 entry["auto"] = {"route": choice.route, "reason": choice.reason}
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
+        return [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
                 for m, where in sorted(by_model.items())]
-        return Response.json({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
         return await self._complete(request, "chat")

@@ -572,6 +572,12 @@ def _paths() -> dict[str, Any]:
         "/v1/models": {"get": _operation(
             "listModels", "openai", "The models this node's routes can serve.",
             _responses(_json_ok("The models, sorted by id.", "ModelList"), COMMON_ERRORS))},
+        "/v1/models/{model}": {"get": {
+            **_operation("retrieveModel", "openai", "One model of GET /v1/models.",
+                         _responses(_json_ok("The model.", "Model"), (*COMMON_ERRORS, 404))),
+            "parameters": [{"name": "model", "in": "path", "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                            "description": "A model id (URL-encoded; it may contain `/`)."}]}},
         "/v1/chat/completions": {"post": _operation(
             "createChatCompletion", "openai", "Generate the assistant's next message.",
             _responses(_streamed_ok("ChatCompletion", "ChatCompletionChunk"),
@@ -655,7 +661,12 @@ def openapi_document(server_url: str | None = None, *, node_api: bool = True
                 "are on loopback only. Every request needs `Authorization: Bearer <secret>` "
                 "(on loopback the secret in the node's data directory, file `api-secret`; on "
                 "the network address the API key the node was started with) and a Host header "
-                "naming the address and port it was sent to. Every error is "
+                "naming the address and port it was sent to (or a name added with "
+                "`--api-host`, e.g. host.docker.internal; on a wildcard address any of the "
+                "machine's addresses). Browser pages may call it only from the origins given "
+                "with `--cors-origin` (none by default): their preflight OPTIONS is answered "
+                "without the secret, and every reply to them carries Access-Control-Allow-"
+                "Origin; any other origin gets no CORS header. Every error is "
                 "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; a path not "
                 "listed here answers 404 and a method not listed 405 with an Allow header. "
                 "Request bodies may carry fields not listed here (they are ignored), except "
