@@ -310,7 +310,11 @@ def _route_error(exc: RouteError) -> HttpError:
     kind = "rate_limit_error" if isinstance(exc, Busy) else "invalid_request_error"
     param = {"model_not_found": "model", "context_length_exceeded": "max_tokens",
              "route_forbidden": "covey_route"}.get(exc.code)
-    return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
+    code = exc.code
+    field = sampling.refused_field(str(exc))
+    if field is not None:  # the engine refused a sampling field, not the length
+        param, code = field, "invalid_value"
+    return HttpError(exc.status, str(exc), kind, param=param, code=code, headers=headers)
 
 
 def note_served(covey: dict[str, Any], served: Served) -> None:

@@ -196,8 +196,8 @@ def _request_schemas() -> dict[str, Schema]:
         "logprobs": or_null({"type": "boolean", "default": False, "description":
                              "Return each generated token's log probability."}),
         "top_logprobs": or_null({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
-                                 "description": "With logprobs: the most likely tokens at "
-                                                "each place, this many."}),
+                                 "description": "The most likely tokens at each place, this "
+                                                "many; above 0 it turns logprobs on."}),
         **{name: {"type": "null", "description": "Not supported: any other value is a 400."}
            for name in ("audio", "prediction", "web_search_options")},
     }
@@ -212,7 +212,7 @@ def _request_schemas() -> dict[str, Schema]:
                                             "many most likely alternatives (legacy shape)."}),
         "echo": or_null({"type": "boolean", "default": False, "description":
                          "Start the reply's text with the prompt; not with logprobs (400)."}),
-        "suffix": or_null({"type": "string", "maxLength": 0, "description":
+        "suffix": or_null({"type": "string", "enum": [""], "description":
                            "Fill-in-the-middle is not supported: a non-empty suffix is a 400."}),
         "best_of": or_null({"type": "integer", "enum": [1], "description":
                             "Only 1 is supported."}),

@@ -88,7 +88,8 @@ def stops(value: Any) -> tuple[str, ...]:
 
 
 def _logprobs(body: Mapping[str, Any], kind: str) -> tuple[bool, int]:
-    """(logprobs wanted, how many alternatives per token)."""
+    """(logprobs wanted, how many alternatives per token). On chat, top_logprobs above 0
+    asks for logprobs too."""
     if kind == "text":  # legacy: `logprobs` is the number of alternatives
         n = integer(body, "logprobs", -1, 0, MAX_TEXT_LOGPROBS)
         return n >= 0, max(n, 0)
@@ -96,9 +97,7 @@ def _logprobs(body: Mapping[str, Any], kind: str) -> tuple[bool, int]:
     if wanted is not None and not isinstance(wanted, bool):
         raise BadRequest("logprobs must be a boolean", "logprobs")
     top = integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
-    if top and not wanted:
-        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    return bool(wanted), top
+    return bool(wanted) or top > 0, top
 
 
 def _text_only(body: Mapping[str, Any], kind: str, wants_logprobs: bool) -> bool:
@@ -137,6 +136,15 @@ def sampling_fields(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any],
         stop=stops(body.get("stop")),
     )
     return fields, echo
+
+
+# Fields the engine itself checks (against the model); its refusal starts with the name.
+ENGINE_CHECKED = ("logit_bias",)
+
+
+def refused_field(message: str) -> str | None:
+    """The field an engine's refusal names, if it is one of ENGINE_CHECKED."""
+    return next((f for f in ENGINE_CHECKED if message.startswith(f"{f}:")), None)
 
 
 def strict_max_tokens(headers: Mapping[str, str], body: Mapping[str, Any]) -> bool:

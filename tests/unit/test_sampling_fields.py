@@ -52,6 +52,22 @@ def test_sampling_fields_reach_the_engine_request() -> None:
     assert request.fit_max_tokens
 
 
+def test_top_logprobs_asks_for_logprobs() -> None:
+    assert (chat(top_logprobs=3).logprobs, chat(top_logprobs=3).top_logprobs) == (True, 3)
+    assert not chat(top_logprobs=0).logprobs
+
+
+def test_an_engine_refusal_of_a_field_names_it() -> None:
+    from swarm.api.openai_api import _route_error
+    from swarm.routes.route import RequestRefused
+
+    error = _route_error(RequestRefused("logit_bias: token 999999 is not in the model's "
+                                        "vocabulary of 32 tokens"))
+    assert (error.status, error.param, error.code) == (400, "logit_bias", "invalid_value")
+    length = _route_error(RequestRefused("the prompt (9 tokens) plus max_tokens ..."))
+    assert (length.param, length.code) == ("max_tokens", "context_length_exceeded")
+
+
 def test_defaults_are_what_the_engine_always_used() -> None:
     request = chat()
     assert (request.top_k, request.min_p, request.logit_bias, request.logprobs) == \
@@ -81,7 +97,6 @@ def test_legacy_completions_logprobs_and_echo() -> None:
     ({"logit_bias": [1, 2]}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"logprobs": 1}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
     ({"audio": {"voice": "x"}}, "audio"),
