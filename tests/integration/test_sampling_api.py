@@ -5,10 +5,8 @@ prompt answers 200 (lowered to fit), GET /v1/models/{id}, CORS and the Host allo
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,9 @@ import pytest
 
 from backends.store.model_store import ModelStore
 from swarm.trust.token import new_token
-from tests.support.netns import Netns, call_in, netns_skip_reason
-from tests.support.node_harness import RunningNode, start_node
+from tests.integration.test_openai_api import Api
+from tests.support.netns import Netns, netns_skip_reason
+from tests.support.node_harness import start_node
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.gemma,
@@ -28,32 +27,6 @@ pytestmark = [
 MODEL = "gemma"
 ORIGIN = "http://localhost:3000"
 CHAT = [{"role": "user", "content": "Say hello"}]
-
-
-@dataclass
-class Api:
-    node: RunningNode
-    port: int
-    key: str
-
-    def run(self, fn: Any, *args: Any) -> Any:
-        return call_in(self.node.ns, fn, *args)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.key,
-                             max_retries=0)
-
-    def raw(self, method: str, path: str, headers: dict[str, str]
-            ) -> tuple[int, dict[str, str], bytes]:
-        def go() -> tuple[int, dict[str, str], bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
-            out = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-            conn.close()
-            return out
-
-        return self.run(go)
 
 
 @pytest.fixture(scope="module")
@@ -147,21 +120,21 @@ def test_models_by_id(api: Api) -> None:
 def test_cors_preflight_allowed_and_refused(api: Api) -> None:
     ask = {"Host": f"127.0.0.1:{api.port}", "Access-Control-Request-Method": "POST",
            "Access-Control-Request-Headers": "authorization, content-type"}
-    status, headers, _ = api.raw("OPTIONS", "/v1/chat/completions", {**ask, "Origin": ORIGIN})
+    path = "/v1/chat/completions"
+    status, headers, _ = api.raw("OPTIONS", path, headers={**ask, "Origin": ORIGIN})
     assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
     status, headers, _ = api.raw("OPTIONS", "/v1/chat/completions",
-                                 {**ask, "Origin": "http://evil.example"})
+                                 headers={**ask, "Origin": "http://evil.example"})
     assert status == 403 and not any(h.startswith("access-control-") for h in headers)
     # DNS rebinding: the allowed origin's page, but a Host that is not this API's.
-    status, headers, _ = api.raw("OPTIONS", "/v1/chat/completions",
-                                 {**ask, "Origin": ORIGIN, "Host": f"evil.example:{api.port}"})
+    rebound = {**ask, "Origin": ORIGIN, "Host": f"evil.example:{api.port}"}
+    status, headers, _ = api.raw("OPTIONS", path, headers=rebound)
     assert status == 403 and not any(h.startswith("access-control-") for h in headers)
 
 
 def test_the_host_allow_list(api: Api) -> None:
-    key = {"Authorization": f"Bearer {api.key}"}
     status, _, _ = api.raw("GET", "/v1/models",
-                           {**key, "Host": f"host.docker.internal:{api.port}"})
+                           headers={"Host": f"host.docker.internal:{api.port}"})
     assert status == 200
-    status, _, _ = api.raw("GET", "/v1/models", {**key, "Host": f"other.internal:{api.port}"})
+    status, _, _ = api.raw("GET", "/v1/models", headers={"Host": f"other.internal:{api.port}"})
     assert status == 403

@@ -165,16 +165,15 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.MAX_NAME_CHARS == entries.MAX_NAME_CHARS
     assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
     assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION
-
-
-def test_sampling_limits_are_the_handlers_limits(doc: dict[str, Any]) -> None:
     assert openapi.MAX_STOPS == sampling.MAX_STOPS == 16
-    assert openapi.MAX_TOP_LOGPROBS == sampling.MAX_TOP_LOGPROBS
-    assert openapi.MAX_TEXT_LOGPROBS == sampling.MAX_TEXT_LOGPROBS
-    assert openapi.MAX_LOGIT_BIAS == sampling.MAX_LOGIT_BIAS
-    assert openapi.STRICT_MAX_TOKENS_HEADER == sampling.STRICT_MAX_TOKENS_HEADER
-    assert openapi.LOWERED_HEADER == openai_api.LOWERED_HEADER
-    assert openapi.LOWERED_USAGE_KEY == openai_api.LOWERED_USAGE_KEY
+    for name in ("MAX_TOP_LOGPROBS", "MAX_TEXT_LOGPROBS", "MAX_LOGIT_BIAS",
+                 "STRICT_MAX_TOKENS_HEADER"):
+        assert getattr(openapi, name) == getattr(sampling, name), name
+    for name in ("LOWERED_HEADER", "LOWERED_USAGE_KEY"):
+        assert getattr(openapi, name) == getattr(openai_api, name), name
+
+
+def test_sampling_fields_are_described(doc: dict[str, Any]) -> None:
     schemas = doc["components"]["schemas"]
     for name in ("top_k", "min_p", "presence_penalty", "frequency_penalty", "logit_bias",
                  "logprobs"):
