@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from backends import engine_protocol as proto
-from backends import ggml
+from backends import ggml, sampling
 from backends.compute import physical_cores
 from backends.text.chat_template import ChatTemplateError, render_chat
 from backends.text.stop_strings import StopMatcher
@@ -108,6 +108,19 @@ def _model_params(deterministic: bool, progress: Any) -> Iterator[None]:
         yield
     finally:
         lc.llama_model_default_params = original
+
+
+def fit_max_tokens(prompt_tokens: int, max_tokens: int, n_ctx: int, fit: bool) -> int:
+    """The max_tokens to generate with: as asked if it fits the context after the prompt,
+    else (with `fit`) what is left; ValueError when nothing fits or lowering is not wanted."""
+    if prompt_tokens + max_tokens <= n_ctx:
+        return max_tokens
+    if fit and n_ctx - prompt_tokens >= 1:
+        return n_ctx - prompt_tokens
+    raise ValueError(
+        f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) "
+        f"does not fit the context of {n_ctx} tokens"
+    )
 
 
 class ModelRunner:
@@ -217,11 +230,9 @@ class ModelRunner:
 
         llm = self.llm
         prompt, own_prompt_tokens, template_stops = self._prompt(request)
-        if len(prompt) + request.max_tokens > llm.n_ctx():
-            raise ChatTemplateError(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) "
-                f"does not fit the context of {llm.n_ctx()} tokens"
-            )
+        max_tokens = fit_max_tokens(len(prompt), request.max_tokens, llm.n_ctx(),
+                                    request.fit_max_tokens)
+        bias = sampling.bias_vector(request.logit_bias, llm.n_vocab())
         llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4)))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher((*request.stop, *template_stops))
@@ -235,15 +246,20 @@ class ModelRunner:
             prompt,
             top_k=request.top_k,
             top_p=request.top_p,
-            min_p=0.0,
+            min_p=request.min_p,
             temp=request.temperature,
             repeat_penalty=request.repeat_penalty,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            logits_processor=(llama_cpp.LogitsProcessorList([sampling.bias_processor(bias)])
+                              if bias is not None else None),
             reset=True,
         )
-        for token in tokens if request.max_tokens > 0 else ():
+        for token in tokens if max_tokens > 0 else ():
             last_at = time.perf_counter()
             if not produced:
                 first_at = last_at
+            logprob = self._logprob(request, token, bias) if request.logprobs else None
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                 finish = "stop"
                 break
@@ -253,14 +269,15 @@ class ModelRunner:
             if not any(pieces):  # the reply starts at its first visible character
                 text = text.lstrip()
             pieces.append(text)
-            self.channel.send(proto.Token(id=request.id, token=token, text=text))
+            self.channel.send(proto.Token(id=request.id, token=token, text=text,
+                                          logprob=logprob))
             if stops.stopped:
                 finish = "stop"
                 break
             if self._stop_requested(request.id):
                 finish = "cancelled"
                 break
-            if len(produced) >= request.max_tokens:
+            if len(produced) >= max_tokens:
                 break
         tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         pieces.append(tail)
@@ -281,7 +298,23 @@ class ModelRunner:
                 generation_s=gen_s,
                 generation_tokens_per_s=(len(produced) - 1) / gen_s if gen_s > 0 else 0.0,
             ),
+            max_tokens_lowered_to=max_tokens if max_tokens < request.max_tokens else None,
         )
+
+    def _logprob(self, request: proto.GenerateRequest, token: int,
+                 bias: Any) -> proto.TokenLogprob:
+        """The sampled token's logprob from the logits it was sampled from (still the
+        context's last output until the next token is evaluated)."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(row, shape=(llm.n_vocab(),))
+        if bias is not None:
+            logits = logits + bias
+        return sampling.token_logprob(logits, token, request.top_logprobs,
+                                      lambda t: llm._model.detokenize([t], special=True))
 
 
 def _read_commands(

@@ -52,6 +52,17 @@ class GenerateRequest:
     # Run on an engine without CPU weight repacking, so greedy output is the same however the
     # layers are split (the engine itself ignores it; routes pick the engine by it).
     deterministic: bool = False
+    # Added later: every default means what a request without the field always meant, so an
+    # older peer reads a request that leaves them at their defaults.
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: bool = False  # each Token carries its TokenLogprob
+    top_logprobs: int = 0  # with logprobs: this many most likely alternatives per token
+    # A max_tokens longer than what the context leaves after the prompt is lowered to fit
+    # (Done says so) rather than refused.
+    fit_max_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,22 @@ class Loaded:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log probability under the model (after `logit_bias`), its text and bytes,
+    and in `top` the most likely tokens at its place (each with an empty `top`)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Token:
     id: str
     token: int
     text: str
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,8 @@ class Done:
     prompt_tokens: int  # the request's prompt, not counting its continuation
     tokens: tuple[int, ...]
     timings: Timings = field(default_factory=Timings)
+    # Set when the engine lowered the request's max_tokens to fit the context (fit_max_tokens).
+    max_tokens_lowered_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,11 +208,40 @@ def _build(cls: type, raw: dict[str, Any]) -> Any:
         raw["tokens"] = tuple(raw["tokens"])
         raw["timings"] = Timings(**raw["timings"])
     elif cls is GenerateRequest:
-        if raw.get("messages") is not None:
-            raw["messages"] = tuple(dict(m) for m in raw["messages"])
-        raw["stop"] = tuple(raw.get("stop", ()))
+        return request_from_raw(raw)
+    elif cls is Token:
+        if raw.get("logprob") is not None:
+            raw["logprob"] = logprob_from_raw(raw["logprob"])
     elif cls is EngineConfig:
         raw["rpc_endpoints"] = tuple(raw.get("rpc_endpoints", ()))
         if raw.get("tensor_split") is not None:
             raw["tensor_split"] = tuple(raw["tensor_split"])
     return cls(**raw)
+
+
+def request_from_raw(raw: dict[str, Any]) -> GenerateRequest:
+    """A GenerateRequest from its `asdict` form after a trip through JSON (lists back into
+    tuples); TypeError or ValueError for fields it does not have or cannot take."""
+    if raw.get("messages") is not None:
+        raw["messages"] = tuple(dict(m) for m in raw["messages"])
+    raw["stop"] = tuple(raw.get("stop", ()))
+    raw["logit_bias"] = tuple((int(t), float(b)) for t, b in raw.get("logit_bias", ()))
+    return GenerateRequest(**raw)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def logprob_from_raw(raw: Any, nested: bool = False) -> TokenLogprob:
+    """A TokenLogprob from its `asdict` form; ValueError unless well formed and bounded."""
+    if not isinstance(raw, dict):
+        raise ValueError("a logprob must be an object")
+    token, logprob, data = raw.get("token"), raw.get("logprob"), raw.get("bytes")
+    top = raw.get("top") or []
+    if not isinstance(token, str) or isinstance(logprob, bool) \
+            or not isinstance(logprob, int | float) or not isinstance(data, list) \
+            or not all(isinstance(b, int) and 0 <= b < 256 for b in data) \
+            or not isinstance(top, list) or len(top) > (0 if nested else MAX_TOP_LOGPROBS):
+        raise ValueError("a malformed logprob")
+    return TokenLogprob(token, float(logprob), tuple(data),
+                        tuple(logprob_from_raw(t, nested=True) for t in top))

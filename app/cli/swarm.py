@@ -42,10 +42,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--api-port", type=int, default=0, help="local API port (0: any free)")
     node.add_argument("--threads", type=_positive_int, metavar="N",
                       help="CPU threads for the engine (default: the physical cores)")
+    node.add_argument("--ctx", type=_whole_number, metavar="N",
+                      help="context length in tokens (remembered; 0: automatic, the default: "
+                           "the model's trained context capped by memory, 4096 when sharded)")
     node.add_argument("--lan-only", action="store_true", help="no DHT: find peers by mDNS only")
     node.add_argument("--api-listen", metavar="ADDR:PORT",
                       help="also serve the OpenAI API (/v1) on this network address; "
                            "needs an API key")
+    node.add_argument("--api-host", action="append", default=[], metavar="NAME",
+                      help="also answer API requests whose Host is NAME (e.g. "
+                           "host.docker.internal for a container); repeatable")
+    node.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                      help="let web pages from ORIGIN (e.g. http://localhost:3000) call the "
+                           "API from a browser; repeatable. Default: none")
     node.add_argument("--federated", action="store_true",
                       help="serve whole requests for the swarm (with --model, default bundled)")
     node.add_argument("--model", help="the model --federated serves (a name in the store)")
@@ -148,6 +157,12 @@ def _positive_mib(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
     return value
+
+
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:

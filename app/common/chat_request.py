@@ -70,6 +70,7 @@ def generate_request(settings: ChatSettings, messages: Sequence[Mapping[str, str
         repeat_penalty=settings.repeat_penalty,
         seed=settings.seed,
         deterministic=settings.deterministic,
+        fit_max_tokens=True,  # as the node does for a client that did not ask for strictness
     )
 
 

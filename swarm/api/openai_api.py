@@ -13,25 +13,26 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from backends.engine import EngineError
-from backends.engine_protocol import Done, GenerateRequest, Token
+from backends.engine_protocol import Done, GenerateRequest, Token, TokenLogprob
+from swarm.api import sampling
+from swarm.api.sampling import MAX_STOPS as MAX_STOPS  # the limit, for the OpenAPI document
+from swarm.api.sampling import BadRequest
 from swarm.api.server import HttpError, Request, Response, StreamingResponse
 from swarm.routes.route import ROUTE_NAMES, Busy, RouteError, Served
 from swarm.routes.router import Router
 
 MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
-MAX_STOPS = 4
 MAX_MESSAGES = 1024
-
-
-class BadRequest(HttpError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(400, message, "invalid_request_error", param=param)
+LOWERED_HEADER = "x-covey-max-tokens-lowered"
+MODELS_PATH = "/v1/models/"
+LOWERED_USAGE_KEY = "covey_max_tokens_lowered_to"
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,17 @@ class Completion:
     stream: bool
     include_usage: bool
     route: str
+    echo: str = ""  # /v1/completions with echo: the prompt, to start the reply's text
 
 
 _ids = itertools.count(1)
 
 
-def parse_completion(body: Any, kind: str) -> Completion:
+def parse_completion(body: Any, kind: str, headers: Mapping[str, str] | None = None
+                     ) -> Completion:
     """Check a /v1/chat/completions ("chat") or /v1/completions ("text") body the way
-    OpenAI does; raises BadRequest naming the offending parameter."""
+    OpenAI does; raises BadRequest naming the offending parameter. A max_tokens over what
+    the context leaves is lowered to fit unless the client asks for strictness (`headers`)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = _field(body, "model", str, required=True)
@@ -76,23 +80,25 @@ def parse_completion(body: Any, kind: str) -> Completion:
     if not 0.5 <= repeat_penalty <= 2:
         raise BadRequest("repeat_penalty must be between 0.5 and 2", "repeat_penalty")
     seed = _field(body, "seed", int, default=None)
-    stop = _stops(body.get("stop"))
+    options, echo = sampling.sampling_fields(body, kind)
     stream = _field(body, "stream", bool, default=False)
-    options = _field(body, "stream_options", dict, default={}) or {}
-    include_usage = bool(options.get("include_usage", False))
+    stream_options = _field(body, "stream_options", dict, default={}) or {}
+    include_usage = bool(stream_options.get("include_usage", False))
     route = _field(body, "covey_route", str, default="auto")
     if route not in ROUTE_NAMES:
         raise BadRequest(f"covey_route must be one of {', '.join(ROUTE_NAMES)}", "covey_route")
     deterministic = _field(body, "covey_deterministic", bool, default=False)
     request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
     common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=stop, repeat_penalty=repeat_penalty,
-                  deterministic=bool(deterministic))
+                  seed=seed, repeat_penalty=repeat_penalty,
+                  deterministic=bool(deterministic),
+                  fit_max_tokens=not sampling.strict_max_tokens(headers or {}, body), **options)
     if kind == "chat":
         generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
     else:
         generate = GenerateRequest(prompt=_prompt(body.get("prompt")), **common)
-    return Completion(kind, model, generate, stream, include_usage, route)
+    return Completion(kind, model, generate, stream, include_usage, route,
+                      echo=(generate.prompt or "") if echo else "")
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
@@ -107,17 +113,6 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
         wanted = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise BadRequest(f"{name} must be of type {wanted}", name)
     return value
-
-
-def _stops(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise BadRequest("stop must be a non-empty string or a list of them", "stop")
-    if len(stops) > MAX_STOPS:
-        raise BadRequest(f"stop takes at most {MAX_STOPS} sequences", "stop")
-    return tuple(stops)
 
 
 def _messages(value: Any) -> tuple[dict[str, str], ...]:
@@ -157,21 +152,47 @@ def _prompt(value: Any) -> str:
 
 def usage(done: Done) -> dict[str, int]:
     completion = len(done.tokens)
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": done.prompt_tokens + completion}
+    out = {"prompt_tokens": done.prompt_tokens, "completion_tokens": completion,
+           "total_tokens": done.prompt_tokens + completion}
+    if done.max_tokens_lowered_to is not None:
+        out[LOWERED_USAGE_KEY] = done.max_tokens_lowered_to
+    return out
+
+
+def lowered_headers(done: Done) -> dict[str, str]:
+    """The header saying max_tokens was lowered to fit the context (non-streamed replies;
+    a stream says it in its usage and `covey` metadata)."""
+    if done.max_tokens_lowered_to is None:
+        return {}
+    return {LOWERED_HEADER: str(done.max_tokens_lowered_to)}
+
+
+def note_done(covey: dict[str, Any], done: Done) -> None:
+    if done.max_tokens_lowered_to is not None:
+        covey["max_tokens_lowered_to"] = done.max_tokens_lowered_to
+
+
+def _logprobs(c: Completion, entries: Sequence[TokenLogprob], offset: int = 0) -> Any:
+    if not c.generate.logprobs:
+        return None
+    if c.kind == "chat":
+        return sampling.chat_logprobs(entries)
+    return sampling.text_logprobs(entries, offset)
 
 
 def finish_reason(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any]) -> dict:
+def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any],
+                  logprobs: Sequence[TokenLogprob] = ()) -> dict:
     if c.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
-                  "logprobs": None, "finish_reason": finish_reason(done)}
+                  "logprobs": _logprobs(c, logprobs), "finish_reason": finish_reason(done)}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": done.text, "logprobs": None,
+        choice = {"index": 0, "text": c.echo + done.text,
+                  "logprobs": _logprobs(c, logprobs, len(c.echo)),
                   "finish_reason": finish_reason(done)}
         obj = "text_completion"
     return {"id": c.generate.id, "object": obj, "created": created, "model": c.model,
@@ -179,19 +200,23 @@ def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any]
 
 
 def chunk(c: Completion, created: int, covey: dict[str, Any], text: str | None = None,
-          done: Done | None = None, first: bool = False) -> dict:
-    """One streamed chunk: a piece of text, or (with `done`) the closing finish_reason."""
+          done: Done | None = None, first: bool = False,
+          logprob: TokenLogprob | None = None) -> dict:
+    """One streamed chunk: a piece of text (with its token's logprob when asked for), or
+    (with `done`) the closing finish_reason."""
     reason = finish_reason(done) if done is not None else None
+    logprobs = _logprobs(c, [logprob]) if logprob is not None else None
     if c.kind == "chat":
         delta: dict[str, str] = {}
         if first:
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+                  "finish_reason": reason}
     body = {"id": c.generate.id, "object": _chunk_object(c), "created": created,
             "model": c.model,
             "choices": [choice], "covey": covey}
@@ -217,6 +242,18 @@ class OpenAiApi:
         self._router = router
 
     async def models(self, request: Request) -> Response:
+        return Response.json({"object": "list", "data": self._models()})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{model}: one entry of the list; 404 in OpenAI's shape if none."""
+        wanted = unquote(request.path.removeprefix(MODELS_PATH))
+        for entry in self._models():
+            if entry["id"] == wanted:
+                return Response.json(entry)
+        raise HttpError(404, f"The model {wanted!r} does not exist", "invalid_request_error",
+                        param="model", code="model_not_found")
+
+    def _models(self) -> list[dict[str, Any]]:
         by_model: dict[str, dict[str, Any]] = {}
         for route in self._router.routes():
             for model in route.model_ids():
@@ -229,9 +266,8 @@ class OpenAiApi:
             choice = self._router.preview(model)
             if choice is not None:
                 entry["auto"] = {"route": choice.route, "reason": choice.reason}
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
+        return [{"id": m, "object": "model", "created": 0, "owned_by": "covey", "covey": where}
                 for m, where in sorted(by_model.items())]
-        return Response.json({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
         return await self._complete(request, "chat")
@@ -240,7 +276,7 @@ class OpenAiApi:
         return await self._complete(request, "text")
 
     async def _complete(self, request: Request, kind: str) -> Response | StreamingResponse:
-        c = parse_completion(request.json(), kind)
+        c = parse_completion(request.json(), kind, request.headers)
         try:
             await self._router.ready(c.model)
             route, reason = self._router.choose(c.route, c.model)
@@ -262,8 +298,11 @@ class OpenAiApi:
         except EngineError as exc:
             raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
         if not c.stream:
-            done = await _drain(first, events, covey)
-            return Response.json(full_response(c, done, created, covey))
+            logprobs: list[TokenLogprob] = []
+            done = await _drain(first, events, covey, logprobs)
+            note_done(covey, done)
+            return Response.json(full_response(c, done, created, covey, logprobs),
+                                 headers=lowered_headers(done))
         return StreamingResponse(_stream(c, first, events, created, covey))
 
 
@@ -272,7 +311,11 @@ def _route_error(exc: RouteError) -> HttpError:
     kind = "rate_limit_error" if isinstance(exc, Busy) else "invalid_request_error"
     param = {"model_not_found": "model", "context_length_exceeded": "max_tokens",
              "route_forbidden": "covey_route"}.get(exc.code)
-    return HttpError(exc.status, str(exc), kind, param=param, code=exc.code, headers=headers)
+    code = exc.code
+    field = sampling.refused_field(str(exc))
+    if field is not None:  # the engine refused a sampling field, not the length
+        param, code = field, "invalid_value"
+    return HttpError(exc.status, str(exc), kind, param=param, code=code, headers=headers)
 
 
 def note_served(covey: dict[str, Any], served: Served) -> None:
@@ -284,10 +327,13 @@ def note_served(covey: dict[str, Any], served: Served) -> None:
 
 
 async def _drain(first: Token | Done, events: AsyncGenerator[Token | Done | Served, None],
-                 covey: dict[str, Any]) -> Done:
+                 covey: dict[str, Any], logprobs: list[TokenLogprob]) -> Done:
+    """The reply's Done, collecting its tokens' logprobs on the way."""
     try:
         event: Token | Done | Served = first
         while not isinstance(event, Done):
+            if isinstance(event, Token) and event.logprob is not None:
+                logprobs.append(event.logprob)
             event = await events.__anext__()
             if isinstance(event, Served):
                 note_served(covey, event)
@@ -306,9 +352,12 @@ async def _stream(c: Completion, first: Token | Done,
     try:
         if c.kind == "chat":
             yield sse(chunk(c, created, covey, first=True))
+        elif c.echo:
+            yield sse(chunk(c, created, covey, text=c.echo))
         event: Token | Done | Served = first
         while True:
             if isinstance(event, Done):
+                note_done(covey, event)
                 yield sse(chunk(c, created, covey, done=event))
                 if c.include_usage:
                     yield sse({"id": c.generate.id, "object": _chunk_object(c),
@@ -320,8 +369,8 @@ async def _stream(c: Completion, first: Token | Done,
                 note_served(covey, event)
                 if event.notice:  # tell the client why the reply now comes from elsewhere
                     yield sse(chunk(c, created, covey))
-            elif event.text:
-                yield sse(chunk(c, created, covey, text=event.text))
+            elif event.text or event.logprob is not None:
+                yield sse(chunk(c, created, covey, text=event.text, logprob=event.logprob))
             try:
                 event = await events.__anext__()
             except RouteError as exc:

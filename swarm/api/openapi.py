@@ -20,7 +20,13 @@ from swarm.node.local_facts import covey_version
 ROUTE_NAMES = ("auto", "local", "sharded", "federated")
 MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
-MAX_STOPS = 4
+MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_TEXT_LOGPROBS = 5
+MAX_LOGIT_BIAS = 1024
+STRICT_MAX_TOKENS_HEADER = "x-covey-strict-max-tokens"
+LOWERED_HEADER = "x-covey-max-tokens-lowered"
+LOWERED_USAGE_KEY = "covey_max_tokens_lowered_to"
 MAX_MESSAGES = 1024
 ROLES = ("client", "worker", "federated")
 MAX_NAME_CHARS = 64
@@ -110,7 +116,14 @@ def _generation_parameters() -> dict[str, Schema]:
     return {
         "model": {"type": "string", "minLength": 1,
                   "description": "A model id from GET /v1/models."},
-        "max_tokens": or_null({**max_tokens, "description": "The most tokens to generate."}),
+        "max_tokens": or_null({**max_tokens, "description":
+                               "The most tokens to generate. More than the context leaves "
+                               "after the prompt is lowered to fit (the reply says so in the "
+                               f"`{LOWERED_HEADER}` header when not streamed, in "
+                               f"`usage.{LOWERED_USAGE_KEY}` and in `covey."
+                               "max_tokens_lowered_to`), unless the request has the header "
+                               f"`{STRICT_MAX_TOKENS_HEADER}: 1` or `covey_strict_max_tokens: "
+                               "true`: then it is a 400 (code `context_length_exceeded`)."}),
         "max_completion_tokens": or_null({**max_tokens, "description":
                                           "Same as max_tokens, used when max_tokens is absent."}),
         "temperature": or_null({"type": "number", "minimum": 0, "maximum": 2, "default": 1}),
@@ -128,11 +141,41 @@ def _generation_parameters() -> dict[str, Schema]:
                       "description": "How many choices to generate; only 1 is supported."}),
         "user": or_null({"type": "string",
                          "description": "Accepted for compatibility and ignored."}),
+        **_sampling_parameters(),
         "covey_route": or_null(schema_ref("CoveyRoute")),
         "covey_deterministic": or_null({
             "type": "boolean", "default": False,
             "description": "Covey's extension: an engine without CPU weight repacking, so greedy "
                            "output is the same on every route and split (a little slower)."}),
+    }
+
+
+def _sampling_parameters() -> dict[str, Schema]:
+    """The sampling fields both endpoints honour (`logprobs` differs; see the requests)."""
+    penalty = {"type": "number", "minimum": -2, "maximum": 2, "default": 0}
+    return {
+        "top_k": or_null({"type": "integer", "minimum": 0, "default": 40, "description":
+                          "Sample from the k most likely tokens only; 0 turns it off."}),
+        "min_p": or_null({"type": "number", "minimum": 0, "maximum": 1, "default": 0,
+                          "description": "Drop tokens less likely than min_p times the most "
+                                         "likely one."}),
+        "presence_penalty": or_null({**penalty, "description":
+                                     "Positive values discourage tokens already in the text."}),
+        "frequency_penalty": or_null({**penalty, "description":
+                                      "Positive values discourage tokens by how often they "
+                                      "appeared."}),
+        "logit_bias": or_null({
+            "type": "object", "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "Token id (of the model's vocabulary) -> bias added to its logit; "
+                           "-100 bans the token, 100 all but forces it. An id the model does "
+                           "not have is a 400."}),
+        "covey_strict_max_tokens": or_null({
+            "type": "boolean", "default": False,
+            "description": "Covey's extension: a max_tokens over what the context leaves is "
+                           "a 400 instead of being lowered (as the header "
+                           f"`{STRICT_MAX_TOKENS_HEADER}: 1`)."}),
     }
 
 
@@ -153,6 +196,13 @@ def _request_schemas() -> dict[str, Schema]:
         **_generation_parameters(),
         "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
                      "items": schema_ref("ChatMessage")},
+        "logprobs": or_null({"type": "boolean", "default": False, "description":
+                             "Return each generated token's log probability."}),
+        "top_logprobs": or_null({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                                 "description": "The most likely tokens at each place, this "
+                                                "many; above 0 it turns logprobs on."}),
+        **{name: {"type": "null", "description": "Not supported: any other value is a 400."}
+           for name in ("audio", "prediction", "web_search_options")},
     }
     text = {
         **_generation_parameters(),
@@ -160,6 +210,15 @@ def _request_schemas() -> dict[str, Schema]:
             {"type": "string"},
             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
         ], "description": "The prompt: a string, or an array of exactly one string."},
+        "logprobs": or_null({"type": "integer", "minimum": 0, "maximum": MAX_TEXT_LOGPROBS,
+                             "description": "Return each token's log probability and this "
+                                            "many most likely alternatives (legacy shape)."}),
+        "echo": or_null({"type": "boolean", "default": False, "description":
+                         "Start the reply's text with the prompt; not with logprobs (400)."}),
+        "suffix": or_null({"type": "string", "enum": [""], "description":
+                           "Fill-in-the-middle is not supported: a non-empty suffix is a 400."}),
+        "best_of": or_null({"type": "integer", "enum": [1], "description":
+                            "Only 1 is supported."}),
     }
     return {
         "CoveyRoute": {
@@ -225,7 +284,11 @@ def _completion_schemas() -> dict[str, Schema]:
     finish = {"type": "string", "enum": ["stop", "length"]}
     streamed_finish = {"type": ["string", "null"], "enum": ["stop", "length", None],
                        "description": "null until the last chunk with choices."}
-    logprobs = {"type": "null"}
+    chat_logprobs = or_null(schema_ref("ChatLogprobs"))
+    text_logprobs = or_null(schema_ref("CompletionLogprobs"))
+    token_logprob = _object({"token": string, "logprob": {"type": "number"},
+                             "bytes": {"type": "array", "items": integer}},
+                            ["token", "logprob", "bytes"])
 
     def completion(obj: str, choice: str, description: str, *, chunk: bool = False) -> Schema:
         usage = or_null(schema_ref("Usage")) if chunk else schema_ref("Usage")
@@ -237,18 +300,38 @@ def _completion_schemas() -> dict[str, Schema]:
 
     return {
         "Usage": _object({"prompt_tokens": integer, "completion_tokens": integer,
-                          "total_tokens": integer},
+                          "total_tokens": integer,
+                          LOWERED_USAGE_KEY: {"type": "integer", "description":
+                                              "Only when max_tokens was lowered to fit the "
+                                              "context: the max_tokens used."}},
                          ["prompt_tokens", "completion_tokens", "total_tokens"]),
+        "ChatLogprobs": _object({
+            "content": {"type": "array", "items": {"allOf": [token_logprob, _object(
+                {"top_logprobs": {"type": "array", "items": token_logprob}},
+                ["top_logprobs"])]}},
+            "refusal": {"type": "null"},
+        }, ["content"], "Per generated token (in a chunk: its tokens) when `logprobs` was "
+           "true; null otherwise."),
+        "CompletionLogprobs": _object({
+            "tokens": _string_list(), "token_logprobs": {"type": "array",
+                                                         "items": {"type": "number"}},
+            "top_logprobs": {"type": "array", "items": {
+                "type": "object", "additionalProperties": {"type": "number"}}},
+            "text_offset": {"type": "array", "items": integer},
+        }, ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+           "The legacy shape, when `logprobs` was given; null otherwise."),
         "CoveyRouting": _object({
             "route": {"type": "string", "description": "The route that served the request."},
             "route_reason": {"type": "string", "description": "Why this route was chosen."},
             "machines": _string_list("The machines that took part."),
+            "max_tokens_lowered_to": {"type": "integer", "description":
+                                      "Only when max_tokens was lowered to fit the context."},
         }, ["route", "route_reason", "machines"]),
         "ChatCompletionChoice": _object({
             "index": integer,
             "message": _object({"role": {"const": "assistant"}, "content": string},
                                ["role", "content"]),
-            "logprobs": logprobs, "finish_reason": finish,
+            "logprobs": chat_logprobs, "finish_reason": finish,
         }, ["index", "message", "finish_reason"]),
         "ChatCompletion": completion("chat.completion", "ChatCompletionChoice",
                                      "The answer of a non-streamed chat completion."),
@@ -256,20 +339,21 @@ def _completion_schemas() -> dict[str, Schema]:
             "index": integer,
             "delta": _object({"role": {"const": "assistant"}, "content": string},
                              description="The first chunk carries the role, later ones text."),
-            "logprobs": logprobs, "finish_reason": streamed_finish,
+            "logprobs": chat_logprobs, "finish_reason": streamed_finish,
         }, ["index", "delta", "finish_reason"]),
         "ChatCompletionChunk": completion(
             "chat.completion.chunk", "ChatCompletionChunkChoice",
             "One server-sent event of a streamed chat completion. With include_usage every "
             "chunk has `usage: null` and a last one has `choices: []` and the usage.",
             chunk=True),
-        "CompletionChoice": _object({"index": integer, "text": string, "logprobs": logprobs,
+        "CompletionChoice": _object({"index": integer, "text": string,
+                                     "logprobs": text_logprobs,
                                      "finish_reason": finish},
                                     ["index", "text", "finish_reason"]),
         "Completion": completion("text_completion", "CompletionChoice",
                                  "The answer of a non-streamed completion."),
         "CompletionChunkChoice": _object({"index": integer, "text": string,
-                                          "logprobs": logprobs,
+                                          "logprobs": text_logprobs,
                                           "finish_reason": streamed_finish},
                                          ["index", "text", "finish_reason"]),
         "CompletionChunk": completion(
@@ -513,6 +597,10 @@ def _streamed_ok(json_schema: str, chunk_schema: str) -> dict[str, Any]:
            "`data: {\"error\": {...}}` (the Error shape) ends the stream without [DONE].")
     return {
         "description": f"Without `stream`, one {json_schema} object. {sse}",
+        "headers": {LOWERED_HEADER: {
+            "description": "Only on a non-streamed reply whose max_tokens was lowered to fit "
+                           "the context: the max_tokens used.",
+            "schema": {"type": "integer", "minimum": 1}}},
         "content": {
             "application/json": {"schema": schema_ref(json_schema)},
             "text/event-stream": {"schema": {"type": "string", "description": sse}},
@@ -543,6 +631,12 @@ def _paths() -> dict[str, Any]:
         "/v1/models": {"get": _operation(
             "listModels", "openai", "The models this node's routes can serve.",
             _responses(_json_ok("The models, sorted by id.", "ModelList"), COMMON_ERRORS))},
+        "/v1/models/{model}": {"get": {
+            **_operation("retrieveModel", "openai", "One model of GET /v1/models.",
+                         _responses(_json_ok("The model.", "Model"), (*COMMON_ERRORS, 404))),
+            "parameters": [{"name": "model", "in": "path", "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                            "description": "A model id (URL-encoded; it may contain `/`)."}]}},
         "/v1/chat/completions": {"post": _operation(
             "createChatCompletion", "openai", "Generate the assistant's next message.",
             _responses(_streamed_ok("ChatCompletion", "ChatCompletionChunk"),
@@ -626,7 +720,12 @@ def openapi_document(server_url: str | None = None, *, node_api: bool = True
                 "are on loopback only. Every request needs `Authorization: Bearer <secret>` "
                 "(on loopback the secret in the node's data directory, file `api-secret`; on "
                 "the network address the API key the node was started with) and a Host header "
-                "naming the address and port it was sent to. Every error is "
+                "naming the address and port it was sent to (or a name added with "
+                "`--api-host`, e.g. host.docker.internal; on a wildcard address any of the "
+                "machine's addresses). Browser pages may call it only from the origins given "
+                "with `--cors-origin` (none by default): their preflight OPTIONS is answered "
+                "without the secret, and every reply to them carries Access-Control-Allow-"
+                "Origin; any other origin gets no CORS header. Every error is "
                 "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; a path not "
                 "listed here answers 404 and a method not listed 405 with an Allow header. "
                 "Request bodies may carry fields not listed here (they are ignored), except "

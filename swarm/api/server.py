@@ -1,7 +1,8 @@
 """The node's local HTTP API: an h11 server on trio that listens on loopback only.
 
 It owns the transport and the gate in front of every handler: the Host check (against DNS
-rebinding), the bearer secret, size and time limits, a cap on open connections (see
+rebinding), CORS for the browser origins allowed (swarm.api.cors), the bearer secret, size and
+time limits, a cap on open connections (see
 swarm.api.limits), OpenAI-style JSON errors, and chunked streaming. The files through which
 a client finds it (`api-secret`, `api.json`) belong to swarm.api.files.
 """
@@ -20,6 +21,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
+from swarm.api.cors import CorsPolicy, host_values
 from swarm.api.limits import ConnectionSlots, Slot
 
 if TYPE_CHECKING:
@@ -197,6 +199,7 @@ class _Conn:
         self.stream = stream
         self.slot = slot
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.cors_headers: dict[str, str] = {}  # for the request being answered
 
     async def next_event(self, deadline: float) -> Any:
         while True:
@@ -235,7 +238,8 @@ class _Conn:
             raise _Closed
 
     async def send_response(self, resp: Response) -> None:
-        headers = [*own_headers(resp.headers), ("content-type", resp.content_type),
+        headers = [*own_headers({**self.cors_headers, **resp.headers}),
+                   ("content-type", resp.content_type),
                    ("content-length", str(len(resp.body)))]
         await self.send(h11.Response(status_code=resp.status, headers=headers),
                         h11.Data(data=resp.body), h11.EndOfMessage())
@@ -262,8 +266,8 @@ class LocalApi:
 
     def __init__(self, secret: str, *, max_body: int = MAX_BODY_BYTES,
                  head_timeout: float = HEAD_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S,
-                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS
-                 ) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
+                 cors: CorsPolicy | None = None, host_names: Iterable[str] = ()) -> None:
         if not secret:
             # An empty secret would let "Authorization: Bearer " through.
             raise ValueError("The local API needs a non-empty secret")
@@ -276,12 +280,28 @@ class LocalApi:
         self._warned_full_at: float | None = None
         self.routes: dict[str, dict[str, Handler]] = {}
         self.port: int | None = None
+        self.cors = cors or CorsPolicy()
+        self.host_names = tuple(host_names)  # --api-host: answered on every listener
 
     def __repr__(self) -> str:  # keeps the secret out of any log that prints the object
         return f"LocalApi(port={self.port}, routes={sorted(self.routes)})"
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """`path` may end in one `{parameter}`: it then takes any non-empty rest of a path
+        (the handler reads it from `request.path`)."""
         self.routes.setdefault(path, {})[method.upper()] = handler
+
+    def methods(self, path: str) -> dict[str, Handler] | None:
+        """The handlers by method for `path`, an exact route before a parameterised one."""
+        found = self.routes.get(path)
+        if found is not None:
+            return found
+        for template, methods in self.routes.items():
+            prefix, brace, _ = template.partition("{")
+            if brace and template.endswith("}") and path.startswith(prefix) \
+                    and len(path) > len(prefix):
+                return methods
+        return None
 
     async def serve(self, port: int, *, host: str = "127.0.0.1",
                     task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -289,17 +309,18 @@ class LocalApi:
         check_bind_host(host)
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        hosts = allowed_hosts(self.port)
+        hosts = allowed_hosts(self.port) | host_values(self.host_names, self.port)
         log.info("Local API listening on %s port %d", host, self.port)
         task_status.started(self.port)
         await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
 
-    async def serve_network(self, host: str, port: int, *,
+    async def serve_network(self, host: str, port: int, *, names: Iterable[str] = (),
                             task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED
                             ) -> None:
         """Listen on a network address: only for an API whose secret is a deliberate API key.
 
-        The Host header must name this address or this machine's name (DNS rebinding)."""
+        The Host header must name this address, this machine's name, one of `names` (the
+        addresses a wildcard listens on) or of `host_names` (DNS rebinding)."""
         if len(self._secret) < MIN_NETWORK_KEY_CHARS:
             raise ValueError(
                 f"an API key of at least {MIN_NETWORK_KEY_CHARS} characters is needed to "
@@ -307,8 +328,9 @@ class LocalApi:
             )
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        names = {host, socket.gethostname(), f"{socket.gethostname()}.local"}
-        hosts = frozenset({f"{n}:{self.port}" for n in names} | allowed_hosts(self.port))
+        own = {host, socket.gethostname(), f"{socket.gethostname()}.local", *names,
+               *self.host_names}
+        hosts = host_values(own, self.port) | allowed_hosts(self.port)
         log.info("API listening on %s port %d (API key required)", host, self.port)
         task_status.started(self.port)
         await trio.serve_listeners(lambda s: self._serve_connection(s, hosts), listeners)
@@ -365,6 +387,9 @@ class LocalApi:
 
         method, target = event.method.decode("ascii"), event.target.decode("latin-1")
         headers = decode_headers(event.headers)
+        # No CORS header at all for a request whose Host is wrong (a rebound page).
+        conn.cors_headers = (self.cors.response_headers(headers.get("origin"))
+                             if headers.get("host") in hosts else {})
         if head_size(event) > MAX_HEAD_BYTES:
             # h11 bounds only a head still incomplete; one that arrived whole needs this.
             return await self._reject(conn, error_response(431, _HEAD_TOO_LARGE))
@@ -385,7 +410,9 @@ class LocalApi:
 
         path, query = split_target(target)
         request = Request(method, path, query, headers, body)
-        await self._dispatch(conn, self.routes[path][method], request)
+        methods = self.methods(path)
+        assert methods is not None  # the gate checked
+        await self._dispatch(conn, methods[method], request)
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     def _gate(self, method: str, target: str, headers: Mapping[str, str],
@@ -396,6 +423,12 @@ class LocalApi:
         # Host before auth: a rebound browser page must learn nothing, not even "wrong secret".
         if headers.get("host") not in hosts:
             return error_response(403, "Host header not allowed; use 127.0.0.1:<port>")
+        # A browser's preflight carries no key; it learns only whether its origin may call.
+        if self.cors.is_preflight(method, headers):
+            allowed = self.cors.preflight_headers(headers)
+            if allowed is None:
+                return error_response(403, "Origin not allowed")
+            return Response(204, b"", "text/plain", allowed)
         if not bearer_matches(headers.get("authorization"), self._secret):
             return error_response(401, "Missing or wrong API secret (Authorization: Bearer)",
                                   headers={"www-authenticate": "Bearer"})
@@ -403,7 +436,7 @@ class LocalApi:
         if length is not None and length > self.max_body:
             return error_response(413, f"Request body is over {self.max_body} bytes")
         path, _ = split_target(target)
-        methods = self.routes.get(path)
+        methods = self.methods(path)
         if methods is None:
             return error_response(404, f"No such endpoint: {path}")
         if method not in methods:
@@ -462,7 +495,8 @@ class LocalApi:
 
     async def _send_stream(self, conn: _Conn, resp: StreamingResponse, request: Request
                            ) -> None:
-        headers = [*own_headers(resp.headers), ("content-type", resp.content_type)]
+        headers = [*own_headers({**conn.cors_headers, **resp.headers}),
+                   ("content-type", resp.content_type)]
         if resp.content_type.startswith("text/event-stream"):
             headers.append(("cache-control", "no-cache"))
         await conn.send(h11.Response(status_code=resp.status, headers=headers))

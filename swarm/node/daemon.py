@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
 from backends.store.model_store import ModelStore
+from swarm.api.cors import CorsPolicy
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
 from swarm.api.server import LocalApi, Request, Response
@@ -70,6 +72,9 @@ from swarm.workers.worker import WorkerService
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+# The sharded route's context without --ctx: its memory is other machines', so no trained
+# context capped by this machine's memory.
+SHARDED_CTX = 4096
 COALESCE_S = 0.1
 
 
@@ -98,6 +103,9 @@ class NodeConfig:
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
     bundled_models: tuple[str, ...] = ()  # bundled defaults to register as the node starts
+    ctx: int | None = None  # context length; None: the model's trained one, capped by memory
+    cors_origins: tuple[str, ...] = ()  # browser origins that may call the API
+    api_hosts: tuple[str, ...] = ()  # more Host names the API answers to
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
     relay: bool | None = None  # relay for the swarm's members; None: when publicly reachable
     relay_limits: RelayLimits = RelayLimits()
@@ -142,10 +150,13 @@ class Node:
         self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
                            is_banned=self.gatekeeper.is_banned, changed=self.changed)
         self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
-        self.api = LocalApi(load_or_create_secret(config.data_dir))
+        cors = CorsPolicy.of(config.cors_origins)
+        self.api = LocalApi(load_or_create_secret(config.data_dir), cors=cors,
+                            host_names=config.api_hosts)
         self.api_port: int | None = None
         self.store = ModelStore(config.data_dir / "models")
-        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads)
+        self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads,
+                                      n_ctx=config.ctx)
         # The store registers one bundled model today, the default, whatever the name.
         self.bundled = BundledModels(lambda _name, progress: self.store.ensure_default(progress),
                                      config.bundled_models)
@@ -163,6 +174,7 @@ class Node:
         self.tunnels = TunnelServer(self.worker.tunnel_target, self.worker.lease_guard)
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route,
+                                          n_ctx=config.ctx or SHARDED_CTX,
                                           ram_of=self._ram_totals)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing, self.bundled)
@@ -171,7 +183,7 @@ class Node:
         if config.api_listen is not None:
             if not config.api_key:
                 raise ValueError("--api-listen exposes the API on a network: it needs an API key")
-            self.network_api = LocalApi(config.api_key)
+            self.network_api = LocalApi(config.api_key, cors=cors, host_names=config.api_hosts)
             self._add_openai_routes(self.network_api)
         self._stop = trio.Event()
         self._info_changed = trio.Event()
@@ -253,7 +265,10 @@ class Node:
             self.api_port = await nursery.start(self.api.serve, self.config.api_port)
             if self.network_api is not None and self.config.api_listen is not None:
                 host, port = self.config.api_listen
-                await nursery.start(self.network_api.serve_network, host, port)
+                # A wildcard listens on every address: clients name whichever they reach.
+                own = mdns.expand_listen_ip(host) if host in ("0.0.0.0", "::") else []
+                await nursery.start(partial(self.network_api.serve_network, names=own),
+                                    host, port)
             write_api_info(self.config.data_dir, self.api_port, os.getpid())
             stack.callback(remove_api_info, self.config.data_dir, os.getpid())
             log.info("node %s (%s) in swarm %s, listening on %s; API on 127.0.0.1:%s",
@@ -427,6 +442,7 @@ class Node:
 
     def _add_openai_routes(self, api: LocalApi) -> None:
         api.add_route("GET", "/v1/models", self.openai.models)
+        api.add_route("GET", "/v1/models/{model}", self.openai.model)
         api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
         api.add_route("POST", "/v1/completions", self.openai.completions)
         node_api = api is self.api  # the network listener serves /v1 only

@@ -21,6 +21,7 @@ from typing import IO, TextIO
 import trio
 
 from backends.endpoints import split_host_port
+from swarm.api.cors import check_host_name, normalize_origin
 from swarm.api.server import MIN_NETWORK_KEY_CHARS
 from swarm.exception_groups import first_leaf
 from swarm.node.fd_limit import raise_open_file_limit
@@ -81,7 +82,15 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
         bootstrap=list(args.bootstrap) or (saved.bootstrap if saved else []),
         remote_prompts=remote if remote is not None else (saved.remote_prompts if saved else True),
         prefer_route=prefer or (saved.prefer_route if saved else "auto"),
+        ctx=_ctx_setting(getattr(args, "ctx", None), saved),
     )
+
+
+def _ctx_setting(given: int | None, saved: Settings | None) -> int | None:
+    """--ctx N is remembered; --ctx 0 goes back to automatic (None)."""
+    if given is None:
+        return saved.ctx if saved else None
+    return given or None
 
 
 class AlreadyRunning(Exception):
@@ -176,12 +185,22 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
                               if args.upload_limit_mib else None),
         threads=args.threads,
         bundled_models=(DEFAULT_MODEL,),
+        ctx=settings.ctx,
+        cors_origins=_cors_origins(getattr(args, "cors_origin", None) or []),
+        api_hosts=tuple(check_host_name(n) for n in getattr(args, "api_host", None) or []),
         worker_share_bytes=(share_bytes(args.share_mib, args.share_percent,
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
         relay=getattr(args, "relay", None),
     )
     return Node(config)
+
+
+def _cors_origins(given: list[str]) -> tuple[str, ...]:
+    try:
+        return tuple(normalize_origin(o) for o in given)
+    except ValueError as exc:
+        raise ValueError(f"--cors-origin: {exc}") from None
 
 
 def _network_api(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:

@@ -31,6 +31,7 @@ class Settings:
     bootstrap: list[str] = field(default_factory=list)
     remote_prompts: bool = True  # off: no prompt leaves this machine (no federated, sharded)
     prefer_route: str = "auto"  # a route `auto` takes first when it can serve
+    ctx: int | None = None  # the engine's context length; None: the model's trained one
     version: int = SETTINGS_VERSION
 
 
@@ -49,12 +50,16 @@ def load_settings(data_dir: Path) -> Settings | None:
             raise ValueError("remote_prompts must be true or false")
         if prefer_route not in PREFERABLE:
             raise ValueError(f"prefer_route must be one of {', '.join(PREFERABLE)}")
+        ctx = body.get("ctx")
+        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+            raise ValueError("ctx must be a positive whole number or null")
         return Settings(
             token=str(body["token"]),
             name=body.get("name"),
             bootstrap=[str(a) for a in body.get("bootstrap", [])],
             remote_prompts=remote_prompts,
             prefer_route=prefer_route,
+            ctx=ctx,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SettingsError(

@@ -67,8 +67,10 @@ def stitch(request: GenerateRequest, carried: Sequence[Token], done: Done) -> Do
     Usage counts the original prompt and every token streamed: an engine counts a request's
     prompt without its continuation (the carried text, which is completion), and the tokens
     are every attempt's, each once."""
+    lowered = done.max_tokens_lowered_to
     return Done(request.id, done.finish_reason, "".join(t.text for t in carried) + done.text,
-                done.prompt_tokens, (*(t.token for t in carried), *done.tokens), done.timings)
+                done.prompt_tokens, (*(t.token for t in carried), *done.tokens), done.timings,
+                lowered + len(carried) if lowered is not None else None)
 
 
 async def with_failover(request: GenerateRequest, attempt: Attempt, max_attempts: int,

@@ -9,7 +9,10 @@
   so the reply goes on.
 
 Wire format on `/covey/federated/1.0.0`: one request frame (JSON), then reply frames (JSON):
-{"type": "token", "text"}, then {"type": "done", ...}; or {"type": "error", "code", "message"}.
+{"type": "token", "text"} (with "logprob" when asked for), then {"type": "done", ...}; or
+{"type": "error", "code", "message"}. Request fields added after the first version are sent
+only when they differ from their defaults, so an older node serves what it can honour and
+refuses (rather than ignores) the rest; `optional` carries what a node may ignore.
 
 The client trusts a serving node with nothing unbounded (`ReplyLimits`): a reply ends at the
 request's `max_tokens` (finish_reason "length", the stream closed), and a node whose frame or
@@ -24,7 +27,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import trio
@@ -35,7 +38,14 @@ from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
 
 from backends.engine import EngineError
-from backends.engine_protocol import Done, GenerateRequest, Timings, Token
+from backends.engine_protocol import (
+    Done,
+    GenerateRequest,
+    Timings,
+    Token,
+    logprob_from_raw,
+    request_from_raw,
+)
 from swarm.ledger.entries import FEDERATED_KEY, FederatedEntry, read
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net.host import read_frame, reset_quietly, write_frame, write_json_frame
@@ -129,9 +139,23 @@ def pick(found: Sequence[Candidate], dispatched: dict[str, int], failed: set[str
     return rng.choice([c for c in usable if load[c.peer_id] == least])
 
 
+# GenerateRequest fields newer than the first wire version: sent only when not at their
+# defaults. Those in _OPTIONAL go beside the request, where an older node does not look.
+_ADDED = ("min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+          "top_logprobs")
+_OPTIONAL = ("fit_max_tokens",)
+_DEFAULTS = {f.name: f.default for f in fields(GenerateRequest)}
+MAX_STOPS = 16
+
+
 def request_frame(model: str, request: GenerateRequest) -> bytes:
-    return json.dumps({"version": WIRE_VERSION, "model": model,
-                       "request": asdict(request)}).encode()
+    raw = asdict(request)
+    optional = {name: raw.pop(name) for name in _OPTIONAL}
+    for name in _ADDED:
+        if raw[name] == _DEFAULTS[name]:
+            del raw[name]
+    return json.dumps({"version": WIRE_VERSION, "model": model, "request": raw,
+                       "optional": optional}).encode()
 
 
 def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
@@ -149,11 +173,32 @@ def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
         ):
             raise ValueError("bad messages")
         raw["messages"] = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-    raw["stop"] = tuple(str(s) for s in raw.get("stop", ()))[:4]
-    request = GenerateRequest(**raw)  # TypeError on unknown fields
+    raw["stop"] = tuple(str(s) for s in raw.get("stop", ()))[:MAX_STOPS]
+    optional = body.get("optional")
+    if isinstance(optional, dict):
+        raw.update({k: bool(optional[k]) for k in _OPTIONAL if k in optional})
+    request = request_from_raw(raw)  # TypeError on unknown fields
     if not 1 <= request.max_tokens <= 32768:
         raise ValueError("max_tokens out of range")
+    if len(request.logit_bias) > 1024 or not 0 <= request.top_logprobs <= 20:
+        raise ValueError("logit_bias or top_logprobs out of range")
     return model, request
+
+
+def token_frame(event: Token) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "token", "text": event.text}
+    if event.logprob is not None:
+        frame["logprob"] = asdict(event.logprob)
+    return frame
+
+
+def done_frame(event: Done) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "done", "finish_reason": event.finish_reason,
+                             "text": event.text, "prompt_tokens": event.prompt_tokens,
+                             "completion_tokens": len(event.tokens)}
+    if event.max_tokens_lowered_to is not None:
+        frame["max_tokens_lowered_to"] = event.max_tokens_lowered_to
+    return frame
 
 
 def parse_reply_frame(data: bytes) -> dict[str, Any]:
@@ -240,14 +285,8 @@ class FederatedService:
         events = self.run_local(request, model)
         try:
             async for event in events:
-                if isinstance(event, Token):
-                    await write_json_frame(stream, {"type": "token", "text": event.text})
-                else:
-                    await write_json_frame(stream, {"type": "done",
-                                                    "finish_reason": event.finish_reason,
-                                                    "text": event.text,
-                                                    "prompt_tokens": event.prompt_tokens,
-                                                    "completion_tokens": len(event.tokens)})
+                await write_json_frame(stream, token_frame(event) if isinstance(event, Token)
+                                       else done_frame(event))
         except Busy as exc:
             await write_json_frame(stream, {"type": "error", "code": "busy", "message": str(exc),
                                             "retry_after_s": exc.retry_after_s})
@@ -368,12 +407,16 @@ class FederatedRoute:
                     yield tally.cut(request.id)
                     return
                 if kind == "token":
-                    yield Token(request.id, -1, tally.texts[-1])
+                    logprob = reply.get("logprob")
+                    yield Token(request.id, -1, tally.texts[-1],
+                                logprob_from_raw(logprob) if logprob is not None else None)
                 elif kind == "done":
                     # A token's id is the serving node's; what counts is how many came.
+                    lowered = reply.get("max_tokens_lowered_to")
                     yield Done(request.id, str(reply.get("finish_reason", "stop")),
                                str(reply.get("text", "")), int(reply.get("prompt_tokens", 0)),
-                               (-1,) * len(tally.texts), Timings())
+                               (-1,) * len(tally.texts), Timings(),
+                               int(lowered) if lowered is not None else None)
                     return
                 else:
                     raise _Failed(str(reply.get("message", "error")),

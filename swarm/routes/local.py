@@ -17,10 +17,11 @@ from typing import Any
 
 import trio
 
+from backends.context_size import context_for
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
-from backends.gguf_info import estimate_memory
+from backends.gguf_info import GGUFInfo, estimate_memory
 from backends.memory import memory_bytes
 from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
 from swarm.routes.route import Busy, ModelUnknown, RequestRefused
@@ -155,7 +156,7 @@ class LocalRoute:
         machine: str,
         max_waiting: int = 4,
         engine_factory: Callable[[EngineConfig], Engine] = Engine,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,  # None: the model's trained context, capped by memory
         n_threads: int | None = None,
         available: Callable[[], int] = lambda: memory_bytes().available,
     ) -> None:
@@ -181,9 +182,13 @@ class LocalRoute:
         """Memory `model` takes on this machine's engine; None when the store cannot say (the
         bundled default before it is registered, a model not here)."""
         try:
-            return estimate_memory(self.store.get(model).info, self._n_ctx).total_bytes
+            info = self.store.get(model).info
+            return estimate_memory(info, self._ctx(info)).total_bytes
         except ModelStoreError:
             return None
+
+    def _ctx(self, info: GGUFInfo) -> int:
+        return context_for(info, self._n_ctx, self.free_bytes())
 
     def free_bytes(self) -> int:
         """This machine's available memory, counting what unloading its engine gives back."""
@@ -211,7 +216,7 @@ class LocalRoute:
             return self._engine
         await self._drop_engine()
         entry = await model_entry(self.store, model)
-        config = EngineConfig(model_path=str(entry.path), n_ctx=self._n_ctx,
+        config = EngineConfig(model_path=str(entry.path), n_ctx=self._ctx(entry.info),
                               n_threads=self.n_threads, deterministic=deterministic)
         engine = await start_engine(self._engine_factory, config)
         self._engine, self._engine_model = engine, (model, deterministic)

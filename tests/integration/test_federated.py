@@ -195,3 +195,26 @@ def test_federated_mode_is_switched_at_runtime(swarm: Swarm) -> None:
         "covey"]["machines"] == ["f2"], 10, "f1 to stop serving", [swarm.client, f1])
     code, reply = swarm.ask(max_tokens=4)
     assert code == 200 and reply["covey"]["machines"] == ["f2"]
+
+
+def test_logprobs_and_a_lowered_max_tokens_cross_the_federated_route(swarm: Swarm) -> None:
+    def go() -> tuple[int, dict[str, str], Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", swarm.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": "tiny", "messages": CHAT, "max_tokens": 5000, "temperature": 0,
+            "logprobs": True, "top_logprobs": 3, "presence_penalty": 0.5}),
+            headers={"Authorization": f"Bearer {swarm.key}"})
+        resp = conn.getresponse()
+        out = (resp.status, {k.lower(): v for k, v in resp.getheaders()},
+               json.loads(resp.read()))
+        conn.close()
+        return out
+
+    status, headers, reply = call_in(swarm.client.ns, go)
+    assert status == 200, reply
+    assert reply["covey"]["route"] == "federated"
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert len(content) == reply["usage"]["completion_tokens"] > 0
+    assert all(len(entry["top_logprobs"]) == 3 for entry in content)
+    lowered = reply["usage"]["covey_max_tokens_lowered_to"]
+    assert headers["x-covey-max-tokens-lowered"] == str(lowered) and lowered < 256

@@ -176,7 +176,7 @@ def test_sse_framing_over_plain_http(api: Api) -> None:
         ({"model": "tiny", "messages": CHAT, "max_tokens": "8"}, 400, "max_tokens"),
         ({"model": "tiny", "messages": CHAT, "temperature": 5}, 400, "temperature"),
         ({"model": "tiny", "messages": CHAT, "stream": "yes"}, 400, "stream"),
-        ({"model": "tiny", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "tiny", "messages": CHAT, "stop": [str(i) for i in range(17)]}, 400, "stop"),
         ({"model": "tiny", "messages": CHAT, "n": 2}, 400, "n"),
         ({"model": "tiny", "messages": CHAT, "covey_route": "moon"}, 400, "covey_route"),
         ({"model": "no-such-model", "messages": CHAT}, 404, "model"),
@@ -193,14 +193,26 @@ def test_bad_requests_get_openai_errors(api: Api, body: dict, status: int, param
 
 
 def test_a_request_longer_than_the_context_is_a_400_and_the_engine_stays(api: Api) -> None:
+    # Asked for strictness: otherwise max_tokens is lowered to fit (next test).
     got, _, reply = api.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT,
-                                                     "max_tokens": 5000})
+                                                     "max_tokens": 5000},
+                             headers={"x-covey-strict-max-tokens": "1"})
     assert got == 400, reply
     assert reply["error"]["code"] == "context_length_exceeded"
     assert reply["error"]["param"] == "max_tokens" and "context" in reply["error"]["message"]
     log_before = api.node.log().count("engine loaded")
     assert api.post("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})[0] == 200
     assert api.node.log().count("engine loaded") == log_before  # not reloaded
+
+
+def test_a_max_tokens_over_the_context_is_lowered_and_says_so(api: Api) -> None:
+    got, headers, reply = api.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT,
+                                                           "max_tokens": 5000})
+    assert got == 200, reply
+    lowered = reply["usage"]["covey_max_tokens_lowered_to"]
+    assert headers["x-covey-max-tokens-lowered"] == str(lowered)
+    assert lowered + reply["usage"]["prompt_tokens"] == 256  # the tiny model's context
+    assert reply["covey"]["max_tokens_lowered_to"] == lowered
 
 
 def test_malformed_json_huge_body_key_and_host(api: Api) -> None:

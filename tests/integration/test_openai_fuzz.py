@@ -66,6 +66,12 @@ def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any
                         min_size=schema.get("minItems", 0),
                         max_size=min(schema.get("maxItems", 3), 3))
     props = schema.get("properties", {})
+    extra = schema.get("additionalProperties")
+    if not props and isinstance(extra, dict):  # a map, e.g. logit_bias: token id -> bias
+        names = schema.get("propertyNames", {}).get("pattern")
+        keys = st.from_regex(names, fullmatch=True) if names else st.text(max_size=8)
+        return st.dictionaries(keys.filter(lambda k: len(k) < 12), from_schema(extra, depth + 1),
+                               max_size=3)
     required = set(schema.get("required", []))
     optional = {k: from_schema(v, depth + 1) for k, v in props.items() if k not in required}
     return st.fixed_dictionaries({k: from_schema(props[k], depth + 1) for k in required},
@@ -109,6 +115,24 @@ def test_text_parser_accepts_or_says_400(body: Any) -> None:
 @given(body=from_schema(SCHEMAS["ChatCompletionRequest"]))
 def test_every_body_the_document_allows_parses(body: dict[str, Any]) -> None:
     parse_completion(body, "chat")  # the document promises these are valid
+
+
+@settings(max_examples=200, deadline=None)
+@given(bias=st.dictionaries(st.integers(0, 10**6).map(str), st.floats(-100, 100), max_size=8),
+       top=st.integers(0, 20), penalty=st.floats(-2, 2), top_k=st.integers(0, 500),
+       min_p=st.floats(0, 1), stops=st.lists(st.text(min_size=1, max_size=5), max_size=16))
+def test_sampling_fields_within_their_limits_reach_the_engine_request(
+        bias: dict[str, float], top: int, penalty: float, top_k: int, min_p: float,
+        stops: list[str]) -> None:
+    parsed = parse_completion({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                               "logit_bias": bias, "logprobs": True, "top_logprobs": top,
+                               "presence_penalty": penalty, "frequency_penalty": penalty,
+                               "top_k": top_k, "min_p": min_p, "stop": stops}, "chat")
+    request = parsed.generate
+    assert dict(request.logit_bias) == {int(k): v for k, v in bias.items()}
+    assert (request.top_logprobs, request.top_k, request.min_p) == (top, top_k, min_p)
+    assert request.presence_penalty == request.frequency_penalty == penalty
+    assert request.stop == tuple(stops) and request.logprobs
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ class ShardSwarm:
         wait_until(seen, 30, f"workers {names}", list(self.nodes.values()))
 
     def chat(self, client: RunningNode, route: str, max_tokens: int = 24,
-             model: str = "tiny") -> tuple[int, Any]:
+             model: str = "tiny", **fields: Any) -> tuple[int, Any]:
         port = json.loads((client.data_dir / "api.json").read_text())["port"]
         key = (client.data_dir / "api-secret").read_text().strip()
 
@@ -67,7 +67,8 @@ class ShardSwarm:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             conn.request("POST", "/v1/chat/completions", body=json.dumps({
                 "model": model, "messages": CHAT, "max_tokens": max_tokens,
-                "temperature": 0, "covey_route": route, "covey_deterministic": True}),
+                "temperature": 0, "covey_route": route, "covey_deterministic": True,
+                **fields}),
                 headers={"Authorization": f"Bearer {key}"})
             resp = conn.getresponse()
             data = json.loads(resp.read())
@@ -363,3 +364,18 @@ def test_a_model_too_big_for_the_swarm_says_what_is_missing(shards: ShardSwarm,
     assert re.fullmatch(r"cannot shard 'huge': the model needs [\d.]+ MiB across workers, the "
                         r"swarm's usable workers donate 40.0 MiB: [\d.]+ MiB missing",
                         reply["error"]["message"]), reply
+
+
+def test_logprobs_through_the_sharded_route_are_the_local_ones(shards: ShardSwarm) -> None:
+    client = shards.nodes["client"]
+    asked = {"logprobs": True, "top_logprobs": 2, "max_tokens": 8}
+    status, sharded = shards.chat(client, "sharded", **asked)
+    assert status == 200, sharded
+    status, local = shards.chat(client, "local", **asked)
+    assert status == 200, local
+    assert sharded["covey"]["route"] == "sharded"
+    got = sharded["choices"][0]["logprobs"]["content"]
+    assert len(got) == sharded["usage"]["completion_tokens"] > 0
+    assert all(len(entry["top_logprobs"]) == 2 for entry in got)
+    want = local["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in got] == [e["token"] for e in want]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from swarm.api import openai_api, openapi
+from swarm.api import openai_api, openapi, sampling
 from swarm.api.openapi import openapi_document
 from swarm.ledger import entries
 from swarm.node import api_handlers
@@ -168,3 +168,19 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION
     assert openapi.REGISTRATION_VERSION == preparing.REGISTRATION_VERSION
     assert openapi.BUNDLED_WAIT_S == preparing.WAIT_S
+    assert openapi.MAX_STOPS == sampling.MAX_STOPS == 16
+    for name in ("MAX_TOP_LOGPROBS", "MAX_TEXT_LOGPROBS", "MAX_LOGIT_BIAS",
+                 "STRICT_MAX_TOKENS_HEADER"):
+        assert getattr(openapi, name) == getattr(sampling, name), name
+    for name in ("LOWERED_HEADER", "LOWERED_USAGE_KEY"):
+        assert getattr(openapi, name) == getattr(openai_api, name), name
+
+
+def test_sampling_fields_are_described(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    for name in ("top_k", "min_p", "presence_penalty", "frequency_penalty", "logit_bias",
+                 "logprobs"):
+        for request in ("ChatCompletionRequest", "CompletionRequest"):
+            assert name in schemas[request]["properties"], (request, name)
+    assert "top_logprobs" in schemas["ChatCompletionRequest"]["properties"]
+    assert {"echo", "suffix"} <= set(schemas["CompletionRequest"]["properties"])
