@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from backends import engine_protocol as proto
-from backends import ggml, sampling
+from backends import ggml
 from backends.compute import physical_cores
+from backends.generation import sampling
 from backends.text.chat_template import ChatTemplateError, render_chat
 from backends.text.stop_strings import StopMatcher
 

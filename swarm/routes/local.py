@@ -17,10 +17,10 @@ from typing import Any
 
 import trio
 
-from backends.context_size import context_for
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
+from backends.generation.context_size import context_for
 from backends.gguf_info import GGUFInfo, estimate_memory
 from backends.memory import memory_bytes
 from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore

@@ -16,15 +16,15 @@ from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QGuiApplication, QTextCursor
 from PySide6.QtWidgets import QApplication, QInputDialog
 
-from app.gui.chat_markdown import render_transcript
 from app.gui.controller import Controller
-from app.gui.conversation_export import from_json
 from app.gui.conversations import Message
 from app.gui.main_window import MainWindow
 from app.gui.node_supervisor import NodeState
 from app.gui.pages.chat import NO_MODEL_NOTICE, STARTING, STARTING_NOTICE, ChatPage
-from app.gui.route_words import model_choices, served_line
-from app.gui.transcript_view import CODE_BACKGROUND
+from app.gui.transcript.export import from_json
+from app.gui.transcript.markdown import render_transcript
+from app.gui.transcript.route_words import model_choices, served_line
+from app.gui.transcript.view import CODE_BACKGROUND
 from swarm.routes.auto import RouteFacts, RoutePrefs, decide
 from tests.gui.conftest import until
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.context_size import FALLBACK_CTX, MIN_CTX, auto_context, context_for
+from backends.generation.context_size import FALLBACK_CTX, MIN_CTX, auto_context, context_for
 from backends.gguf_info import GGUFInfo, estimate_memory, read_gguf_info
 from swarm.node.main import _ctx_setting
 from swarm.node.settings import Settings, SettingsError, load_settings, save_settings

@@ -65,6 +65,10 @@ class FakeHost:
     def __init__(self, me: str, desk: LeaseDesk, nursery: trio.Nursery) -> None:
         self.me, self.desk, self.nursery = me, desk, nursery
 
+    def get_network(self) -> Any:
+        """No libp2p connections to look at: a direct (not relayed) link."""
+        return SimpleNamespace(get_connections=lambda _peer: [])
+
     async def new_stream(self, peer: Any, protocols: Any) -> FakeStream:
         mine, theirs = trio.testing.memory_stream_pair()
         self.nursery.start_soon(self._serve, FakeStream(theirs, self.me))

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backends import sampling as engine_sampling
 from backends.engine_process import fit_max_tokens
 from backends.engine_protocol import Done, GenerateRequest, Token, TokenLogprob, decode, encode
+from backends.generation import sampling as engine_sampling
 from swarm.api.openai_api import (
     LOWERED_HEADER,
     LOWERED_USAGE_KEY,

@@ -34,19 +34,19 @@ from PySide6.QtWidgets import (
 )
 
 from app.common.chat_request import ChatReply
-from app.gui.chat_markdown import render_transcript, transcript_markdown
 from app.gui.controller import Controller
-from app.gui.conversation_export import (
+from app.gui.conversations import Message
+from app.gui.node_supervisor import NodeState
+from app.gui.transcript.export import (
     export_of,
     from_json,
     import_into,
     to_json,
     to_markdown,
 )
-from app.gui.conversations import Message
-from app.gui.node_supervisor import NodeState
-from app.gui.route_words import model_choices, served_line
-from app.gui.transcript_view import TranscriptView
+from app.gui.transcript.markdown import render_transcript, transcript_markdown
+from app.gui.transcript.route_words import model_choices, served_line
+from app.gui.transcript.view import TranscriptView
 from app.gui.widgets import MessageBox, button
 from backends.store.model_store import DEFAULT_MODEL
 

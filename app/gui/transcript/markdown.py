@@ -1,6 +1,6 @@
 """The chat transcript as Markdown that shows every character a model wrote.
 
-Qt renders it with raw HTML off (see transcript_view.py), so `<blockquote>` in a reply is
+Qt renders it with raw HTML off (see view.py), so `<blockquote>` in a reply is
 text; this module makes the rest of the text safe for that renderer: a code fence a reply left
 open is closed (or it would swallow the footer and every later message), an HTML entity such as
 `&lt;` is kept as typed, and each fenced code block gets a header naming its language with a
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from app.gui.conversations import Message
-from app.gui.route_words import served_line
+from app.gui.transcript.route_words import served_line
 
 COPY_SCHEME = "copy"
 SEPARATOR = "\n\n---\n\n"  # between messages

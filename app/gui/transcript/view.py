@@ -1,6 +1,6 @@
 """The transcript widget: Markdown with raw HTML off, code blocks shaded, Copy links that work.
 
-chat_markdown.py writes the Markdown; this view renders it (Qt's own Markdown reader with HTML
+markdown.py writes the Markdown; this view renders it (Qt's own Markdown reader with HTML
 spans and blocks disabled, so a reply's `<blockquote>` is shown as text and cannot hide what
 follows it), shades fenced code, and answers a click on a code block's `copy:N` link by putting
 that block's code on the clipboard. Other links open in the browser, never in the view.
@@ -24,7 +24,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QTextBrowser, QWidget
 
-from app.gui.chat_markdown import COPY_SCHEME, SEPARATOR, RenderedTranscript
+from app.gui.transcript.markdown import COPY_SCHEME, SEPARATOR, RenderedTranscript
 
 MARKDOWN = (QTextDocument.MarkdownFeature.MarkdownDialectGitHub
             | QTextDocument.MarkdownFeature.MarkdownNoHTML)

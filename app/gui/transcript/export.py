@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.gui.conversations import Conversation, ConversationStore
-from app.gui.route_words import served_line
+from app.gui.transcript.route_words import served_line
 
 EXPORT_VERSION = 1
 ROLES = ("system", "user", "assistant")

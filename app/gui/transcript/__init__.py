@@ -1,0 +1,1 @@
+"""How a conversation is shown and written out: Markdown, the view, exports, route words."""

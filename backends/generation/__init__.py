@@ -1,0 +1,1 @@
+"""What shapes one generation besides the model: sampling maths, context size, grammars."""
