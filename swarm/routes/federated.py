@@ -128,9 +128,15 @@ def pick(found: Sequence[Candidate], dispatched: dict[str, int], failed: set[str
     return rng.choice([c for c in usable if load[c.peer_id] == least])
 
 
+# Message fields besides role and content that cross the wire (tool turns), all strings.
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name")
+
+
 def request_frame(model: str, request: GenerateRequest) -> bytes:
-    return json.dumps({"version": WIRE_VERSION, "model": model,
-                       "request": asdict(request)}).encode()
+    # Unset optional fields stay off the wire: a node from before they existed (it refuses
+    # unknown fields) still serves requests that do not use them.
+    fields = {k: v for k, v in asdict(request).items() if v is not None}
+    return json.dumps({"version": WIRE_VERSION, "model": model, "request": fields}).encode()
 
 
 def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
@@ -147,7 +153,12 @@ def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
             and isinstance(m.get("content"), str) for m in messages
         ):
             raise ValueError("bad messages")
-        raw["messages"] = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        raw["messages"] = tuple(
+            {k: m[k] for k in ("role", "content", *MESSAGE_EXTRAS) if isinstance(m.get(k), str)}
+            for m in messages)
+    for name in ("tools", "grammar"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise ValueError(f"bad {name}")
     raw["stop"] = tuple(str(s) for s in raw.get("stop", ()))[:4]
     request = GenerateRequest(**raw)  # TypeError on unknown fields
     if not 1 <= request.max_tokens <= 32768:
