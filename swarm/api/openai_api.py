@@ -21,6 +21,7 @@ from backends.engine import EngineError
 from backends.engine_protocol import Done, GenerateRequest, Token
 from swarm.api.server import HttpError, Request, Response, StreamingResponse
 from swarm.api.tools import (
+    BadRequest,
     CallHold,
     ToolCall,
     ToolPlan,
@@ -36,11 +37,6 @@ MAX_TOKENS_LIMIT = 32768
 DEFAULT_MAX_TOKENS = 512
 MAX_STOPS = 4
 MAX_MESSAGES = 1024
-
-
-class BadRequest(HttpError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(400, message, "invalid_request_error", param=param)
 
 
 @dataclass(frozen=True)

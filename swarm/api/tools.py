@@ -30,8 +30,11 @@ DEPRECATED = {"functions": "tools", "function_call": "tool_choice"}
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 
 
-def bad_request(message: str, param: str) -> HttpError:
-    return HttpError(400, message, "invalid_request_error", param=param)
+class BadRequest(HttpError):
+    """The API's 400, naming the parameter at fault (`swarm.api.openai_api` uses it too)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(400, message, "invalid_request_error", param=param)
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,18 @@ def parse_tool_plan(body: dict[str, Any], chat: bool = True) -> ToolPlan:
     (a completions body, `chat` False, takes only `response_format`)."""
     for old, new in DEPRECATED.items():
         if body.get(old) is not None:
-            raise bad_request(f"{old} is not supported; use {new}", old)
+            raise BadRequest(f"{old} is not supported; use {new}", old)
     if not chat:
         for name in CHAT_ONLY:
             if body.get(name) is not None:
-                raise bad_request(f"{name} is only for /v1/chat/completions", name)
+                raise BadRequest(f"{name} is only for /v1/chat/completions", name)
     tools = _tools(body.get("tools"))
     choice, named = _tool_choice(body.get("tool_choice"), tools)
     parallel = body.get("parallel_tool_calls", True)
     if parallel is None:
         parallel = True
     if not isinstance(parallel, bool):
-        raise bad_request("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+        raise BadRequest("parallel_tool_calls must be a boolean", "parallel_tool_calls")
     output = response_schema(body.get("response_format"))
     if named is not None:
         tools_for_call = tuple(t for t in tools if t["function"]["name"] == named)
@@ -92,7 +95,7 @@ def parse_tool_plan(body: dict[str, Any], chat: bool = True) -> ToolPlan:
     calls = calls_schema(tools_for_call, parallel and named is None) if tools_for_call else None
     if choice in ("required", "function"):
         schema = calls
-    elif choice == "auto" and output is not None:
+    elif choice == "auto" and output is not None and calls is not None:
         schema = {"anyOf": [output, calls]}  # a reply in the asked shape, or a call
     else:
         schema = output
@@ -100,7 +103,7 @@ def parse_tool_plan(body: dict[str, Any], chat: bool = True) -> ToolPlan:
         grammar = schema_to_grammar(schema) if schema is not None else None
     except GrammarError as exc:
         param = "response_format" if output is not None and calls is None else "tools"
-        raise bad_request(str(exc), param) from None
+        raise BadRequest(str(exc), param) from None
     return ToolPlan(tools, choice, parallel, grammar)
 
 
@@ -108,39 +111,39 @@ def _tools(value: Any) -> tuple[dict[str, Any], ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise bad_request("tools must be an array", "tools")
+        raise BadRequest("tools must be an array", "tools")
     if len(value) > MAX_TOOLS:
-        raise bad_request(f"at most {MAX_TOOLS} tools", "tools")
+        raise BadRequest(f"at most {MAX_TOOLS} tools", "tools")
     out: list[dict[str, Any]] = []
     for i, tool in enumerate(value):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise bad_request(f'{where}.type must be "function"', f"{where}.type")
+            raise BadRequest(f'{where}.type must be "function"', f"{where}.type")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise bad_request(f"{where}.function must be an object", f"{where}.function")
+            raise BadRequest(f"{where}.function must be an object", f"{where}.function")
         name = function.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise bad_request(f"{where}.function.name must be 1 to 64 letters, digits, _ or -",
+            raise BadRequest(f"{where}.function.name must be 1 to 64 letters, digits, _ or -",
                               f"{where}.function.name")
         description = function.get("description")
         if description is not None and not isinstance(description, str):
-            raise bad_request(f"{where}.function.description must be a string",
+            raise BadRequest(f"{where}.function.description must be a string",
                               f"{where}.function.description")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
-            raise bad_request(f"{where}.function.parameters must be a JSON schema object",
+            raise BadRequest(f"{where}.function.parameters must be a JSON schema object",
                               f"{where}.function.parameters")
         strict = function.get("strict")
         if strict is not None and not isinstance(strict, bool):
-            raise bad_request(f"{where}.function.strict must be a boolean",
+            raise BadRequest(f"{where}.function.strict must be a boolean",
                               f"{where}.function.strict")
         kept: dict[str, Any] = {"name": name, "parameters": parameters}
         if description:
             kept["description"] = description
         out.append({"type": "function", "function": kept})
     if len({t["function"]["name"] for t in out}) != len(out):
-        raise bad_request("tool names must be unique", "tools")
+        raise BadRequest("tool names must be unique", "tools")
     return tuple(out)
 
 
@@ -149,18 +152,18 @@ def _tool_choice(value: Any, tools: tuple[dict[str, Any], ...]) -> tuple[str, st
     if value is None:
         return ("auto" if tools else "none"), None
     if value in ("none", "auto", "required"):
-        if value != "none" and not tools:
-            raise bad_request(f'tool_choice "{value}" needs tools', "tool_choice")
+        if value == "required" and not tools:
+            raise BadRequest(f'tool_choice "{value}" needs tools', "tool_choice")
         return value, None
     name = None
     if isinstance(value, dict) and value.get("type") == "function":
         function = value.get("function")
         name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise bad_request('tool_choice must be "none", "auto", "required" or '
+        raise BadRequest('tool_choice must be "none", "auto", "required" or '
                           '{"type": "function", "function": {"name": ...}}', "tool_choice")
     if name not in {t["function"]["name"] for t in tools}:
-        raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+        raise BadRequest(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
     return "function", name
 
 
@@ -176,18 +179,18 @@ def response_schema(value: Any) -> dict[str, Any] | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise bad_request("response_format.json_schema needs a name and a schema",
+            raise BadRequest("response_format.json_schema needs a name and a schema",
                               "response_format.json_schema")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
-            raise bad_request("response_format.json_schema.schema must be an object",
+            raise BadRequest("response_format.json_schema.schema must be an object",
                               "response_format.json_schema.schema")
         strict = spec.get("strict")
         if strict is not None and not isinstance(strict, bool):
-            raise bad_request("response_format.json_schema.strict must be a boolean",
+            raise BadRequest("response_format.json_schema.strict must be a boolean",
                               "response_format.json_schema.strict")
         return schema  # strict or not, the grammar holds the reply to the schema
-    raise bad_request('response_format.type must be "text", "json_object" or "json_schema"',
+    raise BadRequest('response_format.type must be "text", "json_object" or "json_schema"',
                       "response_format.type")
 
 
@@ -211,14 +214,14 @@ def tool_message(message: dict[str, Any], where: str) -> dict[str, str]:
     if role == "tool":
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str):
-            raise bad_request(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+            raise BadRequest(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
         name = message.get("name")
         return {"tool_call_id": call_id, **({"name": name} if isinstance(name, str) else {})}
     calls = message.get("tool_calls")
     if role != "assistant" or calls is None:
         return {}
     if not isinstance(calls, list):
-        raise bad_request(f"{where}.tool_calls must be an array", f"{where}.tool_calls")
+        raise BadRequest(f"{where}.tool_calls must be an array", f"{where}.tool_calls")
     kept = []
     for j, call in enumerate(calls):
         at = f"{where}.tool_calls[{j}]"
@@ -226,7 +229,7 @@ def tool_message(message: dict[str, Any], where: str) -> dict[str, str]:
         if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
                 or not isinstance(function.get("arguments"), str)
                 or not isinstance(call.get("id"), str)):
-            raise bad_request(f"{at} needs an id and a function with a name and arguments "
+            raise BadRequest(f"{at} needs an id and a function with a name and arguments "
                               "(a JSON string)", at)
         kept.append({"id": call["id"], "type": "function",
                      "function": {"name": function["name"], "arguments": function["arguments"]}})

@@ -165,3 +165,16 @@ def test_limits_are_the_handlers_limits() -> None:
     assert openapi.MAX_NAME_CHARS == entries.MAX_NAME_CHARS
     assert openapi.STATUS_VERSION == api_handlers.STATUS_VERSION
     assert openapi.NODE_INFO_VERSION == entries.INFO_VERSION
+
+
+def test_tool_limits_are_the_handlers_limits(doc: dict[str, Any]) -> None:
+    from swarm.api import tools
+
+    assert openapi.MAX_TOOLS == tools.MAX_TOOLS
+    assert f"^{tools._NAME.pattern}$" == openapi.TOOL_NAME_PATTERN
+    schemas = doc["components"]["schemas"]
+    assert "tool_calls" in schemas["ChatCompletionChoice"]["properties"]["message"]["properties"]
+    assert "tool_calls" in schemas["ChatCompletionChoice"]["properties"]["finish_reason"]["enum"]
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        assert "response_format" in schemas[request]["properties"]
+    assert "tools" not in schemas["CompletionRequest"]["properties"]
