@@ -58,7 +58,7 @@ class ShardSwarm:
         wait_until(seen, 30, f"workers {names}", list(self.nodes.values()))
 
     def chat(self, client: RunningNode, route: str, max_tokens: int = 24,
-             model: str = "tiny") -> tuple[int, Any]:
+             model: str = "tiny", **fields: Any) -> tuple[int, Any]:
         port = json.loads((client.data_dir / "api.json").read_text())["port"]
         key = (client.data_dir / "api-secret").read_text().strip()
 
@@ -66,7 +66,8 @@ class ShardSwarm:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             conn.request("POST", "/v1/chat/completions", body=json.dumps({
                 "model": model, "messages": CHAT, "max_tokens": max_tokens,
-                "temperature": 0, "covey_route": route, "covey_deterministic": True}),
+                "temperature": 0, "covey_route": route, "covey_deterministic": True,
+                **fields}),
                 headers={"Authorization": f"Bearer {key}"})
             resp = conn.getresponse()
             data = json.loads(resp.read())
@@ -345,3 +346,17 @@ def test_a_model_too_big_for_the_swarm_says_what_is_missing(shards: ShardSwarm,
     assert re.fullmatch(r"cannot shard 'huge': the model needs [\d.]+ MiB across workers, the "
                         r"swarm's usable workers donate 40.0 MiB: [\d.]+ MiB missing",
                         reply["error"]["message"]), reply
+
+
+def test_a_json_schema_reply_over_the_workers_follows_the_schema(shards: ShardSwarm) -> None:
+    schema = {"type": "object", "properties": {"size": {"enum": ["small", "big"]},
+                                               "n": {"type": "integer"}},
+              "required": ["size", "n"], "additionalProperties": False}
+    status, reply = shards.chat(shards.nodes["client"], "sharded", max_tokens=64,
+                                response_format={"type": "json_schema", "json_schema": {
+                                    "name": "s", "schema": schema, "strict": True}})
+    assert status == 200, reply
+    assert reply["covey"]["route"] == "sharded"
+    value = json.loads(reply["choices"][0]["message"]["content"])
+    assert set(value) == {"size", "n"} and value["size"] in ("small", "big")
+    assert isinstance(value["n"], int)
