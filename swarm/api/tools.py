@@ -126,18 +126,10 @@ def _tools(value: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise BadRequest(f"{where}.function.name must be 1 to 64 letters, digits, _ or -",
                               f"{where}.function.name")
-        description = function.get("description")
-        if description is not None and not isinstance(description, str):
-            raise BadRequest(f"{where}.function.description must be a string",
-                              f"{where}.function.description")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(parameters, dict):
-            raise BadRequest(f"{where}.function.parameters must be a JSON schema object",
-                              f"{where}.function.parameters")
-        strict = function.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise BadRequest(f"{where}.function.strict must be a boolean",
-                              f"{where}.function.strict")
+        description = _optional(function, "description", str, f"{where}.function")
+        parameters = _optional(function, "parameters", dict, f"{where}.function") or {
+            "type": "object", "properties": {}}
+        _optional(function, "strict", bool, f"{where}.function")
         kept: dict[str, Any] = {"name": name, "parameters": parameters}
         if description:
             kept["description"] = description
@@ -145,6 +137,15 @@ def _tools(value: Any) -> tuple[dict[str, Any], ...]:
     if len({t["function"]["name"] for t in out}) != len(out):
         raise BadRequest("tool names must be unique", "tools")
     return tuple(out)
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """`obj[key]` if it is a `kind` or absent (None); a 400 naming it otherwise."""
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        what = {str: "a string", bool: "a boolean", dict: "a JSON schema object"}[kind]
+        raise BadRequest(f"{where}.{key} must be {what}", f"{where}.{key}")
+    return value
 
 
 def _tool_choice(value: Any, tools: tuple[dict[str, Any], ...]) -> tuple[str, str | None]:
