@@ -25,8 +25,10 @@ from backends import engine_protocol as proto
 from backends import ggml
 from backends.compute import physical_cores
 from backends.generation import sampling
+from backends.generation.grammar import GrammarError, check_prefix, engine_grammar
 from backends.text.chat_template import ChatTemplateError, render_chat
 from backends.text.stop_strings import StopMatcher
+from backends.text.tool_prompt import decode_tools
 
 _LAYER_LINE = re.compile(r"layer\s+(\d+) assigned to device (\S+),")
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 2, 3, 5
@@ -209,13 +211,23 @@ class ModelRunner:
             return (*self._tokens(own, request.continuation, add_bos=True), ())
         bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+        try:
+            tools = decode_tools(request.tools)
+        except ValueError as exc:
+            raise ChatTemplateError(f"bad tools: {exc}") from None
         chat = render_chat(
             request.messages,
             llm.metadata.get("tokenizer.chat_template"),
             bos_token=bos,
             eos_token=eos,
+            tools=tools,
         )
         add_bos = not (bos and chat.text.startswith(bos))
+        if request.grammar is not None and request.continuation:
+            # The carried-over text must also advance the grammar: tokenize it on its own so
+            # its tokens are known (`_grammar`).
+            head = llm.tokenize(chat.text.encode(), add_bos=add_bos, special=True)
+            return head + self._continuation_tokens(request), len(head), chat.stop
         return (*self._tokens(chat.text, request.continuation, add_bos), chat.stop)
 
     def _tokens(self, own: str, continuation: str, add_bos: bool) -> tuple[list[int], int]:
@@ -225,6 +237,40 @@ class ModelRunner:
         if not continuation:
             return tokens, len(tokens)
         return tokens, len(self.llm.tokenize(own.encode(), add_bos=add_bos, special=True))
+
+    def _continuation_tokens(self, request: proto.GenerateRequest) -> list[int]:
+        llm = self.llm
+        tokens = llm.tokenize(request.continuation.encode(), add_bos=False, special=False)
+        if llm.detokenize(tokens).decode(errors="replace") != request.continuation:
+            raise GrammarError("this model cannot continue a reply under a grammar")
+        return tokens
+
+    def _grammar(self, request: proto.GenerateRequest) -> Any:
+        """The request's grammar for `llm.generate`. A reply carried over from a failed
+        machine must advance it too: the sampler llama-cpp-python builds next accepts the
+        continuation's tokens first (once; the patch removes itself)."""
+        llm = self.llm
+        llm.__dict__.pop("_init_sampler", None)  # a patch left by a request that failed early
+        if request.grammar is None:
+            return None
+        grammar = engine_grammar(llm._model.vocab, request.grammar)
+        if not request.continuation:
+            return grammar
+        import llama_cpp
+
+        carried = self._continuation_tokens(request)
+        check_prefix(llm._model.vocab, request.grammar, carried)
+        original = llm._init_sampler
+
+        def init_sampler(*args: Any, **kwargs: Any) -> Any:
+            del llm._init_sampler
+            sampler = original(*args, **kwargs)
+            for token in carried:
+                llama_cpp.llama_sampler_accept(sampler.sampler, token)
+            return sampler
+
+        llm._init_sampler = init_sampler  # type: ignore[method-assign]
+        return grammar
 
     def generate(self, request: proto.GenerateRequest) -> proto.Done:
         import llama_cpp
@@ -255,6 +301,7 @@ class ModelRunner:
             logits_processor=(llama_cpp.LogitsProcessorList([sampling.bias_processor(bias)])
                               if bias is not None else None),
             reset=True,
+            grammar=self._grammar(request),
         )
         for token in tokens if max_tokens > 0 else ():
             last_at = time.perf_counter()
@@ -361,7 +408,7 @@ def main(argv: list[str]) -> None:
         request = commands.get()
         try:
             channel.send(runner.generate(request))
-        except (ChatTemplateError, ValueError, RuntimeError) as exc:
+        except (ChatTemplateError, ValueError, RuntimeError) as exc:  # GrammarError too
             channel.send(proto.Failed(kind="generate", message=str(exc), id=request.id))
         finally:
             runner.finish(request.id)

@@ -34,7 +34,12 @@ class EngineConfig:
 @dataclass(frozen=True)
 class GenerateRequest:
     """One generation: chat `messages` (the model's chat template is applied) or a raw
-    `prompt` used as is."""
+    `prompt` used as is.
+
+    Message values are all strings; tool turns carry `tool_calls` (JSON text) or
+    `tool_call_id` (see `backends.text.tool_prompt`). Fields added after version 1 default
+    to None and are left out of the wire when unset, so older nodes still read the request.
+    """
 
     id: str
     messages: tuple[dict[str, str], ...] | None = None
@@ -63,6 +68,10 @@ class GenerateRequest:
     # A max_tokens longer than what the context leaves after the prompt is lowered to fit
     # (Done says so) rather than refused.
     fit_max_tokens: bool = False
+    # OpenAI's `tools` array as JSON text, rendered into the prompt (`tool_prompt`).
+    tools: str | None = None
+    # A llama.cpp GBNF grammar the reply must follow (`backends.generation.grammar`).
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

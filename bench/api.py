@@ -52,11 +52,11 @@ class Client:
         self.port, self.key = port, key
 
     def stream(self, messages: list[dict[str, str]], max_tokens: int,
-               temperature: float = 0.0) -> dict[str, Any]:
+               temperature: float = 0.0, **fields: Any) -> dict[str, Any]:
         """One streamed chat request: status, time to first token, tokens and their timing."""
         body = json.dumps({"model": DEFAULT_MODEL, "messages": messages, "stream": True,
                            "max_tokens": max_tokens, "temperature": temperature,
-                           "stream_options": {"include_usage": True}})
+                           "stream_options": {"include_usage": True}, **fields})
         start = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         conn.request("POST", "/v1/chat/completions", body=body,
@@ -129,6 +129,26 @@ def api_rate(client: Client, prompt: str, tokens: int) -> float:
     return (r["usage"]["completion_tokens"] - 1) / r["gen_s"]
 
 
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "age": {"type": "integer"}}}
+
+
+def report_grammar_ttft(client: Client, ns: str, rounds: int = 5) -> None:
+    """Time to first token with and without a json_schema grammar (reported, no target)."""
+    grammar = {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "person", "schema": PERSON, "strict": True}}}
+    times: dict[str, list[float]] = {"plain": [], "json_schema": []}
+    for r in range(rounds):
+        messages = [{"role": "user", "content": f"{r}. Invent a person: a name and an age."}]
+        for which, extra in (("plain", {}), ("json_schema", grammar)):
+            got = call_in(ns, lambda m=messages, e=extra: client.stream(m, 32, **e))
+            if got.get("ttft") is not None:
+                times[which].append(got["ttft"])
+    print("time to first token, median: " + ", ".join(
+        f"{k} {statistics.median(v):.3f} s" for k, v in times.items() if v))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrent", type=int, default=50)
@@ -169,6 +189,7 @@ def main() -> int:
               f"after {after / 2**20:.1f} MiB (after/idle {after / idle:.3f}: "
               f"{'pass' if after <= idle * 1.10 else 'FAIL'})")
         lost = len(answered) - len(complete) + len(results) - len(answered) - len(refused)
+        report_grammar_ttft(client, ns)
 
         with Engine(EngineConfig(model_path=str(model))) as engine:
             engine.wait_loaded()

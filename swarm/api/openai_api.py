@@ -24,6 +24,15 @@ from swarm.api import sampling
 from swarm.api.sampling import MAX_STOPS as MAX_STOPS  # the limit, for the OpenAPI document
 from swarm.api.sampling import BadRequest
 from swarm.api.server import HttpError, Request, Response, StreamingResponse
+from swarm.api.tools import (
+    CallHold,
+    ToolCall,
+    ToolPlan,
+    extract_tool_calls,
+    parse_tool_plan,
+    tool_calls_json,
+    tool_message,
+)
 from swarm.routes.route import ROUTE_NAMES, Busy, RouteError, Served
 from swarm.routes.router import Router
 
@@ -46,6 +55,7 @@ class Completion:
     include_usage: bool
     route: str
     echo: str = ""  # /v1/completions with echo: the prompt, to start the reply's text
+    tools: ToolPlan = ToolPlan()  # tools, tool_choice and response_format (`tools.py`)
 
 
 _ids = itertools.count(1)
@@ -88,17 +98,19 @@ def parse_completion(body: Any, kind: str, headers: Mapping[str, str] | None = N
     if route not in ROUTE_NAMES:
         raise BadRequest(f"covey_route must be one of {', '.join(ROUTE_NAMES)}", "covey_route")
     deterministic = _field(body, "covey_deterministic", bool, default=False)
+    tools = parse_tool_plan(body, chat=kind == "chat")
     request_id = f"api-{next(_ids)}-{secrets.token_hex(4)}"
     common = dict(id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                   seed=seed, repeat_penalty=repeat_penalty,
                   deterministic=bool(deterministic),
-                  fit_max_tokens=not sampling.strict_max_tokens(headers or {}, body), **options)
+                  fit_max_tokens=not sampling.strict_max_tokens(headers or {}, body),
+                  tools=tools.tools_json, grammar=tools.grammar, **options)
     if kind == "chat":
         generate = GenerateRequest(messages=_messages(body.get("messages")), **common)
     else:
         generate = GenerateRequest(prompt=_prompt(body.get("prompt")), **common)
     return Completion(kind, model, generate, stream, include_usage, route,
-                      echo=(generate.prompt or "") if echo else "")
+                      echo=(generate.prompt or "") if echo else "", tools=tools)
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
@@ -116,6 +128,7 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
 
 
 def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    """Chat messages as the engine takes them; tool turns keep their fields as strings."""
     if not isinstance(value, list) or not value:
         raise BadRequest("messages must be a non-empty array", "messages")
     if len(value) > MAX_MESSAGES:
@@ -126,8 +139,12 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         if not isinstance(message, dict):
             raise BadRequest(f"{where} must be an object", where)
         role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant", "developer"):
-            raise BadRequest(f"{where}.role must be system, user or assistant", f"{where}.role")
+        if role not in ("system", "user", "assistant", "developer", "tool"):
+            raise BadRequest(f"{where}.role must be system, user, assistant or tool",
+                             f"{where}.role")
+        extra = tool_message(message, where)
+        if content is None and "tool_calls" in extra:
+            content = ""  # an assistant turn that only calls tools
         if isinstance(content, list):  # OpenAI's content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
@@ -135,7 +152,8 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"{where}.content must be a string", f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": content,
+                    **extra})
     return tuple(out)
 
 
@@ -184,9 +202,20 @@ def finish_reason(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
+def reply_calls(c: Completion, text: str) -> list[ToolCall] | None:
+    """The tool calls a chat reply makes, if tools were offered and it makes any."""
+    return extract_tool_calls(text, c.tools.names) if c.tools.calls_possible else None
+
+
 def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any],
                   logprobs: Sequence[TokenLogprob] = ()) -> dict:
-    if c.kind == "chat":
+    calls = reply_calls(c, done.text) if c.kind == "chat" else None
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}
+        choice = {"index": 0, "message": message, "logprobs": _logprobs(c, logprobs),
+                  "finish_reason": "tool_calls"}
+        obj = "chat.completion"
+    elif c.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
                   "logprobs": _logprobs(c, logprobs), "finish_reason": finish_reason(done)}
         obj = "chat.completion"
@@ -201,17 +230,22 @@ def full_response(c: Completion, done: Done, created: int, covey: dict[str, Any]
 
 def chunk(c: Completion, created: int, covey: dict[str, Any], text: str | None = None,
           done: Done | None = None, first: bool = False,
-          logprob: TokenLogprob | None = None) -> dict:
+          logprob: TokenLogprob | None = None, calls: list[ToolCall] | None = None) -> dict:
     """One streamed chunk: a piece of text (with its token's logprob when asked for), or
-    (with `done`) the closing finish_reason."""
+    (with `done`) the closing finish_reason, or the tool calls (a closing chunk with `done`
+    and `calls` says "tool_calls")."""
     reason = finish_reason(done) if done is not None else None
+    if done is not None and calls:
+        reason = "tool_calls"
     logprobs = _logprobs(c, [logprob]) if logprob is not None else None
     if c.kind == "chat":
-        delta: dict[str, str] = {}
+        delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
+        if calls and done is None:
+            delta["tool_calls"] = tool_calls_json(calls, streamed=True)
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": reason}
     else:
@@ -349,6 +383,8 @@ async def _drain(first: Token | Done, events: AsyncGenerator[Token | Done | Serv
 async def _stream(c: Completion, first: Token | Done,
                   events: AsyncGenerator[Token | Done | Served, None], created: int,
                   covey: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    hold = CallHold(forced=c.tools.choice in ("required", "function")) \
+        if c.kind == "chat" and c.tools.calls_possible else None
     try:
         if c.kind == "chat":
             yield sse(chunk(c, created, covey, first=True))
@@ -358,7 +394,13 @@ async def _stream(c: Completion, first: Token | Done,
         while True:
             if isinstance(event, Done):
                 note_done(covey, event)
-                yield sse(chunk(c, created, covey, done=event))
+                calls = None
+                if hold is not None and not hold.released:
+                    calls = reply_calls(c, hold.held)
+                    if calls or hold.held:
+                        yield sse(chunk(c, created, covey, text=None if calls else hold.held,
+                                        calls=calls))
+                yield sse(chunk(c, created, covey, done=event, calls=calls))
                 if c.include_usage:
                     yield sse({"id": c.generate.id, "object": _chunk_object(c),
                                "created": created, "model": c.model, "choices": [],
@@ -370,7 +412,9 @@ async def _stream(c: Completion, first: Token | Done,
                 if event.notice:  # tell the client why the reply now comes from elsewhere
                     yield sse(chunk(c, created, covey))
             elif event.text or event.logprob is not None:
-                yield sse(chunk(c, created, covey, text=event.text, logprob=event.logprob))
+                text = hold.feed(event.text) if hold is not None else event.text
+                if text or event.logprob is not None:
+                    yield sse(chunk(c, created, covey, text=text, logprob=event.logprob))
             try:
                 event = await events.__anext__()
             except RouteError as exc:

@@ -30,6 +30,8 @@ LOWERED_USAGE_KEY = "covey_max_tokens_lowered_to"
 MAX_MESSAGES = 1024
 ROLES = ("client", "worker", "federated")
 MAX_NAME_CHARS = 64
+MAX_TOOLS = 128
+TOOL_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 STATUS_VERSION = 1
 NODE_INFO_VERSION = 1
 REGISTRATION_VERSION = 1
@@ -179,6 +181,89 @@ def _sampling_parameters() -> dict[str, Schema]:
     }
 
 
+def _output_parameters() -> dict[str, Schema]:
+    return {"response_format": or_null(schema_ref("ResponseFormat"))}
+
+
+def _tool_parameters() -> dict[str, Schema]:
+    """Tool calling, /v1/chat/completions only (`swarm.api.tools`)."""
+    return {
+        "tools": or_null({"type": "array", "items": schema_ref("Tool"), "maxItems": MAX_TOOLS,
+                          "description": "Functions the model may call; names must be unique. "
+                          "A model whose chat template knows tools gets them there, others in "
+                          "the system prompt (README: Tools and structured output)."}),
+        "tool_choice": or_null(schema_ref("ToolChoice")),
+        "parallel_tool_calls": or_null({
+            "type": "boolean", "default": True,
+            "description": "Whether a reply may call several tools at once."}),
+    }
+
+
+def _tool_schemas() -> dict[str, Schema]:
+    function = _object({
+        "name": {"type": "string", "pattern": TOOL_NAME_PATTERN},
+        "description": {"type": "string"},
+        "parameters": {"type": "object", "description": "A JSON schema of the arguments object "
+                       "(default: no arguments)."},
+        "strict": {"type": "boolean", "description": "Accepted; arguments always follow the "
+                   "schema when a call is forced."},
+    }, ["name"])
+    call = _object({
+        "id": {"type": "string"}, "type": {"const": "function"},
+        "function": _object({"name": {"type": "string"}, "arguments": {
+            "type": "string", "description": "The arguments object as JSON text."}},
+            ["name", "arguments"]),
+    }, ["id", "type", "function"])
+    content = {"oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": schema_ref("TextContentPart")},
+    ], "description": "Text, or text parts (joined); other kinds of parts are refused."}
+    return {
+        "Tool": _object({"type": {"const": "function"}, "function": function},
+                        ["type", "function"]),
+        "ToolChoice": {"oneOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]},
+            _object({"type": {"const": "function"},
+                     "function": _object({"name": {"type": "string"}}, ["name"])},
+                    ["type", "function"]),
+        ], "description": "`auto` (the default with tools): the model answers or calls a tool. "
+           "`required` or a named function: a grammar forces a call with valid arguments "
+           "(needs that tool in `tools`). `none`: the tools are not shown to the model."},
+        "ToolCall": call,
+        "ToolCallDelta": _object({"index": {"type": "integer"}, **call["properties"]},
+                                 ["index", "id", "type", "function"],
+                                 "A streamed call comes whole, in one chunk."),
+        "ResponseFormat": {"oneOf": [
+            _object({"type": {"const": "text"}}, ["type"]),
+            _object({"type": {"const": "json_object"}}, ["type"]),
+            _object({"type": {"const": "json_schema"}, "json_schema": _object({
+                "name": {"type": "string"}, "description": {"type": "string"},
+                "schema": {"type": "object"}, "strict": {"type": "boolean"}}, ["name"])},
+                ["type", "json_schema"]),
+        ], "description": "`json_object` and `json_schema` hold the reply to JSON (to the "
+           "schema, strict or not) with a llama.cpp grammar, on every route. Schemas with "
+           "remote $refs or repetition counts above 1000 are refused."},
+        "ChatMessage": {"oneOf": [
+            _object({
+                "role": {"type": "string", "enum": ["system", "user", "assistant", "developer"],
+                         "description": "`developer` is taken as `system`."},
+                "content": content,
+                "name": {"type": "string", "description": "Accepted and ignored."},
+            }, ["role", "content"]),
+            _object({
+                "role": {"const": "assistant"},
+                "content": {"type": ["string", "null"]},
+                "tool_calls": {"type": "array", "items": call, "minItems": 1},
+            }, ["role", "tool_calls"], "An assistant turn that called tools."),
+            _object({
+                "role": {"const": "tool"}, "content": content,
+                "tool_call_id": {"type": "string"},
+                "name": {"type": "string", "description": "The tool's name."},
+            }, ["role", "content", "tool_call_id"], "A tool's result."),
+        ]},
+    }
+
+
 def _error_schemas() -> dict[str, Schema]:
     detail = _object({
         "message": {"type": "string"},
@@ -194,6 +279,8 @@ def _error_schemas() -> dict[str, Schema]:
 def _request_schemas() -> dict[str, Schema]:
     chat = {
         **_generation_parameters(),
+        **_output_parameters(),
+        **_tool_parameters(),
         "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
                      "items": schema_ref("ChatMessage")},
         "logprobs": or_null({"type": "boolean", "default": False, "description":
@@ -206,6 +293,7 @@ def _request_schemas() -> dict[str, Schema]:
     }
     text = {
         **_generation_parameters(),
+        **_output_parameters(),
         "prompt": {"oneOf": [
             {"type": "string"},
             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
@@ -238,15 +326,7 @@ def _request_schemas() -> dict[str, Schema]:
             "description": "Send a last chunk with `usage` (and no choices) before [DONE]."})}),
         "TextContentPart": _object({"type": {"const": "text"}, "text": {"type": "string"}},
                                    ["type", "text"]),
-        "ChatMessage": _object({
-            "role": {"type": "string", "enum": ["system", "user", "assistant", "developer"],
-                     "description": "`developer` is taken as `system`."},
-            "content": {"oneOf": [
-                {"type": "string"},
-                {"type": "array", "items": schema_ref("TextContentPart")},
-            ], "description": "Text, or text parts (joined); other kinds of parts are refused."},
-            "name": {"type": "string", "description": "Accepted and ignored."},
-        }, ["role", "content"]),
+        **_tool_schemas(),
         "ChatCompletionRequest": _object(chat, ["model", "messages"]),
         "CompletionRequest": _object(text, ["model", "prompt"]),
         "NodeUpdateRequest": _object({
@@ -281,8 +361,8 @@ def _request_schemas() -> dict[str, Schema]:
 
 def _completion_schemas() -> dict[str, Schema]:
     integer, string = {"type": "integer"}, {"type": "string"}
-    finish = {"type": "string", "enum": ["stop", "length"]}
-    streamed_finish = {"type": ["string", "null"], "enum": ["stop", "length", None],
+    finish = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
+    streamed_finish = {"type": ["string", "null"], "enum": ["stop", "length", "tool_calls", None],
                        "description": "null until the last chunk with choices."}
     chat_logprobs = or_null(schema_ref("ChatLogprobs"))
     text_logprobs = or_null(schema_ref("CompletionLogprobs"))
@@ -329,7 +409,11 @@ def _completion_schemas() -> dict[str, Schema]:
         }, ["route", "route_reason", "machines"]),
         "ChatCompletionChoice": _object({
             "index": integer,
-            "message": _object({"role": {"const": "assistant"}, "content": string},
+            "message": _object({"role": {"const": "assistant"},
+                                "content": {"type": ["string", "null"],
+                                            "description": "null when the reply calls tools."},
+                                "tool_calls": {"type": "array",
+                                               "items": schema_ref("ToolCall")}},
                                ["role", "content"]),
             "logprobs": chat_logprobs, "finish_reason": finish,
         }, ["index", "message", "finish_reason"]),
@@ -337,8 +421,12 @@ def _completion_schemas() -> dict[str, Schema]:
                                      "The answer of a non-streamed chat completion."),
         "ChatCompletionChunkChoice": _object({
             "index": integer,
-            "delta": _object({"role": {"const": "assistant"}, "content": string},
-                             description="The first chunk carries the role, later ones text."),
+            "delta": _object({"role": {"const": "assistant"}, "content": string,
+                              "tool_calls": {"type": "array",
+                                             "items": schema_ref("ToolCallDelta")}},
+                             description="The first chunk carries the role, later ones text "
+                             "or tool calls (a reply that may be a call is held back until "
+                             "it is known)."),
             "logprobs": chat_logprobs, "finish_reason": streamed_finish,
         }, ["index", "delta", "finish_reason"]),
         "ChatCompletionChunk": completion(

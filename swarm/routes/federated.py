@@ -139,10 +139,14 @@ def pick(found: Sequence[Candidate], dispatched: dict[str, int], failed: set[str
     return rng.choice([c for c in usable if load[c.peer_id] == least])
 
 
+# Message fields besides role and content that cross the wire (tool turns), all strings.
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name")
 # GenerateRequest fields newer than the first wire version: sent only when not at their
-# defaults. Those in _OPTIONAL go beside the request, where an older node does not look.
+# defaults, so a node from before they existed (it refuses unknown fields) still serves
+# requests that do not use them. Those in _OPTIONAL go beside the request, where an older
+# node does not look.
 _ADDED = ("min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-          "top_logprobs")
+          "top_logprobs", "tools", "grammar")
 _OPTIONAL = ("fit_max_tokens",)
 _DEFAULTS = {f.name: f.default for f in fields(GenerateRequest)}
 MAX_STOPS = 16
@@ -172,7 +176,12 @@ def parse_request_frame(data: bytes) -> tuple[str, GenerateRequest]:
             and isinstance(m.get("content"), str) for m in messages
         ):
             raise ValueError("bad messages")
-        raw["messages"] = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        raw["messages"] = tuple(
+            {k: m[k] for k in ("role", "content", *MESSAGE_EXTRAS) if isinstance(m.get(k), str)}
+            for m in messages)
+    for name in ("tools", "grammar"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise ValueError(f"bad {name}")
     raw["stop"] = tuple(str(s) for s in raw.get("stop", ()))[:MAX_STOPS]
     optional = body.get("optional")
     if isinstance(optional, dict):

@@ -218,3 +218,29 @@ def test_logprobs_and_a_lowered_max_tokens_cross_the_federated_route(swarm: Swar
     assert all(len(entry["top_logprobs"]) == 3 for entry in content)
     lowered = reply["usage"]["covey_max_tokens_lowered_to"]
     assert headers["x-covey-max-tokens-lowered"] == str(lowered) and lowered < 256
+
+
+def test_a_forced_tool_call_crosses_to_a_federated_node(swarm: Swarm) -> None:
+    unit = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}},
+            "required": ["unit"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "set_unit", "parameters": unit}}
+
+    def go() -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", swarm.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": "tiny", "messages": CHAT, "max_tokens": 64, "temperature": 0,
+            "tools": [tool], "tool_choice": "required", "parallel_tool_calls": False}),
+            headers={"Authorization": f"Bearer {swarm.key}"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        conn.close()
+        return resp.status, data
+
+    status, reply = call_in(swarm.client.ns, go)
+    assert status == 200, reply
+    assert reply["covey"]["route"] == "federated"
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "set_unit"
+    assert json.loads(call["function"]["arguments"])["unit"] in ("c", "f")

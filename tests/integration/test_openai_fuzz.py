@@ -60,6 +60,8 @@ def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any
         return st.floats(low, schema.get("maximum", 10), exclude_min="exclusiveMinimum" in schema,
                          allow_nan=False)
     if types == "string":
+        if "pattern" in schema:
+            return st.from_regex(schema["pattern"], fullmatch=True)
         return st.text(min_size=schema.get("minLength", 0), max_size=12)
     if types == "array":
         return st.lists(from_schema(schema.get("items", {}), depth + 1),
@@ -111,8 +113,21 @@ def test_text_parser_accepts_or_says_400(body: Any) -> None:
     assert isinstance(parsed.generate.prompt, str)
 
 
+def consistent_tools(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` kept to what the document says in words, not schemas: tool names are unique,
+    and a required or named tool_choice needs that tool in `tools`."""
+    tools = list({t["function"]["name"]: t for t in body.get("tools") or []}.values())
+    choice = body.get("tool_choice")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if choice == "required" and not tools:
+        choice = "auto"
+    if isinstance(choice, dict) and name not in {t["function"]["name"] for t in tools}:
+        choice = "none"
+    return {**body, "tools": tools or None, "tool_choice": choice}
+
+
 @settings(max_examples=200, deadline=None)
-@given(body=from_schema(SCHEMAS["ChatCompletionRequest"]))
+@given(body=from_schema(SCHEMAS["ChatCompletionRequest"]).map(consistent_tools))
 def test_every_body_the_document_allows_parses(body: dict[str, Any]) -> None:
     parse_completion(body, "chat")  # the document promises these are valid
 
@@ -133,6 +148,21 @@ def test_sampling_fields_within_their_limits_reach_the_engine_request(
     assert (request.top_logprobs, request.top_k, request.min_p) == (top, top_k, min_p)
     assert request.presence_penalty == request.frequency_penalty == penalty
     assert request.stop == tuple(stops) and request.logprobs
+
+
+@given(tools=from_schema({"type": "array", "items": SCHEMAS["Tool"], "minItems": 1}),
+       choice=st.sampled_from(["auto", "required", "named"]), parallel=st.booleans(),
+       output=from_schema(SCHEMAS["ResponseFormat"]))
+def test_every_tool_choice_the_document_allows_makes_a_grammar_or_none(
+        tools: list[dict[str, Any]], choice: str, parallel: bool,
+        output: dict[str, Any]) -> None:
+    body = consistent_tools({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                             "tools": tools, "parallel_tool_calls": parallel,
+                             "response_format": output, "tool_choice": choice if choice != "named"
+                             else {"type": "function", "function": tools[0]["function"]}})
+    parsed = parse_completion(body, "chat")
+    forced = choice != "auto" or output["type"] != "text"
+    assert (parsed.generate.grammar is not None) == forced, body
 
 
 @pytest.fixture(scope="module")

@@ -379,3 +379,17 @@ def test_logprobs_through_the_sharded_route_are_the_local_ones(shards: ShardSwar
     assert all(len(entry["top_logprobs"]) == 2 for entry in got)
     want = local["choices"][0]["logprobs"]["content"]
     assert [e["token"] for e in got] == [e["token"] for e in want]
+
+
+def test_a_json_schema_reply_over_the_workers_follows_the_schema(shards: ShardSwarm) -> None:
+    schema = {"type": "object", "properties": {"size": {"enum": ["small", "big"]},
+                                               "n": {"type": "integer"}},
+              "required": ["size", "n"], "additionalProperties": False}
+    status, reply = shards.chat(shards.nodes["client"], "sharded", max_tokens=64,
+                                response_format={"type": "json_schema", "json_schema": {
+                                    "name": "s", "schema": schema, "strict": True}})
+    assert status == 200, reply
+    assert reply["covey"]["route"] == "sharded"
+    value = json.loads(reply["choices"][0]["message"]["content"])
+    assert set(value) == {"size", "n"} and value["size"] in ("small", "big")
+    assert isinstance(value["n"], int)

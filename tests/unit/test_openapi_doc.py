@@ -184,3 +184,16 @@ def test_sampling_fields_are_described(doc: dict[str, Any]) -> None:
             assert name in schemas[request]["properties"], (request, name)
     assert "top_logprobs" in schemas["ChatCompletionRequest"]["properties"]
     assert {"echo", "suffix"} <= set(schemas["CompletionRequest"]["properties"])
+
+
+def test_tool_limits_are_the_handlers_limits(doc: dict[str, Any]) -> None:
+    from swarm.api import tools
+
+    assert openapi.MAX_TOOLS == tools.MAX_TOOLS
+    assert f"^{tools._NAME.pattern}$" == openapi.TOOL_NAME_PATTERN
+    schemas = doc["components"]["schemas"]
+    assert "tool_calls" in schemas["ChatCompletionChoice"]["properties"]["message"]["properties"]
+    assert "tool_calls" in schemas["ChatCompletionChoice"]["properties"]["finish_reason"]["enum"]
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        assert "response_format" in schemas[request]["properties"]
+    assert "tools" not in schemas["CompletionRequest"]["properties"]
