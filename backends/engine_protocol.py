@@ -29,6 +29,9 @@ class EngineConfig:
     n_threads: int | None = None
     n_batch: int = 512
     deterministic: bool = False
+    # Load for embeddings (mean pooling over the last hidden states) instead of generation: a
+    # context made for one cannot do the other, so such an engine only embeds.
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,26 @@ class GenerateRequest:
     # Run on an engine without CPU weight repacking, so greedy output is the same however the
     # layers are split (the engine itself ignores it; routes pick the engine by it).
     deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Embed each input, a text or token ids of the model's own vocabulary, into one unit-length
+    vector; refused whole if an input is longer than the engine's batch or all of them together
+    are over `max_total_tokens`."""
+
+    id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    max_total_tokens: int
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The vectors of an EmbedRequest, in its inputs' order, and the tokens they took."""
+
+    id: str
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -147,7 +170,7 @@ class Shutdown:
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Connected,
-                LoadProgress, Failed, Stop, Shutdown)
+                LoadProgress, Failed, Stop, Shutdown, EmbedRequest, Embeddings)
 }
 
 
@@ -186,6 +209,10 @@ def _build(cls: type, raw: dict[str, Any]) -> Any:
         if raw.get("messages") is not None:
             raw["messages"] = tuple(dict(m) for m in raw["messages"])
         raw["stop"] = tuple(raw.get("stop", ()))
+    elif cls is EmbedRequest:
+        raw["inputs"] = tuple(i if isinstance(i, str) else tuple(i) for i in raw["inputs"])
+    elif cls is Embeddings:
+        raw["vectors"] = tuple(tuple(v) for v in raw["vectors"])
     elif cls is EngineConfig:
         raw["rpc_endpoints"] = tuple(raw.get("rpc_endpoints", ()))
         if raw.get("tensor_split") is not None:
