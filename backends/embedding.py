@@ -7,9 +7,10 @@ must have been loaded with `EngineConfig.embedding`, as a generation context can
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def token_ids(llm: Any, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -58,9 +59,13 @@ def pack(sizes: Sequence[int], n_batch: int, n_seq_max: int) -> list[range]:
 
 def unit(vector: Sequence[float]) -> tuple[float, ...]:
     """`vector` scaled to length 1 (so a dot product is the cosine similarity), as clients of
-    OpenAI's embeddings expect; a zero vector stays zero."""
-    norm = math.sqrt(math.fsum(x * x for x in vector))
-    return tuple(x / norm for x in vector) if norm > 0 else tuple(vector)
+    OpenAI's embeddings expect; a zero vector stays zero. The values are float32 ones, so the
+    float and the base64 (float32) encodings carry exactly the same numbers."""
+    values = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(values))
+    if norm > 0:
+        values = values / norm
+    return tuple(values.astype(np.float32).tolist())
 
 
 def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int

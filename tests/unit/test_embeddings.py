@@ -132,7 +132,11 @@ def test_sizes_over_the_limits_are_named() -> None:
 
 def test_unit_vectors_have_length_one() -> None:
     v = embedding.unit([3.0, 4.0])
-    assert v == pytest.approx((0.6, 0.8)) and math.isclose(math.hypot(*v), 1.0)
+    assert v == pytest.approx((0.6, 0.8)) and math.isclose(math.hypot(*v), 1.0, rel_tol=1e-6)
+    # float32 values: the base64 encoding carries them exactly.
+    assert [float(np.float32(x)) for x in v] == list(v)
+    b64 = np.frombuffer(base64.b64decode(encode_vector(v, "base64")), "<f4").tolist()
+    assert b64 == encode_vector(v, "float")
     assert embedding.unit([0.0, 0.0]) == (0.0, 0.0)
 
 
