@@ -7,7 +7,7 @@ must have been loaded with `EngineConfig.embedding`, as a generation context can
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,9 +68,11 @@ def unit(vector: Sequence[float]) -> tuple[float, ...]:
     return tuple(values.astype(np.float32).tolist())
 
 
-def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int
+def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int,
+          progress: Callable[[int], None] = lambda done: None
           ) -> tuple[list[tuple[float, ...]], int]:
-    """The unit vectors of `inputs`, in order, and the tokens they took."""
+    """The unit vectors of `inputs`, in order, and the tokens they took; `progress` hears how
+    many inputs are done after each batch."""
     import llama_cpp
 
     if not llm.context_params.embeddings:
@@ -93,5 +95,6 @@ def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int
             if not pooled:
                 raise RuntimeError("llama.cpp returned no pooled embedding")
             vectors.append(unit(pooled[:n_embd]))
+        progress(len(vectors))
     batch.reset()
     return vectors, sum(sizes)

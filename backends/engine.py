@@ -301,7 +301,10 @@ class Engine:
         GenerationFailed when the engine refuses the inputs, another EngineError otherwise."""
         self.wait_loaded()
         self._send(request)
+        # The first batch waits like a first token, each later one like a next token.
         event = self._next_event(self.watchdog.first_token_s, "embedding")
+        while isinstance(event, proto.EmbedProgress):
+            event = self._next_event(self.watchdog.token_s, "embedding")
         if isinstance(event, proto.Failed):
             raise GenerationFailed(event.message)
         if not isinstance(event, Embeddings) or event.id != request.id:

@@ -220,7 +220,11 @@ class ModelRunner:
         return llm.tokenize(text.encode(), add_bos=add_bos, special=True), chat.stop
 
     def embed(self, request: proto.EmbedRequest) -> proto.Embeddings:
-        vectors, tokens = embedding.embed(self.llm, request.inputs, request.max_total_tokens)
+        def progress(done: int) -> None:
+            self.channel.send(proto.EmbedProgress(id=request.id, inputs_done=done))
+
+        vectors, tokens = embedding.embed(self.llm, request.inputs, request.max_total_tokens,
+                                          progress)
         return proto.Embeddings(id=request.id, vectors=tuple(vectors), prompt_tokens=tokens)
 
     def serve(self, request: proto.GenerateRequest | proto.EmbedRequest) -> Any:

@@ -69,6 +69,15 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True)
+class EmbedProgress:
+    """Sent after each llama.cpp batch of an EmbedRequest, so that a large request on a slow
+    machine reads as alive to the supervisor's watchdog."""
+
+    id: str
+    inputs_done: int
+
+
+@dataclass(frozen=True)
 class Embeddings:
     """The vectors of an EmbedRequest, in its inputs' order, and the tokens they took."""
 
@@ -170,7 +179,7 @@ class Shutdown:
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Connected,
-                LoadProgress, Failed, Stop, Shutdown, EmbedRequest, Embeddings)
+                LoadProgress, Failed, Stop, Shutdown, EmbedRequest, EmbedProgress, Embeddings)
 }
 
 
