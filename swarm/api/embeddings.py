@@ -23,7 +23,7 @@ from swarm.routes.embeddings import LocalEmbedder
 from swarm.routes.route import RequestRefused, RouteError
 
 MAX_INPUTS = 128
-MAX_TOTAL_TOKENS = 8192
+MAX_TOTAL_TOKENS = 4096
 ENCODING_FORMATS = ("float", "base64")
 # Embeddings run on this machine only; `covey_route` may say so, or leave it to `auto`.
 EMBEDDING_ROUTES = ("auto", "local")
