@@ -7,26 +7,27 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import openai
 import pytest
 
-from backends.store.model_store import DEFAULT_MODEL, ModelStore
+from backends.store.model_store import DEFAULT_MODEL
 from swarm.api.embeddings import MAX_INPUTS, MAX_TOTAL_TOKENS
 from swarm.routes.embeddings import EMBED_CTX
-from swarm.trust.token import new_token
+
+# The same node as the completions tests: the tiny model imported as "tiny", in a namespace.
+from tests.integration import test_openai_api
 from tests.integration.test_openai_api import Api
-from tests.support.netns import Netns, netns_skip_reason
-from tests.support.node_harness import start_node
+from tests.support.netns import netns_skip_reason
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(netns_skip_reason() is not None, reason=str(netns_skip_reason())),
 ]
 
+api = test_openai_api.api  # its module-scoped node, started again for this module
 GEMMA_DIMENSIONS = 640
 # (anchor, paraphrase, unrelated): with Gemma 3 270M the paraphrase scores about 0.9 and the
 # unrelated sentence about 0.6-0.75.
@@ -36,19 +37,6 @@ TRIPLES = [
     ("How do I bake bread at home?", "What is a simple recipe for homemade bread?",
      "The spacecraft entered orbit around Jupiter."),
 ]
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    workdir = tmp_path_factory.mktemp("embeddings")
-    data_dir = workdir / "node"
-    ModelStore(data_dir / "models").import_file(tiny_model, "tiny")
-    with Netns() as netns:
-        ns = netns.add("embed")
-        node = start_node(netns, ns, new_token().encode(), "embed-node", workdir,
-                          "--listen", "/ip4/127.0.0.1/tcp/0", "--lan-only", data_dir=data_dir)
-        port = json.loads((data_dir / "api.json").read_text())["port"]
-        yield Api(node, port, (data_dir / "api-secret").read_text().strip())
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -93,7 +81,7 @@ def test_gemma_base64_decodes_to_the_same_floats(api: Api) -> None:
                                                   "encoding_format": "base64"})
     assert status == 200
     assert all(isinstance(d["embedding"], str) for d in body["data"])
-    assert body["covey"] == {"route": "local", "machines": ["embed-node"],
+    assert body["covey"] == {"route": "local", "machines": ["api-node"],
                              "route_reason": "embeddings run on this node's own engine"}
 
 
