@@ -26,7 +26,15 @@ from typing import Any
 from backends import engine_protocol as proto
 from backends.compute import compute_env
 from backends.endpoints import split_host_port
-from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Loaded, Token
+from backends.engine_protocol import (
+    Done,
+    Embeddings,
+    EmbedRequest,
+    EngineConfig,
+    GenerateRequest,
+    Loaded,
+    Token,
+)
 
 __all__ = [
     "Done", "Engine", "EngineConfig", "EngineCrashed", "EngineError", "EngineHung",
@@ -287,6 +295,22 @@ class Engine:
                 # Best effort: if the engine died meanwhile, the next call reports it.
                 with contextlib.suppress(EngineError):
                     self._abandon(request.id)
+
+    def embed(self, request: EmbedRequest) -> Embeddings:
+        """The vectors of `request`'s inputs (the engine must be an embedding one); raises
+        GenerationFailed when the engine refuses the inputs, another EngineError otherwise."""
+        self.wait_loaded()
+        self._send(request)
+        # The first batch waits like a first token, each later one like a next token.
+        event = self._next_event(self.watchdog.first_token_s, "embedding")
+        while isinstance(event, proto.EmbedProgress):
+            event = self._next_event(self.watchdog.token_s, "embedding")
+        if isinstance(event, proto.Failed):
+            raise GenerationFailed(event.message)
+        if not isinstance(event, Embeddings) or event.id != request.id:
+            self._fail(EngineCrashed(f"unexpected engine event {type(event).__name__}", None,
+                                     ""))
+        return event
 
     def _abandon(self, request_id: str) -> None:
         """The caller stopped reading mid-reply: end that generation so its leftover

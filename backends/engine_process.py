@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
+from backends import embedding, ggml
 from backends import engine_protocol as proto
-from backends import ggml
 from backends.compute import physical_cores
 from backends.generation import sampling
 from backends.generation.grammar import GrammarError, check_prefix, engine_grammar
@@ -178,6 +178,10 @@ class ModelRunner:
         kwargs.update(n_threads=threads, n_threads_batch=threads)
         if use_rpc and self.config.tensor_split:
             kwargs["tensor_split"] = list(self.config.tensor_split)
+        if self.config.embedding:
+            # n_ubatch as large as the batch: llama.cpp pools a sequence within one ubatch.
+            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                          n_ubatch=self.config.n_batch)
         sent = [0.0]
 
         def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -272,6 +276,19 @@ class ModelRunner:
         llm._init_sampler = init_sampler  # type: ignore[method-assign]
         return grammar
 
+    def embed(self, request: proto.EmbedRequest) -> proto.Embeddings:
+        def progress(done: int) -> None:
+            self.channel.send(proto.EmbedProgress(id=request.id, inputs_done=done))
+
+        vectors, tokens = embedding.embed(self.llm, request.inputs, request.max_total_tokens,
+                                          progress)
+        return proto.Embeddings(id=request.id, vectors=tuple(vectors), prompt_tokens=tokens)
+
+    def serve(self, request: proto.GenerateRequest | proto.EmbedRequest) -> Any:
+        if isinstance(request, proto.EmbedRequest):
+            return self.embed(request)
+        return self.generate(request)
+
     def generate(self, request: proto.GenerateRequest) -> proto.Done:
         import llama_cpp
 
@@ -365,9 +382,7 @@ class ModelRunner:
                                       lambda t: llm._model.detokenize([t], special=True))
 
 
-def _read_commands(
-    runner: ModelRunner, commands: queue.Queue[proto.GenerateRequest]
-) -> None:
+def _read_commands(runner: ModelRunner, commands: queue.Queue[Any]) -> None:
     """Reads stdin in its own thread so a stop arrives while a generation runs."""
     for line in sys.stdin.buffer:  # bytes: undecodable garbage must not end the reader
         try:
@@ -379,7 +394,7 @@ def _read_commands(
             runner.request_stop(message.id)
         elif isinstance(message, proto.Shutdown):
             break
-        elif isinstance(message, proto.GenerateRequest):
+        elif isinstance(message, proto.GenerateRequest | proto.EmbedRequest):
             runner.accept(message.id)
             commands.put(message)
     # The parent is gone or asked us to go. Exit without llama_free: it can hang when a
@@ -402,12 +417,12 @@ def main(argv: list[str]) -> None:
     except Exception as exc:  # anything llama.cpp raises is a failed load for the parent
         channel.send(proto.Failed(kind="load", message=str(exc) or type(exc).__name__))
         os._exit(1)
-    commands: queue.Queue[proto.GenerateRequest] = queue.Queue()
+    commands: queue.Queue[Any] = queue.Queue()
     threading.Thread(target=_read_commands, args=(runner, commands), daemon=True).start()
     while True:
         request = commands.get()
         try:
-            channel.send(runner.generate(request))
+            channel.send(runner.serve(request))
         except (ChatTemplateError, ValueError, RuntimeError) as exc:  # GrammarError too
             channel.send(proto.Failed(kind="generate", message=str(exc), id=request.id))
         finally:

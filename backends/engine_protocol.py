@@ -29,6 +29,9 @@ class EngineConfig:
     n_threads: int | None = None
     n_batch: int = 512
     deterministic: bool = False
+    # Load for embeddings (mean pooling over the last hidden states) instead of generation: a
+    # context made for one cannot do the other, so such an engine only embeds.
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,35 @@ class GenerateRequest:
     tools: str | None = None
     # A llama.cpp GBNF grammar the reply must follow (`backends.generation.grammar`).
     grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Embed each input, a text or token ids of the model's own vocabulary, into one unit-length
+    vector; refused whole if an input is longer than the engine's batch or all of them together
+    are over `max_total_tokens`."""
+
+    id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    max_total_tokens: int
+
+
+@dataclass(frozen=True)
+class EmbedProgress:
+    """Sent after each llama.cpp batch of an EmbedRequest, so that a large request on a slow
+    machine reads as alive to the supervisor's watchdog."""
+
+    id: str
+    inputs_done: int
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The vectors of an EmbedRequest, in its inputs' order, and the tokens they took."""
+
+    id: str
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -181,7 +213,7 @@ class Shutdown:
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (EngineConfig, GenerateRequest, Loaded, Token, Done, Connecting, Connected,
-                LoadProgress, Failed, Stop, Shutdown)
+                LoadProgress, Failed, Stop, Shutdown, EmbedRequest, EmbedProgress, Embeddings)
 }
 
 
@@ -221,6 +253,10 @@ def _build(cls: type, raw: dict[str, Any]) -> Any:
     elif cls is Token:
         if raw.get("logprob") is not None:
             raw["logprob"] = logprob_from_raw(raw["logprob"])
+    elif cls is EmbedRequest:
+        raw["inputs"] = tuple(i if isinstance(i, str) else tuple(i) for i in raw["inputs"])
+    elif cls is Embeddings:
+        raw["vectors"] = tuple(tuple(v) for v in raw["vectors"])
     elif cls is EngineConfig:
         raw["rpc_endpoints"] = tuple(raw.get("rpc_endpoints", ()))
         if raw.get("tensor_split") is not None:

@@ -36,6 +36,9 @@ STATUS_VERSION = 1
 NODE_INFO_VERSION = 1
 REGISTRATION_VERSION = 1
 BUNDLED_WAIT_S = 120.0
+EMBEDDING_MAX_INPUTS = 128
+EMBEDDING_MAX_TOTAL_TOKENS = 4096
+EMBEDDING_MAX_INPUT_TOKENS = 512
 
 Schema = dict[str, Any]
 
@@ -734,6 +737,7 @@ def _paths() -> dict[str, Any]:
             "createCompletion", "openai", "Continue a prompt.",
             _responses(_streamed_ok("Completion", "CompletionChunk"), GENERATION_ERRORS),
             "CompletionRequest", text_example)},
+        **_embedding_paths(model),
         "/openapi.json": {"get": _operation(
             "getOpenApiDocument", "covey", "This document.",
             _responses({"description": "The OpenAPI 3.1 document.",
@@ -777,6 +781,67 @@ def _paths() -> dict[str, Any]:
             _responses(_json_ok("The copy job.", "CopyJob"), (*COMMON_ERRORS, 404, 409)),
             "ModelCopyRequest", {"model": "gemma-3-270m-q4_k_m"})},
     }
+
+
+def _embedding_schemas() -> dict[str, Schema]:
+    integer = {"type": "integer"}
+    tokens = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+              "maxItems": EMBEDDING_MAX_INPUT_TOKENS}
+    text = {"type": "string", "minLength": 1}
+    return {
+        "EmbeddingRequest": _object({
+            "model": {"type": "string", "minLength": 1,
+                      "description": "A model in this node's store (GET /v1/models lists it "
+                                     "with `covey.routes` holding `local`)."},
+            "input": {"oneOf": [
+                text,
+                {"type": "array", "items": text, "minItems": 1,
+                 "maxItems": EMBEDDING_MAX_INPUTS},
+                tokens,
+                {"type": "array", "items": tokens, "minItems": 1,
+                 "maxItems": EMBEDDING_MAX_INPUTS},
+            ], "description": (
+                f"A text, up to {EMBEDDING_MAX_INPUTS} texts, or token ids of the model's own "
+                f"vocabulary. Each input is at most {EMBEDDING_MAX_INPUT_TOKENS} tokens and all "
+                f"together at most {EMBEDDING_MAX_TOTAL_TOKENS}; more is a 400, not a "
+                "truncation.")},
+            "encoding_format": or_null({
+                "type": "string", "enum": ["float", "base64"], "default": "float",
+                "description": "`base64`: the vector's little-endian float32 bytes."}),
+            "dimensions": {"type": "null", "description": "Not supported: any value is a 400 "
+                           "with param `dimensions`."},
+            "user": or_null({"type": "string", "description": "Accepted and ignored."}),
+            "covey_route": or_null({
+                "type": "string", "enum": ["auto", "local"], "default": "auto",
+                "description": "Embeddings run on this node's own engine only."}),
+        }, ["model", "input"]),
+        "Embedding": _object({
+            "object": {"const": "embedding"}, "index": integer,
+            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                    {"type": "string", "contentEncoding": "base64"}],
+                          "description": "Unit length: a dot product is the cosine "
+                                         "similarity."},
+        }, ["object", "index", "embedding"]),
+        "EmbeddingList": _object({
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": schema_ref("Embedding"),
+                     "description": "One per input, in the inputs' order."},
+            "model": {"type": "string"},
+            "usage": _object({"prompt_tokens": integer, "total_tokens": integer},
+                             ["prompt_tokens", "total_tokens"]),
+            "covey": schema_ref("CoveyRouting"),
+        }, ["object", "data", "model", "usage", "covey"]),
+    }
+
+
+def _embedding_paths(model: str) -> dict[str, Any]:
+    return {"/v1/embeddings": {"post": _operation(
+        "createEmbedding", "openai",
+        "One vector per input, from a model on this node (the first request loads it in "
+        "embedding mode, which takes a second engine process).",
+        _responses(_json_ok("The vectors.", "EmbeddingList"), GENERATION_ERRORS),
+        "EmbeddingRequest",
+        {"model": model, "input": ["The cat sat on the mat.", "A kitten sat on the rug."]})}}
 
 
 def openapi_document(server_url: str | None = None, *, node_api: bool = True
@@ -827,7 +892,7 @@ def openapi_document(server_url: str | None = None, *, node_api: bool = True
         "paths": paths,
         "components": {
             "schemas": {**_error_schemas(), **_request_schemas(), **_completion_schemas(),
-                        **_node_schemas()},
+                        **_node_schemas(), **_embedding_schemas()},
             "responses": {name: _error_response(status)
                           for status, (name, _) in ERROR_RESPONSES.items()},
             "headers": headers,

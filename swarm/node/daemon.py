@@ -27,6 +27,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from backends.store.model_store import ModelStore
 from swarm.api.cors import CorsPolicy
+from swarm.api.embeddings import EmbeddingsApi
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
 from swarm.api.server import LocalApi, Request, Response
@@ -55,6 +56,7 @@ from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node.model_copy import Copier, CopyServer, Offer, shared_value
 from swarm.node.model_copy import offers as copy_offers
 from swarm.routes.auto import RoutePrefs
+from swarm.routes.embeddings import LocalEmbedder
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.routes.federated import Candidate, FederatedRoute, FederatedService, served_models
 from swarm.routes.federated import candidates as federated_candidates
@@ -179,6 +181,8 @@ class Node:
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing, self.bundled)
         self.openai = OpenAiApi(self.router)
+        self.embedder = LocalEmbedder(self.store, self.name, n_threads=config.threads)
+        self.embeddings = EmbeddingsApi(self.embedder)
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
             if not config.api_key:
@@ -256,6 +260,7 @@ class Node:
                 nursery.start_soon(keep_running, name, loop)
             await nursery.start(self.bundled.run)
             stack.push_async_callback(self.local_route.close)
+            stack.push_async_callback(self.embedder.close)
             stack.push_async_callback(self.worker.close)
             stack.push_async_callback(self.sharded_route.close)
             if self.config.worker_share_bytes is not None:
@@ -445,6 +450,7 @@ class Node:
         api.add_route("GET", "/v1/models/{model}", self.openai.model)
         api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
         api.add_route("POST", "/v1/completions", self.openai.completions)
+        api.add_route("POST", "/v1/embeddings", self.embeddings.embeddings)
         node_api = api is self.api  # the network listener serves /v1 only
 
         async def openapi(request: Request) -> Response:
