@@ -63,6 +63,7 @@ class MainWindow(QMainWindow):
         controller.node_state.connect(self.show_node_state)
         controller.status.connect(self.show_status)
         controller.error.connect(lambda text: self.statusBar().showMessage(text, 15000))
+        controller.roles_message.connect(lambda text: self.statusBar().showMessage(text, 15000))
         self.force_quit = False
 
     def show_page(self, name: str) -> None:

@@ -1,5 +1,6 @@
-"""The swarm page: invite (this swarm's token), join by pasting a token, leave; the live peer
-list and a topology of who serves whom.
+"""The swarm page: this machine's roles (worker, with the memory it lends, and federated),
+invite (this swarm's token), join by pasting a token, leave; the live peer list and a topology
+of who serves whom.
 
 The paste box checks the token as the user types with the same parser the node uses, so a
 bad paste shows that parser's specific message before anything changes.
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -27,8 +32,11 @@ from PySide6.QtWidgets import (
 )
 
 from app.common.elapsed import ago
+from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
+from app.gui.roles import federated_words, roles_of, worker_words
 from app.gui.widgets import button, read_only_table
+from backends.memory import memory_bytes
 from backends.sizes import human_bytes
 from swarm.trust.token import TokenError, parse_token
 
@@ -126,10 +134,108 @@ class Topology(QWidget):
             painter.drawText(point + QPointF(-60, 30), label)
 
 
+class RolesBox(QGroupBox):
+    """The worker and federated switches, as in the tray; the controller remembers them."""
+
+    def __init__(self, controller: Controller) -> None:
+        super().__init__("This machine's part in the swarm")
+        self.controller = controller
+        self.worker = QCheckBox("Worker mode: lend memory to run the swarm's big models")
+        self.worker.setObjectName("workerSwitch")
+        self.worker.clicked.connect(self._switch_worker)
+        self.share = QDoubleSpinBox()
+        self.share.setObjectName("donatedMemory")
+        total_gib = max(memory_bytes().total / 2**30, 0.5)
+        self.share.setRange(0.25, round(total_gib, 2))
+        self.share.setSingleStep(0.25)
+        self.share.setDecimals(2)
+        self.share.setSuffix(" GiB")
+        self.share.setToolTip("Memory this machine lends in worker mode")
+        self.share.editingFinished.connect(self._new_share)
+        self.federated = QCheckBox("Federated mode: answer other machines' chats with")
+        self.federated.setObjectName("federatedSwitch")
+        self.federated.clicked.connect(self._switch_federated)
+        self.model = QComboBox()
+        self.model.setObjectName("federatedModel")
+        self.model.setMinimumContentsLength(18)
+        self.state = QLabel()
+        self.state.setObjectName("rolesState")
+        self.state.setWordWrap(True)
+        self.message = QLabel()
+        self.message.setObjectName("rolesMessage")
+        self.message.setWordWrap(True)
+        worker_row = QHBoxLayout()
+        worker_row.addWidget(self.worker)
+        worker_row.addWidget(QLabel("lending"))
+        worker_row.addWidget(self.share)
+        worker_row.addStretch(1)
+        federated_row = QHBoxLayout()
+        federated_row.addWidget(self.federated)
+        federated_row.addWidget(self.model)
+        federated_row.addStretch(1)
+        box = QVBoxLayout(self)
+        box.addLayout(worker_row)
+        box.addLayout(federated_row)
+        box.addWidget(self.state)
+        box.addWidget(self.message)
+        settings = controller.settings
+        self.share.setValue((settings.share_mib or int(total_gib * 512)) / 1024)
+        self._show_models({"local": []})
+        controller.status.connect(self.show_status)
+        controller.models.connect(self._show_models)
+        controller.roles_message.connect(self.message.setText)
+        controller.settings_changed.connect(self._show_share)
+        self.show_status({})
+
+    def _show_share(self, settings: AppSettings) -> None:
+        if settings.share_mib:
+            self.share.setValue(settings.share_mib / 1024)
+
+    def share_mib(self) -> int:
+        return round(self.share.value() * 1024)
+
+    def show_status(self, status: dict[str, Any]) -> None:
+        roles = roles_of(status)
+        self.worker.setChecked(roles.worker)
+        self.federated.setChecked(roles.federated)
+        donated = (status.get("worker") or {}).get("share_bytes")
+        served = ((status.get("federated") or {}).get("models") or [self.model.currentText()])
+        self.state.setText(worker_words(roles.worker, donated >> 20 if donated else
+                                        self.controller.settings.share_mib)
+                           + " " + federated_words(roles.federated, served[0]))
+
+    def _show_models(self, models: dict[str, Any]) -> None:
+        names = [m["name"] for m in models.get("local") or []]
+        chosen = self.controller.settings.federated_model
+        for name in (chosen, *names):
+            if name and self.model.findText(name) < 0:
+                self.model.addItem(name)
+        if chosen:
+            self.model.setCurrentText(chosen)
+
+    def _switch_worker(self, on: bool) -> None:
+        self.message.setText("Switching worker mode on…" if on
+                              else "Switching worker mode off…")
+        self.controller.spawn(self.controller.set_worker(on, self.share_mib()),
+                              "Switching worker mode failed")
+
+    def _switch_federated(self, on: bool) -> None:
+        self.message.setText("Switching federated mode on…" if on
+                              else "Switching federated mode off…")
+        self.controller.spawn(self.controller.set_federated(on, self.model.currentText()),
+                              "Switching federated mode failed")
+
+    def _new_share(self) -> None:
+        settings = self.controller.settings
+        if self.share_mib() != settings.share_mib:
+            self.controller.save_settings(replace(settings, share_mib=self.share_mib()))
+
+
 class SwarmPage(QWidget):
     def __init__(self, controller: Controller) -> None:
         super().__init__()
         self.controller = controller
+        self.roles = RolesBox(controller)
 
         self.token_field = QLineEdit()
         self.token_field.setReadOnly(True)
@@ -186,6 +292,7 @@ class SwarmPage(QWidget):
         self.summary = QLabel()
 
         layout = QVBoxLayout(self)
+        layout.addWidget(self.roles)
         layout.addWidget(invite)
         layout.addWidget(join)
         layout.addWidget(self.summary)
