@@ -9,6 +9,7 @@ the node are in `swarm.node.api_handlers`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from libp2p.kad_dht.kad_dht import PROTOCOL_ID as DHT_PROTOCOL
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from backends.errors import ModelStoreError
 from backends.store.model_store import ModelStore
 from swarm.api.files import load_or_create_secret, remove_api_info, write_api_info
 from swarm.api.openai_api import OpenAiApi
@@ -92,6 +94,7 @@ class NodeConfig:
     federated_model: str | None = None  # serve this model for the swarm
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
+    prepare_model: str | None = None  # a bundled model to register as the node starts
     threads: int | None = None  # engine threads; None: the physical cores
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
 
@@ -239,10 +242,32 @@ class Node:
             log.info("node %s (%s) in swarm %s, listening on %s; API on 127.0.0.1:%s",
                      self.peer_id, self.name, self.keys.swarm_id, ", ".join(self.addresses()),
                      self.api_port)
+            if self.config.prepare_model:
+                nursery.start_soon(self._prepare_model, self.config.prepare_model)
             task_status.started(self)
             await self._stop.wait()
             await self._say_goodbye()
             nursery.cancel_scope.cancel()
+
+    async def _prepare_model(self, name: str) -> None:
+        """Register the bundled chat model in the background (a first start assembles it from
+        its packages, a few seconds), so that the first chat need not wait for it."""
+        shown = -1
+
+        def progress(done: int, total: int | None) -> None:
+            nonlocal shown
+            quarter = done * 4 // total if total else 0
+            if quarter != shown:
+                shown = quarter
+                log.info("preparing the bundled model %s: %d%%", name, 25 * quarter)
+
+        try:
+            # Abandoned on shutdown (trio's stub lacks the argument): the next start
+            # overwrites the half-written file.
+            await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                functools.partial(self.store.ensure, name, progress), abandon_on_cancel=True)
+        except (ModelStoreError, OSError) as exc:
+            log.warning("could not prepare the bundled model %s: %s", name, exc)
 
     async def _close_host(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -22,7 +22,8 @@ from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
 from backends.gguf_info import estimate_memory
 from backends.memory import memory_bytes
-from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
+from backends.store.bundled import BUNDLED, BundledModelMissing, offered
+from backends.store.model_store import ModelEntry, ModelNotFound, ModelStore
 from swarm.routes.route import Busy, ModelUnknown, RequestRefused
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,16 @@ def _start(engine: Engine, request: GenerateRequest) -> _Run:
 
 
 async def model_entry(store: ModelStore, model: str) -> ModelEntry:
-    """The store's model (the bundled default is registered on first use); ModelUnknown if
-    there is none."""
+    """The store's model (a bundled one is registered on first use); ModelUnknown if there is
+    none."""
     try:
-        if model == DEFAULT_MODEL:
-            return await trio.to_thread.run_sync(store.ensure_default)
+        if model in BUNDLED:
+            return await trio.to_thread.run_sync(store.ensure, model)
         return store.get(model)
     except ModelNotFound:
         raise ModelUnknown(f"the model {model!r} is not in this node's store") from None
+    except BundledModelMissing as exc:
+        raise ModelUnknown(str(exc)) from None
 
 
 async def start_engine(factory: Callable[[EngineConfig], Engine], config: EngineConfig
@@ -171,8 +174,8 @@ class LocalRoute:
         self.gate = EngineGate(max_waiting, "this node's engine")
 
     def model_ids(self) -> list[str]:
-        # The bundled default is always servable; it is registered on first use.
-        return sorted({*self.store.names(), DEFAULT_MODEL})
+        # The bundled models are always servable; they are registered on first use.
+        return sorted({*self.store.names(), *offered()})
 
     def machines(self, model: str) -> list[str]:
         return [self.machine]

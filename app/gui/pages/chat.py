@@ -34,7 +34,7 @@ from app.common.chat_request import ChatReply
 from app.gui.controller import Controller
 from app.gui.conversations import Message
 from app.gui.widgets import button
-from backends.store.model_store import DEFAULT_MODEL
+from backends.store.bundled import chat_model
 
 REDRAW_EVERY_MS = 50
 SAVE_EVERY_S = 1.0
@@ -245,7 +245,7 @@ class ChatPage(QWidget):
 
     def _models_changed(self, models: dict[str, Any]) -> None:
         choices = model_choices(models.get("runnable", []))
-        current = self.model_picker.currentData() or DEFAULT_MODEL
+        current = self.model_picker.currentData() or chat_model()
         if [(self.model_picker.itemData(i), self.model_picker.itemText(i))
                 for i in range(self.model_picker.count())] == choices:
             return
