@@ -56,6 +56,15 @@ def check_token(text: str, current: str) -> str | None:
     return None
 
 
+def headless_command(token: str, shown: bool) -> str:
+    """How to join from a machine without a screen, with this swarm's token (masked until
+    shown); stdin keeps the token out of the process list."""
+    visible = token if shown else token[:6] + "•" * 12
+    return ("On a machine without a screen: "
+            f"<code>echo {visible} | covey node --token -</code> "
+            "(or <code>covey node --token-file FILE</code>)")
+
+
 def peer_row(peer: dict[str, Any], now: float) -> list[str]:
     worker = peer.get("worker") or {}
     roles = list(peer.get("roles") or [])
@@ -241,15 +250,14 @@ class SwarmPage(QWidget):
         self.token_field.setReadOnly(True)
         self.token_field.setEchoMode(QLineEdit.EchoMode.Password)
         self.token_field.setObjectName("swarmToken")
-        show = QPushButton("Show")
+        self.show_button = show = QPushButton("Show")
         show.setCheckable(True)
-        show.toggled.connect(lambda on: self.token_field.setEchoMode(
-            QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
+        show.toggled.connect(self._reveal)
         copy = button("Copy token", self._copy_token)
         self.create_button = button("Create new swarm", self._create)
         self.leave_button = button("Leave swarm", self._leave)
-        headless = QLabel("On a machine without a screen: "
-                          "<code>covey node --token-file FILE</code>")
+        self.headless = headless = QLabel()
+        headless.setObjectName("headlessCommand")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
         row = QHBoxLayout()
@@ -290,15 +298,21 @@ class SwarmPage(QWidget):
         self.table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.topology = Topology()
         self.summary = QLabel()
+        self.empty = QLabel("No machines yet. Copy the token above into Covey on another "
+                            "machine to add it to this swarm.")
+        self.empty.setObjectName("peersEmpty")
+        self.empty.setWordWrap(True)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.roles)
         layout.addWidget(invite)
         layout.addWidget(join)
         layout.addWidget(self.summary)
+        layout.addWidget(self.empty)
         layout.addWidget(self.table, 2)
         layout.addWidget(self.topology, 1)
         controller.peers.connect(self.show_peers)
+        self.show_peers([])
         controller.status.connect(lambda _s: self._refresh_token())
         self._refresh_token()
 
@@ -306,6 +320,13 @@ class SwarmPage(QWidget):
         token = self.controller.token()
         if self.token_field.text() != token:
             self.token_field.setText(token)
+        self.headless.setText(headless_command(token, self.show_button.isChecked()))
+
+    def _reveal(self, shown: bool) -> None:
+        self.token_field.setEchoMode(QLineEdit.EchoMode.Normal if shown
+                                     else QLineEdit.EchoMode.Password)
+        self.show_button.setText("Hide" if shown else "Show")
+        self._refresh_token()
 
     def _copy_token(self) -> None:
         QGuiApplication.clipboard().setText(self.token_field.text())
@@ -353,6 +374,8 @@ class SwarmPage(QWidget):
             if worker.get("leased_by"):
                 worker["leased_by_name"] = names.get(worker["leased_by"])
         self.table.setRowCount(len(peers))
+        self.table.setVisible(bool(peers))
+        self.empty.setVisible(not peers)
         grey = self.palette().placeholderText()
         for r, peer in enumerate(peers):
             for c, text in enumerate(peer_row(peer, now)):
