@@ -3,24 +3,13 @@ setting that restarts it) and after the app itself restarts, with a message each
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from app.gui import app_settings
 from app.gui.desktop import CoveyApp
 from app.gui.roles import Roles, change_message, missing
 from tests.gui.conftest import app_data_dir, until
-
-
-@contextlib.asynccontextmanager
-async def desktop(data_dir: Path) -> AsyncIterator[CoveyApp]:
-    app = CoveyApp(data_dir)
-    try:
-        await app.start()
-        yield app
-    finally:
-        await app.shutdown()
+from tests.gui.test_app import desktop
 
 
 def both_on(app: CoveyApp) -> bool:
