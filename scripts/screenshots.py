@@ -49,7 +49,7 @@ def virtual_display() -> Iterator[None]:
 async def shoot(out: Path) -> None:
     from app.gui import app_settings
     from app.gui.desktop import CoveyApp
-    from backends.store.model_store import DEFAULT_MODEL
+    from backends.store.bundled import chat_model
 
     data_dir = Path(tempfile.mkdtemp(prefix="covey-shots-"))
     app_settings.save(data_dir, app_settings.AppSettings(
@@ -68,7 +68,7 @@ async def shoot(out: Path) -> None:
         window = app.window
         window.resize(1180, 760)
         chat = window.chat
-        chat.model_picker.setCurrentIndex(max(chat.model_picker.findData(DEFAULT_MODEL), 0))
+        chat.model_picker.setCurrentIndex(max(chat.model_picker.findData(chat_model()), 0))
         chat.input.setPlainText(QUESTION)
         chat.send_button.click()
         while chat._reply is not None:

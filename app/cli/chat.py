@@ -18,6 +18,7 @@ from app.common.chat_request import ChatSettings, generate_request
 from backends import ggml
 from backends.engine import Done, Engine, EngineConfig, EngineError, GenerateRequest, Loaded
 from backends.errors import ModelStoreError
+from backends.store.bundled import chat_model
 from backends.store.model_store import ModelStore
 
 JSON_VERSION = 1
@@ -30,9 +31,12 @@ def status(message: str) -> None:
 def resolve_model(store: ModelStore, model: str | None) -> Path:
     if model:
         return store.resolve(model)
-    if not store.list():
-        status("Preparing the bundled model (first run only)...")
-    return store.ensure_default().path
+    name = chat_model()
+    if name not in store.names():
+        status(f"Preparing the bundled model {name} (first run only)...")
+    show = _show_progress(name, "Preparing")
+    return store.ensure(name, (lambda done, total: show(done / total if total else 0))
+                        if show else None).path
 
 
 def reply_summary(model: Path, loaded: Loaded, done: Done) -> dict[str, Any]:
@@ -49,13 +53,13 @@ def reply_summary(model: Path, loaded: Loaded, done: Done) -> dict[str, Any]:
     }
 
 
-def _show_progress(name: str) -> Callable[[float], None] | None:
-    """A load percentage on one terminal line; nothing when stderr is not a terminal."""
+def _show_progress(name: str, doing: str = "Loading") -> Callable[[float], None] | None:
+    """A percentage on one terminal line; nothing when stderr is not a terminal."""
     if not sys.stderr.isatty():
         return None
 
     def show(fraction: float) -> None:
-        sys.stderr.write(f"\r\x1b[KLoading {name}... {100 * fraction:3.0f}%")
+        sys.stderr.write(f"\r\x1b[K{doing} {name}... {100 * fraction:3.0f}%")
         sys.stderr.flush()
 
     return show

@@ -12,13 +12,13 @@ from typing import Any
 
 from app.cli.chat import chat_settings, interactive, status, system_messages
 from app.common.chat_request import CHAT_PATH, ChatReply, chat_body
-from backends.store.model_store import DEFAULT_MODEL
+from backends.store.bundled import chat_model
 from swarm.client.core import NodeClientError
 from swarm.client.sync_client import NodeClient
 
 
 def request_body(args: argparse.Namespace, messages: list[dict[str, str]]) -> dict[str, Any]:
-    return chat_body(chat_settings(args), args.model or DEFAULT_MODEL, messages, args.route)
+    return chat_body(chat_settings(args), args.model or chat_model(), messages, args.route)
 
 
 def ask(client: NodeClient, args: argparse.Namespace, messages: list[dict[str, str]],

@@ -2,7 +2,8 @@
 
 These are the app's own choices; the node keeps its swarm token in `swarm.json`. Settings that
 the node reads at start (LAN only, the API port, where it listens) become `covey node`
-arguments through `node_arguments`; the rest the app applies itself. A damaged file falls
+arguments through `node_arguments`; the rest the app applies itself (the roles through the
+node's API, so that switching one never restarts the node). A damaged file falls
 back to defaults with a warning, so a bad edit never stops the app from opening.
 """
 
@@ -33,6 +34,11 @@ class AppSettings:
     keep_in_tray: bool = True  # closing the window while a role is on keeps Covey running
     tray_notice_shown: bool = False
     listen: tuple[str, ...] = ()  # libp2p listen addresses; empty: the node's default
+    # The roles the user switched on: the node forgets them when it stops, the app asks
+    # for them again after every start (app/gui/roles.py).
+    worker: bool = False
+    federated: bool = False
+    federated_model: str = ""  # empty: the node's default model
     version: int = SETTINGS_VERSION
 
 

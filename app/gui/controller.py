@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from app.common.chat_request import CHAT_PATH, DEFAULTS, ChatSettings, chat_body
 from app.gui import app_settings
 from app.gui.conversations import ConversationStore
 from app.gui.node_supervisor import NodeState, NodeSupervisor
+from app.gui.roles import Roles, change_message, missing, roles_of
 from swarm.client.async_client import NodeLink
 from swarm.client.core import NodeClientError
 from swarm.node.settings import load_settings
@@ -35,6 +37,8 @@ class Controller(QObject):
     models = Signal(dict)  # GET /api/models, plus "runnable": GET /v1/models data
     error = Signal(str)  # something the user asked for failed; the text says why
     notify = Signal(str)  # "w2 joined the swarm", failovers: desktop notifications
+    roles_message = Signal(str)  # a role (worker, federated) changed, or is being restored
+    settings_changed = Signal(object)  # AppSettings, saved from any page
 
     def __init__(self, data_dir: Path, node_command: list[str] | None = None) -> None:
         super().__init__()
@@ -50,6 +54,8 @@ class Controller(QObject):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._online: dict[str, bool] | None = None
+        self._roles_seen: Roles | None = None  # the roles the last status poll showed
+        self._roles_asked: Roles | None = None  # what the user last asked for, until seen
 
     # -- running coroutines from Qt slots ------------------------------------------------------
 
@@ -79,6 +85,8 @@ class Controller(QObject):
 
     def _on_node_state(self, state: NodeState) -> None:
         self.node_state.emit(state)
+        if state.phase == "running":  # a new node, or the app's first: it has no roles yet
+            self.spawn(self.restore_roles(), "Switching the remembered roles back on failed")
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -110,6 +118,7 @@ class Controller(QObject):
         if link is None:
             return
         self.last_status = await link.get("/api/status")
+        self._note_roles(roles_of(self.last_status))
         self.status.emit(self.last_status)
         peers = (await link.get("/api/peers"))["peers"]
         self._announce(peers)
@@ -119,6 +128,38 @@ class Controller(QObject):
         models["runnable"] = (await link.get("/v1/models"))["data"]
         self.last_models = models
         self.models.emit(models)
+
+    def _note_roles(self, now: Roles) -> None:
+        before, self._roles_seen = self._roles_seen, now
+        if before is not None and before != now:
+            self.roles_message.emit(change_message(before, now, self._roles_asked))
+        if self._roles_asked == now:
+            self._roles_asked = None
+
+    @property
+    def chosen_roles(self) -> Roles:
+        return Roles(worker=self.settings.worker, federated=self.settings.federated)
+
+    async def restore_roles(self) -> None:
+        """Ask the node for the roles the user chose, after it (or the app) started."""
+        link = self.link
+        if link is None or not (self.settings.worker or self.settings.federated):
+            return
+        running = roles_of(await link.get("/api/status"))
+        wanted = missing(self.chosen_roles, running)
+        names = [n for n, on in (("worker", wanted.worker), ("federated", wanted.federated))
+                 if on]
+        if not names:
+            return
+        what = " and ".join(names) + " mode"
+        self.roles_message.emit(f"Switching {what} back on, as you chose…")
+        self._roles_asked = self.chosen_roles
+        if wanted.worker:
+            await self._post_worker(True, self.settings.share_mib)
+        if wanted.federated:
+            await self._post_federated(True, self.settings.federated_model)
+        await self.refresh()
+        self.roles_message.emit(f"{what[0].upper()}{what[1:]} on again, as you chose.")
 
     def _announce(self, peers: list[dict[str, Any]]) -> None:
         online = {p["peer_id"]: bool(p["online"]) for p in peers if not p.get("self")}
@@ -157,26 +198,50 @@ class Controller(QObject):
         await self.join(token)
         return token
 
-    async def set_worker(self, enabled: bool) -> None:
-        assert self.link is not None
-        body: dict[str, Any] = {"enabled": enabled}
-        if enabled and self.settings.share_mib:
-            body["share_mib"] = self.settings.share_mib
-        await self.link.post("/api/worker", body, timeout=60)
+    async def set_worker(self, enabled: bool, share_mib: int | None = None) -> None:
+        """Worker mode on or off (donating `share_mib`, else the saved share); remembered once
+        the node agreed."""
+        share = share_mib or self.settings.share_mib
+        self._roles_asked = replace(self._roles_seen or self.chosen_roles, worker=enabled)
+        await self._post_worker(enabled, share)
+        self._remember(replace(self.settings, worker=enabled, share_mib=share))
         await self.refresh()
 
     async def set_federated(self, enabled: bool, model: str | None = None) -> None:
+        """Federated mode on or off (serving `model`, else the saved one); remembered once
+        the node agreed."""
+        model = model or self.settings.federated_model
+        self._roles_asked = replace(self._roles_seen or self.chosen_roles, federated=enabled)
+        await self._post_federated(enabled, model)
+        self._remember(replace(self.settings, federated=enabled, federated_model=model))
+        await self.refresh()
+
+    async def _post_worker(self, enabled: bool, share_mib: int | None) -> None:
+        assert self.link is not None
+        body: dict[str, Any] = {"enabled": enabled}
+        if enabled and share_mib:
+            body["share_mib"] = share_mib
+        await self.link.post("/api/worker", body, timeout=60)
+
+    async def _post_federated(self, enabled: bool, model: str) -> None:
         assert self.link is not None
         body: dict[str, Any] = {"enabled": enabled}
         if model:
             body["model"] = model
         await self.link.post("/api/federated", body)
-        await self.refresh()
+
+    def _remember(self, settings: app_settings.AppSettings) -> None:
+        self.settings = settings
+        app_settings.save(self.data_dir, settings)
+        self.settings_changed.emit(settings)
 
     def save_settings(self, settings: app_settings.AppSettings) -> bool:
         """Keep new settings; True when the node must restart to apply them."""
+        before = self.settings
         restart = (app_settings.node_arguments(settings)
-                   != app_settings.node_arguments(self.settings))
-        self.settings = settings
-        app_settings.save(self.data_dir, settings)
+                   != app_settings.node_arguments(before))
+        self._remember(settings)
+        if (not restart and settings.worker and settings.share_mib != before.share_mib
+                and self.link is not None):  # a new share for a running worker
+            self.spawn(self.set_worker(True), "Changing the donated memory failed")
         return restart

@@ -66,6 +66,7 @@ class MainWindow(QMainWindow):
         controller.node_state.connect(self.show_node_state)
         controller.status.connect(self.show_status)
         controller.error.connect(lambda text: self.statusBar().showMessage(text, 15000))
+        controller.roles_message.connect(lambda text: self.statusBar().showMessage(text, 15000))
         self.force_quit = False
         self._add_shortcuts()
 

@@ -1,4 +1,5 @@
-"""The tray icon: its picture shows the role, its menu switches worker and federated mode.
+"""The tray icon: its picture shows the role, its menu switches worker and federated mode (as
+the Swarm page does; the controller remembers the choice).
 
 Kept apart from the window (as vorta does) so it can outlive it: with a role on, closing the
 window leaves Covey running here.
@@ -13,12 +14,7 @@ from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 import resources
 from app.gui.controller import Controller
-
-
-def roles_of(status: dict[str, Any]) -> tuple[bool, bool]:
-    """(worker on, federated on) from GET /api/status."""
-    return (bool((status.get("worker") or {}).get("enabled")),
-            bool((status.get("federated") or {}).get("enabled")))
+from app.gui.roles import roles_of
 
 
 def dark_panel() -> bool:
@@ -61,7 +57,8 @@ class Tray(QSystemTrayIcon):
         return self.worker_action.isChecked() or self.federated_action.isChecked()
 
     def show_status(self, status: dict[str, Any]) -> None:
-        worker, federated = roles_of(status)
+        roles = roles_of(status)
+        worker, federated = roles.worker, roles.federated
         self.worker_action.setChecked(worker)
         self.federated_action.setChecked(federated)
         self.online = True

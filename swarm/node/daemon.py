@@ -159,9 +159,7 @@ class Node:
         self.store = ModelStore(config.data_dir / "models")
         self.local_route = LocalRoute(self.store, self.name, n_threads=config.threads,
                                       n_ctx=config.ctx)
-        # The store registers one bundled model today, the default, whatever the name.
-        self.bundled = BundledModels(lambda _name, progress: self.store.ensure_default(progress),
-                                     config.bundled_models)
+        self.bundled = BundledModels(self.store.ensure, config.bundled_models)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
         self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
         self.federated = FederatedService(self.local_route, self.changed, self.bundled)

@@ -23,7 +23,8 @@ from backends.errors import ModelStoreError
 from backends.generation.context_size import context_for
 from backends.gguf_info import GGUFInfo, estimate_memory
 from backends.memory import memory_bytes
-from backends.store.model_store import DEFAULT_MODEL, ModelEntry, ModelNotFound, ModelStore
+from backends.store.bundled import BUNDLED, BundledModelMissing, offered
+from backends.store.model_store import ModelEntry, ModelNotFound, ModelStore
 from swarm.routes.route import Busy, ModelUnknown, RequestRefused
 
 log = logging.getLogger(__name__)
@@ -122,14 +123,16 @@ def _start(engine: Engine, request: GenerateRequest) -> _Run:
 
 
 async def model_entry(store: ModelStore, model: str) -> ModelEntry:
-    """The store's model (the bundled default is registered on first use); ModelUnknown if
-    there is none."""
+    """The store's model (a bundled one is registered on first use); ModelUnknown if there is
+    none."""
     try:
-        if model == DEFAULT_MODEL:
-            return await trio.to_thread.run_sync(store.ensure_default)
+        if model in BUNDLED:
+            return await trio.to_thread.run_sync(store.ensure, model)
         return store.get(model)
     except ModelNotFound:
         raise ModelUnknown(f"the model {model!r} is not in this node's store") from None
+    except BundledModelMissing as exc:
+        raise ModelUnknown(str(exc)) from None
 
 
 async def start_engine(factory: Callable[[EngineConfig], Engine], config: EngineConfig
@@ -172,8 +175,8 @@ class LocalRoute:
         self.gate = EngineGate(max_waiting, "this node's engine")
 
     def model_ids(self) -> list[str]:
-        # The bundled default is always servable; it is registered on first use.
-        return sorted({*self.store.names(), DEFAULT_MODEL})
+        # The bundled models are always servable; they are registered on first use.
+        return sorted({*self.store.names(), *offered()})
 
     def machines(self, model: str) -> list[str]:
         return [self.machine]

@@ -36,7 +36,8 @@ from backends.errors import ModelStoreError
 from backends.ggml_rpc_wire import GGML_OP_COUNT
 from backends.gguf_info import estimate_memory
 from backends.sizes import human_bytes
-from backends.store.model_store import DEFAULT_MODEL, ModelStore
+from backends.store.bundled import offered
+from backends.store.model_store import ModelStore
 from swarm.exception_groups import first_leaf
 from swarm.ledger.entries import WorkerOffer
 from swarm.routes.auto import fits
@@ -142,7 +143,7 @@ class ShardedRoute:
         """This node's models that the swarm's free workers can hold now."""
         if not self._usable()[0]:
             return []
-        return [m for m in sorted({*self.store.names(), DEFAULT_MODEL}) if not self.why_not(m)]
+        return [m for m in sorted({*self.store.names(), *offered()}) if not self.why_not(m)]
 
     def why_not(self, model: str) -> str | None:
         """Why a model this node has cannot be sharded now (for a request that insists)."""
@@ -151,13 +152,13 @@ class ShardedRoute:
     def planned(self, model: str) -> tuple[tuple[str, ...], str | None]:
         """The workers a request for `model` would be spread over now (the fewest that hold
         it), or none and why not (None: this node does not have the model)."""
-        if model not in {*self.store.names(), DEFAULT_MODEL}:
+        if model not in {*self.store.names(), *offered()}:
             return (), None
         try:
             return tuple(w.name for w in self._plan(model).workers), None
         except NoWorkers as exc:
             return (), str(exc)
-        except ModelStoreError:  # the bundled default, not registered yet
+        except ModelStoreError:  # a bundled model, not registered yet
             return (), f"{model!r} is not ready in this node's store yet"
 
     def machines(self, model: str) -> list[str]:

@@ -48,7 +48,7 @@ from app.gui.transcript.markdown import render_transcript, transcript_markdown
 from app.gui.transcript.route_words import model_choices, served_line
 from app.gui.transcript.view import TranscriptView
 from app.gui.widgets import MessageBox, button
-from backends.store.model_store import DEFAULT_MODEL
+from backends.store.bundled import chat_model
 
 __all__ = ["ChatPage", "model_choices", "served_line", "transcript_markdown"]
 
@@ -310,7 +310,7 @@ class ChatPage(QWidget):
     def _models_changed(self, models: dict[str, Any]) -> None:
         self._models_seen = True
         choices = model_choices(models.get("runnable", []))
-        current = self.model_picker.currentData() or DEFAULT_MODEL
+        current = self.model_picker.currentData() or chat_model()
         if [(self.model_picker.itemData(i), self.model_picker.itemText(i))
                 for i in range(self.model_picker.count())] != choices:
             self.model_picker.clear()

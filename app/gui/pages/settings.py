@@ -1,18 +1,23 @@
 """The settings page: donated memory, threads, LAN only, the API port, start at login, tray.
 
 Changes apply when saved; settings the node reads at start restart it, and the page says so.
+With the API on, the page shows its base URL and key (each with Copy) for other programs.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QCheckBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSlider,
     QSpinBox,
@@ -23,9 +28,22 @@ from PySide6.QtWidgets import (
 from app.gui import autostart
 from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
+from app.gui.widgets import button
 from backends.memory import memory_bytes
+from swarm.api.files import SECRET_FILE, read_secret
 
 MIN_SHARE_MIB = 256
+
+
+def api_access(settings: AppSettings, data_dir: Path) -> tuple[str, str] | None:
+    """(base URL, key) an OpenAI client needs, when the API is on; None when it is off."""
+    if not settings.api_enabled:
+        return None
+    try:
+        key = read_secret(data_dir / SECRET_FILE)
+    except OSError:
+        key = ""
+    return f"http://127.0.0.1:{settings.api_port}/v1", key
 
 
 class SettingsPage(QWidget):
@@ -79,8 +97,51 @@ class SettingsPage(QWidget):
         buttons.addWidget(self.save_button)
         layout.addLayout(buttons)
         layout.addWidget(self.message)
+        layout.addWidget(self._api_box())
         layout.addStretch(1)
         self.show_settings(controller.settings)
+        self.show_api()
+        controller.settings_changed.connect(lambda _s: self.show_api())
+        controller.node_state.connect(lambda _s: self.show_api())
+
+    def _api_box(self) -> QGroupBox:
+        self.api_url = QLineEdit()
+        self.api_url.setObjectName("apiUrl")
+        self.api_url.setReadOnly(True)
+        self.api_key = QLineEdit()
+        self.api_key.setObjectName("apiKey")
+        self.api_key.setReadOnly(True)
+        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.show_key = QPushButton("Show")
+        self.show_key.setCheckable(True)
+        self.show_key.toggled.connect(self._reveal_key)
+        self.copy_url = button("Copy", lambda: QGuiApplication.clipboard().setText(
+            self.api_url.text()))
+        self.copy_key = button("Copy", lambda: QGuiApplication.clipboard().setText(
+            self.api_key.text()))
+        self.api_group = QGroupBox("Connect other programs (OpenAI API)")
+        form = QFormLayout(self.api_group)
+        for label, field, buttons in (("Base URL:", self.api_url, (self.copy_url,)),
+                                      ("API key:", self.api_key, (self.show_key,
+                                                                  self.copy_key))):
+            row = QHBoxLayout()
+            row.addWidget(field, 1)
+            for b in buttons:
+                row.addWidget(b)
+            form.addRow(label, row)
+        return self.api_group
+
+    def _reveal_key(self, shown: bool) -> None:
+        self.api_key.setEchoMode(QLineEdit.EchoMode.Normal if shown
+                                 else QLineEdit.EchoMode.Password)
+        self.show_key.setText("Hide" if shown else "Show")
+
+    def show_api(self) -> None:
+        access = api_access(self.controller.settings, self.controller.data_dir)
+        self.api_group.setVisible(access is not None)
+        if access is not None:
+            self.api_url.setText(access[0])
+            self.api_key.setText(access[1])
 
     def show_settings(self, s: AppSettings) -> None:
         self.share.setValue(s.share_mib or self.share.maximum() // 2)

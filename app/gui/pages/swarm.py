@@ -1,5 +1,6 @@
-"""The swarm page: invite (this swarm's token), join by pasting a token, leave; the live peer
-list and a topology of who serves whom.
+"""The swarm page: this machine's roles (worker, with the memory it lends, and federated),
+invite (this swarm's token), join by pasting a token, leave; the live peer list and a topology
+of who serves whom.
 
 The paste box checks the token as the user types with the same parser the node uses, so a
 bad paste shows that parser's specific message before anything changes.
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -27,8 +32,11 @@ from PySide6.QtWidgets import (
 )
 
 from app.common.elapsed import ago
+from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
+from app.gui.roles import federated_words, roles_of, worker_words
 from app.gui.widgets import button, read_only_table
+from backends.memory import memory_bytes
 from backends.sizes import human_bytes
 from swarm.trust.token import TokenError, parse_token
 
@@ -46,6 +54,15 @@ def check_token(text: str, current: str) -> str | None:
     if current and token.encode() == parse_token(current).encode():
         return "This machine is already in this swarm."
     return None
+
+
+def headless_command(token: str, shown: bool) -> str:
+    """How to join from a machine without a screen, with this swarm's token (masked until
+    shown); stdin keeps the token out of the process list."""
+    visible = token if shown else token[:6] + "•" * 12
+    return ("On a machine without a screen: "
+            f"<code>echo {visible} | covey node --token -</code> "
+            "(or <code>covey node --token-file FILE</code>)")
 
 
 def peer_row(peer: dict[str, Any], now: float) -> list[str]:
@@ -128,24 +145,121 @@ class Topology(QWidget):
             painter.drawText(point + QPointF(-60, 30), label)
 
 
+class RolesBox(QGroupBox):
+    """The worker and federated switches, as in the tray; the controller remembers them."""
+
+    def __init__(self, controller: Controller) -> None:
+        super().__init__("This machine's part in the swarm")
+        self.controller = controller
+        self.worker = QCheckBox("Worker mode: lend memory to run the swarm's big models")
+        self.worker.setObjectName("workerSwitch")
+        self.worker.clicked.connect(self._switch_worker)
+        self.share = QDoubleSpinBox()
+        self.share.setObjectName("donatedMemory")
+        total_gib = max(memory_bytes().total / 2**30, 0.5)
+        self.share.setRange(0.25, round(total_gib, 2))
+        self.share.setSingleStep(0.25)
+        self.share.setDecimals(2)
+        self.share.setSuffix(" GiB")
+        self.share.setToolTip("Memory this machine lends in worker mode")
+        self.share.editingFinished.connect(self._new_share)
+        self.federated = QCheckBox("Federated mode: answer other machines' chats with")
+        self.federated.setObjectName("federatedSwitch")
+        self.federated.clicked.connect(self._switch_federated)
+        self.model = QComboBox()
+        self.model.setObjectName("federatedModel")
+        self.model.setMinimumContentsLength(18)
+        self.state = QLabel()
+        self.state.setObjectName("rolesState")
+        self.state.setWordWrap(True)
+        self.message = QLabel()
+        self.message.setObjectName("rolesMessage")
+        self.message.setWordWrap(True)
+        worker_row = QHBoxLayout()
+        worker_row.addWidget(self.worker)
+        worker_row.addWidget(QLabel("lending"))
+        worker_row.addWidget(self.share)
+        worker_row.addStretch(1)
+        federated_row = QHBoxLayout()
+        federated_row.addWidget(self.federated)
+        federated_row.addWidget(self.model)
+        federated_row.addStretch(1)
+        box = QVBoxLayout(self)
+        box.addLayout(worker_row)
+        box.addLayout(federated_row)
+        box.addWidget(self.state)
+        box.addWidget(self.message)
+        settings = controller.settings
+        self.share.setValue((settings.share_mib or int(total_gib * 512)) / 1024)
+        self._show_models({"local": []})
+        controller.status.connect(self.show_status)
+        controller.models.connect(self._show_models)
+        controller.roles_message.connect(self.message.setText)
+        controller.settings_changed.connect(self._show_share)
+        self.show_status({})
+
+    def _show_share(self, settings: AppSettings) -> None:
+        if settings.share_mib:
+            self.share.setValue(settings.share_mib / 1024)
+
+    def share_mib(self) -> int:
+        return round(self.share.value() * 1024)
+
+    def show_status(self, status: dict[str, Any]) -> None:
+        roles = roles_of(status)
+        self.worker.setChecked(roles.worker)
+        self.federated.setChecked(roles.federated)
+        donated = (status.get("worker") or {}).get("share_bytes")
+        served = ((status.get("federated") or {}).get("models") or [self.model.currentText()])
+        self.state.setText(worker_words(roles.worker, donated >> 20 if donated else
+                                        self.controller.settings.share_mib)
+                           + " " + federated_words(roles.federated, served[0]))
+
+    def _show_models(self, models: dict[str, Any]) -> None:
+        names = [m["name"] for m in models.get("local") or []]
+        chosen = self.controller.settings.federated_model
+        for name in (chosen, *names):
+            if name and self.model.findText(name) < 0:
+                self.model.addItem(name)
+        if chosen:
+            self.model.setCurrentText(chosen)
+
+    def _switch_worker(self, on: bool) -> None:
+        self.message.setText("Switching worker mode on…" if on
+                              else "Switching worker mode off…")
+        self.controller.spawn(self.controller.set_worker(on, self.share_mib()),
+                              "Switching worker mode failed")
+
+    def _switch_federated(self, on: bool) -> None:
+        self.message.setText("Switching federated mode on…" if on
+                              else "Switching federated mode off…")
+        self.controller.spawn(self.controller.set_federated(on, self.model.currentText()),
+                              "Switching federated mode failed")
+
+    def _new_share(self) -> None:
+        settings = self.controller.settings
+        if self.share_mib() != settings.share_mib:
+            self.controller.save_settings(replace(settings, share_mib=self.share_mib()))
+
+
 class SwarmPage(QWidget):
     def __init__(self, controller: Controller) -> None:
         super().__init__()
         self.controller = controller
+        self.roles = RolesBox(controller)
 
         self.token_field = QLineEdit()
         self.token_field.setReadOnly(True)
         self.token_field.setEchoMode(QLineEdit.EchoMode.Password)
         self.token_field.setObjectName("swarmToken")
-        show = QPushButton("Show")
+        self.show_button = show = QPushButton("Show")
         show.setCheckable(True)
-        show.toggled.connect(lambda on: self.token_field.setEchoMode(
-            QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
+        show.toggled.connect(self._reveal)
         copy = button("Copy token", self._copy_token)
         self.create_button = button("Create new swarm", self._create)
         self.leave_button = button("Leave swarm", self._leave)
-        headless = QLabel("On a machine without a screen: "
-                          "<code>covey node --token-file FILE</code>")
+        self.headless = headless = QLabel()
+        headless.setObjectName("headlessCommand")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
         row = QHBoxLayout()
@@ -186,14 +300,21 @@ class SwarmPage(QWidget):
         self.table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.topology = Topology()
         self.summary = QLabel()
+        self.empty = QLabel("No machines yet. Copy the token above into Covey on another "
+                            "machine to add it to this swarm.")
+        self.empty.setObjectName("peersEmpty")
+        self.empty.setWordWrap(True)
 
         layout = QVBoxLayout(self)
+        layout.addWidget(self.roles)
         layout.addWidget(invite)
         layout.addWidget(join)
         layout.addWidget(self.summary)
+        layout.addWidget(self.empty)
         layout.addWidget(self.table, 2)
         layout.addWidget(self.topology, 1)
         controller.peers.connect(self.show_peers)
+        self.show_peers([])
         controller.status.connect(lambda _s: self._refresh_token())
         self._refresh_token()
 
@@ -201,6 +322,13 @@ class SwarmPage(QWidget):
         token = self.controller.token()
         if self.token_field.text() != token:
             self.token_field.setText(token)
+        self.headless.setText(headless_command(token, self.show_button.isChecked()))
+
+    def _reveal(self, shown: bool) -> None:
+        self.token_field.setEchoMode(QLineEdit.EchoMode.Normal if shown
+                                     else QLineEdit.EchoMode.Password)
+        self.show_button.setText("Hide" if shown else "Show")
+        self._refresh_token()
 
     def _copy_token(self) -> None:
         QGuiApplication.clipboard().setText(self.token_field.text())
@@ -248,6 +376,8 @@ class SwarmPage(QWidget):
             if worker.get("leased_by"):
                 worker["leased_by_name"] = names.get(worker["leased_by"])
         self.table.setRowCount(len(peers))
+        self.table.setVisible(bool(peers))
+        self.empty.setVisible(not peers)
         grey = self.palette().placeholderText()
         for r, peer in enumerate(peers):
             for c, text in enumerate(peer_row(peer, now)):
