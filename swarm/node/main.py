@@ -155,7 +155,7 @@ def main(args: argparse.Namespace, data_dir: Path) -> int:
 
 def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  # -> Node
     from backends.memory import memory_bytes
-    from backends.store.bundled import BUNDLED, chat_model
+    from backends.store.bundled import chat_model, prepare_at_start
     from swarm.net.host import parse_multiaddrs
     from swarm.node.daemon import DEFAULT_LISTEN, Node, NodeConfig
     from swarm.node.local_facts import default_node_name
@@ -184,7 +184,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
         threads=args.threads,
-        bundled_models=(chat_model(),) if chat_model() in BUNDLED else (),
+        bundled_models=tuple(name for name in [prepare_at_start()] if name),
         ctx=settings.ctx,
         cors_origins=_cors_origins(getattr(args, "cors_origin", None) or []),
         api_hosts=tuple(check_host_name(n) for n in getattr(args, "api_host", None) or []),

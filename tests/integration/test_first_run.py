@@ -32,8 +32,11 @@ def fresh(tmp_path: Path) -> Iterator[ShardSwarm]:
         yield ShardSwarm(netns, netns.add("first"), new_token().encode(), tmp_path, {})
 
 
-def test_a_fresh_client_shards_the_bundled_model_on_its_first_request(fresh: ShardSwarm
-                                                                       ) -> None:
+def test_a_fresh_client_shards_the_bundled_model_on_its_first_request(
+        fresh: ShardSwarm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The suite names Gemma the default, which leaves registration to first use; a user's
+    # node registers its default at start, as this asks.
+    monkeypatch.setenv("COVEY_PREPARE_AT_START", "1")
     worker = fresh.start("w1", "--worker", "--share-mib", "500")
     client = fresh.start("client")
     registering = client.status["default_models"][DEFAULT_MODEL]
