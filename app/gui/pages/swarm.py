@@ -227,13 +227,13 @@ class RolesBox(QGroupBox):
     def _switch_worker(self, on: bool) -> None:
         self.message.setText("Switching worker mode on…" if on
                               else "Switching worker mode off…")
-        self.controller.spawn(self.controller.set_worker(on, self.share_mib()),
+        self.controller.spawn(self.controller.set_role("worker", on, self.share_mib()),
                               "Switching worker mode failed")
 
     def _switch_federated(self, on: bool) -> None:
         self.message.setText("Switching federated mode on…" if on
                               else "Switching federated mode off…")
-        self.controller.spawn(self.controller.set_federated(on, self.model.currentText()),
+        self.controller.spawn(self.controller.set_role("federated", on, self.model.currentText()),
                               "Switching federated mode failed")
 
     def _new_share(self) -> None:
