@@ -10,14 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QCheckBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QSlider,
     QSpinBox,
@@ -28,7 +26,7 @@ from PySide6.QtWidgets import (
 from app.gui import autostart
 from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
-from app.gui.widgets import button
+from app.gui.widgets import CopyRow
 from backends.memory import memory_bytes
 from swarm.api.files import SECRET_FILE, read_secret
 
@@ -105,36 +103,15 @@ class SettingsPage(QWidget):
         controller.node_state.connect(lambda _s: self.show_api())
 
     def _api_box(self) -> QGroupBox:
-        self.api_url = QLineEdit()
-        self.api_url.setObjectName("apiUrl")
-        self.api_url.setReadOnly(True)
-        self.api_key = QLineEdit()
-        self.api_key.setObjectName("apiKey")
-        self.api_key.setReadOnly(True)
-        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
-        self.show_key = QPushButton("Show")
-        self.show_key.setCheckable(True)
-        self.show_key.toggled.connect(self._reveal_key)
-        self.copy_url = button("Copy", lambda: QGuiApplication.clipboard().setText(
-            self.api_url.text()))
-        self.copy_key = button("Copy", lambda: QGuiApplication.clipboard().setText(
-            self.api_key.text()))
+        url, key = CopyRow("apiUrl"), CopyRow("apiKey", secret=True)
+        self.api_url, self.copy_url = url.field, url.copy_button
+        self.api_key, self.copy_key = key.field, key.copy_button
+        self.show_key = key.show_button
         self.api_group = QGroupBox("Connect other programs (OpenAI API)")
         form = QFormLayout(self.api_group)
-        for label, field, buttons in (("Base URL:", self.api_url, (self.copy_url,)),
-                                      ("API key:", self.api_key, (self.show_key,
-                                                                  self.copy_key))):
-            row = QHBoxLayout()
-            row.addWidget(field, 1)
-            for b in buttons:
-                row.addWidget(b)
-            form.addRow(label, row)
+        form.addRow("Base URL:", url)
+        form.addRow("API key:", key)
         return self.api_group
-
-    def _reveal_key(self, shown: bool) -> None:
-        self.api_key.setEchoMode(QLineEdit.EchoMode.Normal if shown
-                                 else QLineEdit.EchoMode.Password)
-        self.show_key.setText("Hide" if shown else "Show")
 
     def show_api(self) -> None:
         access = api_access(self.controller.settings, self.controller.data_dir)
