@@ -158,7 +158,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, Netns() as netns:
         workdir = Path(tmp)
         data_dir = workdir / "node"
-        model = ModelStore(data_dir / "models").ensure_default().path
+        model = ModelStore(data_dir / "models").ensure(DEFAULT_MODEL).path
         ns = netns.add("api")
         node = start_node(netns, ns, new_token().encode(), "bench", workdir, "--lan-only",
                           "--listen", "/ip4/127.0.0.1/tcp/0", data_dir=data_dir)

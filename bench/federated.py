@@ -112,7 +112,7 @@ def main() -> int:
             if args.model == "tiny":
                 store.import_file(work / "tiny.gguf", "tiny")
             else:
-                store.ensure_default()
+                store.ensure(DEFAULT_MODEL)
             extra = ["--federated", "--model", model] if name != "client" else []
             nodes[name] = start_node(netns, ns, token, name, work, "--lan-only", "--listen",
                                      "/ip4/127.0.0.1/tcp/0", *extra, data_dir=data_dir)

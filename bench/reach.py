@@ -54,7 +54,7 @@ def main() -> int:
         if args.model == "tiny":
             store.import_file(write_tiny_gguf(work / "tiny.gguf"), "tiny")
         else:
-            store.ensure_default()
+            store.ensure(DEFAULT_MODEL)
         net = two_homes(netns)
         started = time.monotonic()
         nodes = launch_homes(netns, net, token, work, [

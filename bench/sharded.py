@@ -125,7 +125,7 @@ def main() -> int:
                                      "/ip4/127.0.0.1/tcp/0", "--worker", "--share-mib",
                                      SHARE_MIB)
         store = ModelStore(work / "client" / "models")
-        model_path = store.ensure_default().path
+        model_path = store.ensure(DEFAULT_MODEL).path
         client = start_node(netns, ns, token, "client", work, "--lan-only", "--listen",
                             "/ip4/127.0.0.1/tcp/0")
         nodes["client"] = client

@@ -80,6 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--prefer-route", choices=PREFERABLE,
                       help="the route `auto` takes first when it can serve (remembered; "
                            "default auto: this machine when the model fits)")
+    # Tests and development name their default (COVEY_DEFAULT_MODEL), which leaves assembling
+    # it to first use; the first-run test asks for a user's start all the same.
+    node.add_argument("--prepare-at-start", action="store_true", help=argparse.SUPPRESS)
 
     peers = sub.add_parser("peers", parents=[here], help="list the machines in this node's swarm")
     peers.add_argument("--json", action="store_true", help="a machine-readable list")

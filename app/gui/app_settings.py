@@ -1,9 +1,9 @@
 """What the user chose in the desktop app's settings, kept in `app-settings.json`.
 
 These are the app's own choices; the node keeps its swarm token in `swarm.json`. Settings that
-the node reads at start (LAN only, the API port, where it listens) become `covey node`
-arguments through `node_arguments`; the rest the app applies itself (the roles through the
-node's API, so that switching one never restarts the node). A damaged file falls
+the node reads at start (LAN only, the API port, where it listens, the context length) become
+`covey node` arguments through `node_arguments`; the rest the app applies itself (the roles
+through the node's API, so that switching one never restarts the node). A damaged file falls
 back to defaults with a warning, so a bad edit never stops the app from opening.
 """
 
@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "app-settings.json"
 SETTINGS_VERSION = 1
 DEFAULT_API_PORT = 11435  # beside Ollama's 11434, so OpenAI clients find Covey at a fixed port
+OPTIONAL_COUNTS = {"share_mib": 1, "threads": 1, "ctx": 0}  # None or a whole number from this
 
 
 @dataclass(frozen=True)
 class AppSettings:
     share_mib: int | None = None  # donated in worker mode; None: half the RAM
     threads: int | None = None  # engine threads; None: llama.cpp's choice
+    # The context length: None passes no --ctx (the node's own: automatic unless `covey node
+    # --ctx N` set one), 0 passes --ctx 0 (automatic: the node forgets a remembered one).
+    ctx: int | None = None
     lan_only: bool = False
     api_enabled: bool = False  # the OpenAI API on a fixed loopback port for other programs
     api_port: int = DEFAULT_API_PORT
@@ -75,9 +79,9 @@ def from_dict(body: object, where: Path | str = "settings") -> AppSettings:
 
 
 def _same_kind(value: object, default: object, name: str) -> bool:
-    if name in ("share_mib", "threads"):
+    if name in OPTIONAL_COUNTS:
         return value is None or (isinstance(value, int) and not isinstance(value, bool)
-                                 and value > 0)
+                                 and value >= OPTIONAL_COUNTS[name])
     if name == "api_port":
         return isinstance(value, int) and 0 < value < 65536
     return type(value) is type(default)
@@ -96,8 +100,20 @@ def node_arguments(settings: AppSettings) -> list[str]:
         args.append("--lan-only")
     if settings.threads:
         args += ["--threads", str(settings.threads)]
+    if settings.ctx is not None:
+        args += ["--ctx", str(settings.ctx)]
     if settings.api_enabled:
         args += ["--api-port", str(settings.api_port)]
     for addr in settings.listen:
         args += ["--listen", addr]
     return args
+
+
+def ctx_from_field(text: str, before: int | None) -> int | None:
+    """The context the Settings page's field asks for: its number of tokens; blank (or 0) is
+    automatic, passed as 0 once the app has passed a context so that the node forgets it, and
+    left as None (no --ctx, no restart) while the app never has."""
+    tokens = int(text) if text.strip() else 0
+    if tokens > 0:
+        return tokens
+    return None if before is None else 0

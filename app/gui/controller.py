@@ -20,14 +20,20 @@ from app.common.chat_request import CHAT_PATH, DEFAULTS, ChatSettings, chat_body
 from app.gui import app_settings
 from app.gui.conversations import ConversationStore
 from app.gui.node_supervisor import NodeState, NodeSupervisor
-from app.gui.roles import Roles, change_message, missing, roles_of
-from swarm.client.async_client import NodeLink
+from app.gui.roles import Role, Roles, change_message, missing, roles_of
+from swarm.client.async_client import REQUEST_TIMEOUT_S, NodeLink
 from swarm.client.core import NodeClientError
 from swarm.node.settings import load_settings
 
 log = logging.getLogger(__name__)
 
 POLL_EVERY_S = 2.0
+# Per role: the AppSettings field that keeps its choice, the field of the node's POST
+# /api/<role> that takes it, and how long switching may take (a worker starts its RPC server).
+ROLE_CHOICES: dict[Role, tuple[str, str, float]] = {
+    "worker": ("share_mib", "share_mib", 60.0),
+    "federated": ("federated_model", "model", REQUEST_TIMEOUT_S),
+}
 
 
 class Controller(QObject):
@@ -147,17 +153,14 @@ class Controller(QObject):
             return
         running = roles_of(await link.get("/api/status"))
         wanted = missing(self.chosen_roles, running)
-        names = [n for n, on in (("worker", wanted.worker), ("federated", wanted.federated))
-                 if on]
+        names = [role for role in ROLE_CHOICES if getattr(wanted, role)]
         if not names:
             return
         what = " and ".join(names) + " mode"
         self.roles_message.emit(f"Switching {what} back on, as you chose…")
         self._roles_asked = self.chosen_roles
-        if wanted.worker:
-            await self._post_worker(True, self.settings.share_mib)
-        if wanted.federated:
-            await self._post_federated(True, self.settings.federated_model)
+        for role in names:
+            await self._post_role(role, True, self._saved_choice(role))
         await self.refresh()
         self.roles_message.emit(f"{what[0].upper()}{what[1:]} on again, as you chose.")
 
@@ -198,37 +201,28 @@ class Controller(QObject):
         await self.join(token)
         return token
 
-    async def set_worker(self, enabled: bool, share_mib: int | None = None) -> None:
-        """Worker mode on or off (donating `share_mib`, else the saved share); remembered once
-        the node agreed."""
-        share = share_mib or self.settings.share_mib
-        self._roles_asked = replace(self._roles_seen or self.chosen_roles, worker=enabled)
-        await self._post_worker(enabled, share)
-        self._remember(replace(self.settings, worker=enabled, share_mib=share))
+    async def set_role(self, role: Role, enabled: bool,
+                       choice: int | str | None = None) -> None:
+        """Worker or federated mode on or off, with `choice` (the MiB a worker donates, the
+        model federated mode serves), else the saved one; remembered once the node agreed."""
+        choice = choice or self._saved_choice(role)
+        self._roles_asked = replace(self._roles_seen or self.chosen_roles, **{role: enabled})
+        await self._post_role(role, enabled, choice)
+        remembered: dict[str, Any] = {role: enabled, ROLE_CHOICES[role][0]: choice}
+        self._remember(replace(self.settings, **remembered))
         await self.refresh()
 
-    async def set_federated(self, enabled: bool, model: str | None = None) -> None:
-        """Federated mode on or off (serving `model`, else the saved one); remembered once
-        the node agreed."""
-        model = model or self.settings.federated_model
-        self._roles_asked = replace(self._roles_seen or self.chosen_roles, federated=enabled)
-        await self._post_federated(enabled, model)
-        self._remember(replace(self.settings, federated=enabled, federated_model=model))
-        await self.refresh()
+    def _saved_choice(self, role: Role) -> int | str | None:
+        value: int | str | None = getattr(self.settings, ROLE_CHOICES[role][0])
+        return value
 
-    async def _post_worker(self, enabled: bool, share_mib: int | None) -> None:
+    async def _post_role(self, role: Role, enabled: bool, choice: int | str | None) -> None:
         assert self.link is not None
+        _, key, timeout = ROLE_CHOICES[role]
         body: dict[str, Any] = {"enabled": enabled}
-        if enabled and share_mib:
-            body["share_mib"] = share_mib
-        await self.link.post("/api/worker", body, timeout=60)
-
-    async def _post_federated(self, enabled: bool, model: str) -> None:
-        assert self.link is not None
-        body: dict[str, Any] = {"enabled": enabled}
-        if model:
-            body["model"] = model
-        await self.link.post("/api/federated", body)
+        if choice:
+            body[key] = choice
+        await self.link.post(f"/api/{role}", body, timeout=timeout)
 
     def _remember(self, settings: app_settings.AppSettings) -> None:
         self.settings = settings
@@ -243,5 +237,5 @@ class Controller(QObject):
         self._remember(settings)
         if (not restart and settings.worker and settings.share_mib != before.share_mib
                 and self.link is not None):  # a new share for a running worker
-            self.spawn(self.set_worker(True), "Changing the donated memory failed")
+            self.spawn(self.set_role("worker", True), "Changing the donated memory failed")
         return restart

@@ -9,9 +9,11 @@ reports with what the user chose, so the controller and both switches (tray, Swa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from backends.sizes import human_bytes
+
+Role = Literal["worker", "federated"]  # also the field of Roles and the node's POST /api/<role>
 
 
 @dataclass(frozen=True)

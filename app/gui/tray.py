@@ -76,9 +76,9 @@ class Tray(QSystemTrayIcon):
                                       "in the swarm" if self.online else "not running"))
 
     def _toggle_worker(self, checked: bool) -> None:
-        self.controller.spawn(self.controller.set_worker(checked),
+        self.controller.spawn(self.controller.set_role("worker", checked),
                               "Switching worker mode failed")
 
     def _toggle_federated(self, checked: bool) -> None:
-        self.controller.spawn(self.controller.set_federated(checked),
+        self.controller.spawn(self.controller.set_role("federated", checked),
                               "Switching federated mode failed")

@@ -23,7 +23,6 @@ from backends.errors import ModelStoreError
 
 CHUNK = 1 << 20
 DEFAULT_MODEL_ENV = "COVEY_DEFAULT_MODEL"
-PREPARE_ENV = "COVEY_PREPARE_AT_START"
 
 
 class BundledModelMissing(ModelStoreError):
@@ -98,11 +97,10 @@ def chat_model() -> str:
     return CHAT_MODEL if installed(QWEN) else TEST_MODEL
 
 
-def prepare_at_start() -> str | None:
+def prepare_at_start(asked: bool = False) -> str | None:
     """The bundled model a node assembles as it starts, so the first chat need not wait; None
     when `COVEY_DEFAULT_MODEL` is set (tests, development), which leaves it to first use,
-    unless `COVEY_PREPARE_AT_START=1` asks for it anyway (the first-run test)."""
-    asked = os.environ.get(PREPARE_ENV, "").strip() == "1"
+    unless `asked` (`covey node --prepare-at-start`, which the first-run test passes)."""
     if os.environ.get(DEFAULT_MODEL_ENV, "").strip() and not asked:
         return None
     name = chat_model()

@@ -67,13 +67,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The bundled model `ensure_default` registers: the small one tests use. What a user gets when
-# naming no model is `bundled.chat_model()`.
+# The small bundled model tests and benchmarks name in `ensure`. What a user gets when naming
+# no model is `bundled.chat_model()`.
 DEFAULT_MODEL = TEST_MODEL
 MANIFEST_VERSION = 1
 PARTIAL_DIR = ".partial"
 COPY_CHUNK = 1 << 20
-CLAIM_RETRY_S = 0.1  # how often ensure_default looks again while another process adds it
+CLAIM_RETRY_S = 0.1  # how often ensure looks again while another process adds it
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 
 Source = Literal["bundled", "import", "download", "copy"]
@@ -226,7 +226,7 @@ class ModelStore:
         self.lock_path = self.root.parent / f".{self.root.name}.lock"
         self._lock = threading.Lock()
         self._claims: dict[str, int] = {}  # name -> the locked claim file this store holds
-        self._default_lock = threading.Lock()
+        self._bundled_lock = threading.Lock()
         # GGUF headers of big models take a while to read: cache them by (size, mtime).
         self._info_cache: dict[Path, tuple[int, int, GGUFInfo]] = {}
 
@@ -411,21 +411,18 @@ class ModelStore:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
 
     def ensure(self, name: str, progress: Progress | None = None) -> ModelEntry:
-        """The model called `name`, a bundled one registered on first use."""
+        """The model called `name`; a bundled one (DEFAULT_MODEL, say) is assembled from its
+        packages and registered on first use, `progress(done, total)` following the assembly.
+        """
         if name in BUNDLED:
             return self.ensure_bundled(name, progress)
         return self.get(name)
-
-    def ensure_default(self, progress: Progress | None = None) -> ModelEntry:
-        """Register the bundled Gemma 3 270M (assembled from its package) if not there yet;
-        `progress(done, total)` follows the assembly."""
-        return self.ensure_bundled(DEFAULT_MODEL, progress)
 
     def ensure_bundled(self, name: str, progress: Progress | None = None) -> ModelEntry:
         """Register a bundled model (assembled from its packages, checked against its pinned
         sha256) if not there yet; `progress(done, total)` follows the assembly."""
         bundled = BUNDLED[name]
-        with self._default_lock:
+        with self._bundled_lock:
             entry = self._registered_bundled(bundled, adopt=False)  # usually: no lock at all
             if entry is not None:
                 return entry

@@ -570,9 +570,17 @@ def _node_schemas() -> dict[str, Schema]:
                 "last_sync_error_peer", "last_sync_error_at", "last_sync_ok_at"],
                "The replicated ledger: its size, entries refused, and how pulls fare. A "
                "failing pull means this node may not see other machines' changes."),
+            "ctx": _object({
+                "setting": or_null({"type": "integer", "minimum": 1, "description":
+                                    "`covey node --ctx N` (remembered); null: automatic, the "
+                                    "model's trained context capped by memory."}),
+                "loaded": or_null({"type": "integer", "minimum": 1, "description":
+                                   "The context of the model loaded on this machine's engine "
+                                   "now; null while none is loaded."}),
+            }, ["setting", "loaded"], "The context length, in tokens, of local chats."),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
             "connected_peers", "federated", "worker", "sharded_links", "default_models",
-            "ledger"]),
+            "ledger", "ctx"]),
         "LinkCounters": _object({
             "connections": {"type": "integer", "minimum": 0,
                             "description": "Connections admitted and relayed."},

@@ -116,6 +116,7 @@ class NodeApi:
             "worker": node.worker.status() | {"rpc_traffic": traffic},
             "sharded_links": node.sharded_route.links(),
             "default_models": node.bundled.status(),
+            "ctx": {"setting": node.config.ctx, "loaded": node.local_route.loaded_ctx},
             "ledger": node.sync.status(),
         }
 

@@ -184,7 +184,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
         threads=args.threads,
-        bundled_models=tuple(name for name in [prepare_at_start()] if name),
+        bundled_models=tuple(name for name in [prepare_at_start(args.prepare_at_start)] if name),
         ctx=settings.ctx,
         cors_origins=_cors_origins(getattr(args, "cors_origin", None) or []),
         api_hosts=tuple(check_host_name(n) for n in getattr(args, "api_host", None) or []),

@@ -171,6 +171,7 @@ class LocalRoute:
         self._engine: Engine | None = None
         self._engine_model: tuple[str, bool] | None = None
         self._engine_bytes = 0  # the loaded model's estimate: what dropping the engine frees
+        self.loaded_ctx: int | None = None  # the engine's context length; None: none loaded
         self._available = available
         self.gate = EngineGate(max_waiting, "this node's engine")
 
@@ -224,12 +225,14 @@ class LocalRoute:
         engine = await start_engine(self._engine_factory, config)
         self._engine, self._engine_model = engine, (model, deterministic)
         self._engine_bytes = self.need_bytes(model) or 0
+        self.loaded_ctx = config.n_ctx
         log.info("engine loaded %s", model)
         return engine
 
     async def _drop_engine(self) -> None:
         engine, self._engine, self._engine_model = self._engine, None, None
         self._engine_bytes = 0
+        self.loaded_ctx = None
         if engine is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(engine.close)

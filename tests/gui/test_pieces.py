@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from app.gui.conversations import DEFAULT_TITLE, ConversationStore, Message, tit
 from app.gui.desktop import CoveyApp
 from app.gui.pages.chat import model_choices, served_line, transcript_markdown
 from app.gui.pages.models import model_rows
+from app.gui.pages.settings import context_now
 from app.gui.pages.swarm import check_token, peer_row, serving_edges
 from swarm.trust.token import new_token
 
@@ -75,6 +77,23 @@ def test_settings_round_trip_and_bad_values_keep_defaults(tmp_path: Path) -> Non
     assert loaded == app_settings.AppSettings(keep_in_tray=False)
     (tmp_path / app_settings.SETTINGS_FILE).write_text("{not json")
     assert app_settings.load(tmp_path) == app_settings.AppSettings()
+
+
+def test_the_context_setting_becomes_ctx_only_once_chosen() -> None:
+    assert "--ctx" not in app_settings.node_arguments(app_settings.AppSettings())
+    chosen = app_settings.AppSettings(ctx=8192)
+    assert app_settings.node_arguments(chosen)[-2:] == ["--ctx", "8192"]
+    assert app_settings.from_dict(json.loads(json.dumps(asdict(chosen)))) == chosen
+    assert app_settings.from_dict({"version": 1, "ctx": -1}).ctx is None
+    # Blank is automatic: no --ctx while the app never passed one; --ctx 0 after it did, so
+    # that the node forgets the number it remembers.
+    assert app_settings.ctx_from_field("4096", None) == 4096
+    assert app_settings.ctx_from_field("", None) is None
+    assert app_settings.ctx_from_field("", 8192) == 0
+    assert app_settings.ctx_from_field("0", 0) == 0
+    assert context_now({"ctx": {"setting": None, "loaded": 32768}}) == "now 32,768 tokens"
+    assert context_now({"ctx": {"setting": 512, "loaded": None}}) == ""
+    assert context_now({}) == ""  # a node that does not say
 
 
 def test_start_at_login_on_linux_writes_and_removes_an_xdg_entry(

@@ -80,6 +80,9 @@ def test_the_chat_default_is_the_instruction_tuned_model_unless_overridden(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(bundled.DEFAULT_MODEL_ENV, "tiny")
     assert bundled.chat_model() == "tiny" and bundled.prepare_at_start() is None
+    monkeypatch.setenv(bundled.DEFAULT_MODEL_ENV, bundled.GEMMA.name)
+    assert bundled.prepare_at_start() is None
+    assert bundled.prepare_at_start(asked=True) == bundled.GEMMA.name  # the first-run test
     monkeypatch.delenv(bundled.DEFAULT_MODEL_ENV)
     monkeypatch.setattr(bundled, "installed", lambda model: True)
     assert bundled.chat_model() == bundled.QWEN.name == bundled.prepare_at_start()
@@ -97,3 +100,15 @@ def test_the_pinned_qwen_parts_make_the_pinned_file() -> None:
             while block := f.read(1 << 20):
                 digest.update(block)
     assert digest.hexdigest() == bundled.QWEN.sha256
+
+
+def test_covey_node_prepare_at_start_is_a_hidden_test_option(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli.command import build_parser
+
+    assert build_parser().parse_args(["node", "--prepare-at-start"]).prepare_at_start is True
+    assert build_parser().parse_args(["node"]).prepare_at_start is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["node", "--help"])
+    shown = capsys.readouterr().out
+    assert "--ctx" in shown and "--prepare-at-start" not in shown

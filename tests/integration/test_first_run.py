@@ -33,12 +33,11 @@ def fresh(tmp_path: Path) -> Iterator[ShardSwarm]:
 
 
 def test_a_fresh_client_shards_the_bundled_model_on_its_first_request(
-        fresh: ShardSwarm, monkeypatch: pytest.MonkeyPatch) -> None:
+        fresh: ShardSwarm) -> None:
     # The suite names Gemma the default, which leaves registration to first use; a user's
-    # node registers its default at start, as this asks.
-    monkeypatch.setenv("COVEY_PREPARE_AT_START", "1")
-    worker = fresh.start("w1", "--worker", "--share-mib", "500")
-    client = fresh.start("client")
+    # node registers its default at start, as --prepare-at-start asks.
+    worker = fresh.start("w1", "--worker", "--share-mib", "500", "--prepare-at-start")
+    client = fresh.start("client", "--prepare-at-start")
     registering = client.status["default_models"][DEFAULT_MODEL]
     assert registering["state"] in ("registering", "ready"), registering
     assert registering["error"] is None, registering

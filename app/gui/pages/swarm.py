@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from PySide6.QtCore import QPointF, Qt
-from PySide6.QtGui import QBrush, QColor, QGuiApplication, QPainter, QPen
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,7 +35,7 @@ from app.common.elapsed import ago
 from app.gui.app_settings import AppSettings
 from app.gui.controller import Controller
 from app.gui.roles import federated_words, roles_of, worker_words
-from app.gui.widgets import button, read_only_table
+from app.gui.widgets import CopyRow, button, read_only_table
 from backends.memory import memory_bytes
 from backends.sizes import human_bytes
 from swarm.trust.token import TokenError, parse_token
@@ -227,13 +227,13 @@ class RolesBox(QGroupBox):
     def _switch_worker(self, on: bool) -> None:
         self.message.setText("Switching worker mode on…" if on
                               else "Switching worker mode off…")
-        self.controller.spawn(self.controller.set_worker(on, self.share_mib()),
+        self.controller.spawn(self.controller.set_role("worker", on, self.share_mib()),
                               "Switching worker mode failed")
 
     def _switch_federated(self, on: bool) -> None:
         self.message.setText("Switching federated mode on…" if on
                               else "Switching federated mode off…")
-        self.controller.spawn(self.controller.set_federated(on, self.model.currentText()),
+        self.controller.spawn(self.controller.set_role("federated", on, self.model.currentText()),
                               "Switching federated mode failed")
 
     def _new_share(self) -> None:
@@ -248,31 +248,23 @@ class SwarmPage(QWidget):
         self.controller = controller
         self.roles = RolesBox(controller)
 
-        self.token_field = QLineEdit()
-        self.token_field.setReadOnly(True)
-        self.token_field.setEchoMode(QLineEdit.EchoMode.Password)
-        self.token_field.setObjectName("swarmToken")
-        self.show_button = show = QPushButton("Show")
-        show.setCheckable(True)
-        show.toggled.connect(self._reveal)
-        copy = button("Copy token", self._copy_token)
+        token = CopyRow("swarmToken", secret=True, copy_label="Copy token")
+        self.token_field = token.field
+        self.show_button = token.show_button
+        token.revealed.connect(lambda _shown: self._refresh_token())
         self.create_button = button("Create new swarm", self._create)
         self.leave_button = button("Leave swarm", self._leave)
         self.headless = headless = QLabel()
         headless.setObjectName("headlessCommand")
         headless.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         invite = QGroupBox("Invite machines to this swarm")
-        row = QHBoxLayout()
-        row.addWidget(self.token_field, 1)
-        row.addWidget(show)
-        row.addWidget(copy)
         actions = QHBoxLayout()
         actions.addWidget(self.create_button)
         actions.addWidget(self.leave_button)
         actions.addStretch(1)
         box = QVBoxLayout(invite)
         box.addWidget(QLabel("Paste this token into Covey on your other machines:"))
-        box.addLayout(row)
+        box.addWidget(token)
         box.addWidget(headless)
         box.addLayout(actions)
 
@@ -323,15 +315,6 @@ class SwarmPage(QWidget):
         if self.token_field.text() != token:
             self.token_field.setText(token)
         self.headless.setText(headless_command(token, self.show_button.isChecked()))
-
-    def _reveal(self, shown: bool) -> None:
-        self.token_field.setEchoMode(QLineEdit.EchoMode.Normal if shown
-                                     else QLineEdit.EchoMode.Password)
-        self.show_button.setText("Hide" if shown else "Show")
-        self._refresh_token()
-
-    def _copy_token(self) -> None:
-        QGuiApplication.clipboard().setText(self.token_field.text())
 
     def _validate(self, text: str) -> None:
         problem = check_token(text, self.controller.token())
