@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QProgressBar,
+    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -67,6 +68,7 @@ class ModelsPage(QWidget):
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
         self._suggested: tuple[SuggestedModel, ...] = ()
         self._have: set[str] = set()
+        self._get_buttons: list[tuple[QPushButton, bool]] = []  # (button, model is here)
 
         self.table = read_only_table("models", COLUMNS)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
@@ -140,9 +142,11 @@ class ModelsPage(QWidget):
                 self.table.setItem(r, c, item)
             if selected and row["name"] == selected["name"]:
                 self.table.selectRow(r)
-        self._have = {row["name"] for row in rows if row["local"]}
+        have = {row["name"] for row in rows if row["local"]}
+        if have != self._have:
+            self._have = have
+            self._draw_suggestions()
         self._show_empty()
-        self._draw_suggestions()
         self._show_copies(models.get("copies", []))
         self._update_buttons()
 
@@ -158,6 +162,7 @@ class ModelsPage(QWidget):
 
     def _draw_suggestions(self) -> None:
         rows = suggestion_rows(self._suggested, self._have)
+        self._get_buttons = []
         self.suggested.setRowCount(len(rows))
         for r, (model, cells, have) in enumerate(rows):
             for c, text in enumerate(cells):
@@ -166,9 +171,9 @@ class ModelsPage(QWidget):
                 self.suggested.setItem(r, c, item)
             get = button("On this machine" if have else "Download",
                          self._getter(model))
-            get.setObjectName(f"get-{model.name}")
-            get.setEnabled(not have and not self._busy)
+            self._get_buttons.append((get, have))
             self.suggested.setCellWidget(r, len(cells), get)
+        self._update_buttons()
 
     def _getter(self, model: SuggestedModel) -> Callable[[], None]:
         return lambda: self.download_suggested(model)
@@ -188,8 +193,8 @@ class ModelsPage(QWidget):
     def _draw_bar(self, done: int, total: int | None, label: str) -> None:
         """A bar with words on it, never an unlabelled busy bar (also while size is unknown)."""
         self.progress.setVisible(True)
-        self.progress.setRange(0, max((total or 0) >> 20, 1))
-        self.progress.setValue(done >> 20 if total else 0)
+        self.progress.setRange(0, max((total or 0) >> 10, 1))  # KiB: 2 TiB fit in an int
+        self.progress.setValue(done >> 10 if total else 0)
         self.progress.setFormat(label.replace("%", "%%"))
 
     def selected(self) -> dict[str, Any] | None:
@@ -205,6 +210,8 @@ class ModelsPage(QWidget):
         self.import_button.setEnabled(not self._busy)
         self.download_button.setEnabled(not self._busy)
         self.cancel_button.setEnabled(self._busy and self._cancel is not None)
+        for get, have in self._get_buttons:
+            get.setEnabled(not have and not self._busy)
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -246,8 +253,8 @@ class ModelsPage(QWidget):
     def _begin(self) -> None:
         """Busy from the click on, before the job's task first runs."""
         self._busy = True
+        self._draw_bar(0, None, "Starting…")
         self._update_buttons()
-        self._draw_suggestions()
 
     def cancel(self) -> None:
         if self._cancel is not None:
@@ -281,7 +288,6 @@ class ModelsPage(QWidget):
             self._cancel = None
             self.progress.setVisible(False)
             self._update_buttons()
-            self._draw_suggestions()
         await self.controller.refresh()
 
     def _show_progress(self, what: str, when: float, done: int, total: int | None) -> None:
