@@ -24,13 +24,15 @@ class ModelFacts:
     quantization: str
     context_length: int  # tokens the model was trained for; 0 if the file does not say
     file_size: int
+    size_label: str | None = None  # how its makers name its size ("0.5B"), if the file says
     version: int = FACTS_VERSION
 
 
 def model_facts(info: GGUFInfo) -> ModelFacts:
     """The facts of a model from its GGUF header."""
     return ModelFacts(parameters=info.parameters, quantization=info.quantisation,
-                      context_length=info.context_length, file_size=info.file_size)
+                      context_length=info.context_length, file_size=info.file_size,
+                      size_label=info.size_label)
 
 
 def parameters_words(n: int) -> str:
@@ -58,7 +60,10 @@ def facts_words(facts: dict[str, Any] | None) -> dict[str, str]:
     model's facts are not known here (one only peers have)."""
     if not facts:
         return {"parameters": "—", "quantization": "—", "context": "—", "size": "—"}
-    return {"parameters": parameters_words(int(facts["parameters"])),
+    # The makers' label, as in the model's name: the tensors also count a separate output
+    # layer, which makes Qwen2.5 0.5B "630M".
+    label = facts.get("size_label")
+    return {"parameters": label or parameters_words(int(facts["parameters"])),
             "quantization": str(facts["quantization"]),
             "context": context_words(int(facts["context_length"])),
             "size": human_bytes(int(facts["file_size"]))}

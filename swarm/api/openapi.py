@@ -625,6 +625,8 @@ def _node_schemas() -> dict[str, Schema]:
             "context_length": {"type": "integer", "minimum": 0,
                                "description": "Tokens it was trained for; 0: not stated."},
             "file_size": integer,
+            "size_label": or_null({"type": "string", "description":
+                                   "The size its makers name it by, e.g. \"0.5B\"."}),
         }, ["version", "parameters", "quantization", "context_length", "file_size"],
             "What the model's GGUF header says about it."),
         "CopyJob": _object({

@@ -36,3 +36,14 @@ def test_numbers_in_the_words_model_names_use() -> None:
         "32K tokens", "128K tokens", "2K tokens", "1,000 tokens", "unknown"]
     assert facts_words(None) == {"parameters": "—", "quantization": "—", "context": "—",
                                  "size": "—"}
+
+
+def test_the_makers_size_label_wins(tmp_path: Path) -> None:
+    """Qwen2.5 0.5B's tensors count 630M (a separate output layer); people know it as 0.5B."""
+    facts = model_facts(read_gguf_info(write_tiny_gguf(tmp_path / "l.gguf", size_label="0.5B")))
+    assert facts.size_label == "0.5B"
+    words = facts_words({"parameters": 630_167_424, "quantization": "Q4_K_M",
+                         "context_length": 32_768, "file_size": 491_400_064,
+                         "size_label": facts.size_label})
+    assert (words["parameters"], words["context"]) == ("0.5B", "32K tokens")
+    assert model_facts(read_gguf_info(write_tiny_gguf(tmp_path / "n.gguf"))).size_label is None

@@ -53,7 +53,7 @@ __all__ = ["ModelsPage", "model_rows"]
 
 COLUMNS = ("Model", "Parameters", "Quantization", "Context", "Size", "On this machine",
            "Offered by", "Runs")
-SUGGESTED_COLUMNS = ("Suggested model", "What it is", "Download", "License", "")
+SUGGESTED_COLUMNS = ("Suggested model", "What it is", "Download size", "License", "")
 PROGRESS_EVERY_S = 0.1
 Job = Callable[[Callable[[int, int | None], None], threading.Event | None], ModelEntry]
 
@@ -109,10 +109,10 @@ class ModelsPage(QWidget):
         download.addWidget(self.download_button)
         download.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.table, 3)
-        layout.addWidget(self.empty, 3)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.empty, 1)
         layout.addLayout(actions)
-        layout.addWidget(self.suggested, 2)
+        layout.addWidget(self.suggested)
         layout.addLayout(download)
         layout.addWidget(self.progress)
         layout.addWidget(self.message)
@@ -173,7 +173,16 @@ class ModelsPage(QWidget):
                          self._getter(model))
             self._get_buttons.append((get, have))
             self.suggested.setCellWidget(r, len(cells), get)
+        self._fit_height(self.suggested)
         self._update_buttons()
+
+    @staticmethod
+    def _fit_height(table: QTableWidget) -> None:
+        """As tall as its rows: a short list needs no scroll bar and leaves no blank space."""
+        table.resizeRowsToContents()
+        rows = sum(table.rowHeight(r) for r in range(table.rowCount()))
+        table.setFixedHeight(table.horizontalHeader().sizeHint().height() + rows
+                             + 2 * table.frameWidth())
 
     def _getter(self, model: SuggestedModel) -> Callable[[], None]:
         return lambda: self.download_suggested(model)
