@@ -69,6 +69,7 @@ class GGUFInfo:
     layer_bytes: tuple[int, ...]
     other_bytes: int
     chat_template: str | None
+    size_label: str | None = None  # the parameter count as its makers name it ("0.5B")
 
     @property
     def weights_bytes(self) -> int:
@@ -386,6 +387,7 @@ def read_gguf_info(path: Path | str) -> GGUFInfo:
     default_head_dim = n_embd // n_head if n_head else 0
     name = metadata.get("general.name")
     template = metadata.get("tokenizer.chat_template")
+    size_label = metadata.get("general.size_label")
     layer_bytes, other_bytes = _split_bytes(tensors, n_layers)
     return GGUFInfo(
         path=path,
@@ -405,6 +407,7 @@ def read_gguf_info(path: Path | str) -> GGUFInfo:
         layer_bytes=layer_bytes,
         other_bytes=other_bytes,
         chat_template=template if isinstance(template, str) else None,
+        size_label=size_label if isinstance(size_label, str) and size_label else None,
     )
 
 

@@ -14,6 +14,7 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -22,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from backends.errors import ModelStoreError
 
@@ -34,10 +35,18 @@ _RETRY_STATUSES = frozenset({408, 425, 429})
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
 
 Progress = Callable[[int, int | None], None]
+# Why a download failed, for words a person reads (see DownloadError.kind).
+DownloadFailure = Literal["bad_url", "not_found", "refused", "unreachable", "connection_lost",
+                          "server_error", "write_failed"]
 
 
 class DownloadError(ModelStoreError):
-    """The download failed for good (bad URL, a 4xx answer, or retries used up)."""
+    """The download failed for good (bad URL, a 4xx answer, or retries used up); `kind`
+    says which way."""
+
+    def __init__(self, message: str, kind: DownloadFailure = "bad_url") -> None:
+        super().__init__(message)
+        self.kind: DownloadFailure = kind
 
 
 class DownloadCancelled(ModelStoreError):
@@ -59,6 +68,10 @@ class _Answer:
 
 class _Retryable(Exception):
     """Internal: this attempt failed in a way the next attempt may not."""
+
+    def __init__(self, message: str, kind: DownloadFailure = "connection_lost") -> None:
+        super().__init__(message)
+        self.kind: DownloadFailure = kind
 
 
 def sha256_file(path: Path) -> str:
@@ -182,7 +195,8 @@ def _copy_body(
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise _disk_full(partial_path, total, _size(partial_path)) from e
-                raise DownloadError(f"Cannot write {partial_path}: {e.strerror or e}") from e
+                raise DownloadError(f"Cannot write {partial_path}: {e.strerror or e}",
+                                    "write_failed") from e
             received += len(chunk)
             done += len(chunk)
             now = time.monotonic()
@@ -230,16 +244,23 @@ def _attempt(
             partial_path.unlink()  # a partial the server does not recognise: start over
             raise _Retryable("server refused to resume; starting over") from e
         if e.code >= 500 or e.code in _RETRY_STATUSES:
-            raise _Retryable(f"server answered {e.code} {e.reason}") from e
+            raise _Retryable(f"server answered {e.code} {e.reason}", "server_error") from e
         raise DownloadError(
             f"The server answered {e.code} {e.reason} for {url}. Check the URL "
-            "(and that the file is public)."
+            "(and that the file is public).", "not_found" if e.code in (404, 410) else "refused"
         ) from e
     except (http.client.InvalidURL, ValueError) as e:
         raise DownloadError(f"cannot download {url!r}: {e}") from None
     except (OSError, http.client.HTTPException) as e:
-        # URLError, refused or reset connections, timeouts and DNS failures all land here.
-        raise _Retryable(f"cannot reach the server: {getattr(e, 'reason', e)}") from e
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.gaierror):  # no such host: retrying will not make one
+            host = urllib.parse.urlsplit(url).hostname
+            raise DownloadError(
+                f"Cannot find the server {host!r} of {url}. Check the URL, and that this "
+                "machine is online."
+            ) from e
+        # URLError, refused or reset connections and timeouts land here.
+        raise _Retryable(f"cannot reach the server: {reason}", "unreachable") from e
     with response:
         answer = _answer(response.status, response.headers, offset, partial_path)
         if expected_size is not None and answer.total not in (None, expected_size):
@@ -288,7 +309,7 @@ def download_to_partial(
             _attempt(url, partial_path, expected_size, progress, cancel, timeout_s)
             return
         except _Retryable as e:
-            reason = str(e)
+            reason, kind = str(e), e.kind
         size = _size(partial_path)
         if size > high_water:
             high_water = size
@@ -298,7 +319,7 @@ def download_to_partial(
         if failures > retries:
             raise DownloadError(
                 f"Downloading {url} failed {failures} times in a row (last: {reason}). Try "
-                "again later; what was saved so far is kept."
+                "again later; what was saved so far is kept.", kind
             )
         delay = backoff_s * 2 ** max(failures - 1, 0)
         if cancel is not None:

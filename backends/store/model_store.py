@@ -16,6 +16,7 @@ renames, so a long download never holds up another process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -47,12 +48,14 @@ from backends.store.download import (
     sha256_file,
     sidecar_path,
 )
+from backends.store.model_facts import ModelFacts, model_facts
 
 __all__ = [
     "DEFAULT_MODEL",
     "DiskFull",
     "DownloadCancelled",
     "DownloadError",
+    "DuplicateModel",
     "HashMismatch",
     "InvalidModelFile",
     "InvalidModelName",
@@ -93,6 +96,17 @@ class InvalidModelName(ModelStoreError, ValueError):
 
 class HashMismatch(ModelStoreError):
     """The downloaded file's sha256 is not the one the caller expected."""
+
+
+class DuplicateModel(ModelExists):
+    """The file is one the store already holds under another name; `existing` names it."""
+
+    def __init__(self, existing: str, what: str) -> None:
+        super().__init__(
+            f"{what} is already in the store as {existing!r} (the same sha256), so Covey kept "
+            "that one copy and added nothing."
+        )
+        self.existing = existing
 
 
 @dataclass(frozen=True)
@@ -307,6 +321,25 @@ class ModelStore:
             raise self._not_found(name)
         return self._entry(name)
 
+    def facts(self, name: str) -> ModelFacts | None:
+        """Parameters, quantization, context and size of a model; None if it is not usable."""
+        try:
+            return model_facts(self._info(self.model_path(name)))
+        except (OSError, InvalidModelFile):
+            return None
+
+    def holder_of(self, sha256: str) -> str | None:
+        """The name of the model in the store whose file has this sha256, if any."""
+        for manifest in self.shareable():
+            if manifest.sha256 == sha256.lower():
+                return manifest.name
+        return None
+
+    def _refuse_duplicate(self, sha256: str, what: str) -> None:
+        existing = self.holder_of(sha256)
+        if existing is not None:
+            raise DuplicateModel(existing, what)
+
     def resolve(self, name_or_path: str) -> Path:
         """The file to load: an existing GGUF file path as given, else a model in the store."""
         candidate = Path(name_or_path).expanduser()
@@ -482,18 +515,28 @@ class ModelStore:
         return None  # the bundled copy is damaged: assemble it again
 
     def import_file(
-        self, path: Path | str, name: str | None = None, progress: Progress | None = None
+        self, path: Path | str, name: str | None = None, progress: Progress | None = None,
+        *, unique: bool = False,
     ) -> ModelEntry:
-        """Copy a GGUF file into the store (validated first; the store is unchanged on error)."""
+        """Copy a GGUF file into the store (validated first; the store is unchanged on error).
+        With `unique`, a file the store already holds (same sha256) raises DuplicateModel
+        naming the model that has it, and is not copied."""
         src = Path(path).expanduser()
         if not src.is_file():
             raise ModelNotFound(f"There is no file {str(src)!r} to import.")
         read_gguf_info(src)
         name = check_name(name) if name is not None else name_from_filename(src.name)
+        what = f"The file {src.name}"
+        size = src.stat().st_size
+        # Hash before copying only if the store has a file of this size: one read, not two.
+        if unique and any(m.size == size for m in self.shareable()):
+            self._refuse_duplicate(sha256_file(src), what)
         self._claim(name)
         staged = self.partial_dir / f"{name}.gguf.import"
         try:
             sha256 = _copy_hashing(src, staged, progress)
+            if unique:
+                self._refuse_duplicate(sha256, what)
             read_gguf_info(staged)  # the copy, not just the source, must be whole
             manifest = Manifest.new(name, staged.stat().st_size, sha256, "import")
             return self._commit(staged, manifest)
@@ -514,17 +557,24 @@ class ModelStore:
         backoff_s: float = 0.5,
         expected_size: int | None = None,
         timeout_s: float = 30,
+        *,
+        unique: bool = False,
     ) -> ModelEntry:
         """Download a GGUF by URL into the store, resuming an earlier partial download.
 
         Cancelling, or a full disk, keeps the partial file for the next try. A hash mismatch
         or an invalid file deletes it. The store changes only when the model is complete.
+        With `unique`, a file the store already holds raises DuplicateModel (before fetching
+        anything when `sha256` is given) and is not kept.
         """
         if name is None:
             last = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
             name = name_from_filename(last)
         else:
             check_name(name)
+        what = f"The file at {url}"
+        if unique and sha256 is not None:  # known before a byte is fetched: fetch none
+            self._refuse_duplicate(sha256, what)
         self._claim(name)
         try:
             partial = self.partial_dir / f"{name}.gguf.part"
@@ -558,6 +608,10 @@ class ModelStore:
                     f"The file downloaded from {url} is not a usable model ({e}). It was "
                     "deleted; check that the URL points at a .gguf file."
                 ) from e
+            existing = self.holder_of(actual) if unique else None
+            if existing is not None:
+                self._discard_partial(partial)
+                raise DuplicateModel(existing, what)
             manifest = Manifest.new(name, partial.stat().st_size, actual, "download", url)
             entry = self._commit(partial, manifest)
             sidecar_path(partial).unlink(missing_ok=True)
@@ -640,6 +694,45 @@ class ModelStore:
                                                    url=None))
         sidecar_path(partial).unlink(missing_ok=True)
         return entry
+
+    def rename(self, old: str, new: str) -> ModelEntry:
+        """Give a model another name; its file, sha256 and origin stay as they are.
+
+        A bad name, a name already taken or a bundled model (which Covey finds by its name)
+        raise with a message saying so, and change nothing."""
+        entry = self.get(old)
+        check_name(new)
+        if new == old:
+            return entry
+        if entry.manifest.source == "bundled":
+            raise ModelStoreError(
+                f"{old!r} comes with Covey, which finds it by that name; it cannot be renamed."
+            )
+        taken = ModelExists(f"There is already a model named {new!r}; pick another name.")
+        if self.model_path(new).exists():
+            raise taken
+        self._claim(new)  # nobody adds `new` meanwhile
+        try:
+            with self._store_locked():
+                if self.model_path(new).exists():  # put there by hand meanwhile
+                    raise taken
+                fd = self._lock_claim(old)
+                if fd is None:
+                    raise ModelStoreError(f"{old!r} is busy right now; try again after.")
+                try:
+                    manifest = dataclasses.replace(self._manifest(old, entry.path), name=new,
+                                                   filename=f"{new}.gguf")
+                    # The new manifest first, the old one last: a crash in between leaves
+                    # one listed model, under one name or the other.
+                    _write_atomic(self.manifest_path(new), manifest.to_json())
+                    os.replace(entry.path, self.model_path(new))
+                    self.manifest_path(old).unlink(missing_ok=True)
+                finally:
+                    self._drop_claim(old, fd)
+        finally:
+            self._release(new)
+        self._info_cache.pop(entry.path, None)
+        return self._entry(new)
 
     def remove(self, name: str) -> None:
         """Delete a model's file and manifest; ModelNotFound if there is no such model."""

@@ -628,6 +628,15 @@ def _node_schemas() -> dict[str, Schema]:
             "name": string, "size": {"type": "integer", "minimum": 1, "description": "Bytes."},
             "sha256": string,
         }, ["name", "size", "sha256"]),
+        "ModelFacts": _object({
+            "version": {"const": 1}, "parameters": integer, "quantization": string,
+            "context_length": {"type": "integer", "minimum": 0,
+                               "description": "Tokens it was trained for; 0: not stated."},
+            "file_size": integer,
+            "size_label": or_null({"type": "string", "description":
+                                   "The size its makers name it by, e.g. \"0.5B\"."}),
+        }, ["version", "parameters", "quantization", "context_length", "file_size"],
+            "What the model's GGUF header says about it."),
         "CopyJob": _object({
             "version": {"const": 1}, "model": string, "sha256": string,
             "size": {"type": "integer", "minimum": 1},
@@ -646,7 +655,8 @@ def _node_schemas() -> dict[str, Schema]:
             "version": version,
             "local": {"type": "array", "description": "Models this node can share (hash known).",
                       "items": _object({"name": string, "size": integer,
-                                        "sha256": string, "source": string},
+                                        "sha256": string, "source": string,
+                                        "facts": or_null(schema_ref("ModelFacts"))},
                                        ["name", "size", "sha256", "source"])},
             "swarm": {"type": "array", "description": "Models online peers offer for copying.",
                       "items": {"allOf": [schema_ref("ModelFile"), _object(

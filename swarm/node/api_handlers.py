@@ -12,8 +12,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from backends.memory import memory_bytes
-from backends.store.model_store import DEFAULT_MODEL, DiskFull, ModelExists
+from backends.store.model_store import DEFAULT_MODEL, DiskFull, ModelExists, ModelStore
 from swarm.api.body import null_ok, parse_body
 from swarm.api.server import HttpError, LocalApi, Request, Response
 from swarm.ledger.entries import MAX_NAME_CHARS, ROLES
@@ -77,6 +79,15 @@ def checked_update(update: NodeUpdate) -> tuple[str | None, tuple[str, ...] | No
                             param="roles")
         roles = tuple(dict.fromkeys(update.roles))
     return name, roles
+
+
+def local_models(store: ModelStore) -> list[dict[str, Any]]:
+    """The models peers may copy from this node, each with its facts (parameters, ...)."""
+    rows = []
+    for manifest in store.shareable():
+        facts = store.facts(manifest.name)
+        rows.append({**asdict(manifest), "facts": asdict(facts) if facts else None})
+    return rows
 
 
 class NodeApi:
@@ -185,7 +196,8 @@ class NodeApi:
             row = swarm.setdefault((offer.model.name, offer.model.sha256),
                                    {**asdict(offer.model), "machines": []})
             row["machines"].append(offer.machine)
-        local = [asdict(m) for m in node.store.shareable()]
+        # Reading a GGUF header the first time takes a moment: not on the node's loop.
+        local = await trio.to_thread.run_sync(local_models, node.store)
         return Response.json({"version": STATUS_VERSION, "local": local,
                               "swarm": [swarm[k] for k in sorted(swarm)],
                               "copies": [j.to_dict() for j in node.copier.jobs.values()]})

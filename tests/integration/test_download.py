@@ -232,3 +232,39 @@ def test_only_http_and_https(tmp_path: Path, url: str) -> None:
     with pytest.raises(DownloadError, match="cannot download"):
         download_to_partial(url, tmp_path / "x.part")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_host_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped host name is a bad URL, not a network hiccup worth 30 s of retries. (Name
+    lookups are answered here: tests send no traffic off the machine.)"""
+    def no_such_host(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="Cannot find the server 'models.example'") as raised:
+        download_to_partial("https://models.example/m.gguf", tmp_path / "m.part")
+    assert time.monotonic() - started < 2
+    assert raised.value.kind == "bad_url"
+
+
+def test_each_failure_says_which_kind(server: FaultServer, payload: bytes,
+                                      tmp_path: Path) -> None:
+    def kind(url: str) -> str:
+        with pytest.raises(DownloadError) as raised:
+            download_to_partial(url, tmp_path / "k.part", retries=1, backoff_s=0.01)
+        (tmp_path / "k.part").unlink(missing_ok=True)
+        return raised.value.kind
+
+    assert kind(server.base_url + "/missing.gguf") == "not_found"
+    assert kind(server.add("/gone.bin", payload, Faults(fail_status=403, fail_times=9))
+                ) == "refused"
+    assert kind(server.add("/busy.bin", payload, Faults(fail_status=503, fail_times=9))
+                ) == "server_error"
+    assert kind(server.add("/cut.bin", payload, Faults(cut_after=0, cut_times=9))
+                ) == "connection_lost"
+    assert kind("not a url") == "bad_url"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert kind(f"http://127.0.0.1:{port}/x.gguf") == "unreachable"

@@ -20,6 +20,7 @@ from backends.store.model_store import (
     DiskFull,
     DownloadCancelled,
     DownloadError,
+    DuplicateModel,
     HashMismatch,
     InvalidModelFile,
     InvalidModelName,
@@ -487,3 +488,84 @@ def test_ensure_registers_bundled_gemma(tmp_path: Path) -> None:
     assert again.path == entry.path
     assert entry.path.stat().st_mtime_ns == mtime
     assert [e.name for e in ModelStore(root).list()] == [DEFAULT_MODEL]
+
+
+def test_rename_keeps_the_file_and_its_sha(store: ModelStore, models: dict[str, Path]) -> None:
+    before = store.import_file(models["tiny"])
+    renamed = store.rename("tiny", "my-tiny")
+    assert [e.name for e in store.list()] == ["my-tiny"]
+    assert renamed.manifest.sha256 == before.manifest.sha256 == sha(renamed.path)
+    assert (renamed.manifest.source, renamed.manifest.added) == ("import", before.manifest.added)
+    assert renamed.path.read_bytes() == models["tiny"].read_bytes()
+    assert files_under(store.root) == ["my-tiny.gguf", "my-tiny.json"]
+    assert json.loads(store.manifest_path("my-tiny").read_text())["filename"] == "my-tiny.gguf"
+    with pytest.raises(ModelNotFound):
+        store.get("tiny")
+    assert [m.name for m in store.shareable()] == ["my-tiny"]  # what peers and the page see
+
+
+def test_rename_to_a_taken_or_bad_name_changes_nothing(
+    store: ModelStore, models: dict[str, Path]
+) -> None:
+    store.import_file(models["tiny"])
+    store.import_file(models["other"])
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    with pytest.raises(ModelExists, match="already a model named 'other'; pick another name"):
+        store.rename("tiny", "other")
+    with pytest.raises(InvalidModelName, match="not a valid model name"):
+        store.rename("tiny", "My Model!")
+    with pytest.raises(ModelNotFound, match="No model named 'absent'"):
+        store.rename("absent", "fine")
+    after = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_bundled_model_keeps_its_name(store: ModelStore, models: dict[str, Path]) -> None:
+    store.import_file(models["tiny"])
+    manifest = json.loads(store.manifest_path("tiny").read_text())
+    store.manifest_path("tiny").write_text(json.dumps({**manifest, "source": "bundled"}))
+    with pytest.raises(ModelStoreError, match="comes with Covey"):
+        store.rename("tiny", "mine")
+    assert [e.name for e in store.list()] == ["tiny"]
+
+
+def test_importing_a_file_the_store_holds_keeps_one_copy(
+    store: ModelStore, models: dict[str, Path], tmp_path: Path
+) -> None:
+    store.import_file(models["tiny"], "first")
+    again = tmp_path / "Same Weights.gguf"
+    shutil.copyfile(models["tiny"], again)
+    with pytest.raises(DuplicateModel, match="already in the store as 'first'") as raised:
+        store.import_file(again, unique=True)
+    assert raised.value.existing == "first"
+    assert files_under(store.root) == ["first.gguf", "first.json"]
+    store.import_file(models["other"], unique=True)  # another file is welcome
+    assert [e.name for e in store.list()] == ["first", "other"]
+
+
+def test_downloading_a_file_the_store_holds_keeps_one_copy(
+    store: ModelStore, server: FaultServer, models: dict[str, Path]
+) -> None:
+    store.import_file(models["tiny"], "mine")
+    url = server.add("/again.gguf", models["tiny"].read_bytes())
+    with pytest.raises(DuplicateModel, match="already in the store as 'mine'"):
+        store.download(url, unique=True)
+    assert files_under(store.root) == ["mine.gguf", "mine.json"]
+    requests = len(server.seen())
+    # With the sha256 known beforehand, nothing is fetched at all.
+    with pytest.raises(DuplicateModel, match="as 'mine'"):
+        store.download(url, sha256=sha(models["tiny"]), unique=True)
+    assert len(server.seen()) == requests
+
+
+def test_model_facts_for_the_models_page(store: ModelStore, tmp_path: Path) -> None:
+    """What the node sends the page: each local model with the facts its header gives."""
+    from swarm.node.api_handlers import local_models
+
+    path = write_tiny_gguf(tmp_path / "ctx.gguf", context_length=4096)
+    store.import_file(path)
+    (row,) = local_models(store)
+    facts = row["facts"]
+    assert (facts["quantization"], facts["context_length"]) == ("F32", 4096)
+    assert facts["file_size"] == path.stat().st_size == row["size"]
+    assert facts["parameters"] == store.get("ctx").info.parameters > 100_000

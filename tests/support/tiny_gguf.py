@@ -99,6 +99,7 @@ def write_tiny_gguf(
     context_length: int = 256,
     seed: int = 0,
     chat_template: str | None = DEFAULT_TEMPLATE,
+    size_label: str | None = None,
 ) -> Path:
     """Write a deterministic random-weight llama GGUF to `path` and return `path`."""
     if n_embd % n_head or n_head % n_head_kv:
@@ -111,6 +112,8 @@ def write_tiny_gguf(
     writer.add_name(f"covey-tiny-llama-seed{seed}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(context_length)
+    if size_label is not None:
+        writer.add_size_label(size_label)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(n_ff)

@@ -1,10 +1,11 @@
-"""The models page: this machine's models and the swarm's, with sizes and where each runs;
-import a GGUF, download by URL (progress, cancel, resume), copy from a peer, delete.
+"""The models page: this machine's models and the swarm's, with what each is (parameters,
+quantization, context, size) and where it runs; import a GGUF, download a suggested model or any
+URL (labelled progress, cancel, resume), rename, copy from a peer, delete.
 
 The list comes from the node (`GET /api/models`), which reads the store in its own process:
 reading GGUF headers here would hold the GIL and stall the window. Imports and downloads run in
 a thread (their hashing and I/O release the GIL); copies from peers run in the node, and this
-page shows their progress.
+page shows their progress. What the page says is worked out in models_words.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,12 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
+    QInputDialog,
     QLabel,
     QLineEdit,
     QMessageBox,
     QProgressBar,
+    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -30,36 +35,27 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.controller import Controller
+from app.gui.pages.models_words import (
+    EMPTY_WORDS,
+    failure_words,
+    model_rows,
+    progress_words,
+    rate,
+    suggestion_rows,
+)
 from app.gui.widgets import button, read_only_table
 from backends.sizes import human_bytes
-from backends.store.model_store import ModelStore, ModelStoreError
+from backends.store.model_facts import facts_words
+from backends.store.model_store import ModelEntry, ModelStore, ModelStoreError
+from backends.store.suggested import SUGGESTED, SuggestedModel
 
-COLUMNS = ("Model", "Size", "On this machine", "Offered by", "Runs")
+__all__ = ["ModelsPage", "model_rows"]
+
+COLUMNS = ("Model", "Parameters", "Quantization", "Context", "Size", "On this machine",
+           "Offered by", "Runs")
+SUGGESTED_COLUMNS = ("Suggested model", "What it is", "Download size", "License", "")
 PROGRESS_EVERY_S = 0.1
-ROUTE_WORDS = {"local": "this machine", "sharded": "spread over workers",
-               "federated": "served by a peer"}
-
-
-def model_rows(local: list[dict[str, Any]], models: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model name: local store entries merged with what peers offer and what the
-    swarm can run now."""
-    rows: dict[str, dict[str, Any]] = {}
-    for m in local:
-        rows[m["name"]] = {"name": m["name"], "size": m["size"], "local": True, "peers": []}
-    for m in models.get("swarm", []):
-        row = rows.setdefault(m["name"], {"name": m["name"], "size": m["size"],
-                                          "local": False, "peers": []})
-        row["peers"] += [p for p in m.get("machines", []) if p not in row["peers"]]
-    runnable = {m["id"]: m.get("covey", {}) for m in models.get("runnable", [])}
-    for model_id, where in runnable.items():  # the bundled model, before its first use
-        if model_id not in rows and "local" in where.get("routes", []):
-            rows[model_id] = {"name": model_id, "size": 0, "local": True, "peers": []}
-    for row in rows.values():
-        where = runnable.get(row["name"])
-        row["runs"] = ", ".join(ROUTE_WORDS.get(r, r) for r in where.get("routes", [])
-                                ) if where else (
-            "copy it here first" if not row["local"] else "does not fit")
-    return sorted(rows.values(), key=lambda r: (not r["local"], r["name"]))
+Job = Callable[[Callable[[int, int | None], None], threading.Event | None], ModelEntry]
 
 
 class ModelsPage(QWidget):
@@ -69,30 +65,43 @@ class ModelsPage(QWidget):
         self.store = ModelStore(controller.data_dir / "models")
         self._cancel: threading.Event | None = None
         self._busy = False
+        self._samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._suggested: tuple[SuggestedModel, ...] = ()
+        self._have: set[str] = set()
+        self._get_buttons: list[tuple[QPushButton, bool]] = []  # (button, model is here)
 
         self.table = read_only_table("models", COLUMNS)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self._update_buttons)
+        self.empty = QLabel(EMPTY_WORDS)
+        self.empty.setObjectName("modelsEmpty")
+        self.empty.setWordWrap(True)
+        self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
 
         self.import_button = button("Import GGUF file…", self._import)
+        self.rename_button = button("Rename…", self._rename)
         self.copy_button = button("Copy from peer", self._copy)
         self.delete_button = button("Delete", self._delete)
+        self.suggested = read_only_table("suggestedModels", SUGGESTED_COLUMNS)
+        self.suggested.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.url = QLineEdit()
         self.url.setObjectName("downloadUrl")
         self.url.setPlaceholderText("https://…/model.gguf")
         self.download_button = button("Download", self.download)
         self.cancel_button = button("Cancel", self.cancel)
         self.progress = QProgressBar()
+        self.progress.setObjectName("modelsProgress")
+        self.progress.setTextVisible(True)
         self.progress.setVisible(False)
         self.message = QLabel()
         self.message.setObjectName("modelsMessage")
         self.message.setWordWrap(True)
 
         actions = QHBoxLayout()
-        actions.addWidget(self.import_button)
-        actions.addWidget(self.copy_button)
-        actions.addWidget(self.delete_button)
+        for action in (self.import_button, self.rename_button, self.copy_button,
+                       self.delete_button):
+            actions.addWidget(action)
         actions.addStretch(1)
         download = QHBoxLayout()
         download.addWidget(QLabel("Download by URL:"))
@@ -101,11 +110,15 @@ class ModelsPage(QWidget):
         download.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.table, 1)
+        layout.addWidget(self.empty, 1)
         layout.addLayout(actions)
+        layout.addWidget(self.suggested)
         layout.addLayout(download)
         layout.addWidget(self.progress)
         layout.addWidget(self.message)
         controller.models.connect(self._models_changed)
+        self.set_suggestions(SUGGESTED)
+        self._show_empty()
         self._update_buttons()
 
     # -- the list --------------------------------------------------------------------------
@@ -118,17 +131,61 @@ class ModelsPage(QWidget):
         selected = self.selected()
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            size = human_bytes(row["size"]) if row["size"] else "—"
-            cells = [row["name"], size, "yes" if row["local"] else "no",
-                     ", ".join(row["peers"]) or "—", row["runs"]]
+            facts = facts_words(row["facts"])
+            size = human_bytes(row["size"]) if row["size"] else facts["size"]
+            cells = [row["name"], facts["parameters"], facts["quantization"], facts["context"],
+                     size, "yes" if row["local"] else "no", ", ".join(row["peers"]) or "—",
+                     row["runs"]]
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.ItemDataRole.UserRole, row)
                 self.table.setItem(r, c, item)
             if selected and row["name"] == selected["name"]:
                 self.table.selectRow(r)
+        have = {row["name"] for row in rows if row["local"]}
+        if have != self._have:
+            self._have = have
+            self._draw_suggestions()
+        self._show_empty()
         self._show_copies(models.get("copies", []))
         self._update_buttons()
+
+    def _show_empty(self) -> None:
+        empty = self.table.rowCount() == 0
+        self.empty.setVisible(empty)
+        self.table.setVisible(not empty)
+
+    def set_suggestions(self, suggested: Iterable[SuggestedModel]) -> None:
+        """The models offered for one-click download (SUGGESTED; tests give their own)."""
+        self._suggested = tuple(suggested)
+        self._draw_suggestions()
+
+    def _draw_suggestions(self) -> None:
+        rows = suggestion_rows(self._suggested, self._have)
+        self._get_buttons = []
+        self.suggested.setRowCount(len(rows))
+        for r, (model, cells, have) in enumerate(rows):
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setToolTip(model.url if c == 0 else text)
+                self.suggested.setItem(r, c, item)
+            get = button("On this machine" if have else "Download",
+                         self._getter(model))
+            self._get_buttons.append((get, have))
+            self.suggested.setCellWidget(r, len(cells), get)
+        self._fit_height(self.suggested)
+        self._update_buttons()
+
+    @staticmethod
+    def _fit_height(table: QTableWidget) -> None:
+        """As tall as its rows: a short list needs no scroll bar and leaves no blank space."""
+        table.resizeRowsToContents()
+        rows = sum(table.rowHeight(r) for r in range(table.rowCount()))
+        table.setFixedHeight(table.horizontalHeader().sizeHint().height() + rows
+                             + 2 * table.frameWidth())
+
+    def _getter(self, model: SuggestedModel) -> Callable[[], None]:
+        return lambda: self.download_suggested(model)
 
     def _show_copies(self, copies: list[dict[str, Any]]) -> None:
         if self._busy:  # an import or download owns the progress bar
@@ -136,12 +193,18 @@ class ModelsPage(QWidget):
         running = [c for c in copies if c.get("state") in ("running", "verifying")]
         if running:
             job = running[0]
-            self.progress.setVisible(True)
-            self.progress.setMaximum(max(int(job.get("size") or 0) >> 20, 1))
-            self.progress.setValue(int(job.get("done") or 0) >> 20)
+            done, size = int(job.get("done") or 0), int(job.get("size") or 0)
+            self._draw_bar(done, size, progress_words(done, size, job.get("bytes_per_s") or 0))
             self.message.setText(f"Copying {job.get('model')} from {job.get('source') or '…'}")
         elif self.progress.isVisible():
             self.progress.setVisible(False)
+
+    def _draw_bar(self, done: int, total: int | None, label: str) -> None:
+        """A bar with words on it, never an unlabelled busy bar (also while size is unknown)."""
+        self.progress.setVisible(True)
+        self.progress.setRange(0, max((total or 0) >> 10, 1))  # KiB: 2 TiB fit in an int
+        self.progress.setValue(done >> 10 if total else 0)
+        self.progress.setFormat(label.replace("%", "%%"))
 
     def selected(self) -> dict[str, Any] | None:
         items = self.table.selectedItems()
@@ -149,11 +212,15 @@ class ModelsPage(QWidget):
 
     def _update_buttons(self) -> None:
         row = self.selected()
+        local = bool(row and row["local"]) and not self._busy
         self.copy_button.setEnabled(bool(row and not row["local"] and row["peers"]))
-        self.delete_button.setEnabled(bool(row and row["local"]) and not self._busy)
+        self.delete_button.setEnabled(local)
+        self.rename_button.setEnabled(local)
         self.import_button.setEnabled(not self._busy)
         self.download_button.setEnabled(not self._busy)
         self.cancel_button.setEnabled(self._busy and self._cancel is not None)
+        for get, have in self._get_buttons:
+            get.setEnabled(not have and not self._busy)
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -165,9 +232,9 @@ class ModelsPage(QWidget):
             self.controller.spawn(self.import_file(Path(path)))
 
     async def import_file(self, path: Path) -> None:
-        await self._store_job(f"Importing {path.name}",
+        await self._store_job("Import", f"Importing {path.name}",
                               lambda progress, _cancel: self.store.import_file(
-                                  path, progress=progress), cancellable=False)
+                                  path, progress=progress, unique=True), cancellable=False)
 
     def download(self) -> None:
         url = self.url.text().strip()
@@ -176,19 +243,33 @@ class ModelsPage(QWidget):
             self.controller.spawn(self.download_url(url))
 
     async def download_url(self, url: str) -> None:
-        await self._store_job("Downloading", lambda progress, cancel: self.store.download(
-            url, progress=progress, cancel=cancel), cancellable=True)
+        await self._store_job("Download", "Downloading", lambda progress, cancel:
+                              self.store.download(url, progress=progress, cancel=cancel,
+                                                  unique=True),
+                              cancellable=True)
+
+    def download_suggested(self, model: SuggestedModel) -> None:
+        self._begin()
+        self.controller.spawn(self._download_suggested(model))
+
+    async def _download_suggested(self, model: SuggestedModel) -> None:
+        await self._store_job("Download", f"Downloading {model.name}", lambda progress, cancel:
+                              self.store.download(model.url, name=model.name,
+                                                  sha256=model.sha256, progress=progress,
+                                                  cancel=cancel, unique=True),
+                              cancellable=True)
 
     def _begin(self) -> None:
         """Busy from the click on, before the job's task first runs."""
         self._busy = True
+        self._draw_bar(0, None, "Starting…")
         self._update_buttons()
 
     def cancel(self) -> None:
         if self._cancel is not None:
             self._cancel.set()
 
-    async def _store_job(self, what: str, job: Any, cancellable: bool) -> None:
+    async def _store_job(self, verb: str, what: str, job: Job, cancellable: bool) -> None:
         loop = asyncio.get_running_loop()
         last = 0.0
 
@@ -197,12 +278,12 @@ class ModelsPage(QWidget):
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S or done == total:
                 last = now
-                loop.call_soon_threadsafe(self._show_progress, what, done, total)
+                loop.call_soon_threadsafe(self._show_progress, what, now, done, total)
 
         self._busy = True
         self._cancel = threading.Event() if cancellable else None
-        self.progress.setVisible(True)
-        self.progress.setMaximum(0)
+        self._samples.clear()
+        self._draw_bar(0, None, f"{what}: starting…")
         self.message.setText(f"{what}…")
         self._update_buttons()
         try:
@@ -210,7 +291,7 @@ class ModelsPage(QWidget):
             self.message.setText(f"{entry.name} is ready ({human_bytes(entry.manifest.size)}).")
             self.url.clear()
         except ModelStoreError as exc:
-            self.message.setText(str(exc))
+            self.message.setText(failure_words(verb, exc))
         finally:
             self._busy = False
             self._cancel = None
@@ -218,13 +299,28 @@ class ModelsPage(QWidget):
             self._update_buttons()
         await self.controller.refresh()
 
-    def _show_progress(self, what: str, done: int, total: int | None) -> None:
-        if total:
-            self.progress.setMaximum(max(total >> 20, 1))
-            self.progress.setValue(done >> 20)
-            self.message.setText(f"{what}: {human_bytes(done)} of {human_bytes(total)}")
-        else:
-            self.message.setText(f"{what}: {human_bytes(done)}")
+    def _show_progress(self, what: str, when: float, done: int, total: int | None) -> None:
+        self._samples.append((when, done))
+        label = progress_words(done, total, rate(self._samples))
+        self._draw_bar(done, total, label)
+        self.message.setText(f"{what}: {label}")
+
+    def _rename(self) -> None:
+        row = self.selected()
+        if not row or not row["local"]:
+            return
+        new, ok = QInputDialog.getText(self, "Rename model", f"New name for {row['name']}:",
+                                       text=row["name"])
+        if ok and new.strip():
+            self.controller.spawn(self.rename(row["name"], new.strip()))
+
+    async def rename(self, old: str, new: str) -> None:
+        try:
+            entry = await asyncio.to_thread(self.store.rename, old, new)
+            self.message.setText(f"{old} is now called {entry.name}.")
+        except ModelStoreError as exc:
+            self.message.setText(f"Cannot rename {old}: {exc}")
+        await self.controller.refresh()
 
     def _copy(self) -> None:
         row = self.selected()
