@@ -1,8 +1,9 @@
 """The models Covey suggests downloading: a short list, as data, in this one place.
 
 Each is an instruction-tuned GGUF from its public hosting, small enough for an ordinary machine,
-with a license that allows running it at home. Sizes are what the hosting lists, rounded: the
-server's own Content-Length drives the progress bar. Tests never download these URLs; they point
+with a license that allows running it at home. Sizes are estimates for a Q4_K_M file of that
+many parameters (shown as "about"), not checked against the hosting, and no sha256 is pinned:
+the server's own Content-Length drives the progress bar and the store checks the GGUF header. Tests never download these URLs; they point
 a SuggestedModel of their own at a loopback server.
 """
 
