@@ -5,7 +5,9 @@
 - `CopyServer` answers `/covey/model-copy/1.0.0`: one byte range of one model per stream.
 - `Copier` runs copy jobs: byte ranges appended to a partial file in the store, resuming what
   an earlier try left, moving to another peer with the same file when one leaves, and checked
-  against the published sha256 before the store takes the model.
+  against the published sha256 before the store takes the model. Over a direct link it first
+  asks the peer for the direct TLS path (swarm/node/copy_direct.py), several times faster;
+  this protocol carries on from the bytes already written when that path is refused or fails.
 - What a peer announces is not trusted: a copy that would leave less than `DISK_MARGIN_BYTES`
   free is refused before any byte is written, no more than the announced size is read, and
   when peers disagree on what a name means with no majority, the user picks by sha256.
@@ -42,6 +44,7 @@ from swarm.net.host import (
     reset_quietly,
     write_json_frame,
 )
+from swarm.node import copy_direct
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,7 @@ class CopyJob:
     done: int = 0
     resumed_from: int = 0
     source: str | None = None  # the machine sending now (or last)
+    path: str | None = None  # how the bytes come now (or came last): "direct" or "libp2p"
     sources: list[str] = field(default_factory=list)
     notice: str | None = None
     error: str | None = None
@@ -215,8 +219,9 @@ class Copier:
 
     def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
                  on_added: Callable[[], None], rng: random.Random | None = None,
-                 free_bytes: Callable[[], int] | None = None) -> None:
+                 free_bytes: Callable[[], int] | None = None, direct: bool = True) -> None:
         self.host = host
+        self.direct = direct  # ask peers for the direct TLS path
         self.store = store
         self._free_bytes = free_bytes or store.free_bytes
         self._found = found
@@ -285,6 +290,7 @@ class Copier:
     async def _fetch_all(self, job: CopyJob, f: BinaryIO) -> None:
         """Fetch the rest of the file, moving to another peer with it when one fails."""
         failed: set[str] = set()
+        no_direct: set[str] = set()  # peers whose direct path was refused or broke
         while job.done < job.size:
             sources = [o for o in self._found()
                        if o.model.sha256 == job.sha256 and o.peer_id not in failed]
@@ -299,7 +305,11 @@ class Copier:
             if source.machine not in job.sources:
                 job.sources.append(source.machine)
             try:
-                await self._fetch_from(source, job, f)
+                if self.direct and source.peer_id not in no_direct:
+                    no_direct.add(source.peer_id)  # one try per peer and job
+                    await self._fetch_direct(source, job, f)
+                if job.done < job.size:
+                    await self._fetch_from(source, job, f)
             except ModelStoreError:
                 raise  # this machine's own trouble (a full disk): another peer will not help
             except Exception as exc:  # noqa: BLE001 - a vanished peer fails in many ways
@@ -307,7 +317,29 @@ class Copier:
                 job.notice = f"{source.machine} stopped sending ({_why(exc)})"
                 log.warning("copy of %s from %s failed: %r", job.model, source.machine, exc)
 
+    async def _fetch_direct(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+        """The rest of the file over the direct TLS path, or as much as it gives before it
+        fails; a peer that offers no direct path is not held against it."""
+        def write(data: memoryview | bytes) -> None:
+            _append(f, data, job)
+            job.done += len(data)
+
+        try:
+            offer = await copy_direct.ask(self.host, source.peer_id, job.model, job.sha256,
+                                          job.done, job.size)
+            job.path = copy_direct.DIRECT
+            await copy_direct.fetch(offer, write)
+        except ModelStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, cut: libp2p goes on
+            job.notice = (f"no direct path from {source.machine} ({_why(exc)}); going on over "
+                          "libp2p")
+            log.info("copy of %s: %s", job.model, job.notice)
+        finally:
+            f.flush()
+
     async def _fetch_from(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+        job.path = copy_direct.LIBP2P
         while job.done < job.size:
             offset, length = next_range(job.done, job.size)
             with trio.fail_after(CONNECT_TIMEOUT_S):
@@ -338,7 +370,7 @@ class Copier:
                 await reset_quietly(stream)
 
 
-def _append(f: BinaryIO, data: bytes, job: CopyJob) -> None:
+def _append(f: BinaryIO, data: bytes | memoryview, job: CopyJob) -> None:
     try:
         f.write(data)
     except OSError as exc:

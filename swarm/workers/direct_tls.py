@@ -860,6 +860,7 @@ class DirectClient(_Endpoint):
 
 
 TlsConnection = _Tls  # what `connect` returns: recv, read_exact, send, close_write, sock
+Connection = _Conn  # what `SecretServer._serve_admitted` is given
 
 
 def connect(address: tuple[str, int], pinned_sha256: str, secret: bytes,
