@@ -19,6 +19,7 @@ Wire: a request frame {"version", "model", "sha256", "offset", "length"}; the re
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import random
 import time
@@ -266,11 +267,12 @@ class Copier:
             self._scopes[job.model] = scope
             try:
                 with partial.open("ab") as f:
-                    await self._fetch_all(job, f)
+                    sink = _Sink(f, job, await trio.to_thread.run_sync(_hash_of, partial))
+                    await self._fetch_all(job, sink)
                 job.state = "verifying"
                 await trio.to_thread.run_sync(
                     self.store.finish_copy, job.model, partial, job.sha256,
-                    " and ".join(job.sources))
+                    " and ".join(job.sources), sink.hash.hexdigest())
                 job.state = "done"
                 self._on_added()
             except ModelStoreError as exc:
@@ -287,7 +289,7 @@ class Copier:
         log.info("copy of %s %s (%s of %s bytes)%s", job.model, job.state, job.done, job.size,
                  f": {job.error}" if job.error else "")
 
-    async def _fetch_all(self, job: CopyJob, f: BinaryIO) -> None:
+    async def _fetch_all(self, job: CopyJob, f: _Sink) -> None:
         """Fetch the rest of the file, moving to another peer with it when one fails."""
         failed: set[str] = set()
         no_direct: set[str] = set()  # peers whose direct path was refused or broke
@@ -317,18 +319,14 @@ class Copier:
                 job.notice = f"{source.machine} stopped sending ({_why(exc)})"
                 log.warning("copy of %s from %s failed: %r", job.model, source.machine, exc)
 
-    async def _fetch_direct(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+    async def _fetch_direct(self, source: Offer, job: CopyJob, f: _Sink) -> None:
         """The rest of the file over the direct TLS path, or as much as it gives before it
         fails; a peer that offers no direct path is not held against it."""
-        def write(data: memoryview | bytes) -> None:
-            _append(f, data, job)
-            job.done += len(data)
-
         try:
             offer = await copy_direct.ask(self.host, source.peer_id, job.model, job.sha256,
                                           job.done, job.size)
             job.path = copy_direct.DIRECT
-            await copy_direct.fetch(offer, write)
+            await copy_direct.fetch(offer, f.append)
         except ModelStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, unreachable, cut: libp2p goes on
@@ -338,7 +336,7 @@ class Copier:
         finally:
             f.flush()
 
-    async def _fetch_from(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+    async def _fetch_from(self, source: Offer, job: CopyJob, f: _Sink) -> None:
         job.path = copy_direct.LIBP2P
         while job.done < job.size:
             offset, length = next_range(job.done, job.size)
@@ -361,24 +359,45 @@ class Copier:
                         data = await stream.read(min(BLOCK_BYTES, left))
                     if not data:
                         raise EOFError("the peer closed the stream mid-range")
-                    _append(f, data, job)
+                    f.append(data)
                     left -= len(data)
-                    job.done += len(data)
                 f.flush()
             finally:
                 f.flush()  # bytes received before a failure count for the next try
                 await reset_quietly(stream)
 
 
-def _append(f: BinaryIO, data: bytes | memoryview, job: CopyJob) -> None:
-    try:
-        f.write(data)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(
-                f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. Free "
-                "some space and copy again; what was copied is kept.") from exc
-        raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+class _Sink:
+    """The partial file a job appends to, with the sha256 of all it holds so far: the check
+    at the end then need not read the whole file again. Called from one thread at a time (the
+    trio thread, or the direct path's receiving thread)."""
+
+    def __init__(self, f: BinaryIO, job: CopyJob, digest: Any) -> None:
+        self.f = f
+        self.job = job
+        self.hash = digest  # hashlib's sha256 object
+
+    def append(self, data: bytes | memoryview) -> None:
+        job = self.job
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. "
+                    "Free some space and copy again; what was copied is kept.") from exc
+            raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+        self.hash.update(data)
+        job.done += len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _hash_of(path: Path) -> Any:
+    """A sha256 object fed with what `path` holds (what an earlier try left)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256")
 
 
 def _why(exc: Exception) -> str:
