@@ -578,7 +578,7 @@ def _node_schemas() -> dict[str, Schema]:
                "failing pull means this node may not see other machines' changes."),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
             "connected_peers", "federated", "worker", "sharded_links", "default_models",
-            "ledger"]),
+            "copies", "copy_direct", "ledger"]),
         "LinkCounters": _object({
             "connections": {"type": "integer", "minimum": 0,
                             "description": "Connections admitted and relayed."},
