@@ -147,6 +147,10 @@ class CopySwarm:
         wait_until(lambda: until(self.job(client)), timeout, what, list(self.nodes.values()))
         return self.job(client)
 
+    def wait_ended(self, client: RunningNode) -> Any:
+        return self.wait_job(client, lambda j: j["state"] in ("done", "failed"),
+                             "the copy to end")
+
     def stored_sha256(self, node: RunningNode) -> str:
         return hashlib.sha256((node.data_dir / "models" / f"{MODEL}.gguf").read_bytes()
                               ).hexdigest()
@@ -238,8 +242,7 @@ def test_copy_goes_on_from_another_peer_when_one_leaves(copy_swarm: CopySwarm) -
     job = copy_swarm.wait_job(client, lambda j: j["done"] > j["size"] // 5, "a fifth copied")
     first = job["source"]
     copy_swarm.nodes[first].proc.send_signal(signal.SIGKILL)
-    done = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                               "the copy to end")
+    done = copy_swarm.wait_ended(client)
     assert done["state"] == "done", done
     assert done["sources"] == [first, ({"one", "two"} - {first}).pop()], done
     assert done["notice"].startswith(f"{first} stopped sending"), done
@@ -257,8 +260,7 @@ def test_a_damaged_source_is_rejected_and_the_store_is_unchanged(
     client = copy_swarm.start("client", with_model=False)
     copy_swarm.wait_offered(client, 1)
     copy_swarm.copy(client)
-    failed = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                                 "the copy to end")
+    failed = copy_swarm.wait_ended(client)
     assert failed["state"] == "failed", failed
     assert "from damaged is damaged" in failed["error"], failed
     assert "the store is unchanged" in failed["error"], failed
@@ -322,8 +324,7 @@ def test_a_copy_over_a_direct_link_takes_the_direct_tls_path(copy_swarm: CopySwa
     client = copy_swarm.start("client", with_model=False)
     copy_swarm.wait_offered(client, 1)
     copy_swarm.copy(client)
-    done = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                               "the copy to end")
+    done = copy_swarm.wait_ended(client)
     assert done["state"] == "done", done
     assert done["path"] == "direct" and done["notice"] is None, done
     assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
@@ -350,8 +351,7 @@ def test_a_refused_direct_offer_falls_back_to_libp2p(copy_swarm: CopySwarm) -> N
     client = copy_swarm.start("client", with_model=False)
     copy_swarm.wait_offered(client, 1)
     copy_swarm.copy(client)
-    done = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                               "the copy to end")
+    done = copy_swarm.wait_ended(client)
     assert done["state"] == "done", done
     assert done["path"] == "libp2p", done
     assert "no direct path from source (this node offers no direct path)" in done["notice"]
@@ -369,8 +369,7 @@ def test_a_direct_copy_cut_midway_goes_on_over_libp2p(copy_swarm: CopySwarm) -> 
     port = source.api("/api/status")["copy_direct"]["port"]
     # Cut the TLS connection under both nodes, as a broken link would.
     copy_swarm.netns.run(copy_swarm.ns, ["ss", "-K", "sport", "=", f":{port}"])
-    done = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                               "the copy to end")
+    done = copy_swarm.wait_ended(client)
     assert done["state"] == "done", done
     assert done["path"] == "libp2p", done
     assert "no direct path from source" in done["notice"], done
