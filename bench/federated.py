@@ -3,11 +3,13 @@ then to two (same machine, so compare ratios, not absolute speed), and one strea
 through the federated route against the same reply on the client's own engine.
 
 Prints requests per minute, p50/p95 latency, the CPU seconds each node and its engine used,
-and tokens/s federated vs local; then model copy throughput from a federated node to a new
-node, next to a raw loopback socket copy of the same file (both end with a sha256 of what
-arrived). Needs root (nodes run in a network namespace).
+and tokens/s federated vs local; then model copy throughput from a federated node to new
+nodes over the direct TLS path and over a libp2p stream, next to a raw loopback socket copy of
+the same file (all end with a sha256 of what arrived). Needs root (nodes run in a network
+namespace). `--copy-only` runs the copy part alone.
 
     .venv/bin/python bench/federated.py [--model tiny|gemma] [--batch 8] [--tokens 32]
+                                        [--copy-only] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.store.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from swarm.client.sync_client import NodeClient  # noqa: E402
+from swarm.node.main import DIRECT_COPY_ENV  # noqa: E402
 from swarm.trust.token import new_token  # noqa: E402
 from tests.support.netns import Netns, call_in  # noqa: E402
 from tests.support.node_harness import RunningNode, start_node, wait_until  # noqa: E402
@@ -97,6 +101,9 @@ def main() -> int:
     parser.add_argument("--model", choices=("tiny", "gemma"), default="gemma")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--copy-only", action="store_true",
+                        help="only the model copy part: raw socket, direct TLS, libp2p")
+    parser.add_argument("--rounds", type=int, default=3, help="copy rounds of each kind")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, Netns() as netns:
         work = Path(tmp)
@@ -106,7 +113,7 @@ def main() -> int:
         ns = netns.add("fed")
         token = new_token().encode()
         nodes: dict[str, RunningNode] = {}
-        for name in ("f1", "f2", "client"):
+        for name in ("f1",) if args.copy_only else ("f1", "f2", "client"):
             data_dir = work / name
             store = ModelStore(data_dir / "models")
             if args.model == "tiny":
@@ -116,6 +123,9 @@ def main() -> int:
             extra = ["--federated", "--model", model] if name != "client" else []
             nodes[name] = start_node(netns, ns, token, name, work, "--lan-only", "--listen",
                                      "/ip4/127.0.0.1/tcp/0", *extra, data_dir=data_dir)
+        if args.copy_only:
+            copy_benchmark(netns, ns, token, work, nodes["f1"], model, args.rounds)
+            return 0
         client = nodes["client"]
         port = json.loads((client.data_dir / "api.json").read_text())["port"]
         key = (client.data_dir / "api-secret").read_text().strip()
@@ -159,36 +169,49 @@ def main() -> int:
         fed, loc = statistics.median(rates["federated"]), statistics.median(rates["local"])
         print(f"streamed tokens/s, one reply at a time: federated {fed:.1f}, local {loc:.1f}, "
               f"ratio {fed / loc:.2f} (5 alternating rounds of 64 tokens)")
-        copy_benchmark(netns, ns, token, work, nodes, model)
+        nodes["f2"].stop()  # one source, so every kind copies from the same machine
+        copy_benchmark(netns, ns, token, work, nodes["f1"], model, args.rounds)
     return 0
 
 
-def copy_benchmark(netns: Netns, ns: str, token: str, work: Path,
-                   nodes: dict[str, RunningNode], model: str) -> None:
-    """MB/s of copying the model to a new node over the swarm vs a raw loopback socket."""
-    source = ModelStore(nodes["f1"].data_dir / "models").model_path(model)
-    nodes["f2"].stop()  # one source, so both sides copy from the same machine
-    copier = start_node(netns, ns, token, "copier", work, "--lan-only", "--listen",
-                        "/ip4/127.0.0.1/tcp/0")
-    wait_until(lambda: any(r["name"] == model for r in copier.api("/api/models")["swarm"]),
-               30, "the model offered", [copier])
-    store = ModelStore(copier.data_dir / "models")
-    rates: dict[str, list[float]] = {"covey": [], "raw": []}
-    for r in range(3):
-        for kind in (("covey", "raw") if r % 2 == 0 else ("raw", "covey")):
+def copy_benchmark(netns: Netns, ns: str, token: str, work: Path, source_node: RunningNode,
+                   model: str, rounds: int) -> None:
+    """MB/s of copying the model to a new node over the direct TLS path and over a libp2p
+    stream (a second new node that does not ask for the direct path), vs a raw loopback
+    socket; the kinds take turns in a rotating order, so a noisy neighbour hits each alike."""
+    source = ModelStore(source_node.data_dir / "models").model_path(model)
+    size = source.stat().st_size
+    copiers = {}
+    for kind, direct in (("direct", "1"), ("libp2p", "0")):
+        copiers[kind] = start_node(netns, ns, token, f"copier-{kind}", work, "--lan-only",
+                                   "--listen", "/ip4/127.0.0.1/tcp/0",
+                                   env={**os.environ, DIRECT_COPY_ENV: direct})
+    def offered(node: RunningNode) -> bool:
+        return any(r["name"] == model for r in node.api("/api/models")["swarm"])
+
+    for node in copiers.values():
+        wait_until(partial(offered, node), 30, "the model offered", [node])
+    kinds = ["raw", "direct", "libp2p"]
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
             started = time.monotonic()
             if kind == "raw":
                 call_in(ns, raw_copy, source, work / "raw-copy.gguf")
             else:
-                job = call_in(ns, copy_over_swarm, copier.data_dir, model)
-                assert job["state"] == "done", job
-                store.remove(model)
-            rates[kind].append(source.stat().st_size / (time.monotonic() - started) / 1e6)
-    covey, raw = statistics.median(rates["covey"]), statistics.median(rates["raw"])
-    print(f"model copy of {source.stat().st_size / 1e6:.0f} MB, incl. sha256 of what arrived: "
-          f"covey {covey:.1f} MB/s, raw loopback socket {raw:.1f} MB/s, ratio "
-          f"{covey / raw:.2f} (median of 3 alternating rounds; covey's figure includes the "
-          "API polling every 20 ms)")
+                job = call_in(ns, copy_over_swarm, copiers[kind].data_dir, model)
+                assert job["state"] == "done" and job["path"] == kind, job
+            rates[kind].append(size / (time.monotonic() - started) / 1e6)
+            if kind != "raw":
+                ModelStore(copiers[kind].data_dir / "models").remove(model)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"model copy of {size / 1e6:.0f} MB on loopback, incl. sha256 of what arrived "
+          f"(median of {rounds} rounds, order rotated each round; covey's figures include "
+          "the API polling every 20 ms):")
+    for kind in kinds:
+        runs = ", ".join(f"{x:.0f}" for x in rates[kind])
+        print(f"  {kind:7s} {med[kind]:7.1f} MB/s  ratio to raw {med[kind] / med['raw']:.2f}"
+              f"  (rounds: {runs})")
 
 
 def copy_over_swarm(data_dir: Path, model: str) -> dict[str, Any]:

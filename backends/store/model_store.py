@@ -674,11 +674,13 @@ class ModelStore:
             _write_atomic(sidecar_path(partial), json.dumps({"sha256": sha256, "size": size}))
         return partial
 
-    def finish_copy(self, name: str, partial: Path, sha256: str, source: str) -> ModelEntry:
-        """Verify a finished copy against the hash its owner published and add it.
+    def finish_copy(self, name: str, partial: Path, sha256: str, source: str,
+                    actual: str | None = None) -> ModelEntry:
+        """Verify a finished copy against the hash its owner published and add it. `actual`:
+        the partial's sha256 as the copier hashed it while writing; None: read it here.
 
         A wrong hash or an invalid file deletes the partial: the store is left unchanged."""
-        actual = sha256_file(partial)
+        actual = actual or sha256_file(partial)
         if actual != sha256:
             self._discard_partial(partial)
             raise HashMismatch(

@@ -546,6 +546,12 @@ def _node_schemas() -> dict[str, Schema]:
                                "node's store as it starts; a request for one waits for it "
                                f"(up to {BUNDLED_WAIT_S:.0f} s, then a 503 "
                                "model_not_ready)."},
+            "copies": {"type": "array", "items": schema_ref("CopyJob"),
+                       "description": "Model copies under way or finished (as in /api/models)."},
+            "copy_direct": or_null(_object({
+                "port": {"type": "integer"}, "traffic": schema_ref("LinkCounters"),
+            }, ["port", "traffic"], "The direct TLS path this node sends model copies on; "
+                "null until a peer first asked for it, or when it is off.")),
             "ledger": _object({
                 "entries": {"type": "integer", "minimum": 0,
                             "description": "Entries this node's replica holds."},
@@ -580,7 +586,7 @@ def _node_schemas() -> dict[str, Schema]:
             }, ["setting", "loaded"], "The context length, in tokens, of local chats."),
         }, ["version", "peer_id", "name", "addresses", "swarm_id", "roles", "lan_only",
             "connected_peers", "federated", "worker", "sharded_links", "default_models",
-            "ledger", "ctx"]),
+            "copies", "copy_direct", "ledger", "ctx"]),
         "LinkCounters": _object({
             "connections": {"type": "integer", "minimum": 0,
                             "description": "Connections admitted and relayed."},
@@ -646,6 +652,9 @@ def _node_schemas() -> dict[str, Schema]:
             "resumed_from": {"type": "integer", "minimum": 0,
                              "description": "Bytes an earlier try had copied."},
             "source": or_null(string), "sources": _string_list("Machines that sent bytes."),
+            "path": or_null({"type": "string", "enum": ["direct", "libp2p"], "description":
+                             "How the bytes come now (or came last): over the direct TLS "
+                             "path, or over a libp2p stream."}),
             "notice": or_null(string), "error": or_null(string),
             "started_at": {"type": "number"}, "finished_at": or_null({"type": "number"}),
             "bytes_per_s": {"type": "integer", "minimum": 0},

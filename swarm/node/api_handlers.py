@@ -128,6 +128,10 @@ class NodeApi:
             "sharded_links": node.sharded_route.links(),
             "default_models": node.bundled.status(),
             "ctx": {"setting": node.config.ctx, "loaded": node.local_route.loaded_ctx},
+            # Copies under way or finished, each with the path its bytes take ("direct" over
+            # TLS, else "libp2p"), and the direct path this node serves copies on.
+            "copies": [j.to_dict() for j in node.copier.jobs.values()],
+            "copy_direct": node.copy_direct.status(),
             "ledger": node.sync.status(),
         }
 

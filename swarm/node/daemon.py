@@ -51,6 +51,8 @@ from swarm.net.reach import Reach, is_public
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits
 from swarm.node.api_handlers import NodeApi
 from swarm.node.background import keep_running
+from swarm.node.copy_direct import PROTOCOL as COPY_DIRECT_PROTOCOL
+from swarm.node.copy_direct import DirectCopyService
 from swarm.node.local_facts import collect_node_info, covey_version
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.node.model_copy import Copier, CopyServer, Offer, shared_value
@@ -102,6 +104,7 @@ class NodeConfig:
     api_key: str | None = None
     federated_model: str | None = None  # serve this model for the swarm
     upload_limit_bytes_s: float | None = None  # cap on sending model copies to peers
+    direct_copy: bool = True  # model copies over the direct TLS path where the link allows
     worker_share_bytes: int | None = None  # start in worker mode, donating this much
     threads: int | None = None  # engine threads; None: the physical cores
     bundled_models: tuple[str, ...] = ()  # bundled defaults to register as the node starts
@@ -161,7 +164,11 @@ class Node:
                                       n_ctx=config.ctx)
         self.bundled = BundledModels(self.store.ensure, config.bundled_models)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
-        self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
+        self.copy_direct = DirectCopyService(
+            self.store, config.data_dir, listen_ips(config.listen)[0] if config.direct_copy
+            else None, config.upload_limit_bytes_s, self.host)
+        self.copier = Copier(self.host, self.store, self.copy_offers, self.changed,
+                             direct=config.direct_copy)
         self.federated = FederatedService(self.local_route, self.changed, self.bundled)
         if config.federated_model:
             self.federated.models = [config.federated_model]
@@ -226,6 +233,7 @@ class Node:
                 (PUSH_PROTOCOL, "ledger-push", self.sync.handle_push),
                 (FEDERATED_PROTOCOL, "federated", self.federated.handle),
                 (COPY_PROTOCOL, "model-copy", self.copy_server.handle),
+                (COPY_DIRECT_PROTOCOL, "model-copy-direct", self.copy_direct.handle),
                 (LEASE_PROTOCOL, "worker-lease", self.worker.desk.handle),
                 (TUNNEL_PROTOCOL, "rpc-tunnel", self.tunnels.handle),
                 (STOP_PROTOCOL, "relay-stop", self.reach.stop_side.handle),
@@ -260,6 +268,7 @@ class Node:
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.embedder.close)
             stack.push_async_callback(self.worker.close)
+            stack.push_async_callback(self.copy_direct.close)
             stack.push_async_callback(self.sharded_route.close)
             if self.config.worker_share_bytes is not None:
                 await self.worker.enable(self.config.worker_share_bytes)

@@ -32,6 +32,8 @@ from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
 log = logging.getLogger("covey.node")
 
 LOCK_FILE = "node.lock"
+# "0" turns model copies over the direct TLS path off (both ways): benchmarks, debugging
+DIRECT_COPY_ENV = "COVEY_DIRECT_COPY"
 STDIN_TOKEN = "-"
 TOKEN_ON_COMMAND_LINE = (
     "covey: warning: a token given as --token TOKEN can be read by every user of this machine "
@@ -183,6 +185,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         federated_model=(args.model or chat_model()) if args.federated else None,
         upload_limit_bytes_s=(args.upload_limit_mib * (1 << 20)
                               if args.upload_limit_mib else None),
+        direct_copy=os.environ.get(DIRECT_COPY_ENV, "").strip() != "0",
         threads=args.threads,
         bundled_models=tuple(name for name in [prepare_at_start(args.prepare_at_start)] if name),
         ctx=settings.ctx,

@@ -5,7 +5,9 @@
 - `CopyServer` answers `/covey/model-copy/1.0.0`: one byte range of one model per stream.
 - `Copier` runs copy jobs: byte ranges appended to a partial file in the store, resuming what
   an earlier try left, moving to another peer with the same file when one leaves, and checked
-  against the published sha256 before the store takes the model.
+  against the published sha256 before the store takes the model. Over a direct link it first
+  asks the peer for the direct TLS path (swarm/node/copy_direct.py), several times faster;
+  this protocol carries on from the bytes already written when that path is refused or fails.
 - What a peer announces is not trusted: a copy that would leave less than `DISK_MARGIN_BYTES`
   free is refused before any byte is written, no more than the announced size is read, and
   when peers disagree on what a name means with no majority, the user picks by sha256.
@@ -17,6 +19,7 @@ Wire: a request frame {"version", "model", "sha256", "offset", "length"}; the re
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import random
 import time
@@ -42,6 +45,7 @@ from swarm.net.host import (
     reset_quietly,
     write_json_frame,
 )
+from swarm.node import copy_direct
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +193,7 @@ class CopyJob:
     done: int = 0
     resumed_from: int = 0
     source: str | None = None  # the machine sending now (or last)
+    path: str | None = None  # how the bytes come now (or came last): "direct" or "libp2p"
     sources: list[str] = field(default_factory=list)
     notice: str | None = None
     error: str | None = None
@@ -215,8 +220,9 @@ class Copier:
 
     def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
                  on_added: Callable[[], None], rng: random.Random | None = None,
-                 free_bytes: Callable[[], int] | None = None) -> None:
+                 free_bytes: Callable[[], int] | None = None, direct: bool = True) -> None:
         self.host = host
+        self.direct = direct  # ask peers for the direct TLS path
         self.store = store
         self._free_bytes = free_bytes or store.free_bytes
         self._found = found
@@ -261,11 +267,12 @@ class Copier:
             self._scopes[job.model] = scope
             try:
                 with partial.open("ab") as f:
-                    await self._fetch_all(job, f)
+                    sink = _Sink(f, job, await trio.to_thread.run_sync(_hash_of, partial))
+                    await self._fetch_all(job, sink)
                 job.state = "verifying"
                 await trio.to_thread.run_sync(
                     self.store.finish_copy, job.model, partial, job.sha256,
-                    " and ".join(job.sources))
+                    " and ".join(job.sources), sink.hash.hexdigest())
                 job.state = "done"
                 self._on_added()
             except ModelStoreError as exc:
@@ -282,9 +289,10 @@ class Copier:
         log.info("copy of %s %s (%s of %s bytes)%s", job.model, job.state, job.done, job.size,
                  f": {job.error}" if job.error else "")
 
-    async def _fetch_all(self, job: CopyJob, f: BinaryIO) -> None:
+    async def _fetch_all(self, job: CopyJob, f: _Sink) -> None:
         """Fetch the rest of the file, moving to another peer with it when one fails."""
         failed: set[str] = set()
+        no_direct: set[str] = set()  # peers whose direct path was refused or broke
         while job.done < job.size:
             sources = [o for o in self._found()
                        if o.model.sha256 == job.sha256 and o.peer_id not in failed]
@@ -299,7 +307,11 @@ class Copier:
             if source.machine not in job.sources:
                 job.sources.append(source.machine)
             try:
-                await self._fetch_from(source, job, f)
+                if self.direct and source.peer_id not in no_direct:
+                    no_direct.add(source.peer_id)  # one try per peer and job
+                    await self._fetch_direct(source, job, f)
+                if job.done < job.size:
+                    await self._fetch_from(source, job, f)
             except ModelStoreError:
                 raise  # this machine's own trouble (a full disk): another peer will not help
             except Exception as exc:  # noqa: BLE001 - a vanished peer fails in many ways
@@ -307,7 +319,25 @@ class Copier:
                 job.notice = f"{source.machine} stopped sending ({_why(exc)})"
                 log.warning("copy of %s from %s failed: %r", job.model, source.machine, exc)
 
-    async def _fetch_from(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
+    async def _fetch_direct(self, source: Offer, job: CopyJob, f: _Sink) -> None:
+        """The rest of the file over the direct TLS path, or as much as it gives before it
+        fails; a peer that offers no direct path is not held against it."""
+        try:
+            offer = await copy_direct.ask(self.host, source.peer_id, job.model, job.sha256,
+                                          job.done, job.size)
+            job.path = copy_direct.DIRECT
+            await copy_direct.fetch(offer, f.append)
+        except ModelStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, cut: libp2p goes on
+            job.notice = (f"no direct path from {source.machine} ({_why(exc)}); going on over "
+                          "libp2p")
+            log.info("copy of %s: %s", job.model, job.notice)
+        finally:
+            f.flush()
+
+    async def _fetch_from(self, source: Offer, job: CopyJob, f: _Sink) -> None:
+        job.path = copy_direct.LIBP2P
         while job.done < job.size:
             offset, length = next_range(job.done, job.size)
             with trio.fail_after(CONNECT_TIMEOUT_S):
@@ -329,24 +359,45 @@ class Copier:
                         data = await stream.read(min(BLOCK_BYTES, left))
                     if not data:
                         raise EOFError("the peer closed the stream mid-range")
-                    _append(f, data, job)
+                    f.append(data)
                     left -= len(data)
-                    job.done += len(data)
                 f.flush()
             finally:
                 f.flush()  # bytes received before a failure count for the next try
                 await reset_quietly(stream)
 
 
-def _append(f: BinaryIO, data: bytes, job: CopyJob) -> None:
-    try:
-        f.write(data)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(
-                f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. Free "
-                "some space and copy again; what was copied is kept.") from exc
-        raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+class _Sink:
+    """The partial file a job appends to, with the sha256 of all it holds so far: the check
+    at the end then need not read the whole file again. Called from one thread at a time (the
+    trio thread, or the direct path's receiving thread)."""
+
+    def __init__(self, f: BinaryIO, job: CopyJob, digest: Any) -> None:
+        self.f = f
+        self.job = job
+        self.hash = digest  # hashlib's sha256 object
+
+    def append(self, data: bytes | memoryview) -> None:
+        job = self.job
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. "
+                    "Free some space and copy again; what was copied is kept.") from exc
+            raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+        self.hash.update(data)
+        job.done += len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _hash_of(path: Path) -> Any:
+    """A sha256 object fed with what `path` holds (what an earlier try left)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256")
 
 
 def _why(exc: Exception) -> str:

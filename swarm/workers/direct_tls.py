@@ -7,7 +7,8 @@ Unix socket). On the client, a `DirectClient` listens on a loopback port for lla
 client (the engine's `rpc_endpoints` entry), and each connection accepted there becomes one TLS
 connection to the worker. `DirectClient.probe` tells whether the path works at all, so the
 caller can choose between it and the libp2p tunnel (swarm/workers/tunnel.py), whose semantics it
-keeps.
+keeps. `SecretServer` (certificate, admission) and `connect` (the client's dial) also serve
+other bulk transfers over the same path: model copies (swarm/node/copy_direct.py).
 
 Wire: TLS 1.3 only. No CA is involved: the worker's certificate is self-signed, and the client
 pins its SHA-256 (published in the signed ledger) and hangs up before sending a byte if it
@@ -51,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -68,6 +69,8 @@ from swarm.workers.rpc_guard import GuardedConnection, LeaseGuard
 from swarm.workers.tunnel import LinkStats
 
 log = logging.getLogger(__name__)
+
+V = TypeVar("V")  # what a `SecretServer` keeps with each secret
 
 MAGIC = b"COVEYRPC"
 SECRET_BYTES = 32
@@ -621,26 +624,23 @@ class _Endpoint:
             log.debug("direct TLS connection broken: %r", exc)
 
 
-class DirectServer(_Endpoint):
-    """The worker side: listens on (`bind`, `port`) and relays each admitted TLS connection
-    to `target`, the worker's local RPC endpoint ("unix:PATH", or "127.0.0.1:50052").
-
-    A client is admitted when its preamble carries a secret given to `allow` and not yet
-    revoked; `revoke` also cuts the connections that secret let in. A secret allowed with a
-    `LeaseGuard` has every byte of its connections pass that lease's RPC command filter.
+class SecretServer(_Endpoint, Generic[V]):
+    """Listens on (`bind`, `port`) and admits each TLS connection whose preamble carries a
+    secret given to `allow` and not yet revoked; `_serve_admitted` then serves it with the
+    value the secret was allowed with. With `one_use`, a secret admits one connection only.
     """
 
-    def __init__(self, cert: Certificate, target: str, bind: str = "0.0.0.0", port: int = 0,
+    def __init__(self, cert: Certificate, bind: str = "0.0.0.0", port: int = 0,
                  *, admit_timeout: float = ADMIT_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS, max_unproven: int = MAX_UNPROVEN,
-                 unproven_per_source: int = UNPROVEN_PER_SOURCE) -> None:
+                 unproven_per_source: int = UNPROVEN_PER_SOURCE, one_use: bool = False) -> None:
         super().__init__(max_connections)
-        self.target = local_endpoint(target)  # only ever relays to this machine
         self.bind = bind
         self.port = port
         self.admit_timeout = admit_timeout
+        self.one_use = one_use
         self._context = _server_context(cert)
-        self._secrets: dict[bytes, LeaseGuard | None] = {}
+        self._secrets: dict[bytes, V] = {}
         self._unproven = SourceCaps(unproven_per_source, max_unproven)
 
     def start(self) -> int:
@@ -653,14 +653,18 @@ class DirectServer(_Endpoint):
             listener = socket.create_server((self.bind, self.port))
         self.port = self._listen(listener)
         log.info("direct TLS: listening on %s for %s", _where((self.bind, self.port)),
-                 self.target)
+                 self._serves())
         return self.port
 
-    def allow(self, secret: bytes, lease: LeaseGuard | None = None) -> None:
+    def _serves(self) -> str:
+        """What the admitted connections reach, for the log."""
+        raise NotImplementedError
+
+    def _allow(self, secret: bytes, value: V) -> None:
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"a secret is {SECRET_BYTES} bytes")
         with self._lock:
-            self._secrets[bytes(secret)] = lease
+            self._secrets[bytes(secret)] = value
 
     def revoke(self, secret: bytes) -> int:
         """Admit `secret` no more and cut the connections it let in; returns how many."""
@@ -689,28 +693,18 @@ class DirectServer(_Endpoint):
             admitted = hmac.compare_digest(preamble[:len(MAGIC)], MAGIC) and bool(known)
             if admitted:
                 conn.secret = secret
-                conn.lease = self._secrets[known[0]]
+                value = (self._secrets.pop(known[0]) if self.one_use
+                         else self._secrets[known[0]])
                 self._release_unproven(conn)
         if not admitted:
             self._refuse(conn, "its secret is not accepted here", logging.INFO)
             return
-        try:
-            target = connect_local(self.target, timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            self._refuse(conn, f"the RPC endpoint {self.target} is down ({exc})",
-                         logging.WARNING)
-            return
-        conn.add(target)
-        target.settimeout(None)
-        try:
-            tls.send(ACCEPTED)
-        except OSError as exc:
-            self._refuse(conn, f"it left before the answer ({exc!r})", logging.DEBUG)
-            return
-        tls.admitted()
-        self.stats.add("connections")
-        guard = conn.lease.connection() if conn.lease is not None else None
-        self._relay(conn, target, tls, client=False, guard=guard)
+        self._serve_admitted(conn, tls, value)
+
+    def _serve_admitted(self, conn: _Conn, tls: _Tls, value: V) -> None:
+        """Serve `conn`, admitted by a secret allowed with `value`; the preamble is read and
+        not yet answered."""
+        raise NotImplementedError
 
     def _refusal(self, conn: _Conn) -> tuple[str, int] | None:
         refusal = super()._refusal(conn)
@@ -746,6 +740,51 @@ class DirectServer(_Endpoint):
         conn.cut()  # closes without a byte, with a RST
 
 
+class DirectServer(SecretServer[LeaseGuard | None]):
+    """The worker side: listens on (`bind`, `port`) and relays each admitted TLS connection
+    to `target`, the worker's local RPC endpoint ("unix:PATH", or "127.0.0.1:50052").
+
+    A client is admitted when its preamble carries a secret given to `allow` and not yet
+    revoked; `revoke` also cuts the connections that secret let in. A secret allowed with a
+    `LeaseGuard` has every byte of its connections pass that lease's RPC command filter.
+    """
+
+    def __init__(self, cert: Certificate, target: str, bind: str = "0.0.0.0", port: int = 0,
+                 *, admit_timeout: float = ADMIT_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS, max_unproven: int = MAX_UNPROVEN,
+                 unproven_per_source: int = UNPROVEN_PER_SOURCE) -> None:
+        super().__init__(cert, bind, port, admit_timeout=admit_timeout,
+                         max_connections=max_connections, max_unproven=max_unproven,
+                         unproven_per_source=unproven_per_source)
+        self.target = local_endpoint(target)  # only ever relays to this machine
+
+    def _serves(self) -> str:
+        return str(self.target)
+
+    def allow(self, secret: bytes, lease: LeaseGuard | None = None) -> None:
+        self._allow(secret, lease)
+
+    def _serve_admitted(self, conn: _Conn, tls: _Tls, value: LeaseGuard | None) -> None:
+        conn.lease = value
+        try:
+            target = connect_local(self.target, timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            self._refuse(conn, f"the RPC endpoint {self.target} is down ({exc})",
+                         logging.WARNING)
+            return
+        conn.add(target)
+        target.settimeout(None)
+        try:
+            tls.send(ACCEPTED)
+        except OSError as exc:
+            self._refuse(conn, f"it left before the answer ({exc!r})", logging.DEBUG)
+            return
+        tls.admitted()
+        self.stats.add("connections")
+        guard = conn.lease.connection() if conn.lease is not None else None
+        self._relay(conn, target, tls, client=False, guard=guard)
+
+
 class DirectClient(_Endpoint):
     """The client side: listens on 127.0.0.1 for llama.cpp's RPC client, and turns each
     connection accepted there into one TLS connection to the worker at `address`, whose
@@ -761,13 +800,9 @@ class DirectClient(_Endpoint):
                  *, gate: EngineOnly | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__(max_connections)
-        if len(secret) != SECRET_BYTES:
-            raise ValueError(f"a secret is {SECRET_BYTES} bytes")
-        pinned = pinned_sha256.lower().replace(":", "")
-        if len(pinned) != 64 or not all(c in "0123456789abcdef" for c in pinned):
-            raise ValueError(f"not a SHA-256 fingerprint: {pinned_sha256!r}")
+        _check_secret(secret)
         self.address = address
-        self.pinned_sha256 = pinned
+        self.pinned_sha256 = _pinned(pinned_sha256)
         self.connect_timeout = connect_timeout
         self.gate = gate or EngineOnly()
         self.endpoint: str | None = None
@@ -820,50 +855,83 @@ class DirectClient(_Endpoint):
     def _dial(self, timeout: float, conn: _Conn | None = None) -> _Tls:
         """A TLS connection to the worker, certificate checked and admitted, or
         DirectUnavailable. With `conn`, the socket joins it, so a cut stops the dial too."""
-        where = _where(self.address)
-        deadline = time.monotonic() + timeout
+        return _dial(self.address, self.pinned_sha256, self._secret, self._context, timeout,
+                     conn)
+
+
+TlsConnection = _Tls  # what `connect` returns: recv, read_exact, send, close_write, sock
+Connection = _Conn  # what `SecretServer._serve_admitted` is given
+
+
+def connect(address: tuple[str, int], pinned_sha256: str, secret: bytes,
+            timeout: float = CONNECT_TIMEOUT_S) -> TlsConnection:
+    """One admitted connection to a `SecretServer`, for a caller that speaks over it itself
+    (swarm/node/copy_direct.py); DirectUnavailable saying why when it cannot be had.
+    Blocks: run it in a thread from trio."""
+    _check_secret(secret)
+    return _dial(address, _pinned(pinned_sha256), bytes(secret), _client_context(), timeout)
+
+
+def _check_secret(secret: bytes) -> None:
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"a secret is {SECRET_BYTES} bytes")
+
+
+def _pinned(sha256: str) -> str:
+    pinned = sha256.lower().replace(":", "")
+    if len(pinned) != 64 or not all(c in "0123456789abcdef" for c in pinned):
+        raise ValueError(f"not a SHA-256 fingerprint: {sha256!r}")
+    return pinned
+
+
+def _dial(address: tuple[str, int], pinned_sha256: str, secret: bytes,
+          context: ssl.SSLContext, timeout: float, conn: _Conn | None = None) -> _Tls:
+    """A TLS connection to `address`, certificate checked and admitted, or
+    DirectUnavailable. With `conn`, the socket joins it, so a cut stops the dial too."""
+    where = _where(address)
+    deadline = time.monotonic() + timeout
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            *address, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise DirectUnavailable(f"cannot resolve the worker address {where}: {exc}") from exc
+    sock = socket.socket(family, kind, proto)
+    if conn is not None:
+        conn.add(sock)
+    ok = False
+    try:
+        sock.settimeout(timeout)
         try:
-            family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                *self.address, type=socket.SOCK_STREAM)[0]
+            sock.connect(sockaddr)
         except OSError as exc:
-            raise DirectUnavailable(f"cannot resolve the worker address {where}: {exc}") from exc
-        sock = socket.socket(family, kind, proto)
-        if conn is not None:
-            conn.add(sock)
-        ok = False
+            raise DirectUnavailable(f"cannot reach the worker at {where}: {exc}") from exc
+        _tune_remote(sock)
+        tls = _Tls(sock, context, server=False)
+        tls.deadline = deadline
         try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(sockaddr)
-            except OSError as exc:
-                raise DirectUnavailable(f"cannot reach the worker at {where}: {exc}") from exc
-            _tune_remote(sock)
-            tls = _Tls(sock, self._context, server=False)
-            tls.deadline = deadline
-            try:
-                tls.handshake()
-            except OSError as exc:
-                raise DirectUnavailable(
-                    f"no TLS 1.3 handshake with the worker at {where}: {exc}") from exc
-            der = tls.peer_der()
-            got = fingerprint(der) if der else "(none)"
-            if not hmac.compare_digest(got, self.pinned_sha256):
-                raise DirectUnavailable(
-                    f"the worker at {where} presented the wrong certificate (sha256 {got}, "
-                    f"pinned {self.pinned_sha256}); not sending the secret")
-            try:
-                tls.send(MAGIC + self._secret)
-                answer = tls.read_exact(len(ACCEPTED))
-            except OSError as exc:
-                raise DirectUnavailable(
-                    f"the worker at {where} refused the connection: the lease secret is not "
-                    f"accepted there, or its RPC server is down ({exc!r})") from exc
-            if answer != ACCEPTED:
-                raise DirectUnavailable(f"the worker at {where} answered {answer!r}")
-            tls.admitted()
-            ok = True
-            return tls
-        finally:
-            if not ok and conn is None:
-                _reset(sock)
-                sock.close()
+            tls.handshake()
+        except OSError as exc:
+            raise DirectUnavailable(
+                f"no TLS 1.3 handshake with the worker at {where}: {exc}") from exc
+        der = tls.peer_der()
+        got = fingerprint(der) if der else "(none)"
+        if not hmac.compare_digest(got, pinned_sha256):
+            raise DirectUnavailable(
+                f"the worker at {where} presented the wrong certificate (sha256 {got}, "
+                f"pinned {pinned_sha256}); not sending the secret")
+        try:
+            tls.send(MAGIC + secret)
+            answer = tls.read_exact(len(ACCEPTED))
+        except OSError as exc:
+            raise DirectUnavailable(
+                f"the worker at {where} refused the connection: the lease secret is not "
+                f"accepted there, or its RPC server is down ({exc!r})") from exc
+        if answer != ACCEPTED:
+            raise DirectUnavailable(f"the worker at {where} answered {answer!r}")
+        tls.admitted()
+        ok = True
+        return tls
+    finally:
+        if not ok and conn is None:
+            _reset(sock)
+            sock.close()

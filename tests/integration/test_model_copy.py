@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import pytest
 
 from backends.store.model_store import DiskFull, Manifest, ModelStore
 from swarm.ledger.entries import SharedModel, parse_shared
+from swarm.node.main import DIRECT_COPY_ENV
 from swarm.node.model_copy import (
     DISK_MARGIN_BYTES,
     AmbiguousModel,
@@ -28,7 +32,8 @@ from swarm.node.model_copy import (
     shared_value,
 )
 from swarm.trust.token import new_token
-from tests.support.netns import Netns, netns_skip_reason
+from swarm.workers.direct_tls import SECRET_BYTES, DirectUnavailable, connect
+from tests.support.netns import Netns, call_in, netns_skip_reason
 from tests.support.node_harness import REPO, RunningNode, start_node, wait_until
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -112,13 +117,16 @@ class CopySwarm:
     sha256: str
     nodes: dict[str, RunningNode]
 
-    def start(self, name: str, *, with_model: bool, limit: bool = True) -> RunningNode:
+    def start(self, name: str, *, with_model: bool, limit: bool = True,
+              direct: bool = True) -> RunningNode:
         data_dir = self.workdir / name
         if with_model and not (data_dir / "models" / f"{MODEL}.gguf").exists():
             ModelStore(data_dir / "models").import_file(self.model, MODEL)
         extra = ["--upload-limit-mib", LIMIT_MIB_S] if limit else []
+        env = {**os.environ, DIRECT_COPY_ENV: "1" if direct else "0"}
         node = start_node(self.netns, self.ns, self.token, name, self.workdir, "--lan-only",
-                          "--listen", "/ip4/127.0.0.1/tcp/0", *extra, data_dir=data_dir)
+                          "--listen", "/ip4/127.0.0.1/tcp/0", *extra, data_dir=data_dir,
+                          env=env)
         self.nodes[name] = node
         return node
 
@@ -138,6 +146,10 @@ class CopySwarm:
     def wait_job(self, client: RunningNode, until: Any, what: str, timeout: float = 60) -> Any:
         wait_until(lambda: until(self.job(client)), timeout, what, list(self.nodes.values()))
         return self.job(client)
+
+    def wait_ended(self, client: RunningNode) -> Any:
+        return self.wait_job(client, lambda j: j["state"] in ("done", "failed"),
+                             "the copy to end")
 
     def stored_sha256(self, node: RunningNode) -> str:
         return hashlib.sha256((node.data_dir / "models" / f"{MODEL}.gguf").read_bytes()
@@ -230,8 +242,7 @@ def test_copy_goes_on_from_another_peer_when_one_leaves(copy_swarm: CopySwarm) -
     job = copy_swarm.wait_job(client, lambda j: j["done"] > j["size"] // 5, "a fifth copied")
     first = job["source"]
     copy_swarm.nodes[first].proc.send_signal(signal.SIGKILL)
-    done = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                               "the copy to end")
+    done = copy_swarm.wait_ended(client)
     assert done["state"] == "done", done
     assert done["sources"] == [first, ({"one", "two"} - {first}).pop()], done
     assert done["notice"].startswith(f"{first} stopped sending"), done
@@ -249,8 +260,7 @@ def test_a_damaged_source_is_rejected_and_the_store_is_unchanged(
     client = copy_swarm.start("client", with_model=False)
     copy_swarm.wait_offered(client, 1)
     copy_swarm.copy(client)
-    failed = copy_swarm.wait_job(client, lambda j: j["state"] in ("done", "failed"),
-                                 "the copy to end")
+    failed = copy_swarm.wait_ended(client)
     assert failed["state"] == "failed", failed
     assert "from damaged is damaged" in failed["error"], failed
     assert "the store is unchanged" in failed["error"], failed
@@ -287,3 +297,83 @@ def test_a_name_clash_without_a_majority_is_left_to_the_user(copy_swarm: CopySwa
     assert chosen.returncode == 0, chosen.stderr
     assert f"copied {MODEL} from source (sha256 {copy_swarm.sha256} verified)" in chosen.stdout
     assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
+
+
+# -- the direct TLS path ------------------------------------------------------------------------
+
+def attack_direct_port(port: int, cert_sha256: str) -> dict[str, Any]:
+    """What a local process gets from a node's direct copy port: with plain TCP, and with
+    TLS and a made-up secret (the right certificate pinned)."""
+    got: dict[str, Any] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(64))
+        try:
+            got["plain_tcp"] = len(plain.recv(65536))  # a TLS alert at most, never file bytes
+        except OSError as exc:
+            got["plain_tcp"] = type(exc).__name__
+    try:
+        connect(("127.0.0.1", port), cert_sha256, bytes(SECRET_BYTES), timeout=5)
+        got["wrong_secret"] = "admitted"
+    except DirectUnavailable as exc:
+        got["wrong_secret"] = str(exc)
+    return got
+
+
+def test_a_copy_over_a_direct_link_takes_the_direct_tls_path(copy_swarm: CopySwarm) -> None:
+    source = copy_swarm.start("source", with_model=True, limit=False)
+    client = copy_swarm.start("client", with_model=False)
+    copy_swarm.wait_offered(client, 1)
+    copy_swarm.copy(client)
+    done = copy_swarm.wait_ended(client)
+    assert done["state"] == "done", done
+    assert done["path"] == "direct" and done["notice"] is None, done
+    assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
+    assert [j["path"] for j in client.api("/api/status")["copies"]] == ["direct"]
+    served = source.api("/api/status")["copy_direct"]
+    size = copy_swarm.model.stat().st_size
+    assert served["traffic"]["bytes_down"] == size, served  # every byte went that way
+    assert served["traffic"]["connections"] == 1, served
+
+    # A local process on the port, without the secret, gets no byte of the file; the node
+    # stays up and goes on serving.
+    cert = (source.data_dir / "direct-tls" / "cert.pem").read_text()
+    cert_sha256 = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert)).hexdigest()
+    got = call_in(copy_swarm.ns, attack_direct_port, served["port"], cert_sha256)
+    assert got["plain_tcp"] in (0, "ConnectionResetError"), got
+    assert "refused the connection" in got["wrong_secret"], got
+    after = source.api("/api/status")["copy_direct"]["traffic"]
+    assert after["refused"] >= 2 and after["bytes_down"] == size, after
+    assert source.proc.poll() is None
+
+
+def test_a_refused_direct_offer_falls_back_to_libp2p(copy_swarm: CopySwarm) -> None:
+    copy_swarm.start("source", with_model=True, limit=False, direct=False)
+    client = copy_swarm.start("client", with_model=False)
+    copy_swarm.wait_offered(client, 1)
+    copy_swarm.copy(client)
+    done = copy_swarm.wait_ended(client)
+    assert done["state"] == "done", done
+    assert done["path"] == "libp2p", done
+    assert "no direct path from source (this node offers no direct path)" in done["notice"]
+    assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
+
+
+def test_a_direct_copy_cut_midway_goes_on_over_libp2p(copy_swarm: CopySwarm) -> None:
+    source = copy_swarm.start("source", with_model=True)
+    client = copy_swarm.start("client", with_model=False)
+    copy_swarm.wait_offered(client, 1)
+    size = copy_swarm.model.stat().st_size
+    copy_swarm.copy(client)
+    job = copy_swarm.wait_job(client, lambda j: j["done"] > size // 4, "a quarter copied")
+    assert job["path"] == "direct", job
+    port = source.api("/api/status")["copy_direct"]["port"]
+    # Cut the TLS connection under both nodes, as a broken link would.
+    copy_swarm.netns.run(copy_swarm.ns, ["ss", "-K", "sport", "=", f":{port}"])
+    done = copy_swarm.wait_ended(client)
+    assert done["state"] == "done", done
+    assert done["path"] == "libp2p", done
+    assert "no direct path from source" in done["notice"], done
+    assert done["sources"] == ["source"], done
+    assert copy_swarm.stored_sha256(client) == copy_swarm.sha256
+    served = source.api("/api/status")["copy_direct"]["traffic"]
+    assert size // 4 < served["bytes_down"] < size, served  # the rest came over libp2p

@@ -238,6 +238,8 @@ def test_garbage_on_every_protocol_leaves_the_node_serving(swarm: Swarm) -> None
     obs = swarm.probe("garbage", "--token", swarm.token)
     assert obs["as_outsider"] and all(r["bytes_received"] == 0
                                       for r in obs["as_outsider"].values()), obs
+    # Among them: no direct model copy offer (secret, port, certificate) for an outsider.
+    assert "model-copy-direct/copy-direct-offer" in obs["as_outsider"], obs
     assert obs["admitted"] is True, obs
     assert len(obs["as_member"]) >= 20, obs
     # Garbage on the federated serving and model copy protocols gets no reply, only a reset;

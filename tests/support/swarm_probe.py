@@ -58,6 +58,7 @@ from swarm.ledger.rules import (
 from swarm.ledger.sync import MAX_DIGEST_BYTES, PUSH_PROTOCOL, SYNC_PROTOCOL, SYNC_VERSION
 from swarm.net import admission
 from swarm.net.host import build_host, isolate, read_exactly, read_frame, reset_quietly
+from swarm.node.copy_direct import PROTOCOL as COPY_DIRECT_PROTOCOL
 from swarm.node.model_copy import PROTOCOL as COPY_PROTOCOL
 from swarm.routes.federated import PROTOCOL as FEDERATED_PROTOCOL
 from swarm.trust.identity import Identity
@@ -638,6 +639,9 @@ def garbage_payloads(node: ID) -> dict[str, bytes]:
         "copy-traversal": copy_request("../node-key.json", 0, 100),
         "copy-negative": copy_request("tiny", -100, 100),
         "copy-huge": copy_request("tiny", 0, 2**40),
+        # A well-formed ask for a direct copy offer (a secret, a port and a certificate).
+        "copy-direct-offer": frame(json.dumps({"version": 1, "model": "tiny",
+                                               "sha256": "0" * 64, "offset": 0}).encode()),
         "lease-acquire": frame(json.dumps({"version": 1, "op": "acquire"}).encode()),
         # What llama.cpp's RPC client sends first (a HELLO command), without holding a lease.
         "rpc-hello": bytes([14]) + (0).to_bytes(8, "little"),
@@ -663,7 +667,8 @@ async def scenario_garbage(args: argparse.Namespace, target: PeerInfo) -> Observ
         (SYNC_PROTOCOL, "varint-overflow"), (PUSH_PROTOCOL, "random"),
         (PUSH_PROTOCOL, "varint-huge"), (FEDERATED_PROTOCOL, "random"),
         (FEDERATED_PROTOCOL, "not-json"), (COPY_PROTOCOL, "random"),
-        (COPY_PROTOCOL, "copy-traversal"), (LEASE_PROTOCOL, "lease-acquire"),
+        (COPY_PROTOCOL, "copy-traversal"), (COPY_DIRECT_PROTOCOL, "copy-direct-offer"),
+        (LEASE_PROTOCOL, "lease-acquire"),
         (TUNNEL_PROTOCOL, "rpc-hello"),
     ]
 

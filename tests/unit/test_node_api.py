@@ -107,6 +107,8 @@ def test_status_is_what_the_openapi_document_says(node: Node) -> None:
     assert set(traffic["tunnel"]) == set(schemas["LinkCounters"]["properties"])
     assert traffic["direct"] is None  # worker mode is off: there is no direct path
     assert status["sharded_links"] == {}
+    # No copy yet, and no direct copy path until a peer asks for one.
+    assert (status["copies"], status["copy_direct"]) == ([], None)
 
 
 def test_status_shows_the_tunnel_counters(node: Node) -> None:
