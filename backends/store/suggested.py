@@ -3,8 +3,8 @@
 Each is an instruction-tuned GGUF from its public hosting, small enough for an ordinary machine,
 with a license that allows running it at home. Sizes are estimates for a Q4_K_M file of that
 many parameters (shown as "about"), not checked against the hosting, and no sha256 is pinned:
-the server's own Content-Length drives the progress bar and the store checks the GGUF header. Tests never download these URLs; they point
-a SuggestedModel of their own at a loopback server.
+the server's own Content-Length drives the progress bar and the store checks the GGUF header.
+Tests never download these URLs; they point a SuggestedModel of their own at a loopback server.
 """
 
 from __future__ import annotations
