@@ -4,7 +4,8 @@
 Parsing and response shaping are pure functions; `OpenAiApi` only wires them to a route
 chosen by `swarm.routes.router.Router`. The `covey_route` extension field picks a route
 (`auto` by default) and every response carries `covey: {route, route_reason, machines}`;
-`/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`).
+`/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`) and whether
+/v1/embeddings takes it (`covey.embeddings`: it must be on this machine).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from swarm.api.tools import (
     tool_calls_json,
     tool_message,
 )
+from swarm.routes.embeddings import LocalEmbedder
 from swarm.routes.route import ROUTE_NAMES, Busy, RouteError, Served
 from swarm.routes.router import Router
 
@@ -297,6 +299,7 @@ class OpenAiApi:
                     m for m in route.machines(model) if m not in entry["machines"]
                 ]
         for model, entry in by_model.items():
+            entry["embeddings"] = LocalEmbedder.route in entry["routes"]
             choice = self._router.preview(model)
             if choice is not None:
                 entry["auto"] = {"route": choice.route, "reason": choice.reason}

@@ -456,10 +456,15 @@ def _completion_schemas() -> dict[str, Schema]:
             "owned_by": {"const": "covey"},
             "covey": _object({"routes": _string_list("The routes that serve the model."),
                               "machines": _string_list("The machines that hold it."),
+                              "embeddings": {
+                                  "type": "boolean",
+                                  "description": "Whether POST /v1/embeddings takes it: "
+                                                 "embeddings run on this machine's own "
+                                                 "models only."},
                               "auto": _object({"route": string, "reason": string},
                                               ["route", "reason"],
                                               "What `auto` would do with it now.")},
-                             ["routes", "machines"]),
+                             ["routes", "machines", "embeddings"]),
         }, ["id", "object", "created", "owned_by", "covey"]),
         "ModelList": _object({"object": {"const": "list"},
                               "data": {"type": "array", "items": schema_ref("Model")}},

@@ -98,6 +98,7 @@ def test_official_client_chat_not_streamed(api: Api) -> None:
     models, reply = api.run(go)
     assert "tiny" in models and models["tiny"].owned_by == "covey"
     assert models["tiny"].model_extra["covey"]["routes"] == ["local"]
+    assert models["tiny"].model_extra["covey"]["embeddings"] is True
     assert reply.object == "chat.completion" and reply.model == "tiny"
     assert reply.choices[0].finish_reason == "length"
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
