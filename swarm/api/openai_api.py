@@ -179,12 +179,12 @@ def usage(done: Done) -> dict[str, int]:
     return out
 
 
-def lowered_headers(done: Done) -> dict[str, str]:
-    """The header saying max_tokens was lowered to fit the context (non-streamed replies;
-    a stream says it in its usage and `covey` metadata)."""
-    if done.max_tokens_lowered_to is None:
+def lowered_headers(event: Token | Done) -> dict[str, str]:
+    """The header saying max_tokens was lowered to fit the context: from a whole reply's Done,
+    or from a stream's first event (a stream says it in its usage and `covey` too)."""
+    if event.max_tokens_lowered_to is None:
         return {}
-    return {LOWERED_HEADER: str(done.max_tokens_lowered_to)}
+    return {LOWERED_HEADER: str(event.max_tokens_lowered_to)}
 
 
 def note_done(covey: dict[str, Any], done: Done) -> None:
@@ -340,7 +340,9 @@ class OpenAiApi:
             note_done(covey, done)
             return Response.json(full_response(c, done, created, covey, logprobs),
                                  headers=lowered_headers(done))
-        return StreamingResponse(_stream(c, first, events, created, covey))
+        # The engine says it lowered max_tokens with the first token: the headers can too.
+        return StreamingResponse(_stream(c, first, events, created, covey),
+                                 headers=lowered_headers(first))
 
 
 def _route_error(exc: RouteError) -> HttpError:

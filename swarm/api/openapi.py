@@ -694,8 +694,8 @@ def _streamed_ok(json_schema: str, chunk_schema: str) -> dict[str, Any]:
     return {
         "description": f"Without `stream`, one {json_schema} object. {sse}",
         "headers": {LOWERED_HEADER: {
-            "description": "Only on a non-streamed reply whose max_tokens was lowered to fit "
-                           "the context: the max_tokens used.",
+            "description": "Only on a reply whose max_tokens was lowered to fit the context, "
+                           "streamed or not: the max_tokens used.",
             "schema": {"type": "integer", "minimum": 1}}},
         "content": {
             "application/json": {"schema": schema_ref(json_schema)},

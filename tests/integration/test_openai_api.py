@@ -227,6 +227,19 @@ def test_a_max_tokens_over_the_context_is_lowered_and_says_so(api: Api) -> None:
     assert reply["covey"]["max_tokens_lowered_to"] == lowered
 
 
+def test_a_streamed_reply_says_the_lowering_in_its_headers(api: Api) -> None:
+    def go() -> tuple[Any, list[Any]]:
+        raw = api.client().chat.completions.with_raw_response.create(
+            model="tiny", messages=CHAT, max_tokens=5000, stream=True,
+            stream_options={"include_usage": True})
+        return raw.headers, list(raw.parse())
+
+    headers, chunks = api.run(go)
+    lowered = chunks[-1].usage.model_extra["covey_max_tokens_lowered_to"]
+    assert headers["x-covey-max-tokens-lowered"] == str(lowered)
+    assert lowered + chunks[-1].usage.prompt_tokens == 256
+
+
 def test_malformed_json_huge_body_key_and_host(api: Api) -> None:
     status, _, data = api.raw("POST", "/v1/chat/completions", b'{"model": "tiny", "mess')
     assert status == 400 and b"not valid JSON" in data
