@@ -281,7 +281,7 @@ class ModelRunner:
             self.channel.send(proto.EmbedProgress(id=request.id, inputs_done=done))
 
         vectors, tokens = embedding.embed(self.llm, request.inputs, request.max_total_tokens,
-                                          progress)
+                                          progress, lambda: self._stop_requested(request.id))
         return proto.Embeddings(id=request.id, vectors=tuple(vectors), prompt_tokens=tokens)
 
     def serve(self, request: proto.GenerateRequest | proto.EmbedRequest) -> Any:
