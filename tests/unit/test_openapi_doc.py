@@ -82,7 +82,7 @@ class RouteRecorder:
     def __init__(self) -> None:
         self.routes: set[tuple[str, str]] = set()
 
-    def add_route(self, method: str, path: str, handler: object) -> None:
+    def add_route(self, method: str, path: str, handler: object, **options: bool) -> None:
         self.routes.add((method.lower(), path))
 
     def __getattr__(self, name: str) -> Any:
