@@ -39,6 +39,7 @@ BUNDLED_WAIT_S = 120.0
 EMBEDDING_MAX_INPUTS = 128
 EMBEDDING_MAX_TOTAL_TOKENS = 4096
 EMBEDDING_MAX_INPUT_TOKENS = 512
+EMBEDDING_IDLE_UNLOAD_S = 300.0
 
 Schema = dict[str, Any]
 
@@ -843,7 +844,9 @@ def _embedding_paths(model: str) -> dict[str, Any]:
     return {"/v1/embeddings": {"post": _operation(
         "createEmbedding", "openai",
         "One vector per input, from a model on this node (the first request loads it in "
-        "embedding mode, which takes a second engine process).",
+        "embedding mode, which takes a second engine process, unloaded after "
+        f"{EMBEDDING_IDLE_UNLOAD_S / 60:.0f} minutes unused). A client that closes its "
+        "connection stops its request between batches.",
         _responses(_json_ok("The vectors.", "EmbeddingList"), GENERATION_ERRORS),
         "EmbeddingRequest",
         {"model": model, "input": ["The cat sat on the mat.", "A kitten sat on the rug."]})}}
