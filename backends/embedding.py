@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 
+class Cancelled(RuntimeError):
+    """The request was stopped (its client is gone) before its last batch."""
+
+
 def token_ids(llm: Any, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Each input as the model's token ids: texts tokenized (with BOS where the model wants
     one, special-token text taken literally), token arrays checked against the vocabulary."""
@@ -69,10 +73,12 @@ def unit(vector: Sequence[float]) -> tuple[float, ...]:
 
 
 def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int,
-          progress: Callable[[int], None] = lambda done: None
+          progress: Callable[[int], None] = lambda done: None,
+          stopped: Callable[[], bool] = lambda: False,
           ) -> tuple[list[tuple[float, ...]], int]:
     """The unit vectors of `inputs`, in order, and the tokens they took; `progress` hears how
-    many inputs are done after each batch."""
+    many inputs are done after each batch, and Cancelled ends the work before a batch once
+    `stopped()` says so."""
     import llama_cpp
 
     if not llm.context_params.embeddings:
@@ -84,6 +90,8 @@ def embed(llm: Any, inputs: Sequence[str | Sequence[int]], max_total_tokens: int
     vectors: list[tuple[float, ...]] = []
     batch, ctx = llm._batch, llm._ctx
     for run in pack(sizes, llm.n_batch, llm.context_params.n_seq_max):
+        if stopped():
+            raise Cancelled(f"stopped after {len(vectors)} of {len(inputs)} inputs")
         batch.reset()
         for seq, i in enumerate(run):
             # Every token an output: llama.cpp pools over the outputs of a sequence.

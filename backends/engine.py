@@ -321,7 +321,8 @@ class Engine:
             pass
 
     def stop(self, request_id: str) -> None:
-        """Ask the engine to end a generation early; its Done says "cancelled"."""
+        """Ask the engine to end a generation early (its Done says "cancelled"), or an embedding
+        between batches (`embed` raises GenerationFailed)."""
         if self._proc.poll() is None:
             self._send(proto.Stop(id=request_id))
 

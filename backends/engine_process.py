@@ -281,7 +281,7 @@ class ModelRunner:
             self.channel.send(proto.EmbedProgress(id=request.id, inputs_done=done))
 
         vectors, tokens = embedding.embed(self.llm, request.inputs, request.max_total_tokens,
-                                          progress)
+                                          progress, lambda: self._stop_requested(request.id))
         return proto.Embeddings(id=request.id, vectors=tuple(vectors), prompt_tokens=tokens)
 
     def serve(self, request: proto.GenerateRequest | proto.EmbedRequest) -> Any:
@@ -296,6 +296,7 @@ class ModelRunner:
         prompt, own_prompt_tokens, template_stops = self._prompt(request)
         max_tokens = fit_max_tokens(len(prompt), request.max_tokens, llm.n_ctx(),
                                     request.fit_max_tokens)
+        lowered = max_tokens if max_tokens < request.max_tokens else None
         bias = sampling.bias_vector(request.logit_bias, llm.n_vocab())
         llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4)))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -334,8 +335,9 @@ class ModelRunner:
             if not any(pieces):  # the reply starts at its first visible character
                 text = text.lstrip()
             pieces.append(text)
-            self.channel.send(proto.Token(id=request.id, token=token, text=text,
-                                          logprob=logprob))
+            self.channel.send(proto.Token(
+                id=request.id, token=token, text=text, logprob=logprob,
+                max_tokens_lowered_to=lowered if len(produced) == 1 else None))
             if stops.stopped:
                 finish = "stop"
                 break
@@ -363,7 +365,7 @@ class ModelRunner:
                 generation_s=gen_s,
                 generation_tokens_per_s=(len(produced) - 1) / gen_s if gen_s > 0 else 0.0,
             ),
-            max_tokens_lowered_to=max_tokens if max_tokens < request.max_tokens else None,
+            max_tokens_lowered_to=lowered,
         )
 
     def _logprob(self, request: proto.GenerateRequest, token: int,

@@ -155,6 +155,8 @@ class Token:
     token: int
     text: str
     logprob: TokenLogprob | None = None  # only when the request asked for logprobs
+    # On a reply's first token, as on its Done: a stream's headers can say it before any text.
+    max_tokens_lowered_to: int | None = None
 
 
 @dataclass(frozen=True)

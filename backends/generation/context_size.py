@@ -25,3 +25,16 @@ def auto_context(info: GGUFInfo, available_bytes: int, share: float = MEMORY_SHA
 def context_for(info: GGUFInfo, chosen: int | None, available_bytes: int) -> int:
     """The user's choice (`covey node --ctx N`) when given, else `auto_context`."""
     return chosen if chosen else auto_context(info, available_bytes)
+
+
+def needs_room(info: GGUFInfo, chosen: int | None, available_bytes: int,
+               reclaimable_bytes: int) -> bool:
+    """Whether an engine for `info` would get less without `reclaimable_bytes` (memory held by
+    something that can give it back) than with it: a shorter context, or a chosen context
+    that does not fit what is available."""
+    if reclaimable_bytes <= 0:
+        return False
+    with_room = context_for(info, chosen, available_bytes + reclaimable_bytes)
+    if context_for(info, chosen, available_bytes) < with_room:
+        return True
+    return estimate_memory(info, with_room).total_bytes > available_bytes

@@ -4,7 +4,8 @@
 Parsing and response shaping are pure functions; `OpenAiApi` only wires them to a route
 chosen by `swarm.routes.router.Router`. The `covey_route` extension field picks a route
 (`auto` by default) and every response carries `covey: {route, route_reason, machines}`;
-`/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`).
+`/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`) and whether
+/v1/embeddings takes it (`covey.embeddings`: it must be on this machine).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from swarm.api.tools import (
     tool_calls_json,
     tool_message,
 )
+from swarm.routes.embeddings import LocalEmbedder
 from swarm.routes.route import ROUTE_NAMES, Busy, RouteError, Served
 from swarm.routes.router import Router
 
@@ -177,12 +179,12 @@ def usage(done: Done) -> dict[str, int]:
     return out
 
 
-def lowered_headers(done: Done) -> dict[str, str]:
-    """The header saying max_tokens was lowered to fit the context (non-streamed replies;
-    a stream says it in its usage and `covey` metadata)."""
-    if done.max_tokens_lowered_to is None:
+def lowered_headers(event: Token | Done) -> dict[str, str]:
+    """The header saying max_tokens was lowered to fit the context: from a whole reply's Done,
+    or from a stream's first event (a stream says it in its usage and `covey` too)."""
+    if event.max_tokens_lowered_to is None:
         return {}
-    return {LOWERED_HEADER: str(done.max_tokens_lowered_to)}
+    return {LOWERED_HEADER: str(event.max_tokens_lowered_to)}
 
 
 def note_done(covey: dict[str, Any], done: Done) -> None:
@@ -297,6 +299,7 @@ class OpenAiApi:
                     m for m in route.machines(model) if m not in entry["machines"]
                 ]
         for model, entry in by_model.items():
+            entry["embeddings"] = LocalEmbedder.route in entry["routes"]
             choice = self._router.preview(model)
             if choice is not None:
                 entry["auto"] = {"route": choice.route, "reason": choice.reason}
@@ -337,7 +340,9 @@ class OpenAiApi:
             note_done(covey, done)
             return Response.json(full_response(c, done, created, covey, logprobs),
                                  headers=lowered_headers(done))
-        return StreamingResponse(_stream(c, first, events, created, covey))
+        # The engine says it lowered max_tokens with the first token: the headers can too.
+        return StreamingResponse(_stream(c, first, events, created, covey),
+                                 headers=lowered_headers(first))
 
 
 def _route_error(exc: RouteError) -> HttpError:

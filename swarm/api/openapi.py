@@ -39,6 +39,7 @@ BUNDLED_WAIT_S = 120.0
 EMBEDDING_MAX_INPUTS = 128
 EMBEDDING_MAX_TOTAL_TOKENS = 4096
 EMBEDDING_MAX_INPUT_TOKENS = 512
+EMBEDDING_IDLE_UNLOAD_S = 300.0
 
 Schema = dict[str, Any]
 
@@ -456,10 +457,15 @@ def _completion_schemas() -> dict[str, Schema]:
             "owned_by": {"const": "covey"},
             "covey": _object({"routes": _string_list("The routes that serve the model."),
                               "machines": _string_list("The machines that hold it."),
+                              "embeddings": {
+                                  "type": "boolean",
+                                  "description": "Whether POST /v1/embeddings takes it: "
+                                                 "embeddings run on this machine's own "
+                                                 "models only."},
                               "auto": _object({"route": string, "reason": string},
                                               ["route", "reason"],
                                               "What `auto` would do with it now.")},
-                             ["routes", "machines"]),
+                             ["routes", "machines", "embeddings"]),
         }, ["id", "object", "created", "owned_by", "covey"]),
         "ModelList": _object({"object": {"const": "list"},
                               "data": {"type": "array", "items": schema_ref("Model")}},
@@ -716,8 +722,8 @@ def _streamed_ok(json_schema: str, chunk_schema: str) -> dict[str, Any]:
     return {
         "description": f"Without `stream`, one {json_schema} object. {sse}",
         "headers": {LOWERED_HEADER: {
-            "description": "Only on a non-streamed reply whose max_tokens was lowered to fit "
-                           "the context: the max_tokens used.",
+            "description": "Only on a reply whose max_tokens was lowered to fit the context, "
+                           "streamed or not: the max_tokens used.",
             "schema": {"type": "integer", "minimum": 1}}},
         "content": {
             "application/json": {"schema": schema_ref(json_schema)},
@@ -865,7 +871,9 @@ def _embedding_paths(model: str) -> dict[str, Any]:
     return {"/v1/embeddings": {"post": _operation(
         "createEmbedding", "openai",
         "One vector per input, from a model on this node (the first request loads it in "
-        "embedding mode, which takes a second engine process).",
+        "embedding mode, which takes a second engine process, unloaded after "
+        f"{EMBEDDING_IDLE_UNLOAD_S / 60:.0f} minutes unused). A client that closes its "
+        "connection stops its request between batches.",
         _responses(_json_ok("The vectors.", "EmbeddingList"), GENERATION_ERRORS),
         "EmbeddingRequest",
         {"model": model, "input": ["The cat sat on the mat.", "A kitten sat on the rug."]})}}

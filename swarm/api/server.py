@@ -244,6 +244,18 @@ class _Conn:
         await self.send(h11.Response(status_code=resp.status, headers=headers),
                         h11.Data(data=resp.body), h11.EndOfMessage())
 
+    async def hung_up(self) -> bool:
+        """Wait for the client's next bytes: True when it closed the connection instead; bytes
+        it sent (a pipelined request) are kept for the next cycle and end the watch (False)."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return True
+        if not data:
+            return True
+        self.h11.receive_data(data)
+        return False
+
     async def close(self) -> None:
         """Half-close, read off what the client is still sending, then close."""
         try:
@@ -279,6 +291,7 @@ class LocalApi:
         self.slots = ConnectionSlots(max_connections)
         self._warned_full_at: float | None = None
         self.routes: dict[str, dict[str, Handler]] = {}
+        self._stop_on_hangup: set[Handler] = set()
         self.port: int | None = None
         self.cors = cors or CorsPolicy()
         self.host_names = tuple(host_names)  # --api-host: answered on every listener
@@ -286,10 +299,15 @@ class LocalApi:
     def __repr__(self) -> str:  # keeps the secret out of any log that prints the object
         return f"LocalApi(port={self.port}, routes={sorted(self.routes)})"
 
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
+    def add_route(self, method: str, path: str, handler: Handler, *,
+                  stop_on_hangup: bool = False) -> None:
         """`path` may end in one `{parameter}`: it then takes any non-empty rest of a path
-        (the handler reads it from `request.path`)."""
+        (the handler reads it from `request.path`). With `stop_on_hangup`, a client that
+        closes its connection before the answer cancels the handler (long work no one waits
+        for); a client that half-closes after its request counts as gone too."""
         self.routes.setdefault(path, {})[method.upper()] = handler
+        if stop_on_hangup:
+            self._stop_on_hangup.add(handler)
 
     def methods(self, path: str) -> dict[str, Handler] | None:
         """The handlers by method for `path`, an exact route before a parameterised one."""
@@ -479,12 +497,14 @@ class LocalApi:
     async def _dispatch(self, conn: _Conn, handler: Handler, request: Request) -> None:
         resp: Response | StreamingResponse
         try:
-            resp = await handler(request)
+            resp = await self._call(conn, handler, request)
             if not isinstance(resp, Response | StreamingResponse):
                 raise TypeError(f"handler returned {type(resp).__name__}, not a Response")
         except HttpError as exc:
             resp = error_response(exc.status, exc.message, exc.type, exc.headers,
                                   param=exc.param, code=exc.code)
+        except _Closed:
+            raise  # the client hung up: nothing to answer
         except Exception:
             log.exception("Local API handler for %s %s failed", request.method, request.path)
             resp = error_response(500, "Internal error in the node; see its log")
@@ -492,6 +512,33 @@ class LocalApi:
             await self._send_stream(conn, resp, request)
         else:
             await conn.send_response(resp)
+
+    async def _call(self, conn: _Conn, handler: Handler, request: Request
+                    ) -> Response | StreamingResponse:
+        """`handler(request)`, cancelled if the client hangs up first when the route asks
+        for that (then _Closed: there is no one to answer)."""
+        if handler not in self._stop_on_hangup:
+            return await handler(request)
+        gone = False
+        result: list[Response | StreamingResponse | Exception] = []
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal gone
+                if await conn.hung_up():
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                result.append(await handler(request))
+            except Exception as exc:  # raised below, outside the nursery's exception group
+                result.append(exc)
+            nursery.cancel_scope.cancel()
+        if gone or not result:
+            raise _Closed
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
     async def _send_stream(self, conn: _Conn, resp: StreamingResponse, request: Request
                            ) -> None:

@@ -6,7 +6,8 @@ All pure. A tool call is written in Covey's format (`backends.text.tool_prompt`)
 `{"name": ..., "arguments": {...}}`, or a JSON array of them. `tool_choice` "required" or a
 named function forces that shape with a grammar; "auto" leaves the model free and reads a
 call out of its reply when there is one (also in `<tool_call>` tags or a ```json fence, the
-way models trained for tools write them). A field that cannot be honoured is a 400 naming it.
+way models trained for tools write them, or several objects one a line, as Qwen writes calls
+without its tags). A field that cannot be honoured is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _FENCED = re.compile(r"```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 CALL_STARTS = ("{", "[", "<tool_call>", "```", "[TOOL_CALLS]")
 DEPRECATED = {"functions": "tools", "function_call": "tool_choice"}
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,28 @@ def _call_objects(text: str) -> list[Any] | None:
         pieces = [fenced.group(1) if fenced else stripped]
     found: list[Any] = []
     for piece in pieces:
+        values = _json_values(piece)
+        if values is None:
+            return None
+        for value in values:
+            found.extend(value if isinstance(value, list) else [value])
+    return found
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """The JSON values `text` (stripped) consists of, one after another; None if anything
+    else is in it."""
+    values: list[Any] = []
+    at = 0
+    while at < len(text):
         try:
-            value = json.loads(piece)
+            value, at = _DECODER.raw_decode(text, at)
         except ValueError:
             return None
-        found.extend(value if isinstance(value, list) else [value])
-    return found
+        values.append(value)
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return values if values else None
 
 
 def extract_tool_calls(text: str, names: frozenset[str]) -> list[ToolCall] | None:

@@ -187,6 +187,7 @@ class Node:
                              lambda: self.config.routing, self.bundled)
         self.openai = OpenAiApi(self.router)
         self.embedder = LocalEmbedder(self.store, self.name, n_threads=config.threads)
+        self.local_route.reclaimable.append(self.embedder)
         self.embeddings = EmbeddingsApi(self.embedder)
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
@@ -262,7 +263,8 @@ class Node:
                                ("ledger sync", self._sync_loop),
                                ("dialer", self.discovery.run_dialer),
                                ("wide-area discovery", self.discovery.run_wide_area),
-                               ("reach", self.reach.run)):
+                               ("reach", self.reach.run),
+                               ("embedding engine idle", self.embedder.run)):
                 nursery.start_soon(keep_running, name, loop)
             await nursery.start(self.bundled.run)
             stack.push_async_callback(self.local_route.close)
@@ -457,7 +459,8 @@ class Node:
         api.add_route("GET", "/v1/models/{model}", self.openai.model)
         api.add_route("POST", "/v1/chat/completions", self.openai.chat_completions)
         api.add_route("POST", "/v1/completions", self.openai.completions)
-        api.add_route("POST", "/v1/embeddings", self.embeddings.embeddings)
+        # A client that gives up on a large batch stops it (between llama.cpp batches).
+        api.add_route("POST", "/v1/embeddings", self.embeddings.embeddings, stop_on_hangup=True)
         node_api = api is self.api  # the network listener serves /v1 only
 
         async def openapi(request: Request) -> Response:

@@ -198,6 +198,8 @@ def token_frame(event: Token) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "token", "text": event.text}
     if event.logprob is not None:
         frame["logprob"] = asdict(event.logprob)
+    if event.max_tokens_lowered_to is not None:
+        frame["max_tokens_lowered_to"] = event.max_tokens_lowered_to
     return frame
 
 
@@ -208,6 +210,12 @@ def done_frame(event: Done) -> dict[str, Any]:
     if event.max_tokens_lowered_to is not None:
         frame["max_tokens_lowered_to"] = event.max_tokens_lowered_to
     return frame
+
+
+def _lowered(frame: dict[str, Any]) -> int | None:
+    """A token or done frame's `max_tokens_lowered_to`, if it has one."""
+    lowered = frame.get("max_tokens_lowered_to")
+    return int(lowered) if lowered is not None else None
 
 
 def parse_reply_frame(data: bytes) -> dict[str, Any]:
@@ -415,17 +423,17 @@ class FederatedRoute:
                     log.warning("federated node %s sent more than max_tokens", target.name)
                     yield tally.cut(request.id)
                     return
+                lowered = _lowered(reply)
                 if kind == "token":
                     logprob = reply.get("logprob")
                     yield Token(request.id, -1, tally.texts[-1],
-                                logprob_from_raw(logprob) if logprob is not None else None)
+                                logprob_from_raw(logprob) if logprob is not None else None,
+                                lowered)
                 elif kind == "done":
                     # A token's id is the serving node's; what counts is how many came.
-                    lowered = reply.get("max_tokens_lowered_to")
                     yield Done(request.id, str(reply.get("finish_reason", "stop")),
                                str(reply.get("text", "")), int(reply.get("prompt_tokens", 0)),
-                               (-1,) * len(tally.texts), Timings(),
-                               int(lowered) if lowered is not None else None)
+                               (-1,) * len(tally.texts), Timings(), lowered)
                     return
                 else:
                     raise _Failed(str(reply.get("message", "error")),

@@ -3,7 +3,8 @@
 Owns the engine's turn-taking (`EngineGate`: one generation at a time, a bounded queue, `Busy`
 beyond), streaming one generation off the engine's blocking API (`engine_events`), starting an
 engine (`start_engine`) and finding a model in the store (`model_entry`). `LocalRoute` loads
-the requested model on first use and keeps it loaded for the next request.
+the requested model on first use and keeps it loaded for the next request; what else holds
+memory it needs (`Reclaimable`: the embedding engine) gives it back before it loads.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from backends.engine import Engine, EngineError, GenerationFailed
 from backends.engine_protocol import Done, EngineConfig, GenerateRequest, Token
 from backends.errors import ModelStoreError
-from backends.generation.context_size import context_for
+from backends.generation.context_size import context_for, needs_room
 from backends.gguf_info import GGUFInfo, estimate_memory
 from backends.memory import memory_bytes
 from backends.store.bundled import BUNDLED, BundledModelMissing, offered
@@ -37,6 +38,14 @@ class _Run:
     request_id: str
     events: trio.MemoryReceiveChannel[Any]
     finished: trio.Event
+
+
+class Reclaimable(Protocol):
+    """Something on this machine holding memory it can give back (the embedding engine)."""
+
+    def held_bytes(self) -> int: ...
+
+    async def release(self) -> None: ...
 
 
 class EngineGate:
@@ -174,6 +183,7 @@ class LocalRoute:
         self.loaded_ctx: int | None = None  # the engine's context length; None: none loaded
         self._available = available
         self.gate = EngineGate(max_waiting, "this node's engine")
+        self.reclaimable: list[Reclaimable] = []  # asked for their memory before a load
 
     def model_ids(self) -> list[str]:
         # The bundled models are always servable; they are registered on first use.
@@ -220,6 +230,9 @@ class LocalRoute:
             return self._engine
         await self._drop_engine()
         entry = await model_entry(self.store, model)
+        for other in self.reclaimable:
+            if needs_room(entry.info, self._n_ctx, self.free_bytes(), other.held_bytes()):
+                await other.release()
         config = EngineConfig(model_path=str(entry.path), n_ctx=self._ctx(entry.info),
                               n_threads=self.n_threads, deterministic=deterministic)
         engine = await start_engine(self._engine_factory, config)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +93,28 @@ def test_gemma_ranks_a_paraphrase_above_an_unrelated_sentence(api: Api) -> None:
         a, p, u = vectors(api, DEFAULT_MODEL, [anchor, paraphrase, unrelated])
         close, far = cosine(a, p), cosine(a, u)
         assert close > far + 0.1, (anchor, close, far)
+
+
+@pytest.mark.gemma
+def test_gemma_a_batch_whose_client_hangs_up_is_stopped(api: Api) -> None:
+    vectors(api, DEFAULT_MODEL, "The engine is loaded first.")
+    # About 4,000 tokens in 10 llama.cpp batches: seconds of work on two cores.
+    body = json.dumps({"model": DEFAULT_MODEL, "input": ["word " * 400] * 10}).encode()
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\n"
+            f"Authorization: Bearer {api.key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def hang_up() -> None:
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+            s.sendall(head + body)
+            time.sleep(0.3)
+
+    api.run(hang_up)
+    deadline = time.monotonic() + 60
+    while "stopped: its client is gone" not in api.node.log():
+        assert time.monotonic() < deadline, api.node.log()
+        time.sleep(0.2)
+    assert len(vectors(api, DEFAULT_MODEL, ["still", "here"])) == 2
 
 
 def test_tiny_model_embeds_texts_and_token_arrays(api: Api) -> None:

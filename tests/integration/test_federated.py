@@ -202,15 +202,16 @@ def test_federated_mode_is_switched_at_runtime(swarm: Swarm) -> None:
 
 
 def test_logprobs_and_a_lowered_max_tokens_cross_the_federated_route(swarm: Swarm) -> None:
-    def go() -> tuple[int, dict[str, str], Any]:
+    def go(stream: bool = False) -> tuple[int, dict[str, str], Any]:
         conn = http.client.HTTPConnection("127.0.0.1", swarm.port, timeout=120)
         conn.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": "tiny", "messages": CHAT, "max_tokens": 5000, "temperature": 0,
-            "logprobs": True, "top_logprobs": 3, "presence_penalty": 0.5}),
+            "logprobs": True, "top_logprobs": 3, "presence_penalty": 0.5, "stream": stream}),
             headers={"Authorization": f"Bearer {swarm.key}"})
         resp = conn.getresponse()
+        body = resp.read()
         out = (resp.status, {k.lower(): v for k, v in resp.getheaders()},
-               json.loads(resp.read()))
+               body if stream else json.loads(body))
         conn.close()
         return out
 
@@ -222,6 +223,10 @@ def test_logprobs_and_a_lowered_max_tokens_cross_the_federated_route(swarm: Swar
     assert all(len(entry["top_logprobs"]) == 3 for entry in content)
     lowered = reply["usage"]["covey_max_tokens_lowered_to"]
     assert headers["x-covey-max-tokens-lowered"] == str(lowered) and lowered < FEDERATED_CTX
+    # A stream's headers say it too: the peer sends the lowering with the first token.
+    status, headers, events = call_in(swarm.client.ns, go, True)
+    assert status == 200 and events.rstrip().endswith(b"data: [DONE]")
+    assert headers["x-covey-max-tokens-lowered"] == str(lowered)
 
 
 def test_a_forced_tool_call_crosses_to_a_federated_node(swarm: Swarm) -> None:

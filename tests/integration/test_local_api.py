@@ -125,7 +125,15 @@ def build_api(secret: str, gate: trio.Event, released: threading.Event,
     async def stream_watched(req: Request) -> StreamingResponse:
         return StreamingResponse(watched_events())
 
+    async def until_gate(req: Request) -> Response:
+        try:
+            await gate.wait()
+            return Response.json({"waited": True})
+        finally:
+            released.set()  # also when the client hung up and the wait was cancelled
+
     api.add_route("GET", "/ok", ok)
+    api.add_route("POST", "/until-gate", until_gate, stop_on_hangup=True)
     api.add_route("POST", "/echo", echo)
     api.add_route("GET", "/boom", boom)
     api.add_route("GET", "/teapot", teapot)
@@ -597,3 +605,25 @@ def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
                         f"GET /ok HTTP/1.1\r\n{auth}Connection: close\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 404 ")
     assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200 " in answer
+
+
+def test_a_client_that_hangs_up_cancels_a_stop_on_hangup_handler(server: Server) -> None:
+    request = (f"POST /until-gate HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+               f"Authorization: Bearer {server.secret}\r\nContent-Length: 2\r\n\r\n{{}}")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(request.encode())
+        time.sleep(0.3)
+        assert not server.released.is_set()  # still working while the client waits
+    assert server.released.wait(5), "the handler ran on after its client left"
+    assert server.request("GET", "/ok")[0] == 200
+
+
+def test_a_client_that_waits_gets_the_stop_on_hangup_answer(server: Server) -> None:
+    answer: list[tuple[int, dict[str, str], bytes]] = []
+    waiter = threading.Thread(target=lambda: answer.append(
+        server.request("POST", "/until-gate", b"{}")))
+    waiter.start()
+    time.sleep(0.3)
+    server.open_gate()
+    waiter.join(5)
+    assert answer and answer[0][0] == 200 and json.loads(answer[0][2]) == {"waited": True}

@@ -9,7 +9,8 @@ import concurrent.futures
 import http.client
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,15 @@ class Api:
     port: int
     key: str
 
-    def client(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.key,
-                             max_retries=0, **kw)
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
-    def run(self, fn: Any, *args: Any) -> Any:
-        return call_in(self.node.ns, fn, *args)
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **kw)
+
+    def run(self, fn: Any, *args: Any, timeout: float = 120.0) -> Any:
+        return call_in(self.node.ns, fn, *args, timeout=timeout)
 
     def raw(self, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -63,17 +67,24 @@ class Api:
         return status, headers, json.loads(data) if data.startswith(b"{") else data
 
 
-@pytest.fixture(scope="module")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    workdir = tmp_path_factory.mktemp("openai")
+@contextmanager
+def serving(workdir: Path, name: str, stock: Callable[[ModelStore], Any]) -> Iterator[Api]:
+    """A node called `name` alone in a namespace, its store filled by `stock` first."""
     data_dir = workdir / "node"
-    ModelStore(data_dir / "models").import_file(tiny_model, "tiny")
+    stock(ModelStore(data_dir / "models"))
     with Netns() as netns:
-        ns = netns.add("api")
-        node = start_node(netns, ns, new_token().encode(), "api-node", workdir,
+        ns = netns.add(name.split("-")[0])
+        node = start_node(netns, ns, new_token().encode(), name, workdir,
                           "--listen", "/ip4/127.0.0.1/tcp/0", "--lan-only", data_dir=data_dir)
         port = json.loads((data_dir / "api.json").read_text())["port"]
         yield Api(node, port, (data_dir / "api-secret").read_text().strip())
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with serving(tmp_path_factory.mktemp("openai"), "api-node",
+                 lambda store: store.import_file(tiny_model, "tiny")) as running:
+        yield running
 
 
 def test_official_client_chat_not_streamed(api: Api) -> None:
@@ -87,6 +98,7 @@ def test_official_client_chat_not_streamed(api: Api) -> None:
     models, reply = api.run(go)
     assert "tiny" in models and models["tiny"].owned_by == "covey"
     assert models["tiny"].model_extra["covey"]["routes"] == ["local"]
+    assert models["tiny"].model_extra["covey"]["embeddings"] is True
     assert reply.object == "chat.completion" and reply.model == "tiny"
     assert reply.choices[0].finish_reason == "length"
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
@@ -213,6 +225,19 @@ def test_a_max_tokens_over_the_context_is_lowered_and_says_so(api: Api) -> None:
     assert headers["x-covey-max-tokens-lowered"] == str(lowered)
     assert lowered + reply["usage"]["prompt_tokens"] == 256  # the tiny model's context
     assert reply["covey"]["max_tokens_lowered_to"] == lowered
+
+
+def test_a_streamed_reply_says_the_lowering_in_its_headers(api: Api) -> None:
+    def go() -> tuple[Any, list[Any]]:
+        raw = api.client().chat.completions.with_raw_response.create(
+            model="tiny", messages=CHAT, max_tokens=5000, stream=True,
+            stream_options={"include_usage": True})
+        return raw.headers, list(raw.parse())
+
+    headers, chunks = api.run(go)
+    lowered = chunks[-1].usage.model_extra["covey_max_tokens_lowered_to"]
+    assert headers["x-covey-max-tokens-lowered"] == str(lowered)
+    assert lowered + chunks[-1].usage.prompt_tokens == 256
 
 
 def test_malformed_json_huge_body_key_and_host(api: Api) -> None:

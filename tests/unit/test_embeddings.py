@@ -153,6 +153,7 @@ def test_openapi_limits_and_example_are_the_handlers() -> None:
     assert openapi.EMBEDDING_MAX_INPUTS == api.MAX_INPUTS
     assert openapi.EMBEDDING_MAX_TOTAL_TOKENS == api.MAX_TOTAL_TOKENS
     assert openapi.EMBEDDING_MAX_INPUT_TOKENS == route.EMBED_CTX
+    assert openapi.EMBEDDING_IDLE_UNLOAD_S == route.IDLE_UNLOAD_S
     doc = openapi.openapi_document()
     post = doc["paths"]["/v1/embeddings"]["post"]
     parse_embeddings(post["requestBody"]["content"]["application/json"]["example"])

@@ -82,7 +82,7 @@ class RouteRecorder:
     def __init__(self) -> None:
         self.routes: set[tuple[str, str]] = set()
 
-    def add_route(self, method: str, path: str, handler: object) -> None:
+    def add_route(self, method: str, path: str, handler: object, **options: bool) -> None:
         self.routes.add((method.lower(), path))
 
     def __getattr__(self, name: str) -> Any:
@@ -197,3 +197,35 @@ def test_tool_limits_are_the_handlers_limits(doc: dict[str, Any]) -> None:
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         assert "response_format" in schemas[request]["properties"]
     assert "tools" not in schemas["CompletionRequest"]["properties"]
+
+
+class _Route:
+    def __init__(self, name: str, models: dict[str, list[str]]) -> None:
+        self.name, self._models = name, models
+
+    def model_ids(self) -> list[str]:
+        return list(self._models)
+
+    def machines(self, model: str) -> list[str]:
+        return self._models[model]
+
+
+class _Router:
+    def routes(self) -> list[_Route]:
+        return [_Route("local", {"mine": ["here"]}),
+                _Route("federated", {"mine": ["peer"], "theirs": ["peer"]})]
+
+    def preview(self, model: str) -> None:
+        return None
+
+
+def test_models_say_which_take_embeddings_as_the_document_does(doc: dict[str, Any]) -> None:
+    models = {m["id"]: m for m in openai_api.OpenAiApi(_Router())._models()}  # type: ignore[arg-type]
+    # Embeddings run on this machine's models only: not on one that only a peer holds.
+    assert models["mine"]["covey"]["embeddings"] is True
+    assert models["theirs"]["covey"]["embeddings"] is False
+    schema = doc["components"]["schemas"]["Model"]
+    covey = schema["properties"]["covey"]
+    for entry in models.values():
+        assert set(entry) == set(schema["properties"]) == set(schema["required"])
+        assert set(covey["required"]) <= set(entry["covey"]) <= set(covey["properties"])

@@ -172,6 +172,9 @@ def test_a_lowered_max_tokens_is_stated() -> None:
     assert lowered_headers(done(300)) == {LOWERED_HEADER: "300"}
     assert LOWERED_USAGE_KEY not in full_response(c, done(), 0, {})["usage"]
     assert lowered_headers(done()) == {}
+    # A stream's headers go out with its first token, which says it too.
+    assert lowered_headers(Token("r", 1, "a", None, 300)) == {LOWERED_HEADER: "300"}
+    assert lowered_headers(Token("r", 1, "a")) == {}
 
 
 def test_failover_keeps_the_lowering_counted_from_the_whole_reply() -> None:
@@ -215,6 +218,8 @@ def test_federated_reply_frames_carry_logprobs_and_lowering() -> None:
     assert "logprob" not in federated.token_frame(Token("r", 5, " Hi"))
     assert federated.done_frame(done(7))["max_tokens_lowered_to"] == 7
     assert "max_tokens_lowered_to" not in federated.done_frame(done())
+    first = federated.token_frame(Token("r", 5, " Hi", None, 7))  # a stream's headers need it
+    assert federated._lowered(first) == 7 and federated._lowered(token) is None
 
 
 @pytest.mark.parametrize("raw", [

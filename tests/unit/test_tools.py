@@ -205,6 +205,15 @@ def test_tool_calls_are_found_as_models_write_them(text: str) -> None:
     assert calls[0].id.startswith("call_")
 
 
+def test_several_calls_one_a_line_are_each_a_call() -> None:
+    # Qwen2.5 writes several calls this way when it leaves out its <tool_call> tags.
+    calls = extract_tool_calls('{"name": "get_time", "arguments": {"zone": "utc"}}\n'
+                               '{"name": "get_weather", "arguments": {"city": "Rome"}}\n', NAMES)
+    assert calls is not None and [c.name for c in calls] == ["get_time", "get_weather"]
+    assert extract_tool_calls('{"name": "get_time", "arguments": {}}\nThat is all.', NAMES) \
+        is None
+
+
 def test_several_calls_each_get_their_own_id() -> None:
     calls = extract_tool_calls('[{"name": "get_time", "arguments": {}}, '
                                '{"name": "get_weather", "arguments": {"city": "Rome"}}]', NAMES)
