@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -99,6 +100,11 @@ def test_the_engine_is_unloaded_after_the_idle_period(store: ModelStore) -> None
             await trio.sleep(IDLE_S - 10)
             seen["again"] = (embedder.loaded, engines[0].closed)
             await trio.sleep(30)
+            # The engine closes in a worker thread: give it real time, boundedly.
+            for _ in range(500):
+                if engines[0].closed:
+                    break
+                await trio.to_thread.run_sync(time.sleep, 0.01)
             seen["after"] = (embedder.loaded, engines[0].closed)
             nursery.cancel_scope.cancel()
 
