@@ -5,8 +5,8 @@ varint-delimited), but the hop and stop handlers are Covey's own, mounted behind
 gatekeeper: only admitted members may reserve a slot or open a circuit, a circuit only reaches
 an admitted member that holds a reservation, and a stop stream is accepted only from a relay
 this node reserved with. Each circuit has limits (bytes, time) and the relay caps the
-reservations, the circuits (in all and per peer) and its relayed bytes per second, so relaying
-never starves the relaying node's own user.
+reservations, the circuits (in all and per peer), how often each member may open one, and its
+relayed bytes per second, so relaying never starves the relaying node's own user.
 
 Why not the library's `CircuitV2Protocol` (py-libp2p 0.8.1, libp2p/relay/circuit_v2/
 protocol.py): `_handle_reserve` books the slot for whatever peer the message's `peer` field
@@ -65,6 +65,8 @@ class RelayLimits:
     circuit_bytes: int = 256 * MiB  # both directions together; then the circuit is reset
     circuit_s: float = 3600.0
     rate_bytes_s: float = 8 * MiB  # all circuits together
+    opens_per_min: float = 30.0  # circuits one member may open per minute, after a burst of
+    opens_burst: int = 8
 
 
 class RelayRefused(ConnectionError):
@@ -121,6 +123,38 @@ class Slots:
     def _expire(self, now: float) -> None:
         for peer in [p for p, until in self.reservations.items() if until <= now]:
             del self.reservations[peer]
+
+
+@dataclass
+class OpenRate:
+    """How often each member may open a circuit: a token bucket per member, refilled at
+    `per_min` a minute up to `burst`. The caps on open circuits cannot see a member that opens,
+    sends a little and closes, over and over; each such circuit still costs the relay a stop
+    stream and the destination a handshake. Pure: callers pass `now`."""
+
+    per_min: float
+    burst: int
+    buckets: dict[ID, tuple[float, float]] = field(default_factory=dict)  # peer -> (tokens, at)
+
+    PRUNE_AT = 256
+
+    def allow(self, peer: ID, now: float) -> bool:
+        """Take one open for `peer`; False when its bucket is empty."""
+        tokens = self._tokens(peer, now)
+        if len(self.buckets) >= self.PRUNE_AT:
+            self._prune(now)
+        allowed = tokens >= 1
+        self.buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+    def _tokens(self, peer: ID, now: float) -> float:
+        tokens, at = self.buckets.get(peer, (float(self.burst), now))
+        return min(float(self.burst), tokens + max(0.0, now - at) * self.per_min / 60)
+
+    def _prune(self, now: float) -> None:
+        """Forget the members whose bucket has filled up again (as good as a new one)."""
+        for peer in [p for p in self.buckets if self._tokens(p, now) >= self.burst]:
+            del self.buckets[peer]
 
 
 class ByteBudget:
@@ -215,6 +249,7 @@ class RelayHop:
         self._is_admitted = is_admitted
         self.limits = limits
         self.slots = Slots(limits)
+        self.open_rate = OpenRate(limits.opens_per_min, limits.opens_burst)
         self._clock = clock
         self.pacer = Pacer(limits.rate_bytes_s)
         self.bytes_relayed = 0
@@ -261,6 +296,9 @@ class RelayHop:
             dst = ID(msg.peer.id)
         except Exception:  # noqa: BLE001 - garbage bytes
             await self._status(stream, Status.MALFORMED_MESSAGE)
+            return
+        if not self.open_rate.allow(src, self._clock()):
+            await self._status(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         if not self._is_admitted(dst) or not self.slots.has_reservation(dst, self._clock()):
             await self._status(stream, Status.NO_RESERVATION)

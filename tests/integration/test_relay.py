@@ -8,8 +8,11 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeerId
 
 from swarm.net import relay as circuit
+from swarm.net.host import reset_quietly
 from swarm.net.reach import Held, Reach
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits, RelayRefused
 from tests.support.inprocess_swarm import (
@@ -208,5 +211,58 @@ def test_relay_limits_hold_under_load_and_the_relay_still_serves_its_own() -> No
             assert limits.circuit_bytes < hop.bytes_relayed <= 2 * limits.circuit_bytes
             assert all(s < 8 * 1024 * 1024 for s in sent)
             await wait_for(lambda: hop.slots.open_circuits == 0, 10, "the circuits to close")
+
+    run(body)
+
+
+async def _short_circuit(node: Member, relay: ID, target: ID) -> int:
+    """Open a circuit to `target`, send a little, close it: the relay's status for it."""
+    try:
+        stream, _ = await circuit._hop_request(node.host, relay, HopMessage(
+            type=HopMessage.CONNECT, peer=PbPeerId(id=target.to_bytes())))
+    except RelayRefused as exc:
+        return exc.status
+    await stream.write(b"x" * 512)
+    await reset_quietly(stream)
+    return Status.OK
+
+
+def test_a_member_churning_short_circuits_is_rated_and_the_relay_serves_the_others() -> None:
+    async def body() -> None:
+        keys = new_keys()
+        limits = RelayLimits(opens_per_min=60, opens_burst=3)
+        async with (member(keys) as r, member(keys) as b, member(keys) as hostile,
+                    member(keys) as other, member(keys) as user):
+            hop = _offer_relay(r, limits)
+            reach_b = _accept_circuits(b)
+            for node in (b, hostile, other, user):
+                await join(node, r)
+            _accept_circuits(other)
+            await _hold_slot(reach_b, r.peer_id)
+            answers: list[int] = []
+            slowest = 0.0
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                async def churn() -> None:
+                    while trio.current_time() - began < 3.0:  # bounded: 30 opens in 3 s
+                        answers.append(await _short_circuit(hostile, r.peer_id, b.peer_id))
+                        await trio.sleep(0.1)
+
+                nursery.start_soon(churn)
+                await trio.sleep(1.0)
+                await circuit.dial(other.host, r.peer_id, b.peer_id)  # mid-attack: served
+                while trio.current_time() - began < 3.0:  # and the relay's own user too
+                    t0 = trio.current_time()
+                    assert await echo_works(user.host, r.peer_id)
+                    slowest = max(slowest, trio.current_time() - t0)
+                    await trio.sleep(0.05)
+            await wait_for(lambda: b.peer_id in other.gatekeeper.admitted, 10,
+                           "admission over the other member's circuit")
+            assert await echo_works(other.host, b.peer_id)
+            # The burst, plus one a second refilled over ~3 s; the rest refused as the spec says.
+            assert answers.count(Status.OK) <= 3 + 4, answers
+            assert answers.count(Status.RESOURCE_LIMIT_EXCEEDED) >= len(answers) - 7 >= 15
+            assert slowest < 0.5, f"the relay took {slowest:.2f} s to answer during the churn"
+            await wait_for(lambda: hop.slots.open_circuits == 1, 10, "the short circuits to end")
 
     run(body)
