@@ -43,6 +43,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeerId
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from swarm.net.host import reset_quietly
+from swarm.net.relay_limits import RelayLimits
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,6 @@ STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
 MESSAGE_TIMEOUT_S = 10.0
 CHUNK_BYTES = 64 * 1024
 MAX_RELAY_ADDRS = 4
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """What one relaying node lends the swarm."""
-
-    max_reservations: int = 32
-    reservation_s: float = 600.0
-    max_circuits: int = 32
-    max_circuits_per_peer: int = 4  # as either end
-    circuit_bytes: int = 256 * MiB  # both directions together; then the circuit is reset
-    circuit_s: float = 3600.0
-    rate_bytes_s: float = 8 * MiB  # all circuits together
-    opens_per_min: float = 30.0  # circuits one member may open per minute, after a burst of
-    opens_burst: int = 8
 
 
 class RelayRefused(ConnectionError):
@@ -243,11 +228,11 @@ class RelayHop:
     gatekeeper's guard: a stream reaching it comes from an admitted peer."""
 
     def __init__(self, host: IHost, is_admitted: Callable[[ID], bool],
-                 limits: RelayLimits = RelayLimits(),
+                 limits: RelayLimits | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self._is_admitted = is_admitted
-        self.limits = limits
+        self.limits = limits = limits or RelayLimits()
         self.slots = Slots(limits)
         self.open_rate = OpenRate(limits.opens_per_min, limits.opens_burst)
         self._clock = clock

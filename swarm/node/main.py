@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, TextIO, TypeVar
 
 import trio
 
@@ -32,6 +32,7 @@ from swarm.trust.token import TokenError, check_bootstrap_address, parse_token
 log = logging.getLogger("covey.node")
 
 LOCK_FILE = "node.lock"
+_Number = TypeVar("_Number", int, float)
 STDIN_TOKEN = "-"
 TOKEN_ON_COMMAND_LINE = (
     "covey: warning: a token given as --token TOKEN can be read by every user of this machine "
@@ -83,13 +84,25 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
         remote_prompts=remote if remote is not None else (saved.remote_prompts if saved else True),
         prefer_route=prefer or (saved.prefer_route if saved else "auto"),
         ctx=_ctx_setting(getattr(args, "ctx", None), saved),
+        relay_max_circuits=_remembered(getattr(args, "relay_max_circuits", None),
+                                       saved.relay_max_circuits if saved else None),
+        relay_rate_mib=_remembered(getattr(args, "relay_rate_mib", None),
+                                   saved.relay_rate_mib if saved else None),
+        relay_circuit_mib=_remembered(getattr(args, "relay_circuit_mib", None),
+                                      saved.relay_circuit_mib if saved else None),
     )
 
 
 def _ctx_setting(given: int | None, saved: Settings | None) -> int | None:
     """--ctx N is remembered; --ctx 0 goes back to automatic (None)."""
+    return _remembered(given, saved.ctx if saved else None)
+
+
+def _remembered(given: _Number | None, saved: _Number | None) -> _Number | None:
+    """An option given is remembered; not given, the remembered value stays; 0 goes back to
+    the default (None)."""
     if given is None:
-        return saved.ctx if saved else None
+        return saved
     return given or None
 
 
@@ -192,6 +205,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
         relay=getattr(args, "relay", None),
+        relay_limits=settings.relay_limits(),
     )
     return Node(config)
 
