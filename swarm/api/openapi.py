@@ -624,7 +624,11 @@ def _node_schemas() -> dict[str, Schema]:
             "version": {"const": 1}, "model": string, "sha256": string,
             "size": {"type": "integer", "minimum": 1},
             "state": {"type": "string",
-                      "enum": ["running", "verifying", "done", "failed", "cancelled"]},
+                      "enum": ["waiting", "running", "verifying", "done", "failed",
+                               "cancelled"],
+                      "description": "waiting: the only peers with the model are reachable "
+                                     "through a relay whose cap would cut the copy; `notice` "
+                                     "says so, and the copy starts once a direct path opens."},
             "done": {"type": "integer", "minimum": 0, "description": "Bytes copied so far."},
             "resumed_from": {"type": "integer", "minimum": 0,
                              "description": "Bytes an earlier try had copied."},

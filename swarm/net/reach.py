@@ -18,14 +18,16 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from swarm.ledger.entries import REACH_KEY, ReachEntry, read
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net import relay as circuit
+from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import transport_addrs
+from swarm.net.relay_limits import RelayLimits
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,16 @@ def link_label(relay_name: str | None) -> str:
     return DIRECT if relay_name is None else f"relayed via {relay_name}"
 
 
+def _only_relay(conns: Collection[INetConn]) -> ID | None:
+    """The relay of a peer's connections when all run through one; None if any is direct."""
+    relays = [circuit.relay_of_connection(c) for c in conns]
+    return relays[0] if relays and None not in relays else None
+
+
+def _name(peer: ID, names: Mapping[str, str]) -> str:
+    return names.get(peer.to_base58(), peer.to_base58()[-8:])
+
+
 @dataclass
 class Held:
     """A reservation this node holds on a relay."""
@@ -107,6 +119,7 @@ class Reach:
         self.held: dict[ID, Held] = {}
         self._direct_failed: dict[ID, float] = {}
         self._dialing: set[ID] = set()
+        self._caps: dict[ID, int | None] = {}  # peer -> the byte cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
 
     def entry(self, addrs: list[str]) -> ReachEntry:
@@ -121,11 +134,19 @@ class Reach:
         """How each connected peer is reached: "direct" or "relayed via NAME"."""
         out = {}
         for peer, conns in self.host.get_network().get_connections_map().items():
-            relays = [circuit.relay_of_connection(c) for c in conns]
-            relay = relays[0] if relays and None not in relays else None  # any direct: direct
-            out[peer.to_base58()] = link_label(
-                None if relay is None else names.get(relay.to_base58(), relay.to_base58()[-8:]))
+            relay = _only_relay(conns)
+            out[peer.to_base58()] = link_label(None if relay is None else _name(relay, names))
         return out
+
+    def relayed(self, peer_id: str, names: Mapping[str, str]) -> Relayed | None:
+        """The relay `peer_id` is reached through and its circuit's byte cap; None when the
+        peer is reached directly (or not connected: a dial will find out)."""
+        peer = ID.from_base58(peer_id)
+        relay = _only_relay(self.host.get_network().get_connections(peer))
+        if relay is None:
+            return None
+        caps = self.stop_side.caps | self._caps
+        return Relayed(_name(relay, names), caps.get(peer, RelayLimits().circuit_bytes))
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -211,7 +232,7 @@ class Reach:
             with trio.fail_after(DIAL_TIMEOUT_S * 2):
                 if not self._connected(relay):
                     await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(relay_addr)]))
-                await circuit.dial(self.host, relay, peer)
+                await circuit.dial(self.host, relay, peer, self._caps)
         except Exception as exc:  # noqa: BLE001 - the relay or the peer is gone, or refuses
             log.info("no circuit to %s via %s: %r", peer, relay, exc)
             return False

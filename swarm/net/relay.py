@@ -376,11 +376,19 @@ async def reserve(host: IHost, relay: ID) -> tuple[float, list[str]]:
     return float(answer.reservation.expire), addrs
 
 
-async def dial(host: IHost, relay: ID, target: ID) -> INetConn:
+def _circuit_bytes(limit: Limit) -> int | None:
+    """The bytes a circuit carries, from the limit the relay sent (none or 0: no cap)."""
+    return limit.data or None
+
+
+async def dial(host: IHost, relay: ID, target: ID,
+               caps: dict[ID, int | None] | None = None) -> INetConn:
     """A connection to `target` through `relay` (connected), secured and muxed like any other;
-    admission then runs on it as on a direct one."""
-    stream, _ = await _hop_request(
+    admission then runs on it as on a direct one. The circuit's byte cap goes into `caps`."""
+    stream, answer = await _hop_request(
         host, relay, HopMessage(type=HopMessage.CONNECT, peer=PbPeerId(id=target.to_bytes())))
+    if caps is not None:
+        caps[target] = _circuit_bytes(answer.limit)
     addr = _relayed_addr(relay, target)
     raw = RawConnection(stream, True, ConnectionType.RELAYED, [addr])
     conn = await host.upgrade_outbound_connection(raw, target)
@@ -396,6 +404,7 @@ class StopSide:
     def __init__(self, host: IHost, reserved_with: Callable[[ID], bool]) -> None:
         self.host = host
         self._reserved_with = reserved_with
+        self.caps: dict[ID, int | None] = {}  # source -> the byte cap of its circuit
 
     async def handle(self, stream: INetStream) -> None:
         relay = stream.muxed_conn.peer_id
@@ -416,5 +425,6 @@ class StopSide:
             await muxed.close()
             return
         _tag(self.host, source, muxed, relay)
+        self.caps[source] = _circuit_bytes(msg.limit)
         # The stream is the connection: hold it until the connection ends.
         await muxed.event_closed.wait()  # type: ignore[attr-defined]  # Yamux has it

@@ -44,6 +44,7 @@ from swarm.ledger.entries import (
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, SYNC_PROTOCOL_V2, LedgerSync
 from swarm.net import mdns
+from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
@@ -161,7 +162,8 @@ class Node:
                                       n_ctx=config.ctx)
         self.bundled = BundledModels(self.store.ensure, config.bundled_models)
         self.copy_server = CopyServer(self.store, config.upload_limit_bytes_s)
-        self.copier = Copier(self.host, self.store, self.copy_offers, self.changed)
+        self.copier = Copier(self.host, self.store, self.copy_offers, self.changed,
+                             relayed=self.relayed)
         self.federated = FederatedService(self.local_route, self.changed, self.bundled)
         if config.federated_model:
             self.federated.models = [config.federated_model]
@@ -175,7 +177,7 @@ class Node:
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route,
                                           n_ctx=config.ctx or SHARDED_CTX,
-                                          ram_of=self._ram_totals)
+                                          ram_of=self._ram_totals, relayed=self.relayed)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing, self.bundled)
         self.openai = OpenAiApi(self.router)
@@ -368,6 +370,10 @@ class Node:
     def links(self) -> dict[str, str]:
         """How each connected peer is reached, by peer id: "direct" or "relayed via NAME"."""
         return self.reach.links(self._names())
+
+    def relayed(self, peer_id: str) -> Relayed | None:
+        """The relay `peer_id` is reached through (None: directly), for bulk transfers."""
+        return self.reach.relayed(peer_id, self._names())
 
     def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}

@@ -6,6 +6,9 @@
 - `Copier` runs copy jobs: byte ranges appended to a partial file in the store, resuming what
   an earlier try left, moving to another peer with the same file when one leaves, and checked
   against the published sha256 before the store takes the model.
+- A peer reached only through a relay is a source only while the relay's cap on a circuit
+  allows the rest of the copy (`swarm/net/bulk_path.py`); otherwise the job waits ("waiting",
+  its notice saying why) until a direct path opens, and takes a direct source over a relayed one.
 - What a peer announces is not trusted: a copy that would leave less than `DISK_MARGIN_BYTES`
   free is refused before any byte is written, no more than the announced size is read, and
   when peers disagree on what a name means with no majority, the user picks by sha256.
@@ -35,6 +38,7 @@ from backends.sizes import human_bytes
 from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
+from swarm.net.bulk_path import Relayed, bulk_path
 from swarm.net.host import (
     parse_versioned,
     read_frame,
@@ -53,6 +57,7 @@ MAX_REQUEST_BYTES = 4096
 CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
 DISK_MARGIN_BYTES = 1 << 30  # a copy must leave this much free on the store's disk
+WAIT_DIRECT_S = 2.0  # how often a copy waiting for a direct path looks again
 
 
 class CopyError(ModelStoreError):
@@ -125,6 +130,19 @@ def check_room(name: str, need: int, free: int, margin: int = DISK_MARGIN_BYTES)
             "some space and copy again.")
 
 
+def usable_sources(found: Sequence[Offer], relayed: Callable[[str], Relayed | None],
+                   need: int) -> tuple[list[Offer], str | None]:
+    """The sources a copy needing `need` more bytes may use now: the direct ones if any, else
+    the relayed ones whose circuit carries the rest; with a notice for the user when it goes
+    through a relay, or, when none may be used, why it waits."""
+    paths = [(o, bulk_path(o.machine, relayed(o.peer_id), need, "the copy")) for o in found]
+    direct = [o for o, path in paths if path.notice is None]
+    if direct:
+        return direct, None
+    slow = [o for o, path in paths if path.go]
+    return slow, next((path.notice for _, path in paths if path.go == bool(slow)), None)
+
+
 def next_range(done: int, size: int, range_bytes: int = RANGE_BYTES) -> tuple[int, int]:
     return done, min(range_bytes, size - done)
 
@@ -185,7 +203,8 @@ class CopyJob:
     model: str
     sha256: str
     size: int
-    state: str = "running"  # running, verifying, done, failed, cancelled
+    state: str = "running"  # waiting (for a direct path), running, verifying, done, failed,
+    # cancelled
     done: int = 0
     resumed_from: int = 0
     source: str | None = None  # the machine sending now (or last)
@@ -203,7 +222,10 @@ class CopyJob:
 
     @property
     def active(self) -> bool:
-        return self.state in ("running", "verifying")
+        return self.state in ACTIVE_STATES
+
+
+ACTIVE_STATES = ("waiting", "running", "verifying")
 
 
 class _PeerFailed(Exception):
@@ -215,8 +237,10 @@ class Copier:
 
     def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
                  on_added: Callable[[], None], rng: random.Random | None = None,
-                 free_bytes: Callable[[], int] | None = None) -> None:
+                 free_bytes: Callable[[], int] | None = None,
+                 relayed: Callable[[str], Relayed | None] = lambda peer_id: None) -> None:
         self.host = host
+        self._relayed = relayed  # peer id -> its relay, when reached only through one
         self.store = store
         self._free_bytes = free_bytes or store.free_bytes
         self._found = found
@@ -245,6 +269,7 @@ class Copier:
         except BaseException:
             self.store.release(job.model)
             raise
+        self._sources(job)  # says at once when the copy must wait for a direct path
         self.jobs[name] = job
         nursery.start_soon(self._run, job, partial)
         return job
@@ -294,6 +319,10 @@ class Copier:
                 raise CopyError(
                     f"The copy of {job.model!r} stopped at {percent}%: no other peer online has "
                     f"it{why}. What was copied is kept; copy again to resume.")
+            sources = self._sources(job, sources)
+            if not sources:
+                await trio.sleep(WAIT_DIRECT_S)
+                continue
             source = self._rng.choice(sources)
             job.source = source.machine
             if source.machine not in job.sources:
@@ -306,6 +335,16 @@ class Copier:
                 failed.add(source.peer_id)
                 job.notice = f"{source.machine} stopped sending ({_why(exc)})"
                 log.warning("copy of %s from %s failed: %r", job.model, source.machine, exc)
+
+    def _sources(self, job: CopyJob, found: Sequence[Offer] | None = None) -> list[Offer]:
+        """The sources `job` may use now; none: the job waits for a direct path, saying why."""
+        if found is None:
+            found = [o for o in self._found() if o.model.sha256 == job.sha256]
+        usable, notice = usable_sources(found, self._relayed, job.size - job.done)
+        if notice is not None or job.state == "waiting":
+            job.notice = notice
+        job.state = "running" if usable else "waiting"
+        return usable
 
     async def _fetch_from(self, source: Offer, job: CopyJob, f: BinaryIO) -> None:
         while job.done < job.size:

@@ -133,13 +133,14 @@ class ModelsPage(QWidget):
     def _show_copies(self, copies: list[dict[str, Any]]) -> None:
         if self._busy:  # an import or download owns the progress bar
             return
-        running = [c for c in copies if c.get("state") in ("running", "verifying")]
+        running = [c for c in copies if c.get("state") in ("waiting", "running", "verifying")]
         if running:
             job = running[0]
             self.progress.setVisible(True)
             self.progress.setMaximum(max(int(job.get("size") or 0) >> 20, 1))
             self.progress.setValue(int(job.get("done") or 0) >> 20)
-            self.message.setText(f"Copying {job.get('model')} from {job.get('source') or '…'}")
+            self.message.setText((job.get("notice") or "") if job.get("state") == "waiting" else
+                                 f"Copying {job.get('model')} from {job.get('source') or '…'}")
         elif self.progress.isVisible():
             self.progress.setVisible(False)
 
