@@ -230,7 +230,7 @@ async def _short_circuit(node: Member, relay: ID, target: ID) -> int:
 def test_a_member_churning_short_circuits_is_rated_and_the_relay_serves_the_others() -> None:
     async def body() -> None:
         keys = new_keys()
-        limits = RelayLimits(opens_per_min=60, opens_burst=3)
+        limits = RelayLimits(opens_per_min=30, opens_burst=3)
         async with (member(keys) as r, member(keys) as b, member(keys) as hostile,
                     member(keys) as other, member(keys) as user):
             hop = _offer_relay(r, limits)
@@ -244,24 +244,26 @@ def test_a_member_churning_short_circuits_is_rated_and_the_relay_serves_the_othe
             began = trio.current_time()
             async with trio.open_nursery() as nursery:
                 async def churn() -> None:
-                    while trio.current_time() - began < 3.0:  # bounded: 30 opens in 3 s
+                    for _ in range(30):  # bounded: 30 opens, ten a second
                         answers.append(await _short_circuit(hostile, r.peer_id, b.peer_id))
                         await trio.sleep(0.1)
 
                 nursery.start_soon(churn)
                 await trio.sleep(1.0)
                 await circuit.dial(other.host, r.peer_id, b.peer_id)  # mid-attack: served
-                while trio.current_time() - began < 3.0:  # and the relay's own user too
+                while len(answers) < 30:  # and the relay's own user too
                     t0 = trio.current_time()
                     assert await echo_works(user.host, r.peer_id)
                     slowest = max(slowest, trio.current_time() - t0)
                     await trio.sleep(0.05)
+            elapsed = trio.current_time() - began
             await wait_for(lambda: b.peer_id in other.gatekeeper.admitted, 10,
                            "admission over the other member's circuit")
             assert await echo_works(other.host, b.peer_id)
-            # The burst, plus one a second refilled over ~3 s; the rest refused as the spec says.
-            assert answers.count(Status.OK) <= 3 + 4, answers
-            assert answers.count(Status.RESOURCE_LIMIT_EXCEEDED) >= len(answers) - 7 >= 15
+            # The burst, plus one every two seconds; the rest refused as the spec says.
+            allowed = 3 + int(elapsed / 2) + 1
+            assert answers.count(Status.OK) <= allowed < 25, (answers, elapsed)
+            assert answers.count(Status.RESOURCE_LIMIT_EXCEEDED) >= 30 - allowed, answers
             assert slowest < 0.5, f"the relay took {slowest:.2f} s to answer during the churn"
             await wait_for(lambda: hop.slots.open_circuits == 1, 10, "the short circuits to end")
 
