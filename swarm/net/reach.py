@@ -119,7 +119,7 @@ class Reach:
         self.held: dict[ID, Held] = {}
         self._direct_failed: dict[ID, float] = {}
         self._dialing: set[ID] = set()
-        self._caps: dict[ID, int | None] = {}  # peer -> the byte cap of the circuit we opened
+        self.circuit_caps: dict[ID, int | None] = {}  # peer -> the cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
 
     def entry(self, addrs: list[str]) -> ReachEntry:
@@ -145,7 +145,7 @@ class Reach:
         relay = _only_relay(self.host.get_network().get_connections(peer))
         if relay is None:
             return None
-        caps = self.stop_side.caps | self._caps
+        caps = self.stop_side.caps | self.circuit_caps
         return Relayed(_name(relay, names), caps.get(peer, RelayLimits().circuit_bytes))
 
     async def run(self) -> None:
@@ -232,7 +232,7 @@ class Reach:
             with trio.fail_after(DIAL_TIMEOUT_S * 2):
                 if not self._connected(relay):
                     await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(relay_addr)]))
-                await circuit.dial(self.host, relay, peer, self._caps)
+                await circuit.dial(self.host, relay, peer, self.circuit_caps)
         except Exception as exc:  # noqa: BLE001 - the relay or the peer is gone, or refuses
             log.info("no circuit to %s via %s: %r", peer, relay, exc)
             return False

@@ -12,6 +12,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeerId
 
 from swarm.net import relay as circuit
+from swarm.net.bulk_path import Relayed
 from swarm.net.host import reset_quietly
 from swarm.net.reach import Held, Reach
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits, RelayRefused
@@ -41,14 +42,15 @@ def _accept_circuits(node: Member) -> Reach:
     return reach
 
 
-async def _circuit_a_to_b(r: Member, a: Member, b: Member) -> None:
+async def _circuit_a_to_b(r: Member, a: Member, b: Member) -> tuple[Reach, Reach]:
     """a and b join relay r; b holds a slot there and a opens a circuit to it."""
-    _accept_circuits(a)
+    reach_a = _accept_circuits(a)
     reach_b = _accept_circuits(b)
     await join(a, r)
     await join(b, r)
     await _hold_slot(reach_b, r.peer_id)
-    await circuit.dial(a.host, r.peer_id, b.peer_id)
+    await circuit.dial(a.host, r.peer_id, b.peer_id, reach_a.circuit_caps)
+    return reach_a, reach_b
 
 
 async def _hold_slot(reach: Reach, relay: ID) -> None:
@@ -114,8 +116,13 @@ def test_a_circuit_ends_when_its_bytes_are_spent() -> None:
         limits = RelayLimits(circuit_bytes=256 * 1024)
         async with member(keys) as r, member(keys) as a, member(keys) as b:
             hop = _offer_relay(r, limits)
-            await _circuit_a_to_b(r, a, b)
+            reach_a, reach_b = await _circuit_a_to_b(r, a, b)
             await wait_for(lambda: b.peer_id in a.gatekeeper.admitted, 10, "admission")
+            # Both ends know the cap, so neither starts a bulk transfer that it would cut.
+            names = {r.peer_id.to_base58(): "relay-node"}
+            assert reach_a.relayed(b.peer_id.to_base58(), names) == \
+                reach_b.relayed(a.peer_id.to_base58(), names) == Relayed("relay-node", 256 * 1024)
+            assert reach_a.relayed(r.peer_id.to_base58(), names) is None  # direct
             stream = await a.host.new_stream(b.peer_id, [ECHO_PROTOCOL])
             with pytest.raises(Exception), trio.fail_after(20):  # noqa: B017
                 for _ in range(64):  # 64 x 16 KiB = 1 MiB through a 256 KiB circuit
