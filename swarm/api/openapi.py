@@ -406,6 +406,10 @@ def _completion_schemas() -> dict[str, Schema]:
         "CoveyRouting": _object({
             "route": {"type": "string", "description": "The route that served the request."},
             "route_reason": {"type": "string", "description": "Why this route was chosen."},
+            "relayed": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "The machines serving the reply that this node reaches "
+                                       "only through a relay: machine name -> the relay's "
+                                       "name. Absent when all are reached directly."},
             "machines": _string_list("The machines that took part."),
             "max_tokens_lowered_to": {"type": "integer", "description":
                                       "Only when max_tokens was lowered to fit the context."},

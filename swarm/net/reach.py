@@ -132,10 +132,17 @@ class Reach:
 
     def links(self, names: Mapping[str, str]) -> dict[str, str]:
         """How each connected peer is reached: "direct" or "relayed via NAME"."""
+        relays = self.relays(names)
+        return {peer.to_base58(): link_label(relays.get(peer.to_base58()))
+                for peer in self.host.get_network().get_connections_map()}
+
+    def relays(self, names: Mapping[str, str]) -> dict[str, str]:
+        """The connected peers reached only through a relay: peer id -> the relay's name."""
         out = {}
         for peer, conns in self.host.get_network().get_connections_map().items():
             relay = _only_relay(conns)
-            out[peer.to_base58()] = link_label(None if relay is None else _name(relay, names))
+            if relay is not None:
+                out[peer.to_base58()] = _name(relay, names)
         return out
 
     def relayed(self, peer_id: str, names: Mapping[str, str]) -> Relayed | None:

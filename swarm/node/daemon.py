@@ -180,7 +180,7 @@ class Node:
                                           ram_of=self._ram_totals, relayed=self.relayed)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing, self.bundled)
-        self.openai = OpenAiApi(self.router)
+        self.openai = OpenAiApi(self.router, self.relayed_machines)
         self.embedder = LocalEmbedder(self.store, self.name, n_threads=config.threads)
         self.embeddings = EmbeddingsApi(self.embedder)
         self.network_api: LocalApi | None = None
@@ -374,6 +374,12 @@ class Node:
     def relayed(self, peer_id: str) -> Relayed | None:
         """The relay `peer_id` is reached through (None: directly), for bulk transfers."""
         return self.reach.relayed(peer_id, self._names())
+
+    def relayed_machines(self) -> dict[str, str]:
+        """Machine name -> the relay's name, for the peers reached only through a relay."""
+        names = self._names()
+        return {names.get(peer, peer[-8:]): relay
+                for peer, relay in self.reach.relays(names).items()}
 
     def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}
