@@ -9,10 +9,12 @@ from collections.abc import Mapping, Sequence
 
 def reached_through(machines: Sequence[str], relayed: Mapping[str, str] | None) -> str:
     """What follows the machines' names: ", reached through office" for one machine,
-    " (home2 reached through office)" for those of several; "" when all were direct."""
+    " (home2 reached through office)" for those of several (named without their layers);
+    "" when all were direct."""
     through = [(m, relayed[m]) for m in machines if relayed and m in relayed]
     if not through:
         return ""
     if len(machines) == 1:
         return f", reached through {through[0][1]}"
-    return " (" + "; ".join(f"{m} reached through {relay}" for m, relay in through) + ")"
+    return " (" + "; ".join(f"{m.partition(' (')[0]} reached through {relay}"
+                            for m, relay in through) + ")"

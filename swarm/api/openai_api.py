@@ -367,7 +367,9 @@ def note_served(covey: dict[str, Any], served: Served) -> None:
 def note_relayed(covey: dict[str, Any], relayed: dict[str, str]) -> None:
     """Record the machines serving the reply that this node reaches through a relay (the
     chat footer says so: "ran on NAME, reached through RELAY")."""
-    through = {m: relayed[m] for m in covey["machines"] if m in relayed}
+    # A sharded reply names each worker with its layers: "w1 (12 layers)".
+    through = {m: relayed[name] for m in covey["machines"]
+               if (name := m.partition(" (")[0]) in relayed}
     if through:
         covey["relayed"] = through
 

@@ -23,9 +23,10 @@ def test_the_words_name_the_relay_only_for_machines_reached_through_one() -> Non
 
 
 def test_the_node_notes_only_the_serving_machines_that_are_relayed() -> None:
-    covey = {"route": "sharded", "route_reason": "", "machines": ["w1", "home2"]}
+    covey = {"route": "sharded", "route_reason": "",
+             "machines": ["w1 (12 layers)", "home2 (12 layers)"]}
     note_relayed(covey, {"home2": "office", "elsewhere": "office"})
-    assert covey["relayed"] == {"home2": "office"}
+    assert covey["relayed"] == {"home2 (12 layers)": "office"}
     direct = {"route": "federated", "route_reason": "", "machines": ["fed1"]}
     note_relayed(direct, {"home2": "office"})
     assert "relayed" not in direct
@@ -42,8 +43,9 @@ def test_the_chat_footer_says_the_route_ran_through_a_relay() -> None:
 
 
 def test_covey_chat_prints_the_relayed_route(capsys: pytest.CaptureFixture[str]) -> None:
+    machines = ["w1 (12 layers)", "home2 (12 layers)"]
     node_chat._served({"covey": {"route": "sharded", "route_reason": "spread over w1, home2",
-                                 "machines": ["w1", "home2"], "relayed": {"home2": "office"}},
+                                 "machines": machines, "relayed": {machines[1]: "office"}},
                        "usage": {"completion_tokens": 5}})
-    assert "[5 tokens via the sharded route on w1, home2 (home2 reached through office): " \
-           "spread over w1, home2]" in capsys.readouterr().err
+    assert "[5 tokens via the sharded route on w1 (12 layers), home2 (12 layers) (home2 " \
+           "reached through office): spread over w1, home2]" in capsys.readouterr().err
