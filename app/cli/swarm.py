@@ -89,6 +89,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       metavar="MIB",
                       help="as a relay: MiB one circuit carries before it is ended (remembered; "
                            f"0: the default, {RelayLimits().circuit_bytes // MiB})")
+    node.add_argument("--upnp", action=argparse.BooleanOptionalAction,
+                      help="when this machine cannot be reached from the internet, ask the "
+                           "router (UPnP) to forward the swarm's port to it; remembered, on at "
+                           "first (--no-upnp: never)")
     node.add_argument("--remote-prompts", action=argparse.BooleanOptionalAction,
                       help="may prompts go to other machines (federated and sharded routes); "
                            "remembered, on at first")

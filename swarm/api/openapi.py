@@ -603,9 +603,10 @@ def _node_schemas() -> dict[str, Schema]:
             "online": {"type": "boolean"},
             "connected": {"type": "boolean"},
             "link": or_null({"type": "string", "description":
-                             "How a connected peer is reached: \"direct\" or \"relayed via "
-                             "NAME\" (through that member's relay). Null for this node and "
-                             "peers not connected."}),
+                             "How a connected peer is reached: \"direct\", \"UPnP\" (at "
+                             "the address its router maps) or \"relayed via NAME\" (through "
+                             "that member's relay). Null for this node and peers not "
+                             "connected."}),
             "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
             "worker": or_null(_object({
                 "donated_bytes": {"type": "integer", "minimum": 0},

@@ -4,7 +4,8 @@ Every node publishes a "reach" ledger entry (`ReachEntry`): its direct addresses
 relays for the swarm, and the circuits (`…/p2p/RELAY/p2p-circuit`) it holds a slot on. A node
 that is not reachable itself keeps reservations on up to `RESERVE_ON` relays it finds there.
 Each round, every live member that is not connected is dialled: its direct addresses first
-(skipped for a while after they failed), then its circuits through a relay. Admission then
+(those its router maps by UPnP among them; skipped for a while after they failed), then its
+circuits through a relay. Admission then
 runs on the connection like on any other, so every Covey protocol works over it.
 """
 
@@ -28,6 +29,7 @@ from swarm.net import relay as circuit
 from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import transport_addrs
 from swarm.net.relay_limits import RelayLimits
+from swarm.net.upnp import UPNP, via_upnp
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,10 @@ def dials_circuit(me: str, peer: str, reachable_by_circuit: bool) -> bool:
     return not reachable_by_circuit or me < peer
 
 
-def link_label(relay_name: str | None) -> str:
-    return DIRECT if relay_name is None else f"relayed via {relay_name}"
+def link_label(relay_name: str | None, upnp: bool = False) -> str:
+    if relay_name is not None:
+        return f"relayed via {relay_name}"
+    return UPNP if upnp else DIRECT
 
 
 def _only_relay(conns: Collection[INetConn]) -> ID | None:
@@ -122,19 +126,27 @@ class Reach:
         self.circuit_caps: dict[ID, int | None] = {}  # peer -> the cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
 
-    def entry(self, addrs: list[str]) -> ReachEntry:
+    def entry(self, addrs: list[str], upnp: tuple[str, ...] = ()) -> ReachEntry:
+        """This node's reach entry: `addrs` (the router's UPnP mappings, `upnp`, first)."""
         circuits = [c for held in self.held.values() for c in held.circuits]
-        return ReachEntry(tuple(a for a in addrs if not is_loopback(a))[:8],
-                          tuple(circuits)[:8], self.offers_relay)
+        direct = [*upnp, *(a for a in addrs if not is_loopback(a) and a not in upnp)]
+        return ReachEntry(tuple(direct)[:8], tuple(circuits)[:8], self.offers_relay, upnp[:8])
 
     def _connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer))
 
     def links(self, names: Mapping[str, str]) -> dict[str, str]:
-        """How each connected peer is reached: "direct" or "relayed via NAME"."""
+        """How each connected peer is reached: "direct", "UPnP" (at the address its router
+        maps) or "relayed via NAME"."""
         relays = self.relays(names)
-        return {peer.to_base58(): link_label(relays.get(peer.to_base58()))
-                for peer in self.host.get_network().get_connections_map()}
+        entries = live_entries(self.ledger, self.host.get_id().to_base58(), time.time())
+        out = {}
+        for peer, conns in self.host.get_network().get_connections_map().items():
+            owner = peer.to_base58()
+            remote = [str(a) for c in conns for a in c.get_transport_addresses()]
+            mapped = entries[owner].upnp if owner in entries else ()
+            out[owner] = link_label(relays.get(owner), via_upnp(remote, mapped))
+        return out
 
     def relays(self, names: Mapping[str, str]) -> dict[str, str]:
         """The connected peers reached only through a relay: peer id -> the relay's name."""

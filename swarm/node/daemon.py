@@ -50,6 +50,7 @@ from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
 from swarm.net.reach import Reach, is_public
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits
+from swarm.net.upnp import MiniupnpcGateway, PortMapper, port_to_map, upnp_allowed
 from swarm.node.api_handlers import NodeApi
 from swarm.node.background import keep_running
 from swarm.node.local_facts import collect_node_info, covey_version
@@ -112,6 +113,7 @@ class NodeConfig:
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
     relay: bool | None = None  # relay for the swarm's members; None: when publicly reachable
     relay_limits: RelayLimits = RelayLimits()
+    upnp: bool = True  # map the listen port on the router when not reachable (COVEY_NO_UPNP)
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -153,6 +155,7 @@ class Node:
         self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
                            is_banned=self.gatekeeper.is_banned, changed=self.changed)
         self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
+        self.port_mapper = PortMapper(MiniupnpcGateway, self.changed)
         cors = CorsPolicy.of(config.cors_origins)
         self.api = LocalApi(load_or_create_secret(config.data_dir), cors=cors,
                             host_names=config.api_hosts)
@@ -258,6 +261,10 @@ class Node:
                                ("wide-area discovery", self.discovery.run_wide_area),
                                ("reach", self.reach.run)):
                 nursery.start_soon(keep_running, name, loop)
+            upnp_port = port_to_map(upnp_allowed(self.config.upnp), self.config.lan_only,
+                                    self.addresses())
+            if upnp_port is not None:
+                nursery.start_soon(keep_running, "UPnP", partial(self.port_mapper.run, upnp_port))
             await nursery.start(self.bundled.run)
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.embedder.close)
@@ -336,7 +343,8 @@ class Node:
             ttl = self.config.entry_ttl_s
             for key, value in ((NODE_KEY, self.node_value()),
                                (MODELS_KEY, shared_value(self.store.shareable())),
-                               (REACH_KEY, self.reach.entry(self.addresses()).to_value())):
+                               (REACH_KEY, self.reach.entry(self.addresses(),
+                                                            self.port_mapper.addrs).to_value())):
                 self._push_to_all(await self.sync.publish(key, value, ttl))
             for key, on, value in self._role_entries():
                 if on or key in self._roles_published:

@@ -76,6 +76,7 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     for i, addr in enumerate(args.bootstrap, 1):
         check_bootstrap_address(addr, i)
     remote = getattr(args, "remote_prompts", None)
+    upnp = getattr(args, "upnp", None)
     prefer = getattr(args, "prefer_route", None)
     return Settings(
         token=token_text.strip(),
@@ -90,6 +91,7 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
                                    saved.relay_rate_mib if saved else None),
         relay_circuit_mib=_remembered(getattr(args, "relay_circuit_mib", None),
                                       saved.relay_circuit_mib if saved else None),
+        upnp=upnp if upnp is not None else (saved.upnp if saved else True),
     )
 
 
@@ -206,6 +208,7 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
         relay=getattr(args, "relay", None),
         relay_limits=settings.relay_limits(),
+        upnp=settings.upnp,
     )
     return Node(config)
 

@@ -1,6 +1,7 @@
 """The node's remembered settings: the swarm token and what the user chose at `covey node`,
 including where prompts may go (`remote_prompts`: to other machines at all; `prefer_route`:
-the route `auto` tries first) and what this node lends as a relay (`relay_*`; None: default).
+the route `auto` tries first), what this node lends as a relay (`relay_*`; None: default) and
+whether it may ask the router for a port mapping (`upnp`).
 
 Kept in `swarm.json` in the data directory with mode 0600, because the token is the swarm's
 only secret. Written atomically so a crash never leaves half a file. A setting added later is
@@ -43,6 +44,7 @@ class Settings:
     relay_max_circuits: int | None = None  # circuits relayed at once, all members together
     relay_rate_mib: float | None = None  # relayed MiB/s, all circuits together
     relay_circuit_mib: int | None = None  # MiB one circuit carries before the relay ends it
+    upnp: bool = True  # off: never ask the router to map a port
     version: int = SETTINGS_VERSION
 
     def relay_limits(self) -> RelayLimits:
@@ -82,8 +84,10 @@ def load_settings(data_dir: Path) -> Settings | None:
             raise ValueError(f"version {body.get('version')!r}")
         remote_prompts = body.get("remote_prompts", True)
         prefer_route = body.get("prefer_route", "auto")
-        if not isinstance(remote_prompts, bool):
-            raise ValueError("remote_prompts must be true or false")
+        upnp = body.get("upnp", True)
+        for key, flag in (("remote_prompts", remote_prompts), ("upnp", upnp)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{key} must be true or false")
         if prefer_route not in PREFERABLE:
             raise ValueError(f"prefer_route must be one of {', '.join(PREFERABLE)}")
         ctx = body.get("ctx")
@@ -102,6 +106,7 @@ def load_settings(data_dir: Path) -> Settings | None:
             relay_max_circuits=int(relay_circuits) if relay_circuits else None,
             relay_rate_mib=relay_rate,
             relay_circuit_mib=int(relay_circuit) if relay_circuit else None,
+            upnp=upnp,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SettingsError(
