@@ -75,10 +75,14 @@ def pick_relays(entries: Mapping[str, ReachEntry], connected: Collection[str], n
     return sorted(offers, key=lambda owner: (owner not in connected, owner))[:n]
 
 
-def dials_circuit(me: str, peer: str, reachable_by_circuit: bool) -> bool:
+def dials_circuit(me: str, peer: str, reachable_by_circuit: bool, mapped: bool = False,
+                  peer_mapped: bool = False) -> bool:
     """Whether this node opens the circuit to `peer`. When both hold circuits only the lower
     peer id dials, so two circuits never cross (one connection per peer: the crossing pair
-    would each keep its own and close the other's)."""
+    would each keep its own and close the other's). Where one side's router maps its port by
+    UPnP, the other dials: the mapped address first, a circuit only if that fails."""
+    if mapped != peer_mapped:
+        return peer_mapped
     return not reachable_by_circuit or me < peer
 
 
@@ -118,6 +122,7 @@ class Reach:
         self.reserves = reserves
         self.offers_relay = offers_relay
         self.dials = True  # off for a LAN-only node: it meets peers by mDNS alone
+        self.upnp: tuple[str, ...] = ()  # this node's addresses its router maps (UPnP)
         self._is_banned = is_banned
         self._changed = changed
         self.held: dict[ID, Held] = {}
@@ -126,9 +131,10 @@ class Reach:
         self.circuit_caps: dict[ID, int | None] = {}  # peer -> the cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
 
-    def entry(self, addrs: list[str], upnp: tuple[str, ...] = ()) -> ReachEntry:
-        """This node's reach entry: `addrs` (the router's UPnP mappings, `upnp`, first)."""
+    def entry(self, addrs: list[str]) -> ReachEntry:
+        """This node's reach entry: `addrs`, the router's UPnP mappings first."""
         circuits = [c for held in self.held.values() for c in held.circuits]
+        upnp = self.upnp
         direct = [*upnp, *(a for a in addrs if not is_loopback(a) and a not in upnp)]
         return ReachEntry(tuple(direct)[:8], tuple(circuits)[:8], self.offers_relay, upnp[:8])
 
@@ -220,7 +226,8 @@ class Reach:
             if await self._dial_direct(peer, entry):
                 return
             me = self.host.get_id().to_base58()
-            if not dials_circuit(me, peer.to_base58(), bool(self.held)):
+            if not dials_circuit(me, peer.to_base58(), bool(self.held), bool(self.upnp),
+                                 bool(entry.upnp)):
                 return
             for address in entry.circuits:
                 found = circuit.relay_of(address)
@@ -237,6 +244,8 @@ class Reach:
         if not addrs or (failed is not None and time.monotonic() - failed < DIRECT_RETRY_S):
             return False
         try:
+            if await self._dial_mapped(peer, entry):
+                return True
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs]))
         except Exception as exc:  # noqa: BLE001 - behind NAT, or gone
@@ -245,6 +254,19 @@ class Reach:
             return False
         self._direct_failed.pop(peer, None)
         return True
+
+    async def _dial_mapped(self, peer: ID, entry: ReachEntry) -> bool:
+        """Dial the addresses `peer`'s router maps by UPnP, each on its own: among the
+        peer's other known addresses is the port its NAT picked for an outgoing connection,
+        which a NAT drops silently, and a dial that tries that one first times out."""
+        for addr in transport_addrs(list(entry.upnp), peer.to_base58()):
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self.host.get_network().dial_addr(multiaddr.Multiaddr(addr), peer)
+                return True
+            except Exception as exc:  # noqa: BLE001 - the mapping does not work from here
+                log.debug("no path to %s at its mapped %s: %r", peer, addr, exc)
+        return False
 
     async def _dial_circuit(self, peer: ID, relay: ID, relay_addr: str) -> bool:
         try:

@@ -155,7 +155,7 @@ class Node:
         self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
                            is_banned=self.gatekeeper.is_banned, changed=self.changed)
         self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
-        self.port_mapper = PortMapper(MiniupnpcGateway, self.changed)
+        self.port_mapper = PortMapper(MiniupnpcGateway, self._mapping_changed)
         cors = CorsPolicy.of(config.cors_origins)
         self.api = LocalApi(load_or_create_secret(config.data_dir), cors=cors,
                             host_names=config.api_hosts)
@@ -291,6 +291,11 @@ class Node:
             await self._say_goodbye()
             nursery.cancel_scope.cancel()
 
+    def _mapping_changed(self) -> None:
+        """The router mapped this node's port, or the mapping went: say so in the ledger."""
+        self.reach.upnp = self.port_mapper.addrs
+        self.changed()
+
     def _decide_reach(self) -> None:
         """Relay for the swarm when told to or when reachable from the internet; hold relay
         slots when not reachable. A LAN-only node dials nobody it did not find by mDNS."""
@@ -343,8 +348,7 @@ class Node:
             ttl = self.config.entry_ttl_s
             for key, value in ((NODE_KEY, self.node_value()),
                                (MODELS_KEY, shared_value(self.store.shareable())),
-                               (REACH_KEY, self.reach.entry(self.addresses(),
-                                                            self.port_mapper.addrs).to_value())):
+                               (REACH_KEY, self.reach.entry(self.addresses()).to_value())):
                 self._push_to_all(await self.sync.publish(key, value, ttl))
             for key, on, value in self._role_entries():
                 if on or key in self._roles_published:

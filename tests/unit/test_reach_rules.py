@@ -130,6 +130,15 @@ def test_only_the_lower_peer_id_dials_when_both_are_behind_nat() -> None:
     assert dials_circuit("b", "a", reachable_by_circuit=False)  # the other cannot reach us
 
 
+def test_the_side_without_a_upnp_mapping_dials_the_mapped_one() -> None:
+    # The mapped side waits to be dialled at its mapped address (a circuit would win the race
+    # and the direct path would never be used); the other falls back to a circuit if need be.
+    assert not dials_circuit("a", "b", reachable_by_circuit=True, mapped=True)
+    assert dials_circuit("b", "a", reachable_by_circuit=True, peer_mapped=True)
+    assert dials_circuit("a", "b", True, mapped=True, peer_mapped=True)  # both: peer id order
+    assert not dials_circuit("b", "a", True, mapped=True, peer_mapped=True)
+
+
 def test_public_addresses() -> None:
     assert is_public("/ip4/8.8.8.8/tcp/1")
     assert not is_public("/ip4/192.168.1.2/tcp/1") and not is_public("/ip4/127.0.0.1/tcp/1")
