@@ -19,6 +19,7 @@ from tests.support.tiny_gguf import write_tiny_gguf
 
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # real Qt widgets, no screen needed
+os.environ["COVEY_NO_UPNP"] = "1"  # no node a test starts sends SSDP on a real network
 # Tests (and every node they start) default to the small Gemma 3 270M, registered on first use
 # only, rather than the users' larger default assembled at every node's start.
 os.environ.setdefault("COVEY_DEFAULT_MODEL", "gemma-3-270m-q4_k_m")

@@ -70,7 +70,7 @@ def _copy_from_swarm(data_dir: Path, name: str, sha256: str | None) -> int:
         return 1
     progress, said = _Progress(), set()
     try:
-        while job["state"] in ("running", "verifying"):
+        while job["state"] in ("waiting", "running", "verifying"):
             progress(job["done"], job["size"])
             for line in (f"from {job['source']}" if job["source"] else None, job["notice"]):
                 if line and line not in said:

@@ -12,6 +12,7 @@ from typing import Any
 
 from app.cli.chat import chat_settings, interactive, status, system_messages
 from app.common.chat_request import CHAT_PATH, ChatReply, chat_body
+from app.common.reached import reached_through
 from backends.store.bundled import chat_model
 from swarm.client.core import NodeClientError
 from swarm.client.sync_client import NodeClient
@@ -64,5 +65,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
 def _served(reply: dict[str, Any]) -> None:
     covey, usage = reply.get("covey") or {}, reply.get("usage") or {}
     why = f": {covey['route_reason']}" if covey.get("route_reason") else ""
+    machines = covey.get("machines", [])
     status(f"[{usage.get('completion_tokens', '?')} tokens via the {covey.get('route', '?')} "
-           f"route on {', '.join(covey.get('machines', [])) or '?'}{why}]")
+           f"route on {', '.join(machines) or '?'}"
+           f"{reached_through(machines, covey.get('relayed'))}{why}]")

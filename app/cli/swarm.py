@@ -10,12 +10,15 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from app.cli.options import shared_options
 from app.common.elapsed import ago
 from backends.sizes import GiB, human_bytes
+from swarm.net.relay_limits import MiB, RelayLimits
+from swarm.node.settings import RELAY_MAX
 from swarm.routes.auto import PREFERABLE
 from swarm.trust.token import TokenError, new_token
 
@@ -74,6 +77,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="relay connections between the swarm's members that cannot reach "
                            "each other (members only, with limits; default: when this machine "
                            "has a public address)")
+    node.add_argument("--relay-max-circuits", type=_relay_bound("relay_max_circuits", int),
+                      metavar="N",
+                      help="as a relay: circuits open at once, all members together "
+                           f"(remembered; 0: the default, {RelayLimits().max_circuits})")
+    node.add_argument("--relay-rate-mib", type=_relay_bound("relay_rate_mib", float),
+                      metavar="MIB_PER_S",
+                      help="as a relay: MiB/s relayed, all circuits together (remembered; 0: "
+                           f"the default, {RelayLimits().rate_bytes_s / MiB:g})")
+    node.add_argument("--relay-circuit-mib", type=_relay_bound("relay_circuit_mib", int),
+                      metavar="MIB",
+                      help="as a relay: MiB one circuit carries before it is ended (remembered; "
+                           f"0: the default, {RelayLimits().circuit_bytes // MiB})")
+    node.add_argument("--upnp", action=argparse.BooleanOptionalAction,
+                      help="when this machine cannot be reached from the internet, ask the "
+                           "router (UPnP) to forward the swarm's port to it; remembered, on at "
+                           "first (--no-upnp: never)")
     node.add_argument("--remote-prompts", action=argparse.BooleanOptionalAction,
                       help="may prompts go to other machines (federated and sharded routes); "
                            "remembered, on at first")
@@ -160,6 +179,23 @@ def _positive_mib(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB/s")
     return value
+
+
+def _relay_bound(key: str, kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type for a relay setting: 0 (the default) up to its bound."""
+    most = RELAY_MAX[key]
+
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= most:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} from 0 to {most}")
+        return value
+
+    return check
 
 
 def _whole_number(text: str) -> int:

@@ -81,7 +81,7 @@ class ChatReply:
     pieces: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    covey: dict[str, Any] | None = None  # the node's {route, route_reason, machines, notice?}
+    covey: dict[str, Any] | None = None  # {route, route_reason, machines, relayed?, notice?}
     first_piece_at: float | None = None  # time.monotonic() of the first text
 
     @property
@@ -106,9 +106,9 @@ class ChatReply:
 
     def served(self) -> dict[str, Any]:
         """Where the reply came from, as far as the node has said: route, why that route,
-        machines, notice."""
+        machines, those reached through a relay, notice."""
         covey = self.covey or {}
-        return {k: covey[k] for k in ("route", "route_reason", "machines", "notice")
+        return {k: covey[k] for k in ("route", "route_reason", "machines", "relayed", "notice")
                 if covey.get(k)}
 
     def tokens_per_s(self, now: float) -> float | None:

@@ -3,7 +3,8 @@
 
 Parsing and response shaping are pure functions; `OpenAiApi` only wires them to a route
 chosen by `swarm.routes.router.Router`. The `covey_route` extension field picks a route
-(`auto` by default) and every response carries `covey: {route, route_reason, machines}`;
+(`auto` by default) and every response carries `covey: {route, route_reason, machines}`
+(with `relayed`, machine -> relay, for those reached through a relay);
 `/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`) and whether
 /v1/embeddings takes it (`covey.embeddings`: it must be on this machine).
 """
@@ -14,7 +15,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -274,8 +275,10 @@ def error_event(message: str, kind: str) -> bytes:
 
 
 class OpenAiApi:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router,
+                 relayed: Callable[[], dict[str, str]] = dict) -> None:
         self._router = router
+        self._relayed = relayed  # machine name -> the relay it is reached through
 
     async def models(self, request: Request) -> Response:
         return Response.json({"object": "list", "data": self._models()})
@@ -330,6 +333,7 @@ class OpenAiApi:
                 first = await events.__anext__()
             if not covey["machines"]:  # a route that names no machine per request
                 covey["machines"] = route.machines(c.model)
+            note_relayed(covey, self._relayed())
         except RouteError as exc:
             raise _route_error(exc) from None
         except EngineError as exc:
@@ -363,6 +367,16 @@ def note_served(covey: dict[str, Any], served: Served) -> None:
         covey["machines"].append(served.machine)
     if served.notice:
         covey["notice"] = served.notice
+
+
+def note_relayed(covey: dict[str, Any], relayed: dict[str, str]) -> None:
+    """Record the machines serving the reply that this node reaches through a relay (the
+    chat footer says so: "ran on NAME, reached through RELAY")."""
+    # A sharded reply names each worker with its layers: "w1 (12 layers)".
+    through = {m: relayed[name] for m in covey["machines"]
+               if (name := m.partition(" (")[0]) in relayed}
+    if through:
+        covey["relayed"] = through
 
 
 async def _drain(first: Token | Done, events: AsyncGenerator[Token | Done | Served, None],

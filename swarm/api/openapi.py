@@ -407,6 +407,10 @@ def _completion_schemas() -> dict[str, Schema]:
         "CoveyRouting": _object({
             "route": {"type": "string", "description": "The route that served the request."},
             "route_reason": {"type": "string", "description": "Why this route was chosen."},
+            "relayed": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "The machines serving the reply that this node reaches "
+                                       "only through a relay: machine name -> the relay's "
+                                       "name. Absent when all are reached directly."},
             "machines": _string_list("The machines that took part."),
             "max_tokens_lowered_to": {"type": "integer", "description":
                                       "Only when max_tokens was lowered to fit the context."},
@@ -619,9 +623,10 @@ def _node_schemas() -> dict[str, Schema]:
             "online": {"type": "boolean"},
             "connected": {"type": "boolean"},
             "link": or_null({"type": "string", "description":
-                             "How a connected peer is reached: \"direct\" or \"relayed via "
-                             "NAME\" (through that member's relay). Null for this node and "
-                             "peers not connected."}),
+                             "How a connected peer is reached: \"direct\", \"UPnP\" (at "
+                             "the address its router maps) or \"relayed via NAME\" (through "
+                             "that member's relay). Null for this node and peers not "
+                             "connected."}),
             "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
             "worker": or_null(_object({
                 "donated_bytes": {"type": "integer", "minimum": 0},
@@ -653,7 +658,11 @@ def _node_schemas() -> dict[str, Schema]:
             "version": {"const": 1}, "model": string, "sha256": string,
             "size": {"type": "integer", "minimum": 1},
             "state": {"type": "string",
-                      "enum": ["running", "verifying", "done", "failed", "cancelled"]},
+                      "enum": ["waiting", "running", "verifying", "done", "failed",
+                               "cancelled"],
+                      "description": "waiting: the only peers with the model are reachable "
+                                     "through a relay whose cap would cut the copy; `notice` "
+                                     "says so, and the copy starts once a direct path opens."},
             "done": {"type": "integer", "minimum": 0, "description": "Bytes copied so far."},
             "resumed_from": {"type": "integer", "minimum": 0,
                              "description": "Bytes an earlier try had copied."},

@@ -343,16 +343,19 @@ def parse_shared(value: Any) -> list[SharedModel]:
 @dataclass(frozen=True)
 class ReachEntry:
     """How to reach a node: its direct addresses, the relay circuits it holds a slot on
-    (`…/p2p/RELAY/p2p-circuit`), and whether it relays for the swarm itself."""
+    (`…/p2p/RELAY/p2p-circuit`), and whether it relays for the swarm itself. `upnp`: those of
+    its addresses its router maps by UPnP (also in `addrs`; optional, for older nodes)."""
 
     addrs: tuple[str, ...]
     circuits: tuple[str, ...]
     relay: bool
+    upnp: tuple[str, ...] = ()
     version: int = REACH_VERSION
 
     def to_value(self) -> dict[str, Any]:
-        return {"version": self.version, "addrs": list(self.addrs),
-                "circuits": list(self.circuits), "relay": self.relay}
+        value = {"version": self.version, "addrs": list(self.addrs),
+                 "circuits": list(self.circuits), "relay": self.relay}
+        return value | {"upnp": list(self.upnp)} if self.upnp else value
 
     @classmethod
     def from_value(cls, value: Any) -> ReachEntry:
@@ -360,7 +363,8 @@ class ReachEntry:
         relay = value.get("relay")
         if not isinstance(relay, bool):
             raise ValueError("relay must be true or false")
-        addrs, circuits = (tuple(_checked_text(a, "an address", MAX_ADDR_CHARS)
-                                 for a in _list(value, name, MAX_ADDRS))
-                           for name in ("addrs", "circuits"))
-        return cls(addrs, circuits, relay)
+        value = {"upnp": [], **value}  # an older node's entry has none
+        addrs, circuits, upnp = (tuple(_checked_text(a, "an address", MAX_ADDR_CHARS)
+                                       for a in _list(value, name, MAX_ADDRS))
+                                 for name in ("addrs", "circuits", "upnp"))
+        return cls(addrs, circuits, relay, upnp)

@@ -27,7 +27,7 @@ def peers_view(
 ) -> list[dict[str, Any]]:
     """One dict per peer with a valid "node" entry, this node included and flagged "self".
 
-    "link" says how a connected peer is reached ("direct", "relayed via NAME"; from `links`),
+    "link" says how a connected peer is reached ("direct", "UPnP", "relayed via NAME"; `links`),
     None for this node and for peers not connected."""
     rows = []
     for record in ledger.by_key(NODE_KEY):

@@ -4,7 +4,8 @@ Every node publishes a "reach" ledger entry (`ReachEntry`): its direct addresses
 relays for the swarm, and the circuits (`…/p2p/RELAY/p2p-circuit`) it holds a slot on. A node
 that is not reachable itself keeps reservations on up to `RESERVE_ON` relays it finds there.
 Each round, every live member that is not connected is dialled: its direct addresses first
-(skipped for a while after they failed), then its circuits through a relay. Admission then
+(those its router maps by UPnP among them; skipped for a while after they failed), then its
+circuits through a relay. Admission then
 runs on the connection like on any other, so every Covey protocol works over it.
 """
 
@@ -18,14 +19,17 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from swarm.ledger.entries import REACH_KEY, ReachEntry, read
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net import relay as circuit
+from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import transport_addrs
+from swarm.net.relay_limits import RelayLimits
+from swarm.net.upnp import UPNP, via_upnp
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +75,31 @@ def pick_relays(entries: Mapping[str, ReachEntry], connected: Collection[str], n
     return sorted(offers, key=lambda owner: (owner not in connected, owner))[:n]
 
 
-def dials_circuit(me: str, peer: str, reachable_by_circuit: bool) -> bool:
+def dials_circuit(me: str, peer: str, reachable_by_circuit: bool, mapped: bool = False,
+                  peer_mapped: bool = False) -> bool:
     """Whether this node opens the circuit to `peer`. When both hold circuits only the lower
     peer id dials, so two circuits never cross (one connection per peer: the crossing pair
-    would each keep its own and close the other's)."""
+    would each keep its own and close the other's). Where one side's router maps its port by
+    UPnP, the other dials: the mapped address first, a circuit only if that fails."""
+    if mapped != peer_mapped:
+        return peer_mapped
     return not reachable_by_circuit or me < peer
 
 
-def link_label(relay_name: str | None) -> str:
-    return DIRECT if relay_name is None else f"relayed via {relay_name}"
+def link_label(relay_name: str | None, upnp: bool = False) -> str:
+    if relay_name is not None:
+        return f"relayed via {relay_name}"
+    return UPNP if upnp else DIRECT
+
+
+def _only_relay(conns: Collection[INetConn]) -> ID | None:
+    """The relay of a peer's connections when all run through one; None if any is direct."""
+    relays = [circuit.relay_of_connection(c) for c in conns]
+    return relays[0] if relays and None not in relays else None
+
+
+def _name(peer: ID, names: Mapping[str, str]) -> str:
+    return names.get(peer.to_base58(), peer.to_base58()[-8:])
 
 
 @dataclass
@@ -102,30 +122,56 @@ class Reach:
         self.reserves = reserves
         self.offers_relay = offers_relay
         self.dials = True  # off for a LAN-only node: it meets peers by mDNS alone
+        self.upnp: tuple[str, ...] = ()  # this node's addresses its router maps (UPnP)
         self._is_banned = is_banned
         self._changed = changed
         self.held: dict[ID, Held] = {}
         self._direct_failed: dict[ID, float] = {}
         self._dialing: set[ID] = set()
+        self.circuit_caps: dict[ID, int | None] = {}  # peer -> the cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
 
     def entry(self, addrs: list[str]) -> ReachEntry:
+        """This node's reach entry: `addrs`, the router's UPnP mappings first."""
         circuits = [c for held in self.held.values() for c in held.circuits]
-        return ReachEntry(tuple(a for a in addrs if not is_loopback(a))[:8],
-                          tuple(circuits)[:8], self.offers_relay)
+        upnp = self.upnp
+        direct = [*upnp, *(a for a in addrs if not is_loopback(a) and a not in upnp)]
+        return ReachEntry(tuple(direct)[:8], tuple(circuits)[:8], self.offers_relay, upnp[:8])
 
     def _connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer))
 
     def links(self, names: Mapping[str, str]) -> dict[str, str]:
-        """How each connected peer is reached: "direct" or "relayed via NAME"."""
+        """How each connected peer is reached: "direct", "UPnP" (at the address its router
+        maps) or "relayed via NAME"."""
+        relays = self.relays(names)
+        entries = live_entries(self.ledger, self.host.get_id().to_base58(), time.time())
         out = {}
         for peer, conns in self.host.get_network().get_connections_map().items():
-            relays = [circuit.relay_of_connection(c) for c in conns]
-            relay = relays[0] if relays and None not in relays else None  # any direct: direct
-            out[peer.to_base58()] = link_label(
-                None if relay is None else names.get(relay.to_base58(), relay.to_base58()[-8:]))
+            owner = peer.to_base58()
+            remote = [str(a) for c in conns for a in c.get_transport_addresses()]
+            mapped = entries[owner].upnp if owner in entries else ()
+            out[owner] = link_label(relays.get(owner), via_upnp(remote, mapped))
         return out
+
+    def relays(self, names: Mapping[str, str]) -> dict[str, str]:
+        """The connected peers reached only through a relay: peer id -> the relay's name."""
+        out = {}
+        for peer, conns in self.host.get_network().get_connections_map().items():
+            relay = _only_relay(conns)
+            if relay is not None:
+                out[peer.to_base58()] = _name(relay, names)
+        return out
+
+    def relayed(self, peer_id: str, names: Mapping[str, str]) -> Relayed | None:
+        """The relay `peer_id` is reached through and its circuit's byte cap; None when the
+        peer is reached directly (or not connected: a dial will find out)."""
+        peer = ID.from_base58(peer_id)
+        relay = _only_relay(self.host.get_network().get_connections(peer))
+        if relay is None:
+            return None
+        caps = self.stop_side.caps | self.circuit_caps
+        return Relayed(_name(relay, names), caps.get(peer, RelayLimits().circuit_bytes))
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -180,7 +226,8 @@ class Reach:
             if await self._dial_direct(peer, entry):
                 return
             me = self.host.get_id().to_base58()
-            if not dials_circuit(me, peer.to_base58(), bool(self.held)):
+            if not dials_circuit(me, peer.to_base58(), bool(self.held), bool(self.upnp),
+                                 bool(entry.upnp)):
                 return
             for address in entry.circuits:
                 found = circuit.relay_of(address)
@@ -197,6 +244,8 @@ class Reach:
         if not addrs or (failed is not None and time.monotonic() - failed < DIRECT_RETRY_S):
             return False
         try:
+            if await self._dial_mapped(peer, entry):
+                return True
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs]))
         except Exception as exc:  # noqa: BLE001 - behind NAT, or gone
@@ -206,12 +255,25 @@ class Reach:
         self._direct_failed.pop(peer, None)
         return True
 
+    async def _dial_mapped(self, peer: ID, entry: ReachEntry) -> bool:
+        """Dial the addresses `peer`'s router maps by UPnP, each on its own: among the
+        peer's other known addresses is the port its NAT picked for an outgoing connection,
+        which a NAT drops silently, and a dial that tries that one first times out."""
+        for addr in transport_addrs(list(entry.upnp), peer.to_base58()):
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self.host.get_network().dial_addr(multiaddr.Multiaddr(addr), peer)
+                return True
+            except Exception as exc:  # noqa: BLE001 - the mapping does not work from here
+                log.debug("no path to %s at its mapped %s: %r", peer, addr, exc)
+        return False
+
     async def _dial_circuit(self, peer: ID, relay: ID, relay_addr: str) -> bool:
         try:
             with trio.fail_after(DIAL_TIMEOUT_S * 2):
                 if not self._connected(relay):
                     await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(relay_addr)]))
-                await circuit.dial(self.host, relay, peer)
+                await circuit.dial(self.host, relay, peer, self.circuit_caps)
         except Exception as exc:  # noqa: BLE001 - the relay or the peer is gone, or refuses
             log.info("no circuit to %s via %s: %r", peer, relay, exc)
             return False

@@ -5,8 +5,8 @@ varint-delimited), but the hop and stop handlers are Covey's own, mounted behind
 gatekeeper: only admitted members may reserve a slot or open a circuit, a circuit only reaches
 an admitted member that holds a reservation, and a stop stream is accepted only from a relay
 this node reserved with. Each circuit has limits (bytes, time) and the relay caps the
-reservations, the circuits (in all and per peer) and its relayed bytes per second, so relaying
-never starves the relaying node's own user.
+reservations, the circuits (in all and per peer), how often each member may open one, and its
+relayed bytes per second, so relaying never starves the relaying node's own user.
 
 Why not the library's `CircuitV2Protocol` (py-libp2p 0.8.1, libp2p/relay/circuit_v2/
 protocol.py): `_handle_reserve` books the slot for whatever peer the message's `peer` field
@@ -43,6 +43,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeerId
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from swarm.net.host import reset_quietly
+from swarm.net.relay_limits import RelayLimits
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
 MESSAGE_TIMEOUT_S = 10.0
 CHUNK_BYTES = 64 * 1024
 MAX_RELAY_ADDRS = 4
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """What one relaying node lends the swarm."""
-
-    max_reservations: int = 32
-    reservation_s: float = 600.0
-    max_circuits: int = 32
-    max_circuits_per_peer: int = 4  # as either end
-    circuit_bytes: int = 256 * MiB  # both directions together; then the circuit is reset
-    circuit_s: float = 3600.0
-    rate_bytes_s: float = 8 * MiB  # all circuits together
 
 
 class RelayRefused(ConnectionError):
@@ -121,6 +108,38 @@ class Slots:
     def _expire(self, now: float) -> None:
         for peer in [p for p, until in self.reservations.items() if until <= now]:
             del self.reservations[peer]
+
+
+@dataclass
+class OpenRate:
+    """How often each member may open a circuit: a token bucket per member, refilled at
+    `per_min` a minute up to `burst`. The caps on open circuits cannot see a member that opens,
+    sends a little and closes, over and over; each such circuit still costs the relay a stop
+    stream and the destination a handshake. Pure: callers pass `now`."""
+
+    per_min: float
+    burst: int
+    buckets: dict[ID, tuple[float, float]] = field(default_factory=dict)  # peer -> (tokens, at)
+
+    PRUNE_AT = 256
+
+    def allow(self, peer: ID, now: float) -> bool:
+        """Take one open for `peer`; False when its bucket is empty."""
+        tokens = self._tokens(peer, now)
+        if len(self.buckets) >= self.PRUNE_AT:
+            self._prune(now)
+        allowed = tokens >= 1
+        self.buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+    def _tokens(self, peer: ID, now: float) -> float:
+        tokens, at = self.buckets.get(peer, (float(self.burst), now))
+        return min(float(self.burst), tokens + max(0.0, now - at) * self.per_min / 60)
+
+    def _prune(self, now: float) -> None:
+        """Forget the members whose bucket has filled up again (as good as a new one)."""
+        for peer in [p for p in self.buckets if self._tokens(p, now) >= self.burst]:
+            del self.buckets[peer]
 
 
 class ByteBudget:
@@ -209,12 +228,13 @@ class RelayHop:
     gatekeeper's guard: a stream reaching it comes from an admitted peer."""
 
     def __init__(self, host: IHost, is_admitted: Callable[[ID], bool],
-                 limits: RelayLimits = RelayLimits(),
+                 limits: RelayLimits | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self._is_admitted = is_admitted
-        self.limits = limits
+        self.limits = limits = limits or RelayLimits()
         self.slots = Slots(limits)
+        self.open_rate = OpenRate(limits.opens_per_min, limits.opens_burst)
         self._clock = clock
         self.pacer = Pacer(limits.rate_bytes_s)
         self.bytes_relayed = 0
@@ -261,6 +281,9 @@ class RelayHop:
             dst = ID(msg.peer.id)
         except Exception:  # noqa: BLE001 - garbage bytes
             await self._status(stream, Status.MALFORMED_MESSAGE)
+            return
+        if not self.open_rate.allow(src, self._clock()):
+            await self._status(stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         if not self._is_admitted(dst) or not self.slots.has_reservation(dst, self._clock()):
             await self._status(stream, Status.NO_RESERVATION)
@@ -353,11 +376,19 @@ async def reserve(host: IHost, relay: ID) -> tuple[float, list[str]]:
     return float(answer.reservation.expire), addrs
 
 
-async def dial(host: IHost, relay: ID, target: ID) -> INetConn:
+def _circuit_bytes(limit: Limit) -> int | None:
+    """The bytes a circuit carries, from the limit the relay sent (none or 0: no cap)."""
+    return limit.data or None
+
+
+async def dial(host: IHost, relay: ID, target: ID,
+               caps: dict[ID, int | None] | None = None) -> INetConn:
     """A connection to `target` through `relay` (connected), secured and muxed like any other;
-    admission then runs on it as on a direct one."""
-    stream, _ = await _hop_request(
+    admission then runs on it as on a direct one. The circuit's byte cap goes into `caps`."""
+    stream, answer = await _hop_request(
         host, relay, HopMessage(type=HopMessage.CONNECT, peer=PbPeerId(id=target.to_bytes())))
+    if caps is not None:
+        caps[target] = _circuit_bytes(answer.limit)
     addr = _relayed_addr(relay, target)
     raw = RawConnection(stream, True, ConnectionType.RELAYED, [addr])
     conn = await host.upgrade_outbound_connection(raw, target)
@@ -373,6 +404,7 @@ class StopSide:
     def __init__(self, host: IHost, reserved_with: Callable[[ID], bool]) -> None:
         self.host = host
         self._reserved_with = reserved_with
+        self.caps: dict[ID, int | None] = {}  # source -> the byte cap of its circuit
 
     async def handle(self, stream: INetStream) -> None:
         relay = stream.muxed_conn.peer_id
@@ -393,5 +425,6 @@ class StopSide:
             await muxed.close()
             return
         _tag(self.host, source, muxed, relay)
+        self.caps[source] = _circuit_bytes(msg.limit)
         # The stream is the connection: hold it until the connection ends.
         await muxed.event_closed.wait()  # type: ignore[attr-defined]  # Yamux has it

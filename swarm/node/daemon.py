@@ -44,11 +44,13 @@ from swarm.ledger.entries import (
 from swarm.ledger.rules import SignedEntry, is_live
 from swarm.ledger.sync import PUSH_PROTOCOL, SYNC_PROTOCOL, SYNC_PROTOCOL_V2, LedgerSync
 from swarm.net import mdns
+from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
 from swarm.net.host import build_host, parse_multiaddrs
 from swarm.net.reach import Reach, is_public
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits
+from swarm.net.upnp import MiniupnpcGateway, PortMapper, port_to_map, upnp_allowed
 from swarm.node.api_handlers import NodeApi
 from swarm.node.background import keep_running
 from swarm.node.copy_direct import PROTOCOL as COPY_DIRECT_PROTOCOL
@@ -114,6 +116,7 @@ class NodeConfig:
     routing: RoutePrefs = RoutePrefs()  # may prompts leave this machine; a preferred route
     relay: bool | None = None  # relay for the swarm's members; None: when publicly reachable
     relay_limits: RelayLimits = RelayLimits()
+    upnp: bool = True  # map the listen port on the router when not reachable (COVEY_NO_UPNP)
 
 
 def listen_ips(listen: tuple[str, ...]) -> list[str]:
@@ -155,6 +158,7 @@ class Node:
         self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
                            is_banned=self.gatekeeper.is_banned, changed=self.changed)
         self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
+        self.port_mapper = PortMapper(MiniupnpcGateway, self._mapping_changed)
         cors = CorsPolicy.of(config.cors_origins)
         self.api = LocalApi(load_or_create_secret(config.data_dir), cors=cors,
                             host_names=config.api_hosts)
@@ -168,7 +172,7 @@ class Node:
             self.store, config.data_dir, listen_ips(config.listen)[0] if config.direct_copy
             else None, config.upload_limit_bytes_s, self.host)
         self.copier = Copier(self.host, self.store, self.copy_offers, self.changed,
-                             direct=config.direct_copy)
+                             direct=config.direct_copy, relayed=self.relayed)
         self.federated = FederatedService(self.local_route, self.changed, self.bundled)
         if config.federated_model:
             self.federated.models = [config.federated_model]
@@ -182,10 +186,10 @@ class Node:
         self.sharded_route = ShardedRoute(self.host, self.store, self._worker_offers,
                                           self._names, self.local_route,
                                           n_ctx=config.ctx or SHARDED_CTX,
-                                          ram_of=self._ram_totals)
+                                          ram_of=self._ram_totals, relayed=self.relayed)
         self.router = Router(self.local_route, self.federated_route, self.sharded_route,
                              lambda: self.config.routing, self.bundled)
-        self.openai = OpenAiApi(self.router)
+        self.openai = OpenAiApi(self.router, self.relayed_machines)
         self.embedder = LocalEmbedder(self.store, self.name, n_threads=config.threads)
         self.local_route.reclaimable.append(self.embedder)
         self.embeddings = EmbeddingsApi(self.embedder)
@@ -266,6 +270,10 @@ class Node:
                                ("reach", self.reach.run),
                                ("embedding engine idle", self.embedder.run)):
                 nursery.start_soon(keep_running, name, loop)
+            upnp_port = port_to_map(upnp_allowed(self.config.upnp), self.config.lan_only,
+                                    self.addresses())
+            if upnp_port is not None:
+                nursery.start_soon(keep_running, "UPnP", partial(self.port_mapper.run, upnp_port))
             await nursery.start(self.bundled.run)
             stack.push_async_callback(self.local_route.close)
             stack.push_async_callback(self.embedder.close)
@@ -292,6 +300,11 @@ class Node:
             await self._stop.wait()
             await self._say_goodbye()
             nursery.cancel_scope.cancel()
+
+    def _mapping_changed(self) -> None:
+        """The router mapped this node's port, or the mapping went: say so in the ledger."""
+        self.reach.upnp = self.port_mapper.addrs
+        self.changed()
 
     def _decide_reach(self) -> None:
         """Relay for the swarm when told to or when reachable from the internet; hold relay
@@ -379,6 +392,16 @@ class Node:
     def links(self) -> dict[str, str]:
         """How each connected peer is reached, by peer id: "direct" or "relayed via NAME"."""
         return self.reach.links(self._names())
+
+    def relayed(self, peer_id: str) -> Relayed | None:
+        """The relay `peer_id` is reached through (None: directly), for bulk transfers."""
+        return self.reach.relayed(peer_id, self._names())
+
+    def relayed_machines(self) -> dict[str, str]:
+        """Machine name -> the relay's name, for the peers reached only through a relay."""
+        names = self._names()
+        return {names.get(peer, peer[-8:]): relay
+                for peer, relay in self.reach.relays(names).items()}
 
     def admitted_ids(self) -> set[str]:
         return {p.to_base58() for p in self.gatekeeper.admitted}

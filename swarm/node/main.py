@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, TextIO, TypeVar
 
 import trio
 
@@ -34,6 +34,7 @@ log = logging.getLogger("covey.node")
 LOCK_FILE = "node.lock"
 # "0" turns model copies over the direct TLS path off (both ways): benchmarks, debugging
 DIRECT_COPY_ENV = "COVEY_DIRECT_COPY"
+_Number = TypeVar("_Number", int, float)
 STDIN_TOKEN = "-"
 TOKEN_ON_COMMAND_LINE = (
     "covey: warning: a token given as --token TOKEN can be read by every user of this machine "
@@ -77,6 +78,7 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     for i, addr in enumerate(args.bootstrap, 1):
         check_bootstrap_address(addr, i)
     remote = getattr(args, "remote_prompts", None)
+    upnp = getattr(args, "upnp", None)
     prefer = getattr(args, "prefer_route", None)
     return Settings(
         token=token_text.strip(),
@@ -85,13 +87,26 @@ def resolve_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
         remote_prompts=remote if remote is not None else (saved.remote_prompts if saved else True),
         prefer_route=prefer or (saved.prefer_route if saved else "auto"),
         ctx=_ctx_setting(getattr(args, "ctx", None), saved),
+        relay_max_circuits=_remembered(getattr(args, "relay_max_circuits", None),
+                                       saved.relay_max_circuits if saved else None),
+        relay_rate_mib=_remembered(getattr(args, "relay_rate_mib", None),
+                                   saved.relay_rate_mib if saved else None),
+        relay_circuit_mib=_remembered(getattr(args, "relay_circuit_mib", None),
+                                      saved.relay_circuit_mib if saved else None),
+        upnp=upnp if upnp is not None else (saved.upnp if saved else True),
     )
 
 
 def _ctx_setting(given: int | None, saved: Settings | None) -> int | None:
     """--ctx N is remembered; --ctx 0 goes back to automatic (None)."""
+    return _remembered(given, saved.ctx if saved else None)
+
+
+def _remembered(given: _Number | None, saved: _Number | None) -> _Number | None:
+    """An option given is remembered; not given, the remembered value stays; 0 goes back to
+    the default (None)."""
     if given is None:
-        return saved.ctx if saved else None
+        return saved
     return given or None
 
 
@@ -195,6 +210,8 @@ def _make_node(args: argparse.Namespace, data_dir: Path, settings: Settings):  #
                                         memory_bytes().total) if args.worker else None),
         routing=RoutePrefs(settings.remote_prompts, settings.prefer_route),
         relay=getattr(args, "relay", None),
+        relay_limits=settings.relay_limits(),
+        upnp=settings.upnp,
     )
     return Node(config)
 

@@ -8,6 +8,9 @@
   against the published sha256 before the store takes the model. Over a direct link it first
   asks the peer for the direct TLS path (swarm/node/copy_direct.py), several times faster;
   this protocol carries on from the bytes already written when that path is refused or fails.
+- A peer reached only through a relay is a source only while the relay's cap on a circuit
+  allows the rest of the copy (`swarm/net/bulk_path.py`); otherwise the job waits ("waiting",
+  its notice saying why) until a direct path opens, and takes a direct source over a relayed one.
 - What a peer announces is not trusted: a copy that would leave less than `DISK_MARGIN_BYTES`
   free is refused before any byte is written, no more than the announced size is read, and
   when peers disagree on what a name means with no majority, the user picks by sha256.
@@ -38,6 +41,7 @@ from backends.sizes import human_bytes
 from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
 from swarm.ledger.rules import Ledger, is_live
+from swarm.net.bulk_path import Relayed, bulk_path
 from swarm.net.host import (
     parse_versioned,
     read_frame,
@@ -57,6 +61,7 @@ MAX_REQUEST_BYTES = 4096
 CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
 DISK_MARGIN_BYTES = 1 << 30  # a copy must leave this much free on the store's disk
+WAIT_DIRECT_S = 2.0  # how often a copy waiting for a direct path looks again
 
 
 class CopyError(ModelStoreError):
@@ -129,6 +134,19 @@ def check_room(name: str, need: int, free: int, margin: int = DISK_MARGIN_BYTES)
             "some space and copy again.")
 
 
+def usable_sources(found: Sequence[Offer], relayed: Callable[[str], Relayed | None],
+                   need: int) -> tuple[list[Offer], str | None]:
+    """The sources a copy needing `need` more bytes may use now: the direct ones if any, else
+    the relayed ones whose circuit carries the rest; with a notice for the user when it goes
+    through a relay, or, when none may be used, why it waits."""
+    paths = [(o, bulk_path(o.machine, relayed(o.peer_id), need, "the copy")) for o in found]
+    direct = [o for o, path in paths if path.notice is None]
+    if direct:
+        return direct, None
+    slow = [o for o, path in paths if path.go]
+    return slow, next((path.notice for _, path in paths if path.go == bool(slow)), None)
+
+
 def next_range(done: int, size: int, range_bytes: int = RANGE_BYTES) -> tuple[int, int]:
     return done, min(range_bytes, size - done)
 
@@ -189,7 +207,8 @@ class CopyJob:
     model: str
     sha256: str
     size: int
-    state: str = "running"  # running, verifying, done, failed, cancelled
+    state: str = "running"  # waiting (for a direct path), running, verifying, done, failed,
+    # cancelled
     done: int = 0
     resumed_from: int = 0
     source: str | None = None  # the machine sending now (or last)
@@ -208,7 +227,10 @@ class CopyJob:
 
     @property
     def active(self) -> bool:
-        return self.state in ("running", "verifying")
+        return self.state in ACTIVE_STATES
+
+
+ACTIVE_STATES = ("waiting", "running", "verifying")
 
 
 class _PeerFailed(Exception):
@@ -220,9 +242,11 @@ class Copier:
 
     def __init__(self, host: IHost, store: ModelStore, found: Callable[[], list[Offer]],
                  on_added: Callable[[], None], rng: random.Random | None = None,
-                 free_bytes: Callable[[], int] | None = None, direct: bool = True) -> None:
+                 free_bytes: Callable[[], int] | None = None, direct: bool = True,
+                 relayed: Callable[[str], Relayed | None] = lambda peer_id: None) -> None:
         self.host = host
         self.direct = direct  # ask peers for the direct TLS path
+        self._relayed = relayed  # peer id -> its relay, when reached only through one
         self.store = store
         self._free_bytes = free_bytes or store.free_bytes
         self._found = found
@@ -251,6 +275,7 @@ class Copier:
         except BaseException:
             self.store.release(job.model)
             raise
+        self._sources(job)  # says at once when the copy must wait for a direct path
         self.jobs[name] = job
         nursery.start_soon(self._run, job, partial)
         return job
@@ -302,6 +327,10 @@ class Copier:
                 raise CopyError(
                     f"The copy of {job.model!r} stopped at {percent}%: no other peer online has "
                     f"it{why}. What was copied is kept; copy again to resume.")
+            sources = self._sources(job, sources)
+            if not sources:
+                await trio.sleep(WAIT_DIRECT_S)
+                continue
             source = self._rng.choice(sources)
             job.source = source.machine
             if source.machine not in job.sources:
@@ -335,6 +364,16 @@ class Copier:
             log.info("copy of %s: %s", job.model, job.notice)
         finally:
             f.flush()
+
+    def _sources(self, job: CopyJob, found: Sequence[Offer] | None = None) -> list[Offer]:
+        """The sources `job` may use now; none: the job waits for a direct path, saying why."""
+        if found is None:
+            found = [o for o in self._found() if o.model.sha256 == job.sha256]
+        usable, notice = usable_sources(found, self._relayed, job.size - job.done)
+        if notice is not None or job.state == "waiting":
+            job.notice = notice
+        job.state = "running" if usable else "waiting"
+        return usable
 
     async def _fetch_from(self, source: Offer, job: CopyJob, f: _Sink) -> None:
         job.path = copy_direct.LIBP2P

@@ -40,10 +40,17 @@ from backends.store.bundled import offered
 from backends.store.model_store import ModelStore
 from swarm.exception_groups import first_leaf
 from swarm.ledger.entries import WorkerOffer
+from swarm.net.bulk_path import Relayed, bulk_path
 from swarm.routes.auto import fits
 from swarm.routes.failover import AttemptFailed, Events, Progress, with_failover
 from swarm.routes.local import EngineGate, LocalRoute, engine_events, model_entry, start_engine
-from swarm.routes.placement import Placement, PlacementError, plan_placement, usable_workers
+from swarm.routes.placement import (
+    Excluded,
+    Placement,
+    PlacementError,
+    plan_placement,
+    usable_workers,
+)
 from swarm.routes.route import RequestRefused, RouteError, Served
 from swarm.workers.engine_only import EngineOnly
 from swarm.workers.lease import Lease, ask_turn, hold
@@ -113,8 +120,10 @@ class ShardedRoute:
                  names: Callable[[], dict[str, str]], fallback: LocalRoute, n_ctx: int = 4096,
                  engine_factory: Callable[[EngineConfig], Engine] = Engine,
                  open_session: SessionOpener | None = None,
-                 ram_of: Callable[[], dict[str, int]] | None = None) -> None:
+                 ram_of: Callable[[], dict[str, int]] | None = None,
+                 relayed: Callable[[str], Relayed | None] = lambda peer_id: None) -> None:
         self.host = host
+        self._relayed = relayed  # peer id -> its relay, when reached only through one
         self.store = store
         self.fallback = fallback
         self._offers = offers
@@ -271,6 +280,8 @@ class ShardedRoute:
         usable, excluded = self._usable()
         sha256 = entry.manifest.sha256
         cached = {o.peer_id for o in usable if sha256 is not None and sha256 in o.cached}
+        usable, cut = over_relays(usable, cached, self._relayed, entry.info.file_size)
+        excluded = [*excluded, *cut]
         try:
             return plan_placement(estimate_memory(entry.info, self._n_ctx), entry.info.n_layers,
                                   usable, excluded=excluded, holding=self._holding(model),
@@ -389,6 +400,24 @@ class ShardedRoute:
 
     async def close(self) -> None:
         await self.close_session()
+
+
+def over_relays(usable: Sequence[WorkerOffer], cached: set[str],
+                relayed: Callable[[str], Relayed | None], weights: int
+                ) -> tuple[list[WorkerOffer], list[Excluded]]:
+    """Leave out the workers reached only through a relay whose cap would cut loading their
+    share of the weights (reckoned as all of them: the share is not known before the plan);
+    a worker with the model in its tensor cache loads nothing and stays in."""
+    kept, cut = [], []
+    for offer in usable:
+        path = bulk_path(offer.name, None if offer.peer_id in cached else
+                         relayed(offer.peer_id), weights, "loading the model's weights")
+        if path.go:
+            kept.append(offer)
+        else:
+            cut.append(Excluded(offer.name, offer.peer_id,
+                                f"{path.why}; used once there is a direct path"))
+    return kept, cut
 
 
 def _layout(placement: Placement) -> tuple[tuple[str, ...], tuple[float, ...]]:

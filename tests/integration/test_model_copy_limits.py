@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from backends.store.model_store import DiskFull, ModelStore
 from swarm.ledger.entries import SharedModel
+from swarm.net.bulk_path import Relayed
 from swarm.net.host import isolate, read_frame, write_json_frame
 from swarm.node.model_copy import (
     DISK_MARGIN_BYTES,
@@ -56,8 +57,10 @@ def overfilling(source: Path) -> Callable[[INetStream], Any]:
 
 
 def copy(announced: SharedModel, handler: Callable[[INetStream], Any], client_dir: Path,
-         free_bytes: int) -> CopyJob | BaseException:
-    """Copy `announced` from a host served by `handler`; the job when it ended, or what
+         free_bytes: int, relayed: Callable[[str], Relayed | None] = lambda peer: None,
+         poll: Callable[[CopyJob], None] = lambda job: None) -> CopyJob | BaseException:
+    """Copy `announced` from a host served by `handler` (reached through a relay while
+    `relayed` says so; `poll` sees the job every 50 ms); the job when it ended, or what
     `Copier.start` raised."""
     result: list[CopyJob | BaseException] = []
 
@@ -68,13 +71,14 @@ def copy(announced: SharedModel, handler: Callable[[INetStream], Any], client_di
             await client.connect(PeerInfo(source.get_id(), source.get_addrs()))
             offer = Offer(announced, source.get_id().to_base58(), "source")
             copier = Copier(client, ModelStore(client_dir / "models"), lambda: [offer],
-                            lambda: None, free_bytes=lambda: free_bytes)
+                            lambda: None, free_bytes=lambda: free_bytes, relayed=relayed)
             try:
                 job = copier.start(nursery, announced.name)
             except DiskFull as exc:
                 result.append(exc)
                 return
             while job.active:
+                poll(job)
                 await trio.sleep(0.05)
             result.append(job)
 
@@ -118,3 +122,27 @@ def test_a_peer_sending_past_the_announced_size_is_cut(model_file: Path,
     assert job.done == model_file.stat().st_size
     stored = ModelStore(tmp_path / "client" / "models").model_path(MODEL)
     assert stored.read_bytes() == model_file.read_bytes()
+
+
+def test_a_copy_the_relay_would_cut_waits_for_a_direct_path_then_runs(
+        model_file: Path, tmp_path: Path) -> None:
+    link: dict[str, Relayed | None] = {"now": Relayed("relay-node", 512 * 1024)}
+    seen: list[tuple[str, int, str | None]] = []
+
+    def poll(job: CopyJob) -> None:
+        seen.append((job.state, job.done, job.notice))
+        if len(seen) == 40:  # two seconds in, hole punching finds a direct path
+            link["now"] = None
+
+    store = ModelStore(tmp_path / "src" / "models")
+    store.import_file(model_file, MODEL)
+    job = copy(announced_as(model_file), CopyServer(store).handle, tmp_path / "client",
+               free_bytes=200 << 30, relayed=lambda peer: link["now"], poll=poll)
+    assert isinstance(job, CopyJob) and job.state == "done", job
+    waiting = seen[:40]
+    assert all(state == "waiting" and done == 0 for state, done, _ in waiting), waiting
+    assert waiting[0][2] == (
+        "source is reachable only through a relay (relay-node), which ends a connection after "
+        "512.0 KiB: the copy (753.0 KiB) would be cut short there. Waiting for a direct path "
+        "to source; it starts as soon as there is one.")
+    assert job.notice is None and job.done == model_file.stat().st_size

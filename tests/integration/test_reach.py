@@ -117,6 +117,7 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         elapsed = time.monotonic() - started
         assert status == 200, reply
         assert reply["covey"]["route"] == "federated" and reply["covey"]["machines"] == ["home2"]
+        assert reply["covey"]["relayed"] == {"home2": "office"}  # the footer's "reached through"
         assert elapsed < 30, f"the first federated reply took {elapsed:.1f} s"
         assert _link(home2, "home1") == "relayed via office"
         assert _link(home1, "office") == "direct"
@@ -129,6 +130,7 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         assert status == 200, reply
         assert reply["covey"]["route"] == "sharded" and reply["covey"]["machines"], reply
         assert all(m.startswith("home2w") for m in reply["covey"]["machines"]), reply
+        assert reply["covey"]["relayed"] == {m: "office" for m in reply["covey"]["machines"]}
         # No direct path to a worker behind NAT: its RPC bytes went through the libp2p tunnel.
         assert home1.api("/api/status")["sharded_links"] == {"home2w": "libp2p tunnel"}
         assert elapsed < 30, f"the first sharded reply took {elapsed:.1f} s"

@@ -8,8 +8,12 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeerId
 
 from swarm.net import relay as circuit
+from swarm.net.bulk_path import Relayed
+from swarm.net.host import reset_quietly
 from swarm.net.reach import Held, Reach
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits, RelayRefused
 from tests.support.inprocess_swarm import (
@@ -38,14 +42,15 @@ def _accept_circuits(node: Member) -> Reach:
     return reach
 
 
-async def _circuit_a_to_b(r: Member, a: Member, b: Member) -> None:
+async def _circuit_a_to_b(r: Member, a: Member, b: Member) -> tuple[Reach, Reach]:
     """a and b join relay r; b holds a slot there and a opens a circuit to it."""
-    _accept_circuits(a)
+    reach_a = _accept_circuits(a)
     reach_b = _accept_circuits(b)
     await join(a, r)
     await join(b, r)
     await _hold_slot(reach_b, r.peer_id)
-    await circuit.dial(a.host, r.peer_id, b.peer_id)
+    await circuit.dial(a.host, r.peer_id, b.peer_id, reach_a.circuit_caps)
+    return reach_a, reach_b
 
 
 async def _hold_slot(reach: Reach, relay: ID) -> None:
@@ -111,8 +116,13 @@ def test_a_circuit_ends_when_its_bytes_are_spent() -> None:
         limits = RelayLimits(circuit_bytes=256 * 1024)
         async with member(keys) as r, member(keys) as a, member(keys) as b:
             hop = _offer_relay(r, limits)
-            await _circuit_a_to_b(r, a, b)
+            reach_a, reach_b = await _circuit_a_to_b(r, a, b)
             await wait_for(lambda: b.peer_id in a.gatekeeper.admitted, 10, "admission")
+            # Both ends know the cap, so neither starts a bulk transfer that it would cut.
+            names = {r.peer_id.to_base58(): "relay-node"}
+            assert reach_a.relayed(b.peer_id.to_base58(), names) == \
+                reach_b.relayed(a.peer_id.to_base58(), names) == Relayed("relay-node", 256 * 1024)
+            assert reach_a.relayed(r.peer_id.to_base58(), names) is None  # direct
             stream = await a.host.new_stream(b.peer_id, [ECHO_PROTOCOL])
             with pytest.raises(Exception), trio.fail_after(20):  # noqa: B017
                 for _ in range(64):  # 64 x 16 KiB = 1 MiB through a 256 KiB circuit
@@ -208,5 +218,60 @@ def test_relay_limits_hold_under_load_and_the_relay_still_serves_its_own() -> No
             assert limits.circuit_bytes < hop.bytes_relayed <= 2 * limits.circuit_bytes
             assert all(s < 8 * 1024 * 1024 for s in sent)
             await wait_for(lambda: hop.slots.open_circuits == 0, 10, "the circuits to close")
+
+    run(body)
+
+
+async def _short_circuit(node: Member, relay: ID, target: ID) -> int:
+    """Open a circuit to `target`, send a little, close it: the relay's status for it."""
+    try:
+        stream, _ = await circuit._hop_request(node.host, relay, HopMessage(
+            type=HopMessage.CONNECT, peer=PbPeerId(id=target.to_bytes())))
+    except RelayRefused as exc:
+        return exc.status
+    await stream.write(b"x" * 512)
+    await reset_quietly(stream)
+    return Status.OK
+
+
+def test_a_member_churning_short_circuits_is_rated_and_the_relay_serves_the_others() -> None:
+    async def body() -> None:
+        keys = new_keys()
+        limits = RelayLimits(opens_per_min=30, opens_burst=3)
+        async with (member(keys) as r, member(keys) as b, member(keys) as hostile,
+                    member(keys) as other, member(keys) as user):
+            hop = _offer_relay(r, limits)
+            reach_b = _accept_circuits(b)
+            for node in (b, hostile, other, user):
+                await join(node, r)
+            _accept_circuits(other)
+            await _hold_slot(reach_b, r.peer_id)
+            answers: list[int] = []
+            slowest = 0.0
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                async def churn() -> None:
+                    for _ in range(30):  # bounded: 30 opens, ten a second
+                        answers.append(await _short_circuit(hostile, r.peer_id, b.peer_id))
+                        await trio.sleep(0.1)
+
+                nursery.start_soon(churn)
+                await trio.sleep(1.0)
+                await circuit.dial(other.host, r.peer_id, b.peer_id)  # mid-attack: served
+                while len(answers) < 30:  # and the relay's own user too
+                    t0 = trio.current_time()
+                    assert await echo_works(user.host, r.peer_id)
+                    slowest = max(slowest, trio.current_time() - t0)
+                    await trio.sleep(0.05)
+            elapsed = trio.current_time() - began
+            await wait_for(lambda: b.peer_id in other.gatekeeper.admitted, 10,
+                           "admission over the other member's circuit")
+            assert await echo_works(other.host, b.peer_id)
+            # The burst, plus one every two seconds; the rest refused as the spec says.
+            allowed = 3 + int(elapsed / 2) + 1
+            assert answers.count(Status.OK) <= allowed < 25, (answers, elapsed)
+            assert answers.count(Status.RESOURCE_LIMIT_EXCEEDED) >= 30 - allowed, answers
+            assert slowest < 0.5, f"the relay took {slowest:.2f} s to answer during the churn"
+            await wait_for(lambda: hop.slots.open_circuits == 1, 10, "the short circuits to end")
 
     run(body)

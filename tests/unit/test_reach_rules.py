@@ -10,7 +10,15 @@ from swarm.ledger.entries import NODE_KEY, REACH_KEY, ReachEntry
 from swarm.ledger.peer_view import peers_view
 from swarm.ledger.rules import Entry, Ledger, sign_entry
 from swarm.net.reach import dials_circuit, is_public, link_label, live_entries, pick_relays
-from swarm.net.relay import ByteBudget, Pacer, RelayLimits, Slots, circuit_addr, relay_of
+from swarm.net.relay import (
+    ByteBudget,
+    OpenRate,
+    Pacer,
+    RelayLimits,
+    Slots,
+    circuit_addr,
+    relay_of,
+)
 from swarm.node.local_facts import collect_node_info
 from swarm.trust.identity import Identity
 
@@ -40,6 +48,23 @@ def test_circuits_are_capped_in_all_and_per_peer_and_released() -> None:
     for pair in ((B.peer_id, A.peer_id), (C.peer_id, D.peer_id)):
         slots.close(*pair)
     assert slots.open_circuits == 0 and slots.circuits == {}
+
+
+def test_circuit_opens_are_rated_per_member_after_a_burst() -> None:
+    rate = OpenRate(per_min=60, burst=3)
+    assert [rate.allow(A.peer_id, 0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow(B.peer_id, 0)  # another member has its own bucket
+    assert not rate.allow(A.peer_id, 0.5)  # half a token refilled: not enough
+    assert rate.allow(A.peer_id, 1.0) and not rate.allow(A.peer_id, 1.0)
+    assert [rate.allow(A.peer_id, 1000) for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_open_rate_forgets_members_whose_bucket_filled_up() -> None:
+    rate = OpenRate(per_min=60, burst=1)
+    rate.PRUNE_AT = 2
+    assert rate.allow(A.peer_id, 0) and rate.allow(B.peer_id, 0)
+    assert rate.allow(C.peer_id, 10)  # A and B are full again: forgotten
+    assert set(rate.buckets) == {C.peer_id}
 
 
 def test_a_circuit_byte_budget_refuses_the_chunk_that_overruns_it() -> None:
@@ -103,6 +128,15 @@ def test_only_the_lower_peer_id_dials_when_both_are_behind_nat() -> None:
     assert dials_circuit("a", "b", reachable_by_circuit=True)
     assert not dials_circuit("b", "a", reachable_by_circuit=True)
     assert dials_circuit("b", "a", reachable_by_circuit=False)  # the other cannot reach us
+
+
+def test_the_side_without_a_upnp_mapping_dials_the_mapped_one() -> None:
+    # The mapped side waits to be dialled at its mapped address (a circuit would win the race
+    # and the direct path would never be used); the other falls back to a circuit if need be.
+    assert not dials_circuit("a", "b", reachable_by_circuit=True, mapped=True)
+    assert dials_circuit("b", "a", reachable_by_circuit=True, peer_mapped=True)
+    assert dials_circuit("a", "b", True, mapped=True, peer_mapped=True)  # both: peer id order
+    assert not dials_circuit("b", "a", True, mapped=True, peer_mapped=True)
 
 
 def test_public_addresses() -> None:

@@ -190,12 +190,13 @@ class ModelsPage(QWidget):
     def _show_copies(self, copies: list[dict[str, Any]]) -> None:
         if self._busy:  # an import or download owns the progress bar
             return
-        running = [c for c in copies if c.get("state") in ("running", "verifying")]
+        running = [c for c in copies if c.get("state") in ("waiting", "running", "verifying")]
         if running:
             job = running[0]
             done, size = int(job.get("done") or 0), int(job.get("size") or 0)
             self._draw_bar(done, size, progress_words(done, size, job.get("bytes_per_s") or 0))
-            self.message.setText(f"Copying {job.get('model')} from {job.get('source') or '…'}")
+            self.message.setText((job.get("notice") or "") if job.get("state") == "waiting" else
+                                 f"Copying {job.get('model')} from {job.get('source') or '…'}")
         elif self.progress.isVisible():
             self.progress.setVisible(False)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from app.common.reached import reached_through
+
 # What each route means, said once in every footer.
 ROUTE_MEANING = {
     "local": "local route: the whole model ran here",
@@ -63,19 +65,22 @@ def place_words(route: str, machines: list[str]) -> str:
     return "on " + (names or "another machine in the swarm")
 
 
-def _where_and_why(route: str, machines: list[str], reason: str | None) -> str:
-    where = place_words(route, machines)
+def _where_and_why(route: str, machines: list[str], reason: str | None,
+                   relayed: dict[str, str] | None = None) -> str:
+    where = place_words(route, machines) + reached_through(machines, relayed)
     return f"{where}, because {why_words(reason)}" if reason else where
 
 
 def served_line(meta: dict[str, Any]) -> str:
     """The line under a reply: 'Ran on this machine (desk), because it fits in this machine's
-    free memory (needs …) · local route · 19.8 tokens/s'."""
+    free memory (needs …) · local route · 19.8 tokens/s'; a machine reached through a relay is
+    named with it ('Ran on fed1, reached through office, because …')."""
     parts = []
     route = meta.get("route")
     if route:
         machines = list(meta.get("machines") or [])
-        parts.append("Ran " + _where_and_why(route, machines, meta.get("route_reason")))
+        parts.append("Ran " + _where_and_why(route, machines, meta.get("route_reason"),
+                                             meta.get("relayed")))
         parts.append(ROUTE_MEANING.get(route, f"{route} route"))
     elif meta.get("machines"):
         parts.append(", ".join(meta["machines"]))
