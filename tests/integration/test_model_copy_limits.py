@@ -70,8 +70,10 @@ def copy(announced: SharedModel, handler: Callable[[INetStream], Any], client_di
             source.set_stream_handler(TProtocol(PROTOCOL), isolate("copy", handler))
             await client.connect(PeerInfo(source.get_id(), source.get_addrs()))
             offer = Offer(announced, source.get_id().to_base58(), "source")
+            # The source here serves the libp2p stream only, the path these limits are on.
             copier = Copier(client, ModelStore(client_dir / "models"), lambda: [offer],
-                            lambda: None, free_bytes=lambda: free_bytes, relayed=relayed)
+                            lambda: None, free_bytes=lambda: free_bytes, relayed=relayed,
+                            direct=False)
             try:
                 job = copier.start(nursery, announced.name)
             except DiskFull as exc:
