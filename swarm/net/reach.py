@@ -5,7 +5,9 @@ relays for the swarm, and the circuits (`…/p2p/RELAY/p2p-circuit`) it holds a 
 that is not reachable itself keeps reservations on up to `RESERVE_ON` relays it finds there.
 Each round, every live member that is not connected is dialled: its direct addresses first
 (skipped for a while after they failed), then its circuits through a relay. Admission then
-runs on the connection like on any other, so every Covey protocol works over it.
+runs on the connection like on any other, so every Covey protocol works over it. A member
+reached through a relay only is then offered a hole punch (`swarm.net.holepunch`), which
+makes the connection direct where both NATs allow it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from swarm.ledger.entries import REACH_KEY, ReachEntry, read
 from swarm.ledger.rules import Ledger, is_live
 from swarm.net import relay as circuit
 from swarm.net.discovery import transport_addrs
+from swarm.net.holepunch import HOLE_PUNCHED, HolePunch
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,10 @@ def dials_circuit(me: str, peer: str, reachable_by_circuit: bool) -> bool:
     return not reachable_by_circuit or me < peer
 
 
-def link_label(relay_name: str | None) -> str:
-    return DIRECT if relay_name is None else f"relayed via {relay_name}"
+def link_label(relay_name: str | None, punched: bool = False) -> str:
+    if relay_name is None:
+        return HOLE_PUNCHED if punched else DIRECT
+    return f"relayed via {relay_name}"
 
 
 @dataclass
@@ -96,7 +101,8 @@ class Held:
 
 class Reach:
     def __init__(self, host: IHost, ledger: Ledger, *, reserves: bool, offers_relay: bool,
-                 is_banned: Callable[[ID], bool], changed: Callable[[], None]) -> None:
+                 is_banned: Callable[[ID], bool], changed: Callable[[], None],
+                 is_admitted: Callable[[ID], bool] | None = None) -> None:
         self.host = host
         self.ledger = ledger
         self.reserves = reserves
@@ -108,6 +114,8 @@ class Reach:
         self._direct_failed: dict[ID, float] = {}
         self._dialing: set[ID] = set()
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
+        # Punching needs to know who is a member; without that it stays off.
+        self.holepunch = HolePunch(host, is_admitted) if is_admitted is not None else None
 
     def entry(self, addrs: list[str]) -> ReachEntry:
         circuits = [c for held in self.held.values() for c in held.circuits]
@@ -118,13 +126,15 @@ class Reach:
         return bool(self.host.get_network().get_connections(peer))
 
     def links(self, names: Mapping[str, str]) -> dict[str, str]:
-        """How each connected peer is reached: "direct" or "relayed via NAME"."""
+        """How each connected peer is reached: "direct", "hole-punched" or "relayed via NAME"."""
         out = {}
         for peer, conns in self.host.get_network().get_connections_map().items():
             relays = [circuit.relay_of_connection(c) for c in conns]
             relay = relays[0] if relays and None not in relays else None  # any direct: direct
+            punched = self.holepunch is not None and any(map(self.holepunch.is_punched, conns))
             out[peer.to_base58()] = link_label(
-                None if relay is None else names.get(relay.to_base58(), relay.to_base58()[-8:]))
+                None if relay is None else names.get(relay.to_base58(), relay.to_base58()[-8:]),
+                punched)
         return out
 
     async def run(self) -> None:
@@ -140,6 +150,9 @@ class Reach:
                             and not self._is_banned(peer)):
                         self._dialing.add(peer)
                         nursery.start_soon(self._reach, peer, entry)
+                if self.holepunch is not None:
+                    for peer in self.holepunch.candidates():
+                        nursery.start_soon(self.holepunch.punch, peer)
                 await trio.sleep(ROUND_S)
 
     # -- reservations ---------------------------------------------------------------------------

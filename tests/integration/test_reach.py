@@ -1,6 +1,8 @@
 """Two homes behind their own NAT routers (iptables MASQUERADE, nothing inbound) and one
 reachable member: the homes meet through the member's relay, and a federated chat from home 1
-reaches home 2's model; a peer with another token gets no relay slot and no circuit."""
+reaches home 2's model; a peer with another token gets no relay slot and no circuit. Behind
+symmetric NATs the homes stay relayed; behind endpoint-independent ones a hole punch makes
+their connection direct."""
 
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         tiny_model: Path, tmp_path: Path) -> None:
     token = new_token().encode()
     with Netns() as netns:
-        net = two_homes(netns)
+        # Symmetric NATs: no hole punch can work, so everything here runs through the relay.
+        net = two_homes(netns, nat="symmetric")
         # The topology holds what it promises: neither home can be dialled from outside.
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
         assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
@@ -140,3 +143,39 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
                                        home2.peer_id], cwd=REPO, timeout=60).stdout
         assert out.strip() == "reserve: refused;dial: refused", out
         assert "relayed via" not in json.dumps(relay.peers())  # the relay reaches all directly
+
+        # The hole punches home1 tried by now all missed: still relayed, and still working.
+        assert "no SYN got through" in home1.log() + home2.log()
+        assert _link(home1, "home2") == "relayed via office"
+        status, reply = _chat(home1)
+        assert status == 200 and reply["covey"]["machines"] == ["home2"], reply
+
+
+def test_two_homes_behind_cone_nats_go_direct_by_hole_punching(
+        tiny_model: Path, tmp_path: Path) -> None:
+    token = new_token().encode()
+    with Netns() as netns:
+        net = two_homes(netns, nat="cone")
+        assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
+        ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
+        started = time.monotonic()
+        nodes = launch_homes(netns, net, token, tmp_path, [
+            ("home2", net.home2, ["--federated", "--model", "tiny"]), ("home1", net.home1, [])])
+        relay, home2, home1 = (wait_started(n) for n in nodes)
+        wait_until(lambda: _link(home1, "home2") is not None, 30,
+                   "home1 to reach home2", nodes)
+        wait_until(lambda: _link(home1, "home2") == "hole-punched", 40,
+                   "the relayed connection to become hole-punched", nodes)
+        print(f"reach: hole-punched {time.monotonic() - started:.1f} s after start")
+        wait_until(lambda: _link(home2, "home1") == "hole-punched", 10,
+                   "home2 to see the hole-punched connection too", nodes)
+        status, reply = _chat(home1)
+        assert status == 200, reply
+        assert reply["covey"]["route"] == "federated" and reply["covey"]["machines"] == ["home2"]
+        assert _link(home1, "home2") == "hole-punched"
+        assert _link(home1, "office") == "direct"
+        # The direct connection needs no relay: with the office gone, home 2 still answers.
+        relay.stop()
+        status, reply = _chat(home1)
+        assert status == 200 and reply["covey"]["machines"] == ["home2"], reply
+        assert _link(home1, "home2") == "hole-punched"
