@@ -599,7 +599,8 @@ def _node_schemas() -> dict[str, Schema]:
             "online": {"type": "boolean"},
             "connected": {"type": "boolean"},
             "link": or_null({"type": "string", "description":
-                             "How a connected peer is reached: \"direct\" or \"relayed via "
+                             "How a connected peer is reached: \"direct\", \"hole-punched\" "
+                             "(direct after a hole punch through both NATs) or \"relayed via "
                              "NAME\" (through that member's relay). Null for this node and "
                              "peers not connected."}),
             "last_seen": {"type": "number", "description": "Unix time of the latest entry."},
