@@ -18,7 +18,7 @@ import pytest
 
 from backends.store.model_store import ModelStore
 from swarm.trust.token import new_token
-from tests.support.netns import Netns, call_in, nat_skip_reason, two_homes
+from tests.support.netns import Netns, TwoHomes, call_in, nat_skip_reason, two_homes
 from tests.support.node_harness import (
     REPO,
     RunningNode,
@@ -90,6 +90,16 @@ def _chat(node: RunningNode, route: str = "federated") -> tuple[int, Any]:
     return call_in(node.ns, go)
 
 
+def _closed_homes(netns: Netns, nat: str, tiny_model: Path, workdir: Path) -> TwoHomes:
+    """Two homes behind `nat` routers, home 2 with the tiny model in its store."""
+    ModelStore(workdir / "home2" / "models").import_file(tiny_model, "tiny")
+    net = two_homes(netns, nat=nat)
+    # The topology holds what it promises: neither home can be dialled from outside.
+    assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
+    assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
+    return net
+
+
 def _link(node: RunningNode, name: str) -> str | None:
     return next((p.get("link") for p in node.peers() if p["name"] == name and p["connected"]),
                 None)
@@ -100,11 +110,7 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
     token = new_token().encode()
     with Netns() as netns:
         # Symmetric NATs: no hole punch can work, so everything here runs through the relay.
-        net = two_homes(netns, nat="symmetric")
-        # The topology holds what it promises: neither home can be dialled from outside.
-        assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
-        assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
-        ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
+        net = _closed_homes(netns, "symmetric", tiny_model, tmp_path)
         ModelStore(tmp_path / "home1" / "models").import_file(tiny_model, "tiny")
         started = time.monotonic()
         nodes = launch_homes(netns, net, token, tmp_path, [
@@ -155,9 +161,7 @@ def test_two_homes_behind_cone_nats_go_direct_by_hole_punching(
         tiny_model: Path, tmp_path: Path) -> None:
     token = new_token().encode()
     with Netns() as netns:
-        net = two_homes(netns, nat="cone")
-        assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
-        ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
+        net = _closed_homes(netns, "cone", tiny_model, tmp_path)
         started = time.monotonic()
         nodes = launch_homes(netns, net, token, tmp_path, [
             ("home2", net.home2, ["--federated", "--model", "tiny"]), ("home1", net.home1, [])])
