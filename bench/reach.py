@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.store.model_store import DEFAULT_MODEL, ModelStore  # noqa: E402
 from bench.federated import chat  # noqa: E402
-from swarm.net.holepunch import MAX_ATTEMPTS  # noqa: E402
+from swarm.net.holepunch import MAX_ATTEMPTS, MISSED  # noqa: E402
 from swarm.trust.token import new_token  # noqa: E402
 from tests.support.netns import Netns, call_in, two_homes  # noqa: E402
 from tests.support.node_harness import (  # noqa: E402
@@ -42,7 +42,6 @@ from tests.support.node_harness import (  # noqa: E402
 from tests.support.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 PUNCH_WAIT_S = 90.0
-MISSED = "no SYN got through"
 
 
 def ask(node: RunningNode, model: str, tokens: int) -> dict[str, Any]:

@@ -44,6 +44,7 @@ PROTOCOL_ID = TProtocol("/covey/holepunch/1.0.0")
 OBSERVED_PROTOCOL = TProtocol("/covey/observed/1.0.0")
 VERSION = 1
 HOLE_PUNCHED = "hole-punched"
+MISSED = "no SYN got through"  # in the log when an attempt fails (bench/reach.py counts them)
 MAX_ATTEMPTS = 3
 RETRY_S = 10.0
 MESSAGE_TIMEOUT_S = 5.0
@@ -295,6 +296,7 @@ class HolePunch:
         network = cast(Swarm, self.host.get_network())
         dial = network.dial_addr_as_responder if as_responder else network.dial_addr
         won: list[INetConn] = []
+        missed: list[str] = []
         network.protect(peer, _PROTECT_TAG)  # the library would trim one of two connections
         try:
             async with trio.open_nursery() as nursery:
@@ -303,7 +305,7 @@ class HolePunch:
                     try:
                         conn = await dial(addr, peer, source)
                     except Exception as exc:  # noqa: BLE001 - this address missed
-                        log.debug("punch dial %s to %s failed: %r", addr, peer, exc)
+                        missed.append(f"{addr}: {exc!r} ({exc.__cause__!r})")
                         return
                     won.append(conn)
                     nursery.cancel_scope.cancel()
@@ -311,8 +313,13 @@ class HolePunch:
                 nursery.cancel_scope.deadline = trio.current_time() + DIAL_WINDOW_S
                 for addr in dial_targets(addrs):
                     nursery.start_soon(one, addr)
+            # The other side's SYN may have reached our listener before our own SYN left: then
+            # the direct connection came in there, and our dial found the port pair taken.
+            won = won or [c for c in self.host.get_network().get_connections(peer)
+                          if circuit.relay_of_connection(c) is None]
             if not won:
-                log.info("hole punch to %s: no SYN got through; staying relayed", peer)
+                log.info("hole punch to %s: %s; staying relayed", peer,
+                         f"{MISSED} ({'; '.join(missed) or 'timed out'})")
                 return False
             self._punched.add(won[0].muxed_conn)
             log.info("hole-punched a direct connection to %s", peer)
