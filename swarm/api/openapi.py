@@ -623,7 +623,8 @@ def _node_schemas() -> dict[str, Schema]:
             "online": {"type": "boolean"},
             "connected": {"type": "boolean"},
             "link": or_null({"type": "string", "description":
-                             "How a connected peer is reached: \"direct\", \"UPnP\" (at "
+                             "How a connected peer is reached: \"direct\", \"hole-punched\" "
+                             "(direct after a hole punch through both NATs), \"UPnP\" (at "
                              "the address its router maps) or \"relayed via NAME\" (through "
                              "that member's relay). Null for this node and peers not "
                              "connected."}),

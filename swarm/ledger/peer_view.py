@@ -27,8 +27,8 @@ def peers_view(
 ) -> list[dict[str, Any]]:
     """One dict per peer with a valid "node" entry, this node included and flagged "self".
 
-    "link" says how a connected peer is reached ("direct", "UPnP", "relayed via NAME"; `links`),
-    None for this node and for peers not connected."""
+    "link" says how a connected peer is reached ("direct", "hole-punched", "UPnP", "relayed
+    via NAME"; from `links`), None for this node and for peers not connected."""
     rows = []
     for record in ledger.by_key(NODE_KEY):
         entry = record.entry

@@ -5,8 +5,9 @@ relays for the swarm, and the circuits (`…/p2p/RELAY/p2p-circuit`) it holds a 
 that is not reachable itself keeps reservations on up to `RESERVE_ON` relays it finds there.
 Each round, every live member that is not connected is dialled: its direct addresses first
 (those its router maps by UPnP among them; skipped for a while after they failed), then its
-circuits through a relay. Admission then
-runs on the connection like on any other, so every Covey protocol works over it.
+circuits through a relay. Admission then runs on the connection like on any other, so every
+Covey protocol works over it. A member reached through a relay only is then offered a hole
+punch (`swarm.net.holepunch`), which makes the connection direct where both NATs allow it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from swarm.ledger.rules import Ledger, is_live
 from swarm.net import relay as circuit
 from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import transport_addrs
+from swarm.net.holepunch import HOLE_PUNCHED, HolePunch
 from swarm.net.relay_limits import RelayLimits
 from swarm.net.upnp import UPNP, via_upnp
 
@@ -86,9 +88,11 @@ def dials_circuit(me: str, peer: str, reachable_by_circuit: bool, mapped: bool =
     return not reachable_by_circuit or me < peer
 
 
-def link_label(relay_name: str | None, upnp: bool = False) -> str:
+def link_label(relay_name: str | None, upnp: bool = False, punched: bool = False) -> str:
     if relay_name is not None:
         return f"relayed via {relay_name}"
+    if punched:
+        return HOLE_PUNCHED
     return UPNP if upnp else DIRECT
 
 
@@ -116,7 +120,8 @@ class Held:
 
 class Reach:
     def __init__(self, host: IHost, ledger: Ledger, *, reserves: bool, offers_relay: bool,
-                 is_banned: Callable[[ID], bool], changed: Callable[[], None]) -> None:
+                 is_banned: Callable[[ID], bool], changed: Callable[[], None],
+                 is_admitted: Callable[[ID], bool] | None = None) -> None:
         self.host = host
         self.ledger = ledger
         self.reserves = reserves
@@ -130,6 +135,8 @@ class Reach:
         self._dialing: set[ID] = set()
         self.circuit_caps: dict[ID, int | None] = {}  # peer -> the cap of the circuit we opened
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
+        # Punching needs to know who is a member; without that it stays off.
+        self.holepunch = HolePunch(host, is_admitted) if is_admitted is not None else None
 
     def entry(self, addrs: list[str]) -> ReachEntry:
         """This node's reach entry: `addrs`, the router's UPnP mappings first."""
@@ -142,8 +149,8 @@ class Reach:
         return bool(self.host.get_network().get_connections(peer))
 
     def links(self, names: Mapping[str, str]) -> dict[str, str]:
-        """How each connected peer is reached: "direct", "UPnP" (at the address its router
-        maps) or "relayed via NAME"."""
+        """How each connected peer is reached: "direct", "hole-punched" (direct after a hole
+        punch), "UPnP" (at the address its router maps) or "relayed via NAME"."""
         relays = self.relays(names)
         entries = live_entries(self.ledger, self.host.get_id().to_base58(), time.time())
         out = {}
@@ -151,7 +158,8 @@ class Reach:
             owner = peer.to_base58()
             remote = [str(a) for c in conns for a in c.get_transport_addresses()]
             mapped = entries[owner].upnp if owner in entries else ()
-            out[owner] = link_label(relays.get(owner), via_upnp(remote, mapped))
+            punched = self.holepunch is not None and any(map(self.holepunch.is_punched, conns))
+            out[owner] = link_label(relays.get(owner), via_upnp(remote, mapped), punched)
         return out
 
     def relays(self, names: Mapping[str, str]) -> dict[str, str]:
@@ -186,6 +194,9 @@ class Reach:
                             and not self._is_banned(peer)):
                         self._dialing.add(peer)
                         nursery.start_soon(self._reach, peer, entry)
+                if self.holepunch is not None:
+                    for peer in self.holepunch.candidates():
+                        nursery.start_soon(self.holepunch.punch, peer)
                 await trio.sleep(ROUND_S)
 
     # -- reservations ---------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from swarm.net import mdns
 from swarm.net.bulk_path import Relayed
 from swarm.net.discovery import Discovery
 from swarm.net.gatekeeper import Gatekeeper
+from swarm.net.holepunch import OBSERVED_PROTOCOL
+from swarm.net.holepunch import PROTOCOL_ID as HOLEPUNCH_PROTOCOL
 from swarm.net.host import build_host, parse_multiaddrs
 from swarm.net.reach import Reach, is_public
 from swarm.net.relay import HOP_PROTOCOL, STOP_PROTOCOL, RelayHop, RelayLimits
@@ -156,7 +158,8 @@ class Node:
             self.gatekeeper.is_banned,
         )
         self.reach = Reach(self.host, self.sync.ledger, reserves=True, offers_relay=False,
-                           is_banned=self.gatekeeper.is_banned, changed=self.changed)
+                           is_banned=self.gatekeeper.is_banned, changed=self.changed,
+                           is_admitted=self.gatekeeper.is_admitted)
         self.relay_hop = RelayHop(self.host, self.gatekeeper.is_admitted, config.relay_limits)
         self.port_mapper = PortMapper(MiniupnpcGateway, self._mapping_changed)
         cors = CorsPolicy.of(config.cors_origins)
@@ -243,6 +246,9 @@ class Node:
                 (TUNNEL_PROTOCOL, "rpc-tunnel", self.tunnels.handle),
                 (STOP_PROTOCOL, "relay-stop", self.reach.stop_side.handle),
             ]
+            if self.reach.holepunch is not None:
+                guarded += [(HOLEPUNCH_PROTOCOL, "hole-punch", self.reach.holepunch.handle),
+                            (OBSERVED_PROTOCOL, "observed", self.reach.holepunch.handle_observed)]
             if self.reach.offers_relay:
                 guarded.append((HOP_PROTOCOL, "relay-hop", self.relay_hop.handle))
             if self.discovery.dht is not None:
@@ -390,7 +396,8 @@ class Node:
         return found
 
     def links(self) -> dict[str, str]:
-        """How each connected peer is reached, by peer id: "direct" or "relayed via NAME"."""
+        """How each connected peer is reached, by peer id: "direct", "hole-punched" or "relayed
+        via NAME"."""
         return self.reach.links(self._names())
 
     def relayed(self, peer_id: str) -> Relayed | None:

@@ -1,6 +1,8 @@
 """Two homes behind their own NAT routers (iptables MASQUERADE, nothing inbound) and one
 reachable member: the homes meet through the member's relay, and a federated chat from home 1
-reaches home 2's model; a peer with another token gets no relay slot and no circuit."""
+reaches home 2's model; a peer with another token gets no relay slot and no circuit. Behind
+symmetric NATs the homes stay relayed; behind endpoint-independent ones a hole punch makes
+their connection direct."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from typing import Any
 import pytest
 
 from backends.store.model_store import ModelStore
+from swarm.net.holepunch import MISSED
 from swarm.trust.token import new_token
-from tests.support.netns import Netns, call_in, nat_skip_reason, two_homes
+from tests.support.netns import Netns, TwoHomes, call_in, nat_skip_reason, two_homes
 from tests.support.node_harness import (
     REPO,
     RunningNode,
@@ -88,6 +91,16 @@ def _chat(node: RunningNode, route: str = "federated") -> tuple[int, Any]:
     return call_in(node.ns, go)
 
 
+def _closed_homes(netns: Netns, nat: str, tiny_model: Path, workdir: Path) -> TwoHomes:
+    """Two homes behind `nat` routers, home 2 with the tiny model in its store."""
+    ModelStore(workdir / "home2" / "models").import_file(tiny_model, "tiny")
+    net = two_homes(netns, nat=nat)
+    # The topology holds what it promises: neither home can be dialled from outside.
+    assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
+    assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
+    return net
+
+
 def _link(node: RunningNode, name: str) -> str | None:
     return next((p.get("link") for p in node.peers() if p["name"] == name and p["connected"]),
                 None)
@@ -97,11 +110,8 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         tiny_model: Path, tmp_path: Path) -> None:
     token = new_token().encode()
     with Netns() as netns:
-        net = two_homes(netns)
-        # The topology holds what it promises: neither home can be dialled from outside.
-        assert not call_in(net.home1.ns, _tcp_connects, net.home2.wan_ip, 22)
-        assert not call_in(net.home1.ns, _tcp_connects, net.home2.ip, 22)
-        ModelStore(tmp_path / "home2" / "models").import_file(tiny_model, "tiny")
+        # Symmetric NATs: no hole punch can work, so everything here runs through the relay.
+        net = _closed_homes(netns, "symmetric", tiny_model, tmp_path)
         ModelStore(tmp_path / "home1" / "models").import_file(tiny_model, "tiny")
         started = time.monotonic()
         nodes = launch_homes(netns, net, token, tmp_path, [
@@ -142,3 +152,38 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
                                        home2.peer_id], cwd=REPO, timeout=60).stdout
         assert out.strip() == "reserve: refused;dial: refused", out
         assert "relayed via" not in json.dumps(relay.peers())  # the relay reaches all directly
+
+        # The hole punches home1 tried by now all missed: still relayed, and still working.
+        wait_until(lambda: any(MISSED in n.log_path.read_text(errors="replace")
+                               for n in (home1, home2)), 30, "a hole punch to miss", nodes)
+        assert _link(home1, "home2") == "relayed via office"
+        status, reply = _chat(home1)
+        assert status == 200 and reply["covey"]["machines"] == ["home2"], reply
+
+
+def test_two_homes_behind_cone_nats_go_direct_by_hole_punching(
+        tiny_model: Path, tmp_path: Path) -> None:
+    token = new_token().encode()
+    with Netns() as netns:
+        net = _closed_homes(netns, "cone", tiny_model, tmp_path)
+        started = time.monotonic()
+        nodes = launch_homes(netns, net, token, tmp_path, [
+            ("home2", net.home2, ["--federated", "--model", "tiny"]), ("home1", net.home1, [])])
+        relay, home2, home1 = (wait_started(n) for n in nodes)
+        wait_until(lambda: _link(home1, "home2") is not None, 30,
+                   "home1 to reach home2", nodes)
+        wait_until(lambda: _link(home1, "home2") == "hole-punched", 40,
+                   "the relayed connection to become hole-punched", nodes)
+        print(f"reach: hole-punched {time.monotonic() - started:.1f} s after start")
+        wait_until(lambda: _link(home2, "home1") == "hole-punched", 10,
+                   "home2 to see the hole-punched connection too", nodes)
+        status, reply = _chat(home1)
+        assert status == 200, reply
+        assert reply["covey"]["route"] == "federated" and reply["covey"]["machines"] == ["home2"]
+        assert _link(home1, "home2") == "hole-punched"
+        assert _link(home1, "office") == "direct"
+        # The direct connection needs no relay: with the office gone, home 2 still answers.
+        relay.stop()
+        status, reply = _chat(home1)
+        assert status == 200 and reply["covey"]["machines"] == ["home2"], reply
+        assert _link(home1, "home2") == "hole-punched"

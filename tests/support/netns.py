@@ -72,6 +72,24 @@ class Router:
     gateway_b: str
 
 
+NAT_KINDS = ("cone", "symmetric")
+
+
+def masquerade_rule(wan: str, nat: str) -> list[str]:
+    """The iptables rule that maps a home's outgoing connections to the router's `wan` address.
+
+    "cone": plain MASQUERADE, which keeps a connection's source port when it is free, so every
+    destination sees the same address and port (endpoint-independent mapping): the mapping a
+    relay observes is the one a peer can dial, and TCP hole punching can work.
+    "symmetric": MASQUERADE --random, a fresh random port for each connection, so what one
+    peer observes says nothing about the mapping toward another: hole punching cannot work.
+    Filtering is the same for both (`nat_home`): nothing unsolicited comes in."""
+    if nat not in NAT_KINDS:
+        raise ValueError(f"unknown NAT kind {nat!r}: one of {', '.join(NAT_KINDS)}")
+    rule = ["-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE"]
+    return rule + (["--random"] if nat == "symmetric" else [])
+
+
 @dataclass(frozen=True)
 class NatHome:
     """A namespace behind a NAT router: `ip` inside, seen as `wan_ip` from the outside."""
@@ -92,15 +110,16 @@ class TwoHomes:
     home2: NatHome
 
 
-def two_homes(netns: Netns, public_net: str = "198.51.100.0/24") -> TwoHomes:
+def two_homes(netns: Netns, public_net: str = "198.51.100.0/24", nat: str = "cone") -> TwoHomes:
     """The everyday case reach is for: two homes that cannot dial each other (nor be dialled
-    from outside) and one machine both can reach. Needs iptables (see `nat_skip_reason`)."""
+    from outside) and one machine both can reach; both routers of NAT kind `nat` (see
+    `masquerade_rule`). Needs iptables (see `nat_skip_reason`)."""
     bridge = netns.bridge("internet")
     public = netns.add("public")
     public_ip = host_address(public_net, 2)
     netns.attach(bridge, public, public_ip)
     homes = [netns.nat_home(bridge, host_address(public_net, 10 + n), f"192.168.{n}.0/24",
-                            f"home{n}") for n in (1, 2)]
+                            f"home{n}", nat=nat) for n in (1, 2)]
     return TwoHomes(public, public_ip, homes[0], homes[1])
 
 
@@ -189,10 +208,11 @@ class Netns:
         return Router(ns=ns, ip_a=ip_a, ip_b=ip_b, gateway_a=gw_a, gateway_b=gw_b)
 
     def nat_home(self, public_bridge: str, wan_ip: str, lan: str, label: str,
-                 public_prefix: int = 24) -> NatHome:
+                 public_prefix: int = 24, nat: str = "cone") -> NatHome:
         """A home network behind its own NAT router: namespace `label` on `lan` (.2), and a
         router (`label`-nat, .1 on `lan`, `wan_ip` on the public bridge) that masquerades
-        outgoing connections and drops every inbound one that is not a reply.
+        outgoing connections (`masquerade_rule(nat)`) and drops every inbound one that is not
+        a reply.
 
         The router has no default route: an address outside the public segment is
         unreachable at once, as a private address in another home is from the internet."""
@@ -202,7 +222,7 @@ class Netns:
         self.veth_pair(router, home, gateway, ip, ipaddress.ip_network(lan).prefixlen)
         self.run(router, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
         _ip("-n", home, "route", "add", "default", "via", gateway)
-        for rule in (["-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE"],
+        for rule in (masquerade_rule(wan, nat),
                      ["-A", "FORWARD", "-i", wan, "-m", "state", "--state",
                       "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                      ["-A", "FORWARD", "-i", wan, "-j", "DROP"],

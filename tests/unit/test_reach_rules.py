@@ -147,12 +147,14 @@ def test_public_addresses() -> None:
 
 def test_peers_show_how_each_connected_peer_is_reached() -> None:
     ledger = Ledger()
-    for who, name in ((A, "me"), (B, "home2"), (C, "office")):
+    for who, name in ((A, "me"), (B, "home2"), (C, "office"), (D, "home3")):
         _publish(ledger, who, NODE_KEY, collect_node_info(name, ()).to_value())
-    b, c = B.peer_id.to_base58(), C.peer_id.to_base58()
-    links = {b: link_label("office"), c: link_label(None)}
-    rows = {r["name"]: r for r in peers_view(ledger, A.peer_id.to_base58(), {b, c}, NOW, links)}
+    b, c, d = B.peer_id.to_base58(), C.peer_id.to_base58(), D.peer_id.to_base58()
+    links = {b: link_label("office"), c: link_label(None), d: link_label(None, punched=True)}
+    rows = {r["name"]: r for r in peers_view(ledger, A.peer_id.to_base58(), {b, c, d}, NOW,
+                                             links)}
     assert rows["home2"]["link"] == "relayed via office"
     assert rows["office"]["link"] == "direct" and rows["me"]["link"] is None
     table = format_peers(list(rows.values()), NOW).splitlines()
     assert "relayed via office" in next(line for line in table if line.startswith("home2"))
+    assert "hole-punched" in next(line for line in table if line.startswith("home3"))
