@@ -119,7 +119,7 @@ def model_choices(runnable: list[dict[str, Any]],
         routes = where.get("routes", [])
         machines = where.get("machines", [])[:3]
         if preference != "auto":
-            how = _preferred(node_route(preference, routes), routes, machines)
+            how = _preferred(node_route(preference, routes), routes)
         elif where.get("auto"):
             route, reason = where["auto"]["route"], where["auto"]["reason"]
             chosen = _CHOSEN.search(reason)
@@ -134,10 +134,9 @@ def model_choices(runnable: list[dict[str, Any]],
     return choices
 
 
-def _preferred(route: str, routes: list[str], machines: list[str]) -> str:
-    """The picker's words for a model under the `covey_route` a preference maps to; the
-    reason is the one the node gives for an asked-for route, so the footer says the same."""
+def _preferred(route: str, routes: list[str]) -> str:
+    """The picker's words for a model under the `covey_route` a preference maps to (the node
+    names the machines only once it has chosen them: the footer says which)."""
     if route not in routes:
         return NOT_HERE if route == "local" else NOT_IN_SWARM
-    names = [] if route == "local" else machines
-    return "runs " + _where_and_why(route, names, f"asked for the {route} route")
+    return f"runs {place_words(route, [])}, as this chat asks"
