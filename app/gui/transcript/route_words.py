@@ -32,10 +32,12 @@ ROUTE_MEANING = {route: f"{route} route: {route_does(route, past=True)}" for rou
 # The side panel's label and one line on each route preference (app/common/chat_request.py).
 PREFERENCE_LABELS = {"auto": "Auto", "here": "This machine", "swarm": "Swarm"}
 PREFERENCE_MEANING = {
-    "auto": "Covey picks: this machine when the model fits in its free memory, otherwise "
+    "auto": "Covey picks this machine when the model fits in its free memory, otherwise "
             "the swarm.",
-    "here": f"Local: {route_does('local')}; your messages never leave this machine.",
-    "swarm": f"Federated: {route_does('federated')}. Sharded: {route_does('sharded')}.",
+    "here": f"{route_does('local').capitalize()} (the local route); your messages never "
+            "leave this machine.",
+    "swarm": f"Other machines run it. Federated: {route_does('federated')}. Sharded: "
+             f"{route_does('sharded')}.",
 }
 NOT_HERE = "cannot run: this machine does not have the model"
 NOT_IN_SWARM = "cannot run: no other machine in the swarm can take it now"
