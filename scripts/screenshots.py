@@ -1,7 +1,9 @@
-"""Screenshots of the desktop app's chat, swarm and models pages, for the README.
+"""Screenshots of the desktop app's pages, for the README.
 
 Starts Xvfb (unless a display is set), runs the real app with its own node on loopback and the
-bundled Gemma 3 270M, asks one question, and saves each page to docs/screenshots/.
+bundled default model, asks one question with the chat's side panel open (chat.png) and one
+whose reply holds a code block, its Copy link clicked (chat-code.png), and saves each other page
+(the Swarm page with its worker and federated switches, Models, Settings) to docs/screenshots/.
 
     .venv/bin/python scripts/screenshots.py [--out docs/screenshots]
 """
@@ -19,11 +21,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PySide6.QtWidgets import QWidget
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 QUESTION = "In two sentences: what is a covey, and why is it a good name for a swarm of computers?"
+SYSTEM_PROMPT = "You are a friendly guide. Answer briefly, in plain words."
+CODE_QUESTION = "Write a short Python function that checks whether a word is a palindrome."
 
 
 @contextlib.contextmanager
@@ -66,33 +74,51 @@ async def shoot(out: Path) -> None:
              "--listen", "/ip4/127.0.0.1/tcp/0", "--worker", "--share-mib", "3072"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         window = app.window
-        window.resize(1180, 760)
+        window.resize(1260, 780)
         chat = window.chat
-        chat.model_picker.setCurrentIndex(max(chat.model_picker.findData(chat_model()), 0))
-        chat.input.setPlainText(QUESTION)
-        chat.send_button.click()
-        while chat._reply is not None:
+        while chat.starting() or not chat.model_picker.count():
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+        chat.model_picker.setCurrentIndex(max(chat.model_picker.findData(chat_model()), 0))
+        out.mkdir(parents=True, exist_ok=True)
+
+        async def ask(question: str) -> None:
+            chat.input.setPlainText(question)
+            chat.send_button.click()
+            while chat._reply is not None:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+
+        # A reply with a code block, its Copy link clicked, the side panel closed for room.
+        chat.show_panel(False)
+        await ask(CODE_QUESTION)
+        chat.transcript.copy_code(0)
+        save(window, out / "chat-code.png")
+
+        chat.new_conversation()
+        chat.show_panel(True)
+        chat.panel.system_prompt.setPlainText(SYSTEM_PROMPT)
+        await ask(QUESTION)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
                 p.get("name") == "study-laptop" and p.get("worker")
                 for p in app.controller.last_peers):
             await asyncio.sleep(0.5)
-        out.mkdir(parents=True, exist_ok=True)
         for page in ("Chat", "Swarm", "Models", "Settings"):
             window.show_page(page)
             await app.controller.refresh()
             await asyncio.sleep(0.5)
-            path = out / f"{page.lower()}.png"
-            window.grab().save(str(path))
-            print(f"saved {path}")
+            save(window, out / f"{page.lower()}.png")
     finally:
         if peer is not None:
             peer.terminate()
             peer.wait(15)
         await app.shutdown()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def save(window: QWidget, path: Path) -> None:
+    window.grab().save(str(path))
+    print(f"saved {path}")
 
 
 def main() -> int:

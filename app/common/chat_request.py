@@ -4,14 +4,15 @@ takes, the engine's GenerateRequest for the in-process `covey chat`, and `ChatRe
 folds a streamed reply back into its text, finish reason, usage, route and speed.
 
 `covey chat`, `covey chat --route ...` and the desktop app all go through here, so a reply
-samples alike whichever of them asked.
+samples alike whichever of them asked. The app's per-conversation choices (`ChatPanel`: system
+prompt, temperature, max tokens, where to run) become a request here too.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backends.engine_protocol import GenerateRequest
@@ -34,6 +35,46 @@ class ChatSettings:
 
 
 DEFAULTS = ChatSettings()
+
+# Where a conversation asks its replies to run, as the app offers it: Covey's choice, only
+# this machine, or only other machines in the swarm.
+ROUTE_PREFERENCES = ("auto", "here", "swarm")
+PANEL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChatPanel:
+    """One conversation's own choices; None keeps Covey's default (`DEFAULTS`)."""
+
+    system_prompt: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    route: str = "auto"  # one of ROUTE_PREFERENCES
+    version: int = PANEL_VERSION
+
+
+def node_route(preference: str, routes: Sequence[str]) -> str:
+    """The `covey_route` for a route preference, given the routes that serve the model (its
+    `covey.routes` in /v1/models). "swarm" is federated when a federated node serves the
+    model, as `auto` would choose, and sharded otherwise."""
+    if preference == "here":
+        return "local"
+    if preference == "swarm":
+        return "federated" if "federated" in routes else "sharded"
+    return "auto"
+
+
+def panel_request(panel: ChatPanel, history: Sequence[Mapping[str, str]],
+                  routes: Sequence[str] = ()) -> tuple[ChatSettings, list[dict[str, str]], str]:
+    """What a conversation with `panel` asks: its sampling, its messages (the system prompt
+    first) and its `covey_route`."""
+    settings = replace(
+        DEFAULTS,
+        temperature=DEFAULTS.temperature if panel.temperature is None else panel.temperature,
+        max_tokens=DEFAULTS.max_tokens if panel.max_tokens is None else panel.max_tokens)
+    prompt = panel.system_prompt.strip()
+    system = [{"role": "system", "content": prompt}] if prompt else []
+    return settings, system + [dict(m) for m in history], node_route(panel.route, routes)
 
 
 def chat_body(settings: ChatSettings, model: str, messages: Sequence[Mapping[str, str]],

@@ -43,6 +43,7 @@ class AppSettings:
     worker: bool = False
     federated: bool = False
     federated_model: str = ""  # empty: the node's default model
+    chat_panel_open: bool = False  # the chat page's side panel (app/gui/pages/chat_panel.py)
     version: int = SETTINGS_VERSION
 
 

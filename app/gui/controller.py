@@ -181,13 +181,16 @@ class Controller(QObject):
 
     # -- what pages ask for --------------------------------------------------------------------
 
-    def chat(self, model: str, history: list[dict[str, str]]
+    def chat(self, model: str, history: list[dict[str, str]],
+             settings: ChatSettings | None = None, route: str = "auto"
              ) -> AsyncGenerator[dict[str, Any], None]:
-        """The node's streamed reply to `history`, sampled as `covey chat` samples."""
+        """The node's streamed reply to `history` over `route`, sampled as `covey chat` samples
+        unless a chat's own `settings` say otherwise."""
         link = self.link
         if link is None:
             raise ConnectionError("Covey's node is not running")
-        return link.stream(CHAT_PATH, chat_body(self.chat_settings, model, history))
+        return link.stream(CHAT_PATH, chat_body(settings or self.chat_settings, model, history,
+                                                route))
 
     async def join(self, token_text: str) -> None:
         self._online = None  # the peers of the old swarm are not "leaving"

@@ -1,7 +1,9 @@
 """Chat conversations, kept in SQLite (`conversations.db` in the data directory).
 
 Qt-free so it is tested on its own. Every change commits at once: a crash loses at most the
-part of a reply that was still streaming since its last save.
+part of a reply that was still streaming since its last save. Each conversation keeps its side
+panel's choices (`ChatPanel`) in its own row; a database from an older Covey gains those
+columns when it opens (`_MIGRATIONS`), keeping its conversations.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.common.chat_request import ChatPanel
+
 DB_FILE = "conversations.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_TITLE = "New chat"
 TITLE_CHARS = 48
 SNIPPET_CHARS = 30
@@ -39,6 +43,16 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
+# What takes a database written with schema N-1 to N. NULL sampling values: Covey's defaults.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE conversations ADD COLUMN system_prompt TEXT NOT NULL DEFAULT '';
+ALTER TABLE conversations ADD COLUMN temperature REAL;
+ALTER TABLE conversations ADD COLUMN max_tokens INTEGER;
+ALTER TABLE conversations ADD COLUMN route TEXT NOT NULL DEFAULT 'auto';
+""",
+}
+_PANEL_COLUMNS = "system_prompt, temperature, max_tokens, route"
 
 
 @dataclass(frozen=True)
@@ -99,9 +113,11 @@ class ConversationStore:
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"{data_dir / DB_FILE} was written by a newer Covey (schema {version})")
-        with self._db:
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # executescript commits on its own, so the whole upgrade is one explicit transaction.
+        script = _SCHEMA + "".join(_MIGRATIONS[n] for n in range(max(version, 1) + 1,
+                                                                 SCHEMA_VERSION + 1))
+        self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\n"
+                               "COMMIT;")
 
     def close(self) -> None:
         self._db.close()
@@ -135,6 +151,19 @@ class ConversationStore:
         with self._db:
             self._db.execute("UPDATE conversations SET model=? WHERE id=?",
                              (model, conversation_id))
+
+    def panel(self, conversation_id: int) -> ChatPanel:
+        """The conversation's side-panel choices (the defaults for one that is gone)."""
+        row = self._db.execute(f"SELECT {_PANEL_COLUMNS} FROM conversations WHERE id=?",
+                               (conversation_id,)).fetchone()
+        return ChatPanel(*row) if row else ChatPanel()
+
+    def set_panel(self, conversation_id: int, panel: ChatPanel) -> None:
+        with self._db:
+            self._db.execute(
+                "UPDATE conversations SET system_prompt=?, temperature=?, max_tokens=?, route=? "
+                "WHERE id=?", (panel.system_prompt, panel.temperature, panel.max_tokens,
+                               panel.route, conversation_id))
 
     def delete(self, conversation_id: int) -> None:
         with self._db:

@@ -1,6 +1,7 @@
 """The main window: a page list on the left (Chat, Swarm, Models, Settings), the page on the
 right, a status line saying what this machine's node is doing, and the keyboard shortcuts
-(Ctrl+1…4 pages, Ctrl+N new chat, Esc stops a reply, F2 renames the chat, Ctrl+F searches)."""
+(Ctrl+1…4 pages, Ctrl+N new chat, Esc stops a reply, F2 renames the chat, Ctrl+F searches,
+Ctrl+B shows or hides the chat's side panel)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class MainWindow(QMainWindow):
             ("Esc", self.chat.escape),
             ("F2", on_chat(self.chat.rename_current)),
             ("Ctrl+F", on_chat(self.chat.search.setFocus)),
+            ("Ctrl+B", on_chat(self.chat.toggle_panel)),
         ]
         self.shortcuts = {key: QShortcut(QKeySequence(key), self, action) for key, action in keys}
 

@@ -12,9 +12,18 @@ import pytest
 from app.cli import chat as chat_cli
 from app.cli import node_chat
 from app.cli.command import build_parser
-from app.common.chat_request import CHAT_PATH, ChatReply, ChatSettings
+from app.common.chat_request import (
+    CHAT_PATH,
+    ROUTE_PREFERENCES,
+    ChatPanel,
+    ChatReply,
+    ChatSettings,
+    node_route,
+    panel_request,
+)
 from app.gui.controller import Controller
 from swarm.api.openai_api import parse_completion
+from swarm.api.openapi import ROUTE_NAMES
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
 TUNED = ChatSettings(max_tokens=64, temperature=0.2, top_p=0.9, repeat_penalty=1.3, seed=7,
@@ -114,3 +123,37 @@ def test_no_speed_before_two_tokens() -> None:
     reply.add({"choices": [{"delta": {"content": "a"}}], "usage": {"completion_tokens": 1}},
               now=0.5)
     assert reply.tokens_per_s(now=1.0) is None
+
+
+def test_a_chats_panel_shapes_the_body_the_app_posts(tmp_path: Path) -> None:
+    """The side panel's values reach the node: the system prompt as the first message, its
+    sampling, and its route preference as a route the node knows; as `covey chat` would ask."""
+    panel = ChatPanel(system_prompt="  Be brief.  ", temperature=0.0, max_tokens=64,
+                      route="here")
+    settings, messages, route = panel_request(panel, MESSAGES[1:], ["local", "sharded"])
+    assert messages == MESSAGES and route == "local"
+    controller = Controller(tmp_path)
+    try:
+        link = RecordingLink()
+        controller.supervisor.link = link  # type: ignore[assignment]
+        controller.chat("tiny", messages, settings, route)
+        [(_path, body)] = link.posted
+    finally:
+        controller.conversations.close()
+    assert (body["temperature"], body["max_tokens"], body["covey_route"]) == (0.0, 64, "local")
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body == cli_body("--temperature", "0", "--max-tokens", "64") | {
+        "covey_route": "local"}
+
+
+def test_route_preferences_map_to_routes_the_node_knows() -> None:
+    assert node_route("auto", ["local", "federated"]) == "auto"
+    assert node_route("here", []) == "local"
+    assert node_route("swarm", ["local", "sharded", "federated"]) == "federated"
+    assert node_route("swarm", ["local", "sharded"]) == "sharded"
+    assert {node_route(p, ["federated"]) for p in ROUTE_PREFERENCES} <= set(ROUTE_NAMES)
+
+
+def test_a_panel_left_alone_asks_as_covey_chat_does() -> None:
+    settings, messages, route = panel_request(ChatPanel(), MESSAGES[1:])
+    assert (settings, messages, route) == (ChatSettings(), MESSAGES[1:], "auto")

@@ -5,13 +5,16 @@ Replies stream from the node's OpenAI API (`/v1/chat/completions`); the text is 
 every 50 ms so a fast model never floods the Qt thread, and the reply is saved every second so
 a crash loses little. Under each reply: where it ran and why in plain words, its tokens/s, and
 any failover notice. Until the node and a model are ready, Send waits ("Starting Covey…") and a
-message typed meanwhile is sent when they are.
+message typed meanwhile is sent when they are. A side panel (chat_panel.py, Ctrl+B) holds each
+conversation's system prompt, sampling and route preference; the picker's labels follow the
+preference, in the footer's words.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.common.chat_request import ChatReply
+from app.common.chat_request import ChatPanel, ChatReply, ChatSettings, panel_request
 from app.gui.controller import Controller
 from app.gui.conversations import Message
 from app.gui.node_supervisor import NodeState
+from app.gui.pages.chat_panel import ChatPanelView
 from app.gui.transcript.export import (
     export_of,
     from_json,
@@ -78,6 +82,7 @@ class ChatPage(QWidget):
         self._models_seen = False  # the node has listed its models since it started
         self._queued = False  # a message waits in the box for the node or a model
         self._editing: int | None = None  # the user message being edited, to resend
+        self._runnable: list[dict[str, Any]] = []  # GET /v1/models, as last listed
 
         self.search = QLineEdit()
         self.search.setObjectName("chatSearch")
@@ -128,9 +133,19 @@ class ChatPage(QWidget):
         self.notice.setWordWrap(True)
         self.notice.setObjectName("chatNotice")
 
+        self.panel = ChatPanelView()
+        self.panel.changed.connect(self._panel_changed)
+        self.panel_button = QPushButton("Chat settings")
+        self.panel_button.setObjectName("panelButton")
+        self.panel_button.setCheckable(True)
+        self.panel_button.setToolTip("System prompt, temperature, max tokens and where replies "
+                                     "run, for this chat (Ctrl+B)")
+        self.panel_button.toggled.connect(self.show_panel)
+
         top = QHBoxLayout()
         top.addWidget(QLabel("Model:"))
         top.addWidget(self.model_picker, 1)
+        top.addWidget(self.panel_button)
         buttons = QHBoxLayout()
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.regenerate_button)
@@ -150,8 +165,11 @@ class ChatPage(QWidget):
         self.splitter = QSplitter()
         self.splitter.addWidget(side_widget)
         self.splitter.addWidget(main_widget)
+        self.splitter.addWidget(self.panel)
         self.splitter.setStretchFactor(1, 1)
-        self.splitter.setSizes([220, 700])
+        self.splitter.setSizes([220, 700, 280])
+        self.panel_button.setChecked(controller.settings.chat_panel_open)
+        self.panel.setVisible(controller.settings.chat_panel_open)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.splitter)
@@ -166,6 +184,24 @@ class ChatPage(QWidget):
 
     def focus_input(self) -> None:
         self.input.setFocus(Qt.FocusReason.OtherFocusReason)
+
+    # -- the side panel ------------------------------------------------------------------------
+
+    def toggle_panel(self) -> None:
+        self.panel_button.toggle()
+
+    def show_panel(self, shown: bool) -> None:
+        """Show or hide the side panel, remembered across restarts."""
+        self.panel_button.setChecked(shown)
+        self.panel.setVisible(shown)
+        if self.controller.settings.chat_panel_open != shown:
+            self.controller.save_settings(replace(self.controller.settings,
+                                                  chat_panel_open=shown))
+
+    def _panel_changed(self) -> None:
+        if self.conversation_id is not None:
+            self.store.set_panel(self.conversation_id, self.panel.values())
+        self._fill_picker()
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -211,6 +247,9 @@ class ChatPage(QWidget):
         self.conversation_id = conversation_id
         self._messages = self.store.messages(conversation_id) if conversation_id else []
         conv = self.store.get(conversation_id) if conversation_id else None
+        self.panel.show_values(self.store.panel(conversation_id) if conversation_id
+                               else ChatPanel())
+        self._fill_picker()
         if conv and conv.model:
             index = self.model_picker.findData(conv.model)
             if index >= 0:
@@ -221,6 +260,8 @@ class ChatPage(QWidget):
     def new_conversation(self) -> None:
         self.search.clear()
         conv = self.store.create(self.model_picker.currentData())
+        if self.conversation_id is None:  # what was set before there was a chat is for this one
+            self.store.set_panel(conv.id, self.panel.values())
         self._reload_sidebar(select=conv.id)
         self._show(conv.id)
         self.focus_input()
@@ -309,21 +350,30 @@ class ChatPage(QWidget):
 
     def _models_changed(self, models: dict[str, Any]) -> None:
         self._models_seen = True
-        choices = model_choices(models.get("runnable", []))
-        current = self.model_picker.currentData() or chat_model()
-        if [(self.model_picker.itemData(i), self.model_picker.itemText(i))
-                for i in range(self.model_picker.count())] != choices:
-            self.model_picker.clear()
-            for model_id, label in choices:
-                self.model_picker.addItem(label, model_id)
-            index = self.model_picker.findData(current)
-            self.model_picker.setCurrentIndex(max(index, 0))
+        self._runnable = models.get("runnable", [])
+        self._fill_picker()
         if self.model_picker.count() and self.notice.text() in WAITING_NOTICES:
             self._say("")
         self._update_buttons()
         if self._queued and not self.starting() and self.model_picker.count():
             self._queued = False
             self.send()
+
+    def _fill_picker(self) -> None:
+        """The models the swarm can run, labelled with where each would run for this chat's
+        route preference."""
+        choices = model_choices(self._runnable, self.panel.values().route)
+        current = self.model_picker.currentData() or chat_model()
+        if [(self.model_picker.itemData(i), self.model_picker.itemText(i))
+                for i in range(self.model_picker.count())] != choices:
+            self.model_picker.clear()
+            for model_id, label in choices:
+                self.model_picker.addItem(label, model_id)
+            self.model_picker.setCurrentIndex(max(self.model_picker.findData(current), 0))
+
+    def _routes_of(self, model: str) -> list[str]:
+        return next((m.get("covey", {}).get("routes", []) for m in self._runnable
+                     if m.get("id") == model), [])
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -395,20 +445,22 @@ class ChatPage(QWidget):
         assert self.conversation_id is not None
         self._messages = self.store.messages(self.conversation_id)
         history = [{"role": m.role, "content": m.content} for m in self._messages]
+        asked = panel_request(self.store.panel(self.conversation_id), history,
+                              self._routes_of(model))
         self._say("")
         self._partial = ""
         self._reply = asyncio.get_event_loop().create_task(
-            self._stream(self.conversation_id, model, history))
+            self._stream(self.conversation_id, model, *asked))
         self._redraw_timer.start()
         self._update_buttons()
-    async def _stream(self, conversation_id: int, model: str,
-                      history: list[dict[str, str]]) -> None:
+    async def _stream(self, conversation_id: int, model: str, settings: ChatSettings,
+                      messages: list[dict[str, str]], route: str) -> None:
         saved = self.store.add(conversation_id, "assistant", "")
         reply = ChatReply()
         meta: dict[str, Any] = {}
         saved_at = time.monotonic()
         try:
-            events = self.controller.chat(model, history)
+            events = self.controller.chat(model, messages, settings, route)
             try:
                 async for event in events:
                     reply.add(event, time.monotonic())

@@ -1,5 +1,6 @@
-"""Where a reply runs and why, in plain words: the line under each reply and the model
-picker's labels are both written here, from the same phrases, so they agree.
+"""Where a reply runs and why, in plain words: the line under each reply, the model picker's
+labels and the side panel's route explanations are all written here, from the same phrases, so
+they agree.
 
 The node says which route it chose and why (`covey.route_reason`, written by
 swarm/routes/auto.py); these functions turn that into sentences for someone who has never heard
@@ -11,14 +12,36 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from app.common.chat_request import node_route
 from app.common.reached import reached_through
 
-# What each route means, said once in every footer.
-ROUTE_MEANING = {
-    "local": "local route: the whole model ran here",
-    "sharded": "sharded route: each machine holds some of the model's layers",
-    "federated": "federated route: another machine in the swarm ran all of it",
+# What each route does, in the present tense (the side panel) and the past (every footer).
+_DOES = {
+    "local": ("the whole model {} here", ("runs", "ran")),
+    "sharded": ("each machine holds some of the model's layers", ("", "")),
+    "federated": ("another machine in the swarm {} all of it", ("runs", "ran")),
 }
+
+
+def route_does(route: str, past: bool = False) -> str:
+    text, tenses = _DOES[route]
+    return text.format(tenses[past])
+
+
+ROUTE_MEANING = {route: f"{route} route: {route_does(route, past=True)}" for route in _DOES}
+
+# The side panel's label and one line on each route preference (app/common/chat_request.py).
+PREFERENCE_LABELS = {"auto": "Auto", "here": "This machine", "swarm": "Swarm"}
+PREFERENCE_MEANING = {
+    "auto": "Covey picks this machine when the model fits in its free memory, otherwise "
+            "the swarm.",
+    "here": f"{route_does('local').capitalize()} (the local route); your messages never "
+            "leave this machine.",
+    "swarm": f"Other machines run it. Federated: {route_does('federated')}. Sharded: "
+             f"{route_does('sharded')}.",
+}
+NOT_HERE = "cannot run: this machine does not have the model"
+NOT_IN_SWARM = "cannot run: no other machine in the swarm can take it now"
 
 # The reasons auto.py gives, first match wins (the more specific ones come first); each
 # phrase follows "because".
@@ -91,23 +114,35 @@ def served_line(meta: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def model_choices(runnable: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def model_choices(runnable: list[dict[str, Any]],
+                  preference: str = "auto") -> list[tuple[str, str]]:
     """(model id, label) for the picker: where each model the swarm can run would run and why,
-    as the node's own `auto` policy says (in the footer's words), or guessed from its routes
-    for an older node."""
+    for the conversation's route preference; under "auto" as the node's own `auto` policy says
+    (in the footer's words), or guessed from its routes for an older node."""
     choices = []
     for model in runnable:
         where = model.get("covey", {})
         routes = where.get("routes", [])
         machines = where.get("machines", [])[:3]
-        if where.get("auto"):
+        if preference != "auto":
+            how = _preferred(node_route(preference, routes), routes)
+        elif where.get("auto"):
             route, reason = where["auto"]["route"], where["auto"]["reason"]
             chosen = _CHOSEN.search(reason)
             names = chosen.group(1).split(", ") if chosen else machines
-            how = _where_and_why(route, [] if route == "local" else names, reason)
+            how = "runs " + _where_and_why(route, [] if route == "local" else names, reason)
         elif "local" in routes:
-            how = place_words("local", [])
+            how = "runs " + place_words("local", [])
         else:
-            how = place_words("sharded" if "sharded" in routes else "federated", machines)
-        choices.append((model["id"], f"{model['id']} — runs {how}"))
+            how = "runs " + place_words("sharded" if "sharded" in routes else "federated",
+                                        machines)
+        choices.append((model["id"], f"{model['id']} — {how}"))
     return choices
+
+
+def _preferred(route: str, routes: list[str]) -> str:
+    """The picker's words for a model under the `covey_route` a preference maps to (the node
+    names the machines only once it has chosen them: the footer says which)."""
+    if route not in routes:
+        return NOT_HERE if route == "local" else NOT_IN_SWARM
+    return f"runs {place_words(route, [])}, as this chat asks"
