@@ -139,7 +139,8 @@ def test_two_homes_behind_nat_chat_through_a_relay_of_their_swarm(
         elapsed = time.monotonic() - started
         assert status == 200, reply
         assert reply["covey"]["route"] == "sharded" and reply["covey"]["machines"], reply
-        assert all(m.startswith("home2w") for m in reply["covey"]["machines"]), reply
+        assert all(m.startswith("home2w") for m in reply["covey"]["machines"]), (
+            reply["covey"], home1.log())
         assert reply["covey"]["relayed"] == {m: "office" for m in reply["covey"]["machines"]}
         # No direct path to a worker behind NAT: its RPC bytes went through the libp2p tunnel.
         assert home1.api("/api/status")["sharded_links"] == {"home2w": "libp2p tunnel"}
