@@ -210,6 +210,31 @@ def test_info_is_cached_until_the_file_changes(
     assert store.get("tiny").info.n_layers == 6
 
 
+def test_finished_copy_is_parsed_once(
+    store: ModelStore, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy's GGUF check is what the store lists: a vocabulary-sized header (Gemma 3's takes
+    about 0.3 s) is not parsed a second time after the check."""
+    import backends.store.model_store as model_store
+
+    data = models["tiny"].read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data)
+    parsed: list[Path] = []
+    real = model_store.read_gguf_info
+
+    def counting(path: Path | str) -> object:
+        parsed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(model_store, "read_gguf_info", counting)
+    entry = store.finish_copy("copied", partial, sha256, "a peer", sha256)
+    assert len(parsed) == 1
+    assert entry.path == store.model_path("copied") and entry.info.path == entry.path
+    assert store.get("copied").info is entry.info
+
+
 # -- downloads --------------------------------------------------------------------------
 
 
