@@ -34,8 +34,10 @@ from libp2p.peer.id import ID
 from backends.store.model_store import ModelStore
 from swarm.net.host import parse_versioned, read_frame, read_json_frame, write_json_frame
 from swarm.net.relay import is_relayed
+from swarm.node.write_behind import WriteBehind
 from swarm.workers.direct_tls import (
     ACCEPTED,
+    PLAIN_BYTES,
     READ_BYTES,
     SECRET_BYTES,
     Certificate,
@@ -293,16 +295,19 @@ async def fetch(offer: DirectOffer, write: Callable[[memoryview | bytes], None])
 
 
 def receive(tls: TlsConnection, length: int, write: Callable[[memoryview | bytes], None]) -> None:
-    """Blocking: exactly `length` bytes from `tls` into `write`, then a clean close."""
+    """Blocking: exactly `length` bytes from `tls` into `write`, then a clean close. `write`
+    runs in a thread of its own, overlapping the next pieces' decryption."""
     tls.sock.settimeout(STALL_TIMEOUT_S)
     left = length
-    while left:
-        data = tls.recv()
-        if not data:
-            raise EOFError("the peer closed the connection mid-copy")
-        # Never more than offered: what a peer sends past it is not written.
-        piece = data[:left]
-        write(piece)
-        left -= len(piece)
+    with WriteBehind(write, PLAIN_BYTES) as pieces:
+        while left:
+            buf = pieces.buffer()
+            n = tls.recv_into(buf)
+            if not n:
+                raise EOFError("the peer closed the connection mid-copy")
+            # Never more than offered: what a peer sends past it is not written.
+            piece = min(n, left)
+            pieces.put(buf, piece)
+            left -= piece
     with contextlib.suppress(OSError):
         tls.close_write()
