@@ -683,10 +683,21 @@ class ModelStore:
             _write_atomic(sidecar_path(partial), json.dumps({"sha256": sha256, "size": size}))
         return partial
 
+    def check_copy_header(self, partial: Path, size: int) -> GGUFInfo | None:
+        """The GGUF check of a copy while its tail still arrives: what the header says of a
+        file of `size` bytes, or None if it is not all there yet or not valid (`finish_copy`
+        then checks the finished file and says what is wrong). A copy only ever appends, so
+        what this read is what the final sha256 covers."""
+        try:
+            return read_gguf_info(partial, size)
+        except InvalidModelFile:
+            return None
+
     def finish_copy(self, name: str, partial: Path, sha256: str, source: str,
-                    actual: str | None = None) -> ModelEntry:
+                    actual: str | None = None, info: GGUFInfo | None = None) -> ModelEntry:
         """Verify a finished copy against the hash its owner published and add it. `actual`:
         the partial's sha256 as the copier hashed it while writing; None: read it here.
+        `info`: what `check_copy_header` found while it arrived; None: check the file here.
 
         A wrong hash or an invalid file deletes the partial: the store is left unchanged."""
         actual = actual or sha256_file(partial)
@@ -697,7 +708,8 @@ class ModelStore:
                 f"the published {sha256}. It was deleted; the store is unchanged."
             )
         try:
-            info = read_gguf_info(partial)
+            if info is None or info.file_size != partial.stat().st_size:
+                info = read_gguf_info(partial)
         except InvalidModelFile as e:
             self._discard_partial(partial)
             raise InvalidModelFile(f"The copy of {name!r} from {source} is not usable: {e}") from e

@@ -34,6 +34,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from backends.errors import ModelStoreError
+from backends.gguf_info import GGUFInfo
 from backends.sizes import human_bytes
 from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
@@ -57,6 +58,9 @@ MAX_REQUEST_BYTES = 4096
 CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
 DISK_MARGIN_BYTES = 1 << 30  # a copy must leave this much free on the store's disk
+# The GGUF check starts once this much has arrived (a header is a few MB, most of it the
+# vocabulary), so that it runs while the rest arrives instead of after it.
+HEADER_CHECK_BYTES = 32 << 20
 
 
 class CopyError(ModelStoreError):
@@ -252,7 +256,9 @@ class Copier:
             self.store.release(job.model)
             raise
         self.jobs[name] = job
-        nursery.start_soon(self._run, job, partial)
+        header = _HeaderCheck()
+        nursery.start_soon(self._check_header, job, partial, header)
+        nursery.start_soon(self._run, job, partial, header)
         return job
 
     def cancel(self, name: str) -> CopyJob | None:
@@ -262,7 +268,20 @@ class Copier:
             scope.cancel()
         return job
 
-    async def _run(self, job: CopyJob, partial: Path) -> None:
+    async def _check_header(self, job: CopyJob, partial: Path, header: _HeaderCheck) -> None:
+        """Check the GGUF header once it has arrived, while the rest still comes."""
+        try:
+            while job.done < min(job.size, HEADER_CHECK_BYTES):
+                if not job.active:
+                    return
+                await trio.sleep(0.05)
+            header.info = await trio.to_thread.run_sync(
+                self.store.check_copy_header, partial, job.size,
+                abandon_on_cancel=True)  # type: ignore[call-arg]
+        finally:
+            header.done.set()
+
+    async def _run(self, job: CopyJob, partial: Path, header: _HeaderCheck) -> None:
         with trio.CancelScope() as scope:
             self._scopes[job.model] = scope
             try:
@@ -270,9 +289,10 @@ class Copier:
                     sink = _Sink(f, job, await trio.to_thread.run_sync(_hash_of, partial))
                     await self._fetch_all(job, sink)
                 job.state = "verifying"
+                await header.done.wait()
                 await trio.to_thread.run_sync(
                     self.store.finish_copy, job.model, partial, job.sha256,
-                    " and ".join(job.sources), sink.hash.hexdigest())
+                    " and ".join(job.sources), sink.hash.hexdigest(), header.info)
                 job.state = "done"
                 self._on_added()
             except ModelStoreError as exc:
@@ -365,6 +385,14 @@ class Copier:
             finally:
                 f.flush()  # bytes received before a failure count for the next try
                 await reset_quietly(stream)
+
+
+class _HeaderCheck:
+    """What the GGUF check found while the copy arrived: None if it found nothing usable."""
+
+    def __init__(self) -> None:
+        self.info: GGUFInfo | None = None
+        self.done = trio.Event()
 
 
 class _Sink:

@@ -235,6 +235,26 @@ def test_finished_copy_is_parsed_once(
     assert store.get("copied").info is entry.info
 
 
+def test_copy_header_checked_while_the_tail_arrives(
+    store: ModelStore, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backends.store.model_store as model_store
+
+    data = models["medium"].read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data[:16])
+    assert store.check_copy_header(partial, len(data)) is None  # the header is not all there
+    partial.write_bytes(data[: len(data) // 2])
+    early = store.check_copy_header(partial, len(data))
+    assert early is not None and early.file_size == len(data)
+    with partial.open("ab") as f:
+        f.write(data[len(data) // 2 :])
+    monkeypatch.setattr(model_store, "read_gguf_info", lambda *a: pytest.fail("parsed again"))
+    entry = store.finish_copy("copied", partial, sha256, "a peer", sha256, early)
+    assert entry.info.n_layers == early.n_layers and entry.path.read_bytes() == data
+
+
 # -- downloads --------------------------------------------------------------------------
 
 
