@@ -346,7 +346,7 @@ class Copier:
             offer = await copy_direct.ask(self.host, source.peer_id, job.model, job.sha256,
                                           job.done, job.size)
             job.path = copy_direct.DIRECT
-            await copy_direct.fetch(offer, f.append)
+            await copy_direct.fetch(offer, f.write, f.hashed)
         except ModelStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, unreachable, cut: libp2p goes on
@@ -397,8 +397,8 @@ class _HeaderCheck:
 
 class _Sink:
     """The partial file a job appends to, with the sha256 of all it holds so far: the check
-    at the end then need not read the whole file again. Called from one thread at a time (the
-    trio thread, or the direct path's receiving thread)."""
+    at the end then need not read the whole file again. `write` and `hashed` are each called
+    from one thread at a time (the trio thread, or one of the direct path's), in order."""
 
     def __init__(self, f: BinaryIO, job: CopyJob, digest: Any) -> None:
         self.f = f
@@ -406,6 +406,11 @@ class _Sink:
         self.hash = digest  # hashlib's sha256 object
 
     def append(self, data: bytes | memoryview) -> None:
+        self.write(data)
+        self.hashed(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The file half of `append`: the direct path runs the halves in two threads."""
         job = self.job
         try:
             self.f.write(data)
@@ -415,8 +420,11 @@ class _Sink:
                     f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. "
                     "Free some space and copy again; what was copied is kept.") from exc
             raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+
+    def hashed(self, data: bytes | memoryview) -> None:
+        """The other half, for bytes `write` wrote: they count once hashed."""
         self.hash.update(data)
-        job.done += len(data)
+        self.job.done += len(data)
 
     def flush(self) -> None:
         self.f.flush()
