@@ -255,6 +255,18 @@ def test_copy_header_checked_while_the_tail_arrives(
     assert entry.info.n_layers == early.n_layers and entry.path.read_bytes() == data
 
 
+def test_copy_of_a_non_model_is_refused_after_its_hash_matches(store: ModelStore) -> None:
+    data = b"not a model at all" * 1000
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data)
+    early = store.check_copy_header(partial, len(data))
+    assert early is None
+    with pytest.raises(InvalidModelFile, match="is not usable"):
+        store.finish_copy("copied", partial, sha256, "a peer", sha256, early)
+    assert not partial.exists() and "copied" not in store.names()
+
+
 # -- downloads --------------------------------------------------------------------------
 
 
