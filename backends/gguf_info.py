@@ -363,12 +363,14 @@ def _split_bytes(tensors: list[_TensorEntry], n_layers: int) -> tuple[tuple[int,
     return tuple(per_block.get(i, 0) for i in range(count)), other
 
 
-def read_gguf_info(path: Path | str) -> GGUFInfo:
-    """Inspect a GGUF file; raises InvalidModelFile for anything llama.cpp could not load."""
+def read_gguf_info(path: Path | str, size: int | None = None) -> GGUFInfo:
+    """Inspect a GGUF file; raises InvalidModelFile for anything llama.cpp could not load.
+    `size`: the size the file is to have, for a copy whose tail is still arriving (the header
+    comes first); None: its size now."""
     path = Path(path)
     try:
         with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            size = os.fstat(f.fileno()).st_size if size is None else size
             version, metadata, tensors, data_start = _parse(f, size)
     except OSError as e:
         raise InvalidModelFile(f"cannot read {path}: {e.strerror or e}") from e

@@ -265,7 +265,12 @@ class ModelStore:
         cached = self._info_cache.get(path)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        info = read_gguf_info(path)
+        return self._remember_info(path, read_gguf_info(path), st)
+
+    def _remember_info(self, path: Path, info: GGUFInfo,
+                       st: os.stat_result | None = None) -> GGUFInfo:
+        # Keyed by size and mtime, like every entry: a file changed since is parsed again.
+        st = st or path.stat()
         self._info_cache[path] = (st.st_size, st.st_mtime_ns, info)
         return info
 
@@ -420,10 +425,12 @@ class ModelStore:
     def release(self, name: str) -> None:
         self._release(name)
 
-    def _commit(self, staged: Path, manifest: Manifest, replace: bool = False) -> ModelEntry:
+    def _commit(self, staged: Path, manifest: Manifest, replace: bool = False,
+                info: GGUFInfo | None = None) -> ModelEntry:
         """Move a finished, validated file into the store with its manifest. Unless `replace`,
         a model that appeared under the name meanwhile (put there by hand, or by a program
         that does not claim names) is kept: the staged file is deleted and ModelExists says so.
+        `info`: what validating the staged file found, so it is not parsed a second time.
         """
         name = manifest.name
         target = self.model_path(name)
@@ -438,6 +445,8 @@ class ModelStore:
             # a manifest without a file never does.
             _write_atomic(self.manifest_path(name), manifest.to_json())
             os.replace(staged, target)
+            if info is not None:
+                self._remember_info(target, dataclasses.replace(info, path=target))
         return self._entry(name)
 
     def _prepare(self) -> None:
@@ -674,10 +683,21 @@ class ModelStore:
             _write_atomic(sidecar_path(partial), json.dumps({"sha256": sha256, "size": size}))
         return partial
 
+    def check_copy_header(self, partial: Path, size: int) -> GGUFInfo | None:
+        """The GGUF check of a copy while its tail still arrives: what the header says of a
+        file of `size` bytes, or None if it is not all there yet or not valid (`finish_copy`
+        then checks the finished file and says what is wrong). A copy only ever appends, so
+        what this read is what the final sha256 covers."""
+        try:
+            return read_gguf_info(partial, size)
+        except Exception:  # noqa: BLE001 - whatever it was, finish_copy checks the whole file
+            return None
+
     def finish_copy(self, name: str, partial: Path, sha256: str, source: str,
-                    actual: str | None = None) -> ModelEntry:
+                    actual: str | None = None, info: GGUFInfo | None = None) -> ModelEntry:
         """Verify a finished copy against the hash its owner published and add it. `actual`:
         the partial's sha256 as the copier hashed it while writing; None: read it here.
+        `info`: what `check_copy_header` found while it arrived; None: check the file here.
 
         A wrong hash or an invalid file deletes the partial: the store is left unchanged."""
         actual = actual or sha256_file(partial)
@@ -688,12 +708,13 @@ class ModelStore:
                 f"the published {sha256}. It was deleted; the store is unchanged."
             )
         try:
-            read_gguf_info(partial)
+            if info is None or info.file_size != partial.stat().st_size:
+                info = read_gguf_info(partial)
         except InvalidModelFile as e:
             self._discard_partial(partial)
             raise InvalidModelFile(f"The copy of {name!r} from {source} is not usable: {e}") from e
         entry = self._commit(partial, Manifest.new(name, partial.stat().st_size, sha256, "copy",
-                                                   url=None))
+                                                   url=None), info=info)
         sidecar_path(partial).unlink(missing_ok=True)
         return entry
 

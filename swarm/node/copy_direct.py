@@ -20,7 +20,6 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,8 +33,10 @@ from libp2p.peer.id import ID
 from backends.store.model_store import ModelStore
 from swarm.net.host import parse_versioned, read_frame, read_json_frame, write_json_frame
 from swarm.net.relay import is_relayed
+from swarm.node.write_behind import Stage, WriteBehind
 from swarm.workers.direct_tls import (
     ACCEPTED,
+    PLAIN_BYTES,
     READ_BYTES,
     SECRET_BYTES,
     Certificate,
@@ -277,13 +278,14 @@ async def ask(host: IHost, peer_id: str, model: str, sha256: str, offset: int,
     return parse_offer(reply, address[0], size - offset)
 
 
-async def fetch(offer: DirectOffer, write: Callable[[memoryview | bytes], None]) -> None:
-    """Read the offer's bytes into `write`, no more than offered; raises when the connection
-    cannot be had or breaks (what was written stays written). Cancelling cuts it."""
+async def fetch(offer: DirectOffer, *stages: Stage) -> None:
+    """Read the offer's bytes through `stages` (the file write, the hash), no more than
+    offered; raises when the connection cannot be had or breaks (what was written stays
+    written). Cancelling cuts it."""
     tls = await trio.to_thread.run_sync(connect, offer.address, offer.cert_sha256,
                                         offer.secret)
     try:
-        await trio.to_thread.run_sync(partial(receive, tls, offer.length, write),
+        await trio.to_thread.run_sync(partial(receive, tls, offer.length, *stages),
                                       abandon_on_cancel=True)  # type: ignore[call-arg]
     finally:
         # Wakes the receiving thread, if a cancellation left it behind, before it writes more.
@@ -292,17 +294,20 @@ async def fetch(offer: DirectOffer, write: Callable[[memoryview | bytes], None])
         tls.sock.close()
 
 
-def receive(tls: TlsConnection, length: int, write: Callable[[memoryview | bytes], None]) -> None:
-    """Blocking: exactly `length` bytes from `tls` into `write`, then a clean close."""
+def receive(tls: TlsConnection, length: int, *stages: Stage) -> None:
+    """Blocking: exactly `length` bytes from `tls` through `stages`, then a clean close. Each
+    stage runs in a thread of its own, overlapping the next pieces' decryption."""
     tls.sock.settimeout(STALL_TIMEOUT_S)
     left = length
-    while left:
-        data = tls.recv()
-        if not data:
-            raise EOFError("the peer closed the connection mid-copy")
-        # Never more than offered: what a peer sends past it is not written.
-        piece = data[:left]
-        write(piece)
-        left -= len(piece)
+    with WriteBehind(stages, PLAIN_BYTES) as pieces:
+        while left:
+            buf = pieces.buffer()
+            n = tls.recv_into(buf)
+            if not n:
+                raise EOFError("the peer closed the connection mid-copy")
+            # Never more than offered: what a peer sends past it is not written.
+            piece = min(n, left)
+            pieces.put(buf, piece)
+            left -= piece
     with contextlib.suppress(OSError):
         tls.close_write()

@@ -37,6 +37,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from backends.errors import ModelStoreError
+from backends.gguf_info import GGUFInfo
 from backends.sizes import human_bytes
 from backends.store.model_store import DiskFull, Manifest, ModelExists, ModelStore
 from swarm.ledger.entries import MAX_SHARED, MODELS_KEY, ModelsEntry, SharedModel, parse_shared
@@ -62,6 +63,9 @@ CONNECT_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 20.0  # no byte for this long: the peer is treated as gone
 DISK_MARGIN_BYTES = 1 << 30  # a copy must leave this much free on the store's disk
 WAIT_DIRECT_S = 2.0  # how often a copy waiting for a direct path looks again
+# The GGUF check starts once this much has arrived (a header is a few MB, most of it the
+# vocabulary), so that it runs while the rest arrives instead of after it.
+HEADER_CHECK_BYTES = 32 << 20
 
 
 class CopyError(ModelStoreError):
@@ -277,7 +281,9 @@ class Copier:
             raise
         self._sources(job)  # says at once when the copy must wait for a direct path
         self.jobs[name] = job
-        nursery.start_soon(self._run, job, partial)
+        header = _HeaderCheck()
+        nursery.start_soon(self._check_header, job, partial, header)
+        nursery.start_soon(self._run, job, partial, header)
         return job
 
     def cancel(self, name: str) -> CopyJob | None:
@@ -287,7 +293,20 @@ class Copier:
             scope.cancel()
         return job
 
-    async def _run(self, job: CopyJob, partial: Path) -> None:
+    async def _check_header(self, job: CopyJob, partial: Path, header: _HeaderCheck) -> None:
+        """Check the GGUF header once it has arrived, while the rest still comes."""
+        try:
+            while job.done < min(job.size, HEADER_CHECK_BYTES):
+                if not job.active:
+                    return
+                await trio.sleep(0.05)
+            header.info = await trio.to_thread.run_sync(
+                self.store.check_copy_header, partial, job.size,
+                abandon_on_cancel=True)  # type: ignore[call-arg]
+        finally:
+            header.done.set()
+
+    async def _run(self, job: CopyJob, partial: Path, header: _HeaderCheck) -> None:
         with trio.CancelScope() as scope:
             self._scopes[job.model] = scope
             try:
@@ -295,9 +314,10 @@ class Copier:
                     sink = _Sink(f, job, await trio.to_thread.run_sync(_hash_of, partial))
                     await self._fetch_all(job, sink)
                 job.state = "verifying"
+                await header.done.wait()
                 await trio.to_thread.run_sync(
                     self.store.finish_copy, job.model, partial, job.sha256,
-                    " and ".join(job.sources), sink.hash.hexdigest())
+                    " and ".join(job.sources), sink.hash.hexdigest(), header.info)
                 job.state = "done"
                 self._on_added()
             except ModelStoreError as exc:
@@ -355,7 +375,7 @@ class Copier:
             offer = await copy_direct.ask(self.host, source.peer_id, job.model, job.sha256,
                                           job.done, job.size)
             job.path = copy_direct.DIRECT
-            await copy_direct.fetch(offer, f.append)
+            await copy_direct.fetch(offer, f.write, f.hashed)
         except ModelStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, unreachable, cut: libp2p goes on
@@ -406,10 +426,18 @@ class Copier:
                 await reset_quietly(stream)
 
 
+class _HeaderCheck:
+    """What the GGUF check found while the copy arrived: None if it found nothing usable."""
+
+    def __init__(self) -> None:
+        self.info: GGUFInfo | None = None
+        self.done = trio.Event()
+
+
 class _Sink:
     """The partial file a job appends to, with the sha256 of all it holds so far: the check
-    at the end then need not read the whole file again. Called from one thread at a time (the
-    trio thread, or the direct path's receiving thread)."""
+    at the end then need not read the whole file again. `write` and `hashed` are each called
+    from one thread at a time (the trio thread, or one of the direct path's), in order."""
 
     def __init__(self, f: BinaryIO, job: CopyJob, digest: Any) -> None:
         self.f = f
@@ -417,6 +445,11 @@ class _Sink:
         self.hash = digest  # hashlib's sha256 object
 
     def append(self, data: bytes | memoryview) -> None:
+        self.write(data)
+        self.hashed(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The file half of `append`: the direct path runs the halves in two threads."""
         job = self.job
         try:
             self.f.write(data)
@@ -426,8 +459,11 @@ class _Sink:
                     f"The disk is full: {job.model!r} needs {job.size - job.done} more bytes. "
                     "Free some space and copy again; what was copied is kept.") from exc
             raise CopyError(f"Cannot write the copy of {job.model!r}: {exc.strerror}") from exc
+
+    def hashed(self, data: bytes | memoryview) -> None:
+        """The other half, for bytes `write` wrote: they count once hashed."""
         self.hash.update(data)
-        job.done += len(data)
+        self.job.done += len(data)
 
     def flush(self) -> None:
         self.f.flush()

@@ -85,7 +85,7 @@ UNPROVEN_PER_SOURCE = 8  # ... and from one address (an IPv6 /64)
 JOIN_TIMEOUT_S = 5.0  # close(): how long to wait for the threads to end
 READ_BYTES = 1024 * 1024  # one socket read; big pieces keep the per-call costs down
 # Decrypting a full socket read yields at most READ_BYTES plus one record carried over.
-_PLAIN_BYTES = READ_BYTES + 64 * 1024
+PLAIN_BYTES = READ_BYTES + 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 CERT_DIR = "direct-tls"
@@ -263,7 +263,7 @@ class _Tls:
         self._lock = threading.Lock()  # the SSL object and both BIOs
         self._send_lock = threading.Lock()  # the socket's sending side: records in order
         self._raw = memoryview(bytearray(READ_BYTES))
-        self._plain = memoryview(bytearray(_PLAIN_BYTES))
+        self._plain = memoryview(bytearray(PLAIN_BYTES))
         self._leftover = b""  # plaintext read past the preamble or the answer
         self._ended = False  # the peer's close_notify came
 
@@ -296,19 +296,31 @@ class _Tls:
         if self._leftover:
             data, self._leftover = self._leftover, b""
             return data
+        return self._plain[:self.recv_into(self._plain)]
+
+    def recv_into(self, buffer: memoryview) -> int:
+        """Like `recv`, into `buffer` (at least PLAIN_BYTES: all one socket read decrypts to);
+        the byte count, 0 once the peer closed its side. Whoever holds several buffers can
+        hand a filled one to another thread while the next is decrypted."""
+        if len(buffer) < PLAIN_BYTES:
+            raise ValueError(f"a buffer of {len(buffer)} bytes; at least {PLAIN_BYTES} needed")
+        if self._leftover:
+            n = len(self._leftover)
+            buffer[:n], self._leftover = self._leftover, b""
+            return n
         if self._ended:
-            return b""
+            return 0
         n_raw: int | None = None  # the first round decrypts what the handshake left over
         while True:
             with self._lock:
                 if n_raw is not None:
                     self._feed(n_raw)
-                n = self._decrypt()
+                n = self._decrypt(buffer)
                 owed = self._out.pending > 0
             if owed:
                 self._flush()  # a record OpenSSL owes the peer (a KeyUpdate reply, an alert)
             if n or self._ended:
-                return self._plain[:n]
+                return n
             n_raw = self._recv_raw()
 
     def read_exact(self, count: int) -> bytes:
@@ -342,17 +354,17 @@ class _Tls:
             self._sendall(out)
             self.sock.shutdown(socket.SHUT_WR)
 
-    def _decrypt(self) -> int:
-        """Under `_lock`: every whole record fed so far into `_plain`; returns the bytes."""
+    def _decrypt(self, into: memoryview) -> int:
+        """Under `_lock`: every whole record fed so far into `into`; returns the bytes."""
         n = 0
-        while n < _PLAIN_BYTES:
+        while n < PLAIN_BYTES:
             if not (self._in.pending or self._ssl.pending() or self._in.eof):
                 # Nothing fed is left (OpenSSL reads one record at a time, read-ahead off):
                 # asking would only raise SSLWantReadError, which costs more than a read.
                 break
             try:
                 # With a buffer, read() returns a count; typeshed only knows the bytes form.
-                k = cast(int, self._ssl.read(_PLAIN_BYTES - n, self._plain[n:]))
+                k = cast(int, self._ssl.read(PLAIN_BYTES - n, into[n:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:

@@ -210,6 +210,63 @@ def test_info_is_cached_until_the_file_changes(
     assert store.get("tiny").info.n_layers == 6
 
 
+def test_finished_copy_is_parsed_once(
+    store: ModelStore, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy's GGUF check is what the store lists: a vocabulary-sized header (Gemma 3's takes
+    about 0.3 s) is not parsed a second time after the check."""
+    import backends.store.model_store as model_store
+
+    data = models["tiny"].read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data)
+    parsed: list[Path] = []
+    real = model_store.read_gguf_info
+
+    def counting(path: Path | str) -> object:
+        parsed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(model_store, "read_gguf_info", counting)
+    entry = store.finish_copy("copied", partial, sha256, "a peer", sha256)
+    assert len(parsed) == 1
+    assert entry.path == store.model_path("copied") and entry.info.path == entry.path
+    assert store.get("copied").info is entry.info
+
+
+def test_copy_header_checked_while_the_tail_arrives(
+    store: ModelStore, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backends.store.model_store as model_store
+
+    data = models["medium"].read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data[:16])
+    assert store.check_copy_header(partial, len(data)) is None  # the header is not all there
+    partial.write_bytes(data[: len(data) // 2])
+    early = store.check_copy_header(partial, len(data))
+    assert early is not None and early.file_size == len(data)
+    with partial.open("ab") as f:
+        f.write(data[len(data) // 2 :])
+    monkeypatch.setattr(model_store, "read_gguf_info", lambda *a: pytest.fail("parsed again"))
+    entry = store.finish_copy("copied", partial, sha256, "a peer", sha256, early)
+    assert entry.info.n_layers == early.n_layers and entry.path.read_bytes() == data
+
+
+def test_copy_of_a_non_model_is_refused_after_its_hash_matches(store: ModelStore) -> None:
+    data = b"not a model at all" * 1000
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = store.copy_partial("copied", sha256, len(data))
+    partial.write_bytes(data)
+    early = store.check_copy_header(partial, len(data))
+    assert early is None
+    with pytest.raises(InvalidModelFile, match="is not usable"):
+        store.finish_copy("copied", partial, sha256, "a peer", sha256, early)
+    assert not partial.exists() and "copied" not in store.names()
+
+
 # -- downloads --------------------------------------------------------------------------
 
 
