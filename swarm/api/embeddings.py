@@ -4,13 +4,13 @@
 `encoding_format` is `float` (the default) or `base64` (little-endian float32, as the official
 client decodes it). Parsing and response shaping are pure functions; `EmbeddingsApi` hands the
 inputs to this machine's embedding engine (`swarm.routes.embeddings`), which also enforces the
-limits only it can count: tokens per input and per request.
+limits only it can count: tokens per input and per request. A model that is not on this
+machine but that a federated node serves is embedded there, under the same limits
+(`FederatedRoute.embed`); `covey.route` says which.
 """
 
 from __future__ import annotations
 
-import base64
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,14 +19,17 @@ from backends.engine import EngineError
 from backends.engine_protocol import Embeddings
 from swarm.api.openai_api import BadRequest, _field, _route_error
 from swarm.api.server import HttpError, Request, Response
-from swarm.routes.embeddings import LocalEmbedder
-from swarm.routes.route import RequestRefused, RouteError
+from swarm.routes.embeddings import MAX_INPUTS, MAX_TOTAL_TOKENS, LocalEmbedder
+from swarm.routes.federated import FederatedRoute
+from swarm.routes.federated_embeddings import EmbedCall, pack_float32
+from swarm.routes.route import ModelUnknown, RequestRefused, RouteError
 
-MAX_INPUTS = 128
-MAX_TOTAL_TOKENS = 4096
 ENCODING_FORMATS = ("float", "base64")
-# Embeddings run on this machine only; `covey_route` may say so, or leave it to `auto`.
-EMBEDDING_ROUTES = ("auto", "local")
+# `auto` embeds on this machine if it has the model, else on a federated node that serves it.
+EMBEDDING_ROUTES = ("auto", "local", "federated")
+LOCAL_REASON = "embeddings run on this node's own engine"
+FEDERATED_REASONS = {"auto": "the model is not on this machine; a federated node serves it",
+                     "federated": "covey_route asked for a federated node"}
 
 Input = str | tuple[int, ...]
 
@@ -59,8 +62,8 @@ def parse_embeddings(body: Any) -> EmbeddingCall:
     _field(body, "user", str)  # accepted, as OpenAI's, and not used
     route = _field(body, "covey_route", str, default="auto")
     if route not in EMBEDDING_ROUTES:
-        raise BadRequest("embeddings run on this node's own engine: covey_route must be "
-                         f"{' or '.join(EMBEDDING_ROUTES)}", "covey_route")
+        raise BadRequest("embeddings run on this node's own engine or a federated node's: "
+                         f"covey_route must be {', '.join(EMBEDDING_ROUTES)}", "covey_route")
     return EmbeddingCall(model, inputs, encoding, route)
 
 
@@ -105,7 +108,7 @@ def _one_input(item: Any, i: int) -> Input:
 def encode_vector(vector: Sequence[float], encoding_format: str) -> list[float] | str:
     """A vector as the response carries it: the floats, or base64 of little-endian float32."""
     if encoding_format == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        return pack_float32(vector)
     return list(vector)
 
 
@@ -120,20 +123,38 @@ def embeddings_response(call: EmbeddingCall, result: Embeddings, covey: dict[str
 
 
 class EmbeddingsApi:
-    def __init__(self, embedder: LocalEmbedder) -> None:
+    def __init__(self, embedder: LocalEmbedder, federated: FederatedRoute | None = None) -> None:
         self._embedder = embedder
+        self._federated = federated
 
     async def embeddings(self, request: Request) -> Response:
         call = parse_embeddings(request.json())
         try:
-            result = await self._embedder.embed(call.model, call.inputs, MAX_TOTAL_TOKENS)
+            result, covey = await self._embed(call)
         except RequestRefused as exc:  # too many tokens, a token id outside the vocabulary
             raise BadRequest(str(exc), "input") from None
         except RouteError as exc:
             raise _route_error(exc) from None
         except EngineError as exc:
             raise HttpError(503, f"the engine failed: {exc}", "server_error") from None
-        covey = {"route": self._embedder.route,
-                 "route_reason": "embeddings run on this node's own engine",
-                 "machines": [self._embedder.machine]}
         return Response.json(embeddings_response(call, result, covey))
+
+    async def _embed(self, call: EmbeddingCall) -> tuple[Embeddings, dict[str, Any]]:
+        """The vectors, and the response's `covey` saying where they were made."""
+        if call.route != "federated":
+            try:
+                result = await self._embedder.embed(call.model, call.inputs, MAX_TOTAL_TOKENS)
+                return result, {"route": self._embedder.route, "route_reason": LOCAL_REASON,
+                                "machines": [self._embedder.machine]}
+            except ModelUnknown:
+                if call.route == "local" or not self._federated_serves(call.model):
+                    raise
+        if self._federated is None:
+            raise ModelUnknown(f"no federated node serves {call.model!r}")
+        result, machine = await self._federated.embed(
+            EmbedCall(call.model, call.inputs, MAX_TOTAL_TOKENS))
+        return result, {"route": self._federated.name,
+                        "route_reason": FEDERATED_REASONS[call.route], "machines": [machine]}
+
+    def _federated_serves(self, model: str) -> bool:
+        return self._federated is not None and bool(self._federated.machines(model))

@@ -6,7 +6,7 @@ chosen by `swarm.routes.router.Router`. The `covey_route` extension field picks 
 (`auto` by default) and every response carries `covey: {route, route_reason, machines}`
 (with `relayed`, machine -> relay, for those reached through a relay);
 `/v1/models` says per model what `auto` would do (`covey.auto: {route, reason}`) and whether
-/v1/embeddings takes it (`covey.embeddings`: it must be on this machine).
+/v1/embeddings takes it (`covey.embeddings`: on this machine or a federated node).
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ class OpenAiApi:
                     m for m in route.machines(model) if m not in entry["machines"]
                 ]
         for model, entry in by_model.items():
-            entry["embeddings"] = LocalEmbedder.route in entry["routes"]
+            entry["embeddings"] = bool({LocalEmbedder.route, "federated"} & set(entry["routes"]))
             choice = self._router.preview(model)
             if choice is not None:
                 entry["auto"] = {"route": choice.route, "reason": choice.reason}

@@ -465,7 +465,8 @@ def _completion_schemas() -> dict[str, Schema]:
                                   "type": "boolean",
                                   "description": "Whether POST /v1/embeddings takes it: "
                                                  "embeddings run on this machine's own "
-                                                 "models only."},
+                                                 "models and those a federated node "
+                                                 "serves."},
                               "auto": _object({"route": string, "reason": string},
                                               ["route", "reason"],
                                               "What `auto` would do with it now.")},
@@ -834,8 +835,9 @@ def _embedding_schemas() -> dict[str, Schema]:
     return {
         "EmbeddingRequest": _object({
             "model": {"type": "string", "minLength": 1,
-                      "description": "A model in this node's store (GET /v1/models lists it "
-                                     "with `covey.routes` holding `local`)."},
+                      "description": "A model in this node's store, or one a federated node "
+                                     "serves (GET /v1/models lists it with "
+                                     "`covey.embeddings` true)."},
             "input": {"oneOf": [
                 text,
                 {"type": "array", "items": text, "minItems": 1,
@@ -855,8 +857,10 @@ def _embedding_schemas() -> dict[str, Schema]:
                            "with param `dimensions`."},
             "user": or_null({"type": "string", "description": "Accepted and ignored."}),
             "covey_route": or_null({
-                "type": "string", "enum": ["auto", "local"], "default": "auto",
-                "description": "Embeddings run on this node's own engine only."}),
+                "type": "string", "enum": ["auto", "local", "federated"], "default": "auto",
+                "description": "`auto`: this node's own engine if it has the model, else a "
+                               "federated node that serves it (`covey.route` says which, "
+                               "`covey.machines` where); `local` or `federated` insist."}),
         }, ["model", "input"]),
         "Embedding": _object({
             "object": {"const": "embedding"}, "index": integer,
@@ -882,7 +886,8 @@ def _embedding_paths(model: str) -> dict[str, Any]:
         "createEmbedding", "openai",
         "One vector per input, from a model on this node (the first request loads it in "
         "embedding mode, which takes a second engine process, unloaded after "
-        f"{EMBEDDING_IDLE_UNLOAD_S / 60:.0f} minutes unused). A client that closes its "
+        f"{EMBEDDING_IDLE_UNLOAD_S / 60:.0f} minutes unused) or, when it is not here, on a "
+        "federated node that serves it, under the same limits. A client that closes its "
         "connection stops its request between batches.",
         _responses(_json_ok("The vectors.", "EmbeddingList"), GENERATION_ERRORS),
         "EmbeddingRequest",

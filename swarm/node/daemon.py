@@ -195,7 +195,8 @@ class Node:
         self.openai = OpenAiApi(self.router, self.relayed_machines)
         self.embedder = LocalEmbedder(self.store, self.name, n_threads=config.threads)
         self.local_route.reclaimable.append(self.embedder)
-        self.embeddings = EmbeddingsApi(self.embedder)
+        self.federated.embedder = self.embedder
+        self.embeddings = EmbeddingsApi(self.embedder, self.federated_route)
         self.network_api: LocalApi | None = None
         if config.api_listen is not None:
             if not config.api_key:

@@ -6,8 +6,8 @@ them once) and a small context. It loads on the first /v1/embeddings request, st
 next, and serves one request at a time with a bounded queue, like the generation engine.
 It is unloaded once idle for `IDLE_UNLOAD_S`, or sooner when the generation engine needs the
 memory (`release`). A request whose caller is cancelled (its client hung up) is stopped
-between batches. Embeddings never leave this machine: a model only a federated peer or
-workers hold is refused.
+between batches. A model only a federated peer serves is embedded there, by that peer's own
+`LocalEmbedder` (`swarm/routes/federated_embeddings.py`); one only workers hold is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ EMBED_CTX = 512
 # Clients embed in bursts (indexing a folder, then queries now and then): an engine kept this
 # long serves the next burst without a reload, and gives its memory back between them.
 IDLE_UNLOAD_S = 300.0
+# One request's limits, the same for a client of this node and for a federated peer's.
+MAX_INPUTS = 128
+MAX_TOTAL_TOKENS = 4096
 
 
 def idle_expired(last_used: float, now: float, idle_s: float, busy: bool) -> bool:
@@ -117,12 +120,13 @@ class LocalEmbedder:
     async def _engine_for(self, model: str) -> Engine:
         if self._engine is not None and self._model == model:
             return self._engine
-        await self.close()
         try:
             entry = await model_entry(self.store, model)
-        except ModelUnknown as exc:
-            raise ModelUnknown(f"{exc}; embeddings run on this node's own models only, not on "
-                               "federated peers or workers") from None
+        except ModelUnknown as exc:  # the loaded engine stays, for the next request
+            raise ModelUnknown(f"{exc}; embeddings run on this node's own models only, or on "
+                               "a federated node that serves the model, not on workers"
+                               ) from None
+        await self.close()
         # Deterministic: no repacked copy of the weights; they stay mapped from the file, whose
         # pages the generation engine shares.
         config = EngineConfig(model_path=str(entry.path), n_ctx=EMBED_CTX, n_batch=EMBED_CTX,

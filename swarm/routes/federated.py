@@ -12,7 +12,9 @@ Wire format on `/covey/federated/1.0.0`: one request frame (JSON), then reply fr
 {"type": "token", "text"} (with "logprob" when asked for), then {"type": "done", ...}; or
 {"type": "error", "code", "message"}. Request fields added after the first version are sent
 only when they differ from their defaults, so an older node serves what it can honour and
-refuses (rather than ignores) the rest; `optional` carries what a node may ignore.
+refuses (rather than ignores) the rest; `optional` carries what a node may ignore. An
+embedding request is a request frame with `embed` instead of `request`, answered by one
+frame (`swarm/routes/federated_embeddings.py`).
 
 The client trusts a serving node with nothing unbounded (`ReplyLimits`): a reply ends at the
 request's `max_tokens` (finish_reason "length", the stream closed), and a node whose frame or
@@ -25,8 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,6 +42,7 @@ from libp2p.peer.id import ID
 from backends.engine import EngineError
 from backends.engine_protocol import (
     Done,
+    Embeddings,
     GenerateRequest,
     Timings,
     Token,
@@ -48,7 +51,14 @@ from backends.engine_protocol import (
 )
 from swarm.ledger.entries import FEDERATED_KEY, FederatedEntry, read
 from swarm.ledger.rules import Ledger, is_live
-from swarm.net.host import read_frame, reset_quietly, write_frame, write_json_frame
+from swarm.net.host import (
+    parse_versioned,
+    read_frame,
+    reset_quietly,
+    write_frame,
+    write_json_frame,
+)
+from swarm.routes.embeddings import LocalEmbedder
 from swarm.routes.failover import (
     AttemptFailed,
     Events,
@@ -56,9 +66,17 @@ from swarm.routes.failover import (
     Progress,
     with_failover,
 )
+from swarm.routes.federated_embeddings import (
+    EmbedCall,
+    EmbedRefused,
+    embed_frame,
+    embeddings_frame,
+    parse_embed_frame,
+    parse_embeddings_reply,
+)
 from swarm.routes.local import LocalRoute
 from swarm.routes.preparing import BundledModels
-from swarm.routes.route import Busy, ModelUnknown, RouteError, Served
+from swarm.routes.route import Busy, ModelUnknown, RequestRefused, RouteError, Served
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +94,11 @@ REPLY_DEADLINE_BASE_S = 120.0
 REPLY_DEADLINE_PER_TOKEN_S = 1.0
 REPLY_DEADLINE_MAX_S = 3600.0
 MAX_ATTEMPTS = 3
+# An embedding attempt: the node may load its embedding engine, then embeds up to 4,096 tokens.
+EMBED_DEADLINE_S = 300.0
+# Error codes with which a node refuses the embedding request itself: no other node would
+# take it either.
+EMBED_REFUSED_CODES = ("invalid_request", RequestRefused.code)
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,7 @@ class ReplyLimits:
     deadline_base_s: float = REPLY_DEADLINE_BASE_S
     deadline_per_token_s: float = REPLY_DEADLINE_PER_TOKEN_S
     deadline_max_s: float = REPLY_DEADLINE_MAX_S
+    embed_deadline_s: float = EMBED_DEADLINE_S
 
     def deadline_s(self, max_tokens: int) -> float:
         return min(self.deadline_base_s + max_tokens * self.deadline_per_token_s,
@@ -259,12 +283,21 @@ class ReplyTally:
         return Done(request_id, "length", "".join(texts), 0, (-1,) * len(texts), Timings())
 
 
+def error_frame(exc: RouteError) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": str(exc)}
+    if isinstance(exc, Busy):
+        frame["retry_after_s"] = exc.retry_after_s
+    return frame
+
+
 class FederatedService:
     """This node's side: whether it serves, and the serving protocol's handler."""
 
     def __init__(self, local: LocalRoute, on_change: Callable[[], None],
-                 bundled: BundledModels | None = None) -> None:
+                 bundled: BundledModels | None = None,
+                 embedder: LocalEmbedder | None = None) -> None:
         self.local = local
+        self.embedder = embedder
         self.models: list[str] = []
         self.in_flight = 0
         self._on_change = on_change
@@ -280,21 +313,53 @@ class FederatedService:
 
     async def run_local(self, request: GenerateRequest, model: str
                         ) -> AsyncGenerator[Token | Done, None]:
+        async with self._serving(model), aclosing(self.local.generate(request, model)) as events:
+            async for event in events:
+                yield event
+
+    @asynccontextmanager
+    async def _serving(self, model: str) -> AsyncIterator[None]:
+        """Counts a request in flight while it runs, once `model` is ready to serve."""
         self.in_flight += 1
         self._on_change()
         try:
             if self._bundled is not None:
                 await self._bundled.ready(model)
-            async with aclosing(self.local.generate(request, model)) as events:
-                async for event in events:
-                    yield event
+            yield
         finally:
             self.in_flight -= 1
             self._on_change()
 
+    async def embed_local(self, call: EmbedCall) -> Embeddings:
+        """`call`'s vectors from this node's own embedding engine; RouteError or EngineError
+        as `LocalEmbedder.embed` raises them."""
+        if self.embedder is None or call.model not in self.models:
+            raise ModelUnknown(f"this node does not embed with {call.model!r}")
+        async with self._serving(call.model):
+            return await self.embedder.embed(call.model, call.inputs, call.max_total_tokens)
+
+    async def _handle_embed(self, stream: INetStream, body: dict[str, Any]) -> None:
+        try:
+            call = parse_embed_frame(body)
+        except EmbedRefused as exc:
+            await write_json_frame(stream, {"type": "error", "code": "invalid_request",
+                                            "message": str(exc)})
+            return
+        try:
+            await write_json_frame(stream, embeddings_frame(await self.embed_local(call)))
+        except RouteError as exc:
+            await write_json_frame(stream, error_frame(exc))
+        except EngineError as exc:
+            await write_json_frame(stream, {"type": "error", "code": "engine", "message": str(exc)})
+
     async def handle(self, stream: INetStream) -> None:
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            model, request = parse_request_frame(await read_frame(stream, MAX_REQUEST_BYTES))
+            data = await read_frame(stream, MAX_REQUEST_BYTES)
+        body = parse_versioned(data, WIRE_VERSION, "federated request")
+        if body.get("embed") is not None:
+            await self._handle_embed(stream, body)
+            return
+        model, request = parse_request_frame(data)
         if model not in self.models:
             await write_json_frame(stream, {"type": "error", "code": "model_not_found",
                                             "message": f"this node does not serve {model!r}"})
@@ -304,11 +369,8 @@ class FederatedService:
             async for event in events:
                 await write_json_frame(stream, token_frame(event) if isinstance(event, Token)
                                        else done_frame(event))
-        except Busy as exc:
-            await write_json_frame(stream, {"type": "error", "code": "busy", "message": str(exc),
-                                            "retry_after_s": exc.retry_after_s})
         except RouteError as exc:
-            await write_json_frame(stream, {"type": "error", "code": exc.code, "message": str(exc)})
+            await write_json_frame(stream, error_frame(exc))
         except EngineError as exc:
             await write_json_frame(stream, {"type": "error", "code": "engine", "message": str(exc)})
         finally:
@@ -445,6 +507,74 @@ class FederatedRoute:
             raise _Failed(f"{target.name} sent a bad reply: {exc}") from exc
         finally:
             await reset_quietly(stream)
+
+    async def embed(self, call: EmbedCall) -> tuple[Embeddings, str]:
+        """`call`'s vectors from the least loaded federated node serving its model, and that
+        node's name; another node if it fails, up to MAX_ATTEMPTS. RequestRefused when a
+        node refuses the request itself (over a limit), which no other node would take."""
+        failed: set[str] = set()
+        causes: list[BaseException] = []
+        for _ in range(MAX_ATTEMPTS):
+            found = self._found(call.model)
+            if not found:
+                raise ModelUnknown(f"no federated node serves {call.model!r}")
+            target = pick(found, self._dispatched, failed, self._rng)
+            if target is None:
+                break
+            self._dispatched[target.peer_id] = self._dispatched.get(target.peer_id, 0) + 1
+            try:
+                return await self._embed_on(target, call), target.name
+            except _Failed as exc:
+                failed.add(target.peer_id)
+                causes.append(exc)
+                log.warning("federated node %s could not embed (%s)", target.name, exc)
+            finally:
+                self._dispatched[target.peer_id] -= 1
+        raise _give_up(causes)
+
+    async def _embed_on(self, target: Candidate, call: EmbedCall) -> Embeddings:
+        if target.peer_id == self.host.get_id().to_base58():
+            try:
+                return await self.service.embed_local(call)
+            except Busy as exc:
+                raise _Failed(str(exc), busy=True) from None
+        try:
+            with trio.fail_after(self.limits.embed_deadline_s):
+                reply = await self._embed_reply(target, call)
+        except trio.TooSlowError:
+            raise _Failed(f"{target.name} did not embed within "
+                          f"{self.limits.embed_deadline_s:.0f} s") from None
+        except (ValueError, TypeError, ParseError, MessageTooLarge) as exc:
+            raise _Failed(f"{target.name} sent a bad reply: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a vanished node fails in many ways
+            # A node from before embeddings crossed the wire closes the stream unanswered.
+            raise _Failed(f"{target.name} closed the stream without embedding (a version "
+                          f"that cannot embed for the swarm?): {exc!r}") from exc
+        if reply["type"] == "error":
+            message, code = str(reply.get("message", "error")), reply.get("code")
+            if code in EMBED_REFUSED_CODES:
+                raise RequestRefused(f"{target.name} refused the request: {message}")
+            raise _Failed(message, busy=code == "busy")
+        if reply["type"] != "embeddings":
+            raise _Failed(f"{target.name} sent a bad reply: not an embeddings frame")
+        try:
+            return parse_embeddings_reply(reply, call, f"federated-embed-{target.name}")
+        except ValueError as exc:
+            raise _Failed(f"{target.name} sent a bad reply: {exc}") from exc
+
+    async def _embed_reply(self, target: Candidate, call: EmbedCall) -> dict[str, Any]:
+        """The one reply frame a node sends to `call`, as a JSON object with a type."""
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await self.host.new_stream(ID.from_base58(target.peer_id),
+                                                [TProtocol(PROTOCOL)])
+        try:
+            await write_frame(stream, embed_frame(call))
+            reply = json.loads(await read_frame(stream, self.limits.max_reply_bytes))
+        finally:
+            await reset_quietly(stream)
+        if not isinstance(reply, dict) or not isinstance(reply.get("type"), str):
+            raise ValueError("not a federated reply frame")
+        return reply
 
     async def _next_frame(self, stream: INetStream, tally: ReplyTally, deadline: float
                           ) -> bytes:

@@ -136,7 +136,7 @@ def test_tiny_model_embeds_texts_and_token_arrays(api: Api) -> None:
     ({"model": "tiny", "input": []}, 400, "input", "empty"),
     ({"model": "tiny", "input": "x", "dimensions": 32}, 400, "dimensions", "dimensions"),
     ({"model": "tiny", "input": "x", "encoding_format": "hex"}, 400, "encoding_format", "float"),
-    ({"model": "tiny", "input": "x", "covey_route": "federated"}, 400, "covey_route", "local"),
+    ({"model": "tiny", "input": "x", "covey_route": "sharded"}, 400, "covey_route", "local"),
     ({"model": "nope", "input": "x"}, 404, "model", "own models only"),
 ])
 def test_refusals_name_the_field_and_the_node_keeps_serving(

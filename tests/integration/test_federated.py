@@ -1,5 +1,6 @@
 """Federated mode with real nodes: two federated nodes serve a client node's requests, spread
-by load; killing one mid-reply, the reply goes on from the other; nobody serving a model."""
+by load; killing one mid-reply, the reply goes on from the other; nobody serving a model;
+embeddings of a model only the federated nodes hold, equal to their own."""
 
 from __future__ import annotations
 
@@ -59,6 +60,22 @@ class Swarm:
             return resp.status, data if stream else json.loads(data)
 
         return call_in(self.client.ns, go)
+
+    def embed(self, node: RunningNode, inputs: list[str]) -> tuple[int, Any]:
+        """POST /v1/embeddings to `node`'s own API."""
+        port = json.loads((node.data_dir / "api.json").read_text())["port"]
+        key = (node.data_dir / "api-secret").read_text().strip()
+
+        def go() -> tuple[int, Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/embeddings", body=json.dumps(
+                {"model": "tiny", "input": inputs}), headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            conn.close()
+            return resp.status, data
+
+        return call_in(node.ns, go)
 
 
 @pytest.fixture
@@ -253,3 +270,21 @@ def test_a_forced_tool_call_crosses_to_a_federated_node(swarm: Swarm) -> None:
     [call] = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "set_unit"
     assert json.loads(call["function"]["arguments"])["unit"] in ("c", "f")
+
+
+def test_embeddings_of_a_model_only_federated_nodes_hold(swarm: Swarm) -> None:
+    models = {m["id"]: m for m in swarm.client.api("/v1/models")["data"]}
+    assert models["tiny"]["covey"]["embeddings"] is True
+    inputs = ["The cat sat on the mat.", "A kitten sat on the rug."]
+    status, reply = swarm.embed(swarm.client, inputs)
+    assert status == 200, reply
+    assert reply["covey"]["route"] == "federated"
+    [machine] = reply["covey"]["machines"]
+    by_name = {s.name: s for s in swarm.servers}
+    status, own = swarm.embed(by_name[machine], inputs)
+    assert status == 200 and own["covey"]["route"] == "local", own
+    assert reply["usage"] == own["usage"]
+    for got, expected in zip(reply["data"], own["data"], strict=True):
+        assert got["embedding"] == pytest.approx(expected["embedding"], rel=1e-5, abs=1e-6)
+    status, refused = swarm.embed(swarm.client, ["x"] * 129)
+    assert status == 400 and "at most 128" in refused["error"]["message"], refused

@@ -62,7 +62,7 @@ def test_options_are_read() -> None:
     ({"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format", "base64"),
     ({"model": "m", "input": "x", "encoding_format": 1}, "encoding_format", "str"),
     ({"model": "m", "input": "x", "dimensions": 256}, "dimensions", "not supported"),
-    ({"model": "m", "input": "x", "covey_route": "federated"}, "covey_route", "own engine"),
+    ({"model": "m", "input": "x", "covey_route": "sharded"}, "covey_route", "own engine"),
     ({"model": "m", "input": "x", "user": 5}, "user", "user"),
 ])
 def test_bad_bodies_name_the_field(body: dict[str, Any], param: str, words: str) -> None:

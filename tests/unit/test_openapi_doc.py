@@ -213,7 +213,8 @@ class _Route:
 class _Router:
     def routes(self) -> list[_Route]:
         return [_Route("local", {"mine": ["here"]}),
-                _Route("federated", {"mine": ["peer"], "theirs": ["peer"]})]
+                _Route("federated", {"mine": ["peer"], "theirs": ["peer"]}),
+                _Route("sharded", {"split": ["a", "b"]})]
 
     def preview(self, model: str) -> None:
         return None
@@ -221,9 +222,11 @@ class _Router:
 
 def test_models_say_which_take_embeddings_as_the_document_does(doc: dict[str, Any]) -> None:
     models = {m["id"]: m for m in openai_api.OpenAiApi(_Router())._models()}  # type: ignore[arg-type]
-    # Embeddings run on this machine's models only: not on one that only a peer holds.
+    # Embeddings run on this machine's models and on those a federated node serves, not on
+    # a model that only a sharded route splits over workers.
     assert models["mine"]["covey"]["embeddings"] is True
-    assert models["theirs"]["covey"]["embeddings"] is False
+    assert models["theirs"]["covey"]["embeddings"] is True
+    assert models["split"]["covey"]["embeddings"] is False
     schema = doc["components"]["schemas"]["Model"]
     covey = schema["properties"]["covey"]
     for entry in models.values():
