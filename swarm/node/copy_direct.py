@@ -107,7 +107,8 @@ def parse_offer(reply: Any, ip: str, want_length: int) -> DirectOffer:
         key = b""
     if not (type(port) is int and 0 < port < 65536 and isinstance(sha256, str)
             and len(sha256) == 64 and len(key) == SECRET_BYTES and length == want_length):
-        raise DirectRefused(f"a malformed offer {reply!r}")
+        shown = {k: v for k, v in reply.items() if k != "secret"}  # never log a live secret
+        raise DirectRefused(f"a malformed offer {shown!r}")
     return DirectOffer((ip, port), sha256, key, length)
 
 
@@ -132,10 +133,11 @@ class CopySender(SecretServer[Grant]):
         return "model copies"
 
     def offer(self, grant: Grant) -> bytes:
-        """A fresh secret for `grant`; expired and surplus offers are withdrawn."""
+        """A fresh secret for `grant`; expired and surplus offers are withdrawn (a copy one of
+        them already let in goes on: the offer's time limit is for taking it up)."""
         for old in prune(self.grants, time.monotonic()):
             self.grants.pop(old, None)
-            self.revoke(old)
+            self.withdraw(old)
         secret = new_secret()
         self.grants[secret] = grant
         self._allow(secret, grant)

@@ -678,6 +678,11 @@ class SecretServer(_Endpoint, Generic[V]):
         with self._lock:
             self._secrets[bytes(secret)] = value
 
+    def withdraw(self, secret: bytes) -> None:
+        """Admit `secret` no more; a connection it already let in goes on."""
+        with self._lock:
+            self._secrets.pop(secret, None)
+
     def revoke(self, secret: bytes) -> int:
         """Admit `secret` no more and cut the connections it let in; returns how many."""
         with self._lock:  # the same lock admission holds: no connection slips in between

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from swarm.node.copy_direct import CopySender, Grant, receive
+from swarm.node.copy_direct import MAX_GRANTS, CopySender, Grant, receive
 from swarm.workers.direct_tls import (
     Certificate,
     DirectUnavailable,
@@ -95,3 +96,43 @@ def test_offers_not_taken_up_are_withdrawn(sender: CopySender, cert: Certificate
     assert old not in sender.grants
     with pytest.raises(DirectUnavailable, match="refused the connection"):
         fetch(sender, cert, old, 10)
+
+
+def test_surplus_offers_are_withdrawn_oldest_first(sender: CopySender, cert: Certificate,
+                                                   model: Path) -> None:
+    live = time.monotonic() + 30
+    first = sender.offer(Grant(model, 0, 10, live))
+    for i in range(1, MAX_GRANTS + 2):  # later offers expire later
+        sender.offer(Grant(model, 0, 10, live + i))
+    assert first not in sender.grants and len(sender.grants) == MAX_GRANTS + 1
+    with pytest.raises(DirectUnavailable, match="refused the connection"):
+        fetch(sender, cert, first, 10)
+
+
+def test_a_copy_under_way_outlives_its_offer(cert: Certificate, model: Path) -> None:
+    # Paced to 1 MiB/s, the 3 MiB copy takes about 3 s; its offer expires after 1 s and is
+    # pruned by later offers while the bytes still flow: the copy must not be cut.
+    server = CopySender(cert, "127.0.0.1", 1 << 20)
+    server.start()
+    try:
+        size = model.stat().st_size
+        secret = server.offer(Grant(model, 0, size, time.monotonic() + 1.0))
+        got: list[bytes | BaseException] = []
+
+        def copy() -> None:
+            try:
+                got.append(fetch(server, cert, secret, size))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                got.append(exc)
+
+        thread = threading.Thread(target=copy)
+        thread.start()
+        time.sleep(1.5)  # taken up, and now expired
+        assert thread.is_alive(), got
+        for _ in range(3):
+            server.offer(Grant(model, 0, 10, time.monotonic() + 30))  # each prunes
+        assert secret not in server.grants
+        thread.join(30)
+        assert got == [model.read_bytes()], [type(g) for g in got]
+    finally:
+        server.close()
