@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat through this machine's running node and its OpenAI API on this route",
     )
 
-    models = sub.add_parser("models", help="list, import, download, copy or remove models")
+    models = sub.add_parser("models", help="list, import, download, copy, rename or remove models")
     msub = models.add_subparsers(dest="models_command", required=True)
     ls = msub.add_parser("list", parents=[here], help="the models in the store")
     ls.add_argument("--json", action="store_true")
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--sha256", help="expected sha256 of the file")
     rm = msub.add_parser("remove", parents=[here], help="delete a model from the store")
     rm.add_argument("name")
+    mv = msub.add_parser("rename", parents=[here], help="give a model in the store another name")
+    mv.add_argument("old")
+    mv.add_argument("new")
     cp = msub.add_parser("copy", parents=[here], help="copy a model from a peer in the swarm "
                          "(resumable; needs a running node)")
     cp.add_argument("name", help="the model's name, as peers offer it")

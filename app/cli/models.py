@@ -1,4 +1,5 @@
-"""`covey models`: list, import, download, copy and remove the models in this machine's store.
+"""`covey models`: list, import, download, copy, rename and remove the models in this
+machine's store.
 
 Copying from peers runs in the node (`covey node`); this command starts it and shows progress.
 """
@@ -95,6 +96,18 @@ def _copy_from_swarm(data_dir: Path, name: str, sha256: str | None) -> int:
     return 0
 
 
+def _rename(store: ModelStore, old: str, new: str) -> int:
+    """`covey models rename OLD NEW`; a rename the store refuses (no such model, the name taken
+    or not valid, a bundled model) changes nothing and exits 2 with the store's reason."""
+    try:
+        entry = store.rename(old, new)
+    except ModelStoreError as exc:
+        print(f"covey: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"renamed {old} to {entry.name}")
+    return 0
+
+
 def run(args: argparse.Namespace, data_dir: Path) -> int:
     store = ModelStore(data_dir / "models")
     try:
@@ -115,6 +128,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> int:
             print(f"downloaded {entry.name}")
         elif args.models_command == "copy":
             return _copy_from_swarm(data_dir, args.name, args.sha256)
+        elif args.models_command == "rename":
+            return _rename(store, args.old, args.new)
         elif args.models_command == "remove":
             store.remove(args.name)
             print(f"removed {args.name}")

@@ -110,6 +110,14 @@ def node_arguments(settings: AppSettings) -> list[str]:
     return args
 
 
+def renamed_model(settings: AppSettings, old: str, new: str) -> AppSettings:
+    """The settings once model `old` is called `new`: the federated model follows the rename,
+    so federated mode still serves it rather than a name no longer in the store."""
+    if settings.federated_model != old:
+        return settings
+    return replace(settings, federated_model=new)
+
+
 def ctx_from_field(text: str, before: int | None) -> int | None:
     """The context the Settings page's field asks for: its number of tokens; blank (or 0) is
     automatic, passed as 0 once the app has passed a context so that the node forgets it, and

@@ -16,6 +16,7 @@ from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QGuiApplication, QTextCursor
 from PySide6.QtWidgets import QApplication, QInputDialog
 
+from app.common.chat_request import ChatPanel
 from app.gui.controller import Controller
 from app.gui.conversations import Message
 from app.gui.main_window import MainWindow
@@ -361,7 +362,8 @@ def test_search_finds_an_old_message(run_async, qtbot, tmp_path: Path,
         assert chat.sidebar.count() == 3
 
 
-def test_export_round_trips_and_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_round_trips_and_imports(qapp: QApplication, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     with main_window(tmp_path, monkeypatch) as window:
         chat = window.chat
         conv = chat.store.create("tiny")
@@ -369,6 +371,8 @@ def test_export_round_trips_and_imports(tmp_path: Path, monkeypatch: pytest.Monk
         chat.store.add(conv.id, "user", "Qu'est-ce que <html> ? ✓")
         chat.store.add(conv.id, "assistant", "```html\n<p>para</p>\n```", {**SERVED,
                                                                            "tokens_per_s": 4.2})
+        panel = ChatPanel("Answer in French.\nBriefly.", 0.2, 64, "here")
+        chat.store.set_panel(conv.id, panel)
         pick(chat, conv.id)
         saved = [(m.role, m.content, m.meta) for m in chat.store.messages(conv.id)]
 
@@ -377,12 +381,14 @@ def test_export_round_trips_and_imports(tmp_path: Path, monkeypatch: pytest.Monk
         assert [(m.role, m.content, m.meta) for m in export.messages] == saved
         assert export.title == "Qu'est-ce que <html> ? ✓" and export.model == "tiny"
         assert json.loads((tmp_path / "chat.json").read_text())["version"] == 1
+        assert export.panel == panel
 
         chat.import_from(tmp_path / "chat.json")
         assert chat.conversation_id != conv.id and len(chat.store.list()) == 2
         again = [(m.role, m.content, m.meta) for m in chat.store.messages(chat.conversation_id)]
         assert again == saved
         assert chat.sidebar.currentItem().text() == export.title
+        assert chat.store.panel(chat.conversation_id) == panel == chat.panel.values()
 
         chat.export_to(tmp_path / "chat.md")
         markdown = (tmp_path / "chat.md").read_text(encoding="utf-8")
@@ -390,10 +396,19 @@ def test_export_round_trips_and_imports(tmp_path: Path, monkeypatch: pytest.Monk
         assert "## You\n\nQu'est-ce que <html> ? ✓" in markdown
         assert "## Covey\n\n```html\n<p>para</p>\n```" in markdown
         assert "_Ran on this machine (desk), because it fits" in markdown
+        assert "System prompt:\n\n> Answer in French.\n> Briefly." in markdown
+
+        # A file from before panels imports with Covey's defaults in the panel.
+        old = json.loads((tmp_path / "chat.json").read_text())
+        del old["panel"]
+        (tmp_path / "old.json").write_text(json.dumps(old))
+        chat.import_from(tmp_path / "old.json")
+        assert len(chat.store.list()) == 3
+        assert chat.store.panel(chat.conversation_id) == ChatPanel() == chat.panel.values()
 
         (tmp_path / "bad.json").write_text('{"version": 7, "messages": []}')
         chat.import_from(tmp_path / "bad.json")
-        assert "newer Covey" in chat.notice.text() and len(chat.store.list()) == 2
+        assert "newer Covey" in chat.notice.text() and len(chat.store.list()) == 3
 
 
 def test_edit_and_resend_replaces_the_last_turn(run_async, qtbot, tmp_path: Path,

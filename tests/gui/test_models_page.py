@@ -8,11 +8,13 @@ import asyncio
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PySide6.QtWidgets import QPushButton
 
+from app.gui import app_settings
 from app.gui.desktop import CoveyApp
 from app.gui.pages.models import ModelsPage
 from app.gui.pages.models_words import failure_words, progress_words, rate
@@ -161,9 +163,14 @@ def test_rename_and_duplicate_import_from_the_page(run_async, tmp_path: Path,  #
             assert page.message.text().startswith(
                 "Already there: The file Another Name.gguf is already in the store as 'tiny'")
             assert [e.name for e in page.store.list()] == ["tiny"]
+            app.controller.save_settings(replace(app.controller.settings,
+                                                 federated_model="tiny"))
 
             await page.rename("tiny", "my-model")
             assert page.message.text() == "tiny is now called my-model."
+            # Federated mode serves the model under its new name, after a restart too.
+            assert app.controller.settings.federated_model == "my-model"
+            assert app_settings.load(tmp_path).federated_model == "my-model"
             redraw(page)
             assert cells(page, 0)[0] == "my-model"
             page.table.selectRow(0)
@@ -176,6 +183,7 @@ def test_rename_and_duplicate_import_from_the_page(run_async, tmp_path: Path,  #
             await page.rename("my-model", "Not OK!")
             assert "not a valid model name" in page.message.text()
             assert [e.name for e in page.store.list()] == ["my-model", "other"]
+            assert app_settings.load(tmp_path).federated_model == "my-model"
         finally:
             await app.shutdown()
 

@@ -111,6 +111,24 @@ def test_models_import_list_remove(tiny_model: Path, tmp_path: Path) -> None:
     assert gone.returncode == 1 and "tiny" in gone.stderr
 
 
+def test_models_rename_and_its_refusals(tiny_model: Path, tmp_path: Path) -> None:
+    for name in ("tiny", "other", "kept"):
+        assert covey(tmp_path, "models", "import", str(tiny_model), "--name", name).returncode == 0
+    renamed = covey(tmp_path, "models", "rename", "tiny", "mine")
+    assert renamed.returncode == 0 and renamed.stdout == "renamed tiny to mine\n"
+
+    kept = tmp_path / "models" / "kept.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "source": "bundled"}))
+    for old, new, why in (("mine", "other", "already a model named 'other'"),
+                          ("tiny", "again", "No model named 'tiny'"),
+                          ("mine", "Not OK!", "not a valid model name"),
+                          ("kept", "fine", "comes with Covey")):
+        refused = covey(tmp_path, "models", "rename", old, new)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+    names = [m["name"] for m in json.loads(covey(tmp_path, "models", "list", "--json").stdout)]
+    assert names == ["kept", "mine", "other"]
+
+
 def test_importing_a_non_model_changes_nothing(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a model")

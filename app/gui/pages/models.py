@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.gui import app_settings
 from app.gui.controller import Controller
 from app.gui.pages.models_words import (
     EMPTY_WORDS,
@@ -319,6 +320,9 @@ class ModelsPage(QWidget):
         try:
             entry = await asyncio.to_thread(self.store.rename, old, new)
             self.message.setText(f"{old} is now called {entry.name}.")
+            settings = self.controller.settings
+            if (renamed := app_settings.renamed_model(settings, old, entry.name)) != settings:
+                self.controller.save_settings(renamed)
         except ModelStoreError as exc:
             self.message.setText(f"Cannot rename {old}: {exc}")
         await self.controller.refresh()

@@ -1,8 +1,9 @@
 """A conversation saved to a file, and read back: JSON (which imports again, with each reply's
-route and speed) and Markdown (to read or share).
+route and speed and the side panel's choices) and Markdown (to read or share).
 
 The JSON is a versioned `ConversationExport`; a file from a newer Covey is refused by name
-rather than half-read. Qt-free, so it is tested on its own.
+rather than half-read, and one without a panel (or with a value this Covey cannot use) imports
+with Covey's defaults there. Qt-free, so it is tested on its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from app.common.chat_request import ROUTE_PREFERENCES, ChatPanel
 from app.gui.conversations import Conversation, ConversationStore
 from app.gui.transcript.route_words import served_line
 
@@ -31,6 +33,7 @@ class ConversationExport:
     title: str
     model: str | None
     messages: tuple[ExportedMessage, ...]
+    panel: ChatPanel = ChatPanel()
     version: int = EXPORT_VERSION
 
 
@@ -39,7 +42,8 @@ def export_of(store: ConversationStore, conversation_id: int) -> ConversationExp
     if conv is None:
         raise KeyError(conversation_id)
     return ConversationExport(conv.title, conv.model, tuple(
-        ExportedMessage(m.role, m.content, m.meta) for m in store.messages(conversation_id)))
+        ExportedMessage(m.role, m.content, m.meta) for m in store.messages(conversation_id)),
+        store.panel(conversation_id))
 
 
 def to_json(export: ConversationExport) -> str:
@@ -64,13 +68,34 @@ def from_json(text: str) -> ConversationExport:
                                         meta if isinstance(meta, dict) else {}))
     model = data.get("model")
     return ConversationExport(str(data.get("title") or "Imported chat"),
-                              model if isinstance(model, str) else None, tuple(messages))
+                              model if isinstance(model, str) else None, tuple(messages),
+                              panel_of(data.get("panel")))
+
+
+def panel_of(data: Any) -> ChatPanel:
+    """The side-panel choices in an export; each one missing or unusable is Covey's default
+    (None), so a file from before panels, or a hand-edited one, still imports."""
+    if not isinstance(data, dict):
+        return ChatPanel()
+    prompt: Any = data.get("system_prompt")
+    temperature: Any = data.get("temperature")
+    max_tokens: Any = data.get("max_tokens")
+    route: Any = data.get("route")
+    number = type(temperature) in (int, float) and temperature >= 0  # bool is no temperature
+    return ChatPanel(
+        system_prompt=prompt if isinstance(prompt, str) else "",
+        temperature=float(temperature) if number else None,
+        max_tokens=max_tokens if type(max_tokens) is int and max_tokens > 0 else None,
+        route=route if route in ROUTE_PREFERENCES else "auto")
 
 
 def to_markdown(export: ConversationExport) -> str:
     parts = [f"# {export.title}"]
     if export.model:
         parts.append(f"Model: `{export.model}`")
+    prompt = export.panel.system_prompt.strip()
+    if prompt:
+        parts.append("System prompt:\n\n" + "\n".join(f"> {line}" for line in prompt.split("\n")))
     for m in export.messages:
         parts.append(f"## {SPEAKERS[m.role]}\n\n{m.content}")
         line = served_line(m.meta) if m.role == "assistant" else ""
@@ -80,8 +105,9 @@ def to_markdown(export: ConversationExport) -> str:
 
 
 def import_into(store: ConversationStore, export: ConversationExport) -> Conversation:
-    """A new conversation holding the export's messages, under its title."""
+    """A new conversation holding the export's messages and panel, under its title."""
     conv = store.create(export.model, export.title)
+    store.set_panel(conv.id, export.panel)
     for m in export.messages:
         store.add(conv.id, m.role, m.content, m.meta)
     return store.get(conv.id) or conv
