@@ -98,12 +98,13 @@ def _copy_from_swarm(data_dir: Path, name: str, sha256: str | None) -> int:
 
 def _rename(store: ModelStore, old: str, new: str) -> int:
     """`covey models rename OLD NEW`; a rename the store refuses (no such model, the name taken
-    or not valid, a bundled model) changes nothing and exits 2 with the store's reason."""
+    or not valid, a bundled model) changes nothing and exits 1 with the store's reason, like
+    the other `covey models` commands."""
     try:
         entry = store.rename(old, new)
     except ModelStoreError as exc:
         print(f"covey: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print(f"renamed {old} to {entry.name}")
     return 0
 
