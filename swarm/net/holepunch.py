@@ -53,6 +53,7 @@ DRAIN_S = 60.0  # longest the relayed connection is kept for streams still runni
 MAX_ADDRS = 8
 MAX_MESSAGE_BYTES = 4096
 OBSERVERS = 2
+OBSERVED_FRESH_S = 60.0  # observed IPs are asked again once this old
 _PROTECT_TAG = "covey-holepunch"
 
 
@@ -157,11 +158,12 @@ class Attempts:
     and none after `MAX_ATTEMPTS` until the peer has been disconnected (`forget`)."""
 
     clock: Callable[[], float] = time.monotonic
+    retry_s: float = RETRY_S
     _tries: dict[ID, tuple[int, float]] = field(default_factory=dict)
 
     def due(self, peer: ID) -> bool:
         n, last = self._tries.get(peer, (0, 0.0))
-        return n == 0 or (n < MAX_ATTEMPTS and self.clock() - last >= RETRY_S)
+        return n == 0 or (n < MAX_ATTEMPTS and self.clock() - last >= self.retry_s)
 
     def tried(self, peer: ID) -> None:
         n, _ = self._tries.get(peer, (0, 0.0))
@@ -183,7 +185,11 @@ class HolePunch:
         self.host = host
         self._is_admitted = is_admitted
         self.attempts = Attempts()
+        # The answering side's own bound, so a member cannot make this node dial at will; half
+        # the retry time, as the initiator's next try comes a little more than RETRY_S later.
+        self.answered = Attempts(retry_s=RETRY_S / 2)
         self._busy: set[ID] = set()
+        self._observed: tuple[float, list[str]] | None = None  # when asked, what was seen
         self._punched: weakref.WeakSet[IMuxedConn] = weakref.WeakSet()
 
     def is_punched(self, conn: INetConn) -> bool:
@@ -194,6 +200,7 @@ class HolePunch:
         me = self.host.get_id().to_base58()
         conns = self.host.get_network().get_connections_map()
         self.attempts.forget(conns)
+        self.answered.forget(conns)
         return [peer for peer, cs in conns.items()
                 if cs and all(circuit.relay_of_connection(c) is not None for c in cs)
                 and initiates(me, peer.to_base58()) and peer not in self._busy
@@ -208,7 +215,24 @@ class HolePunch:
         await write_json_frame(stream, Observed(f"/ip4/{remote[0]}/tcp/{remote[1]}").to_value())
 
     async def observed_ips(self) -> list[str]:
-        """The IPs up to `OBSERVERS` directly connected members see this node from."""
+        """The IPs up to `OBSERVERS` directly connected members see this node from, asked again
+        once `OBSERVED_FRESH_S` old (an empty answer is not kept)."""
+        now = trio.current_time()
+        if self._observed is not None and now - self._observed[0] < OBSERVED_FRESH_S:
+            return self._observed[1]
+        ips = await self._ask_observers()
+        self._observed = (now, ips) if ips else None
+        return ips
+
+    async def warm(self) -> None:
+        """Learn the observed IPs ahead of a punch a peer reached through a relay may start, so
+        that answering it does not stretch the round trip the initiator times."""
+        conns = self.host.get_network().get_connections_map()
+        if any(cs and all(circuit.relay_of_connection(c) is not None for c in cs)
+               for cs in conns.values()):
+            await self.observed_ips()
+
+    async def _ask_observers(self) -> list[str]:
         ips: list[str] = []
         for peer, conns in self.host.get_network().get_connections_map().items():
             if len(ips) >= OBSERVERS:
@@ -272,9 +296,11 @@ class HolePunch:
     async def handle(self, stream: INetStream) -> None:
         """The other side of `punch`: answer with our addresses, dial on SYNC."""
         peer = stream.muxed_conn.peer_id
-        if peer in self._busy or initiates(self.host.get_id().to_base58(), peer.to_base58()):
-            return  # one punch at a time, and only from the side whose turn it is
+        if (peer in self._busy or initiates(self.host.get_id().to_base58(), peer.to_base58())
+                or not self.answered.due(peer)):
+            return  # one punch at a time, only from the side whose turn it is, and bounded
         self._busy.add(peer)
+        self.answered.tried(peer)
         try:
             with trio.fail_after(MESSAGE_TIMEOUT_S * 2):
                 # Ours first: the initiator's round trip clock is already running.

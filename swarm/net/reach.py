@@ -137,6 +137,7 @@ class Reach:
         self.stop_side = circuit.StopSide(host, lambda relay: relay in self.held)
         # Punching needs to know who is a member; without that it stays off.
         self.holepunch = HolePunch(host, is_admitted) if is_admitted is not None else None
+        self._warming = False  # learning the observed IPs for the hole punch
 
     def entry(self, addrs: list[str]) -> ReachEntry:
         """This node's reach entry: `addrs`, the router's UPnP mappings first."""
@@ -197,7 +198,19 @@ class Reach:
                 if self.holepunch is not None:
                     for peer in self.holepunch.candidates():
                         nursery.start_soon(self.holepunch.punch, peer)
+                    if not self._warming:
+                        self._warming = True
+                        nursery.start_soon(self._warm)
                 await trio.sleep(ROUND_S)
+
+    async def _warm(self) -> None:
+        try:
+            if self.holepunch is not None:
+                await self.holepunch.warm()
+        except Exception as exc:  # noqa: BLE001 - a member that went away; next round again
+            log.debug("observed addresses not learnt: %r", exc)
+        finally:
+            self._warming = False
 
     # -- reservations ---------------------------------------------------------------------------
 

@@ -83,3 +83,22 @@ def test_attempts_are_bounded_and_spaced() -> None:
 def test_a_hole_punched_link_says_so() -> None:
     assert link_label(None, punched=True) == "hole-punched"
     assert link_label(None) == "direct" and link_label("office", True) == "relayed via office"
+
+
+def test_the_answering_side_bounds_what_a_member_can_ask() -> None:
+    # A member asking this node to punch over and over gets MAX_ATTEMPTS answers per
+    # connection, each at least RETRY_S / 2 after the last: the node does not dial at will.
+    now = [0.0]
+    answered, peer = Attempts(clock=lambda: now[0], retry_s=RETRY_S / 2), A.peer_id
+    answers = 0
+    for _ in range(100):  # a request every 0.5 s for 50 s
+        if answered.due(peer):
+            answered.tried(peer)
+            answers += 1
+        now[0] += 0.5
+    assert answers == MAX_ATTEMPTS
+    # An honest initiator's retry, a little more than RETRY_S after its last, is answered.
+    honest = Attempts(clock=lambda: now[0], retry_s=RETRY_S / 2)
+    honest.tried(peer)
+    now[0] += RETRY_S + 0.1
+    assert honest.due(peer)
