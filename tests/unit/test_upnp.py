@@ -131,10 +131,3 @@ def test_no_upnp_is_remembered(tmp_path: Path) -> None:
     assert start("--no-upnp") is False
     assert start() is False and load_settings(tmp_path).upnp is False  # type: ignore[union-attr]
     assert start("--upnp") is True
-
-
-def test_the_igd_client_is_installed() -> None:
-    # A build without miniupnpc would leave UPnP silently off ("unavailable").
-    import miniupnpc
-
-    assert hasattr(miniupnpc, "UPnP")
